@@ -1,0 +1,806 @@
+"""Load-performance tables: how fast a device runs a model at several batch sizes (S1).
+
+Step S1 of the batch-dynamic-adjustment method benchmarks each processor with a reference model
+(ResNet-50) at several batch sizes; the result is a *load-performance table*: samples/s, latency
+and the largest batch that ran, per batch size.  This module provides
+
+* :class:`LoadPerformanceTable` (with :class:`LoadPerformanceRow`), serialisable to plain dicts;
+* :func:`measure_table`, the timing loop (any ``run_batch(n)`` callable, any clock), with a
+  total time budget and out-of-memory handling;
+* :func:`reference_model` and :func:`benchmark_device`: the reference model (torchvision
+  ResNet-50 with random weights when torchvision is importable, else a small built-in CNN),
+  in its per-device variant (S10: fp16 + channels-last on CUDA, fp32 on CPU), and its table;
+* :class:`LazyModelTable`: the per-user-model table built from the batches a worker actually
+  runs, which placement prefers to the reference score once it exists.
+
+torch (and torchvision) are imported lazily, inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+__all__ = [
+    "CPU_BATCH_SIZES",
+    "CUDA_BATCH_SIZES",
+    "DEFAULT_BATCH_SIZES",
+    "LazyModelTable",
+    "LoadPerformanceRow",
+    "LoadPerformanceTable",
+    "ReferenceModel",
+    "benchmark_device",
+    "looks_like_oom",
+    "measure_table",
+    "reference_model",
+    "size_bucket",
+    "small_cnn",
+]
+
+DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 8, 32, 128)
+"""Batch sizes :func:`measure_table` tries by default."""
+CPU_BATCH_SIZES: tuple[int, ...] = (1, 4, 16, 64)
+"""Batch sizes :func:`benchmark_device` tries on a CPU."""
+CUDA_BATCH_SIZES: tuple[int, ...] = (1, 8, 32, 128, 256, 512)
+"""Batch sizes :func:`benchmark_device` tries on a CUDA device."""
+
+STATUS_OK = "ok"
+STATUS_OOM = "out of memory"
+STATUS_SKIPPED_BUDGET = "skipped: time budget spent"
+STATUS_SKIPPED_AFTER_OOM = "skipped: a smaller size ran out of memory"
+STATUS_OBSERVED = "observed"
+
+_MIN_SECONDS = 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadPerformanceRow:
+    """One batch size of a load-performance table.
+
+    Parameters
+    ----------
+    batch_size : int
+        Samples per batch.
+    samples_per_s : float or None
+        ``batch_size / latency_s`` when the size ran, else ``None``.
+    latency_s : float or None
+        Median seconds per batch (one forward pass, synchronised) when the size ran.
+    ran : bool
+        Whether the size ran successfully.
+    runs : int
+        How many timed runs the figures come from (or observations, for a lazy table).
+    status : str
+        ``"ok"``, ``"out of memory"``, ``"skipped: ..."`` or ``"observed"``.
+    """
+
+    batch_size: int
+    samples_per_s: float | None = None
+    latency_s: float | None = None
+    ran: bool = False
+    runs: int = 0
+    status: str = STATUS_OK
+
+
+@dataclass
+class LoadPerformanceTable:
+    """Samples/s and latency per batch size for one model on one device (S1).
+
+    Parameters
+    ----------
+    device : str
+        Device the table was measured on, e.g. ``"cpu"`` or ``"cuda:0"``.
+    model_name : str
+        Model measured (``"resnet50"``, ``"small_cnn"`` or a user model's name).
+    rows : list of LoadPerformanceRow
+        One row per batch size tried, sorted by batch size.
+    device_name : str, optional
+        Human-readable device description (GPU product name, CPU model).
+    dtype : str, optional
+        Data type the model ran in (e.g. ``"float16"``).
+    time_budget_s : float, optional
+        Time budget the measurement ran under.
+    elapsed_s : float
+        Seconds the measurement took.
+    measured_at : float, optional
+        Wall-clock time (``time.time()``) of the measurement.
+    """
+
+    device: str
+    model_name: str
+    rows: list[LoadPerformanceRow] = field(default_factory=list)
+    device_name: str | None = None
+    dtype: str | None = None
+    time_budget_s: float | None = None
+    elapsed_s: float = 0.0
+    measured_at: float | None = None
+
+    # -- summaries ---------------------------------------------------------------------------
+
+    @property
+    def ran_rows(self) -> list[LoadPerformanceRow]:
+        """Rows that ran, sorted by batch size."""
+        return sorted(
+            (r for r in self.rows if r.ran and r.latency_s is not None and r.latency_s > 0),
+            key=lambda r: r.batch_size,
+        )
+
+    @property
+    def largest_batch(self) -> int | None:
+        """Largest batch size that ran (``None`` if none did)."""
+        rows = self.ran_rows
+        return rows[-1].batch_size if rows else None
+
+    @property
+    def best_throughput(self) -> float | None:
+        """Highest samples/s over the sizes that ran: the device's benchmark score."""
+        rows = self.ran_rows
+        return max(r.samples_per_s for r in rows) if rows else None  # type: ignore[type-var]
+
+    @property
+    def best_batch_size(self) -> int | None:
+        """Batch size that reached :attr:`best_throughput` (smallest on ties)."""
+        rows = self.ran_rows
+        if not rows:
+            return None
+        best = max(r.samples_per_s for r in rows)  # type: ignore[type-var]
+        return min(r.batch_size for r in rows if r.samples_per_s == best)
+
+    def row(self, batch_size: int) -> LoadPerformanceRow | None:
+        """The row for exactly ``batch_size``, if one exists."""
+        for r in self.rows:
+            if r.batch_size == batch_size:
+                return r
+        return None
+
+    # -- interpolation -----------------------------------------------------------------------
+
+    def latency_at(self, batch_size: int) -> float | None:
+        """Estimated seconds for one batch of ``batch_size``.
+
+        Latency is close to affine in the batch size (fixed cost plus per-sample cost), so it is
+        interpolated linearly between the measured sizes that ran.  Below the smallest measured
+        size the line through the two smallest is extended, clamped between "same per-sample
+        time" and "same time as the smallest batch".  Above the largest size that ran, the
+        batch is assumed to be split into batches of that size (same samples/s).
+
+        Parameters
+        ----------
+        batch_size : int
+            Samples in the batch (>= 1).
+
+        Returns
+        -------
+        float or None
+            Seconds, or ``None`` when no size ran.
+        """
+        rows = self.ran_rows
+        if not rows or batch_size <= 0:
+            return None
+        n = float(batch_size)
+        sizes = [float(r.batch_size) for r in rows]
+        latencies = [float(r.latency_s) for r in rows]  # type: ignore[arg-type]
+        if n >= sizes[-1]:
+            return latencies[-1] * n / sizes[-1]
+        if n <= sizes[0]:
+            if len(rows) == 1:
+                return latencies[0]
+            slope = (latencies[1] - latencies[0]) / (sizes[1] - sizes[0])
+            estimate = latencies[0] - slope * (sizes[0] - n)
+            return min(latencies[0], max(latencies[0] * n / sizes[0], estimate))
+        for k in range(1, len(sizes)):
+            if n <= sizes[k]:
+                fraction = (n - sizes[k - 1]) / (sizes[k] - sizes[k - 1])
+                return latencies[k - 1] + fraction * (latencies[k] - latencies[k - 1])
+        return latencies[-1] * n / sizes[-1]  # pragma: no cover (unreachable)
+
+    def throughput_at(self, batch_size: int) -> float | None:
+        """Estimated samples/s at ``batch_size`` (``batch_size / latency_at(batch_size)``).
+
+        Exact at measured sizes; see :meth:`latency_at` for the interpolation.  ``None`` when no
+        size ran.
+        """
+        latency = self.latency_at(batch_size)
+        if latency is None or latency <= 0:
+            return None
+        return batch_size / latency
+
+    # -- serialisation -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON- and msgpack-friendly), with the summaries included."""
+        data = asdict(self)
+        data["largest_batch"] = self.largest_batch
+        data["best_throughput"] = self.best_throughput
+        data["best_batch_size"] = self.best_batch_size
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoadPerformanceTable:
+        """Inverse of :meth:`to_dict` (summary keys are recomputed, not read)."""
+        rows = [LoadPerformanceRow(**dict(r)) for r in data.get("rows", [])]
+        return cls(
+            device=str(data["device"]),
+            model_name=str(data["model_name"]),
+            rows=sorted(rows, key=lambda r: r.batch_size),
+            device_name=data.get("device_name"),
+            dtype=data.get("dtype"),
+            time_budget_s=data.get("time_budget_s"),
+            elapsed_s=float(data.get("elapsed_s", 0.0)),
+            measured_at=data.get("measured_at"),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The timing loop
+# ----------------------------------------------------------------------------------------------
+
+
+def looks_like_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error (host or device, torch or CuPy).
+
+    Parameters
+    ----------
+    exc : BaseException
+        The exception raised by a batch.
+
+    Returns
+    -------
+    bool
+        True for ``MemoryError``, any exception class named ``OutOfMemoryError`` (torch,
+        CuPy), and errors whose message says "out of memory".
+    """
+    if isinstance(exc, MemoryError):
+        return True
+    for klass in type(exc).__mro__:
+        if klass.__name__ in ("OutOfMemoryError", "OutOfMemory"):
+            return True
+    message = str(exc).lower()
+    return "out of memory" in message or "cuda_error_out_of_memory" in message
+
+
+def measure_table(
+    run_batch: Callable[[int], Any],
+    batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
+    *,
+    time_budget_s: float = 2.0,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+    is_oom: Callable[[BaseException], bool] = looks_like_oom,
+    min_runs: int = 1,
+    max_runs: int = 50,
+    device: str = "unknown",
+    model_name: str = "custom",
+    device_name: str | None = None,
+    dtype: str | None = None,
+) -> LoadPerformanceTable:
+    """Time ``run_batch(n)`` for increasing batch sizes within a total time budget.
+
+    For each size in increasing order: ``warmup`` untimed calls, then timed calls until the
+    size's slice of the remaining budget is used (at least ``min_runs``, at most
+    ``max_runs``); the row records the median latency.  Growth stops
+
+    * when the budget is spent, or when the next size is predicted not to fit in what is left
+      (its warm-up and first timed run, extrapolated from the previous size's latency, as if
+      per-sample time stayed constant): the remaining sizes are recorded as skipped;
+    * when a size fails with an out-of-memory error: that size is recorded ``ran=False`` with
+      status ``"out of memory"`` and the larger ones are skipped.
+
+    The budget is checked before each call, so the total can exceed it by at most the calls
+    needed to measure the first size (which always runs) or one call in progress.
+
+    Parameters
+    ----------
+    run_batch : callable
+        ``run_batch(n)`` runs one batch of ``n`` samples and returns when it is done
+        (synchronised, on a GPU).
+    batch_sizes : iterable of int
+        Sizes to try (deduplicated and sorted; each >= 1).
+    time_budget_s : float
+        Total seconds for the whole table, warm-up included.
+    warmup : int
+        Untimed calls per size before timing.
+    clock : callable
+        Monotonic clock in seconds (a fake one in tests).
+    is_oom : callable
+        Classifies an exception as out of memory; other exceptions propagate.
+    min_runs, max_runs : int
+        Bounds on timed calls per size.
+    device, model_name, device_name, dtype : str
+        Copied into the table.
+
+    Returns
+    -------
+    LoadPerformanceTable
+    """
+    sizes = sorted({int(n) for n in batch_sizes})
+    if not sizes:
+        raise ValueError("no batch sizes given")
+    if sizes[0] < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {sizes[0]}")
+    min_runs = max(1, int(min_runs))
+    max_runs = max(min_runs, int(max_runs))
+    warmup = max(0, int(warmup))
+
+    started = clock()
+    deadline = started + float(time_budget_s)
+    rows: list[LoadPerformanceRow] = []
+    stop_status: str | None = None
+    previous: LoadPerformanceRow | None = None
+
+    for index, size in enumerate(sizes):
+        if stop_status is not None:
+            rows.append(LoadPerformanceRow(size, status=stop_status))
+            continue
+        now = clock()
+        remaining = deadline - now
+        if previous is not None:
+            predicted_call = previous.latency_s * size / previous.batch_size  # type: ignore[operator]
+            if remaining <= 0 or predicted_call * (warmup + min_runs) > remaining:
+                stop_status = STATUS_SKIPPED_BUDGET
+                rows.append(LoadPerformanceRow(size, status=stop_status))
+                continue
+        slice_end = now + max(0.0, remaining) / (len(sizes) - index)
+        durations: list[float] = []
+        try:
+            for _ in range(warmup):
+                run_batch(size)
+            while True:
+                before = clock()
+                run_batch(size)
+                after = clock()
+                durations.append(max(0.0, after - before))
+                if len(durations) >= max_runs:
+                    break
+                if len(durations) >= min_runs and after + durations[-1] > slice_end:
+                    break
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_oom(exc):
+                raise
+            rows.append(LoadPerformanceRow(size, ran=False, status=STATUS_OOM))
+            stop_status = STATUS_SKIPPED_AFTER_OOM
+            continue
+        latency = max(statistics.median(durations), _MIN_SECONDS)
+        previous = LoadPerformanceRow(
+            size, samples_per_s=size / latency, latency_s=latency, ran=True, runs=len(durations)
+        )
+        rows.append(previous)
+
+    return LoadPerformanceTable(
+        device=device,
+        model_name=model_name,
+        rows=rows,
+        device_name=device_name,
+        dtype=dtype,
+        time_budget_s=float(time_budget_s),
+        elapsed_s=clock() - started,
+        measured_at=time.time(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference model and the device benchmark (lazy torch)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceModel:
+    """A model ready to benchmark on one device (its S10 variant applied).
+
+    Parameters
+    ----------
+    name : str
+        ``"resnet50"``, ``"small_cnn"`` or a user model's name.
+    module : torch.nn.Module
+        The model, in eval mode, on ``device``, in ``dtype``.
+    sample_shape : tuple of int
+        Shape of one input sample, e.g. ``(3, 224, 224)``.
+    device : str
+        Torch device string.
+    dtype : str
+        Torch dtype name of the inputs and weights (``"float16"`` or ``"float32"``).
+    channels_last : bool
+        Whether inputs are laid out channels-last.
+    """
+
+    name: str
+    module: Any
+    sample_shape: tuple[int, ...]
+    device: str
+    dtype: str
+    channels_last: bool = False
+
+
+def small_cnn(num_classes: int = 10) -> Any:
+    """The built-in small CNN: three 3x3 conv layers for 64x64 RGB inputs.
+
+    Used as the reference model when torchvision is not importable, and by the CPU demo.
+
+    Parameters
+    ----------
+    num_classes : int
+        Outputs of the final linear layer.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``Conv(3->32, s2) ReLU Conv(32->64, s2) ReLU Conv(64->128, s2) ReLU AvgPool Linear``.
+    """
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, 32, kernel_size=3, stride=2, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(64, 128, kernel_size=3, stride=2, padding=1),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, num_classes),
+    )
+
+
+def _torchvision_resnet50() -> Any | None:
+    try:
+        from torchvision.models import resnet50
+    except Exception:  # noqa: BLE001 - torchvision missing or broken: fall back
+        return None
+    return resnet50(weights=None)  # random weights: nothing is downloaded
+
+
+def reference_model(device: Any = "cpu", *, prefer: str = "auto") -> ReferenceModel:
+    """Build the reference model for ``device``, in its per-device variant (S10).
+
+    Parameters
+    ----------
+    device : str or torch.device
+        Where the model will run.
+    prefer : {"auto", "resnet50", "small_cnn"}
+        ``"auto"``: torchvision ResNet-50 (random weights, ``weights=None``, never downloads)
+        when torchvision is importable, else the built-in :func:`small_cnn`.  ``"resnet50"``
+        raises ``ImportError`` without torchvision.
+
+    Returns
+    -------
+    ReferenceModel
+        On CUDA: float16 weights and channels-last layout; elsewhere float32.
+    """
+    import torch
+
+    if prefer not in ("auto", "resnet50", "small_cnn"):
+        raise ValueError(f"prefer must be 'auto', 'resnet50' or 'small_cnn', got {prefer!r}")
+    torch_device = torch.device(device)
+    module = None
+    if prefer in ("auto", "resnet50"):
+        module = _torchvision_resnet50()
+        if module is None and prefer == "resnet50":
+            raise ImportError("torchvision is required for the ResNet-50 reference model")
+    if module is not None:
+        name, sample_shape = "resnet50", (3, 224, 224)
+    else:
+        module, name, sample_shape = small_cnn(), "small_cnn", (3, 64, 64)
+
+    on_cuda = torch_device.type == "cuda"
+    dtype = torch.float16 if on_cuda else torch.float32
+    module = module.eval().to(device=torch_device, dtype=dtype)
+    if on_cuda:
+        module = module.to(memory_format=torch.channels_last)
+    return ReferenceModel(
+        name=name,
+        module=module,
+        sample_shape=sample_shape,
+        device=str(torch_device),
+        dtype=str(dtype).replace("torch.", ""),
+        channels_last=on_cuda,
+    )
+
+
+def _device_description(torch_device: Any) -> str:
+    import platform
+
+    import torch
+
+    if torch_device.type == "cuda":
+        try:
+            return torch.cuda.get_device_name(torch_device)
+        except Exception:  # noqa: BLE001
+            return "cuda"
+    processor = platform.processor() or platform.machine() or "cpu"
+    return f"{processor} ({torch.get_num_threads()} torch threads)"
+
+
+def benchmark_device(
+    device: Any = "cpu",
+    time_budget_s: float = 2.0,
+    model: Any = None,
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    sample_shape: Sequence[int] | None = None,
+    warmup: int = 1,
+    prefer: str = "auto",
+    clock: Callable[[], float] = time.perf_counter,
+) -> LoadPerformanceTable:
+    """Measure the load-performance table of a device with the reference model (S1).
+
+    Each batch is a forward pass under ``torch.inference_mode()`` on random inputs created on
+    the device (created once per size, outside the timed calls after warm-up); on CUDA every
+    call ends with ``torch.cuda.synchronize``.  An out-of-memory error stops the growth of
+    sizes and frees the device cache.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+    time_budget_s : float
+        Total seconds for the measurement (see :func:`measure_table`).
+    model : ReferenceModel or torch.nn.Module, optional
+        What to measure; default :func:`reference_model` for ``device``.  A bare module is
+        used as it is (its parameters' dtype); ``sample_shape`` then gives one input's shape.
+    batch_sizes : sequence of int, optional
+        Default :data:`CUDA_BATCH_SIZES` on CUDA, :data:`CPU_BATCH_SIZES` elsewhere.
+    sample_shape : sequence of int, optional
+        Shape of one input sample for a bare module (default ``(3, 224, 224)``).
+    warmup : int
+        Untimed calls per size.
+    prefer : str
+        Passed to :func:`reference_model` when ``model`` is None.
+    clock : callable
+        Clock for the timing loop.
+
+    Returns
+    -------
+    LoadPerformanceTable
+    """
+    import torch
+
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and torch_device.index is None:
+        torch_device = torch.device("cuda", torch.cuda.current_device())
+    if model is None:
+        reference = reference_model(torch_device, prefer=prefer)
+    elif isinstance(model, ReferenceModel):
+        reference = model
+    else:
+        module = model.eval().to(torch_device)
+        parameter = next(iter(module.parameters()), None)
+        dtype = parameter.dtype if parameter is not None else torch.float32
+        reference = ReferenceModel(
+            name=type(model).__name__,
+            module=module,
+            sample_shape=tuple(sample_shape or (3, 224, 224)),
+            device=str(torch_device),
+            dtype=str(dtype).replace("torch.", ""),
+            channels_last=False,
+        )
+    on_cuda = torch_device.type == "cuda"
+    if batch_sizes is None:
+        batch_sizes = CUDA_BATCH_SIZES if on_cuda else CPU_BATCH_SIZES
+    input_dtype = getattr(torch, reference.dtype)
+    inputs: dict[int, Any] = {}
+
+    def run_batch(n: int) -> None:
+        try:
+            with torch.inference_mode():
+                x = inputs.get(n)
+                if x is None:
+                    inputs.clear()  # keep one input alive at a time
+                    x = torch.randn((n, *reference.sample_shape), device=torch_device, dtype=input_dtype)
+                    if reference.channels_last and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    inputs[n] = x
+                reference.module(x)
+                if on_cuda:
+                    torch.cuda.synchronize(torch_device)
+        except Exception as exc:
+            if looks_like_oom(exc):
+                inputs.clear()
+                if on_cuda:
+                    torch.cuda.empty_cache()
+            raise
+
+    try:
+        return measure_table(
+            run_batch,
+            batch_sizes,
+            time_budget_s=time_budget_s,
+            warmup=warmup,
+            clock=clock,
+            device=str(torch_device),
+            model_name=reference.name,
+            device_name=_device_description(torch_device),
+            dtype=reference.dtype,
+        )
+    finally:
+        inputs.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-user-model tables, fed from real batches
+# ----------------------------------------------------------------------------------------------
+
+
+def size_bucket(batch_size: int) -> int:
+    """Power-of-two bucket of a batch size: the largest power of two <= ``batch_size``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    return 1 << (int(batch_size).bit_length() - 1)
+
+
+@dataclass
+class _BucketEstimate:
+    mean_batch_size: float
+    mean_seconds: float
+    observations: int = 1
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.mean_batch_size / max(self.mean_seconds, _MIN_SECONDS)
+
+
+class LazyModelTable:
+    """Load-performance table of one user model on one worker, learned from real batches.
+
+    Every batch the worker runs is reported with :meth:`observe`.  Observations are grouped in
+    power-of-two buckets of batch size (1, 2-3, 4-7, 8-15, ...); per bucket an exponentially
+    weighted moving average (EWMA) is kept of the batch size and of the seconds per batch, and
+    the bucket's samples/s is their ratio (a ratio of averages, robust to sizes that vary
+    within a bucket).  The first observation of a bucket sets its averages; later ones move
+    them by ``alpha``::
+
+        mean <- (1 - alpha) * mean + alpha * new
+
+    Parameters
+    ----------
+    model_name : str
+        The model's name (for the exported table).
+    device : str
+        The device (for the exported table).
+    alpha : float
+        EWMA weight of a new observation, in (0, 1].
+    prior_throughput : float, optional
+        Samples/s to report before any batch was observed (e.g. a benchmark score converted
+        to this model); ``None``: unknown.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "model",
+        device: str = "unknown",
+        *,
+        alpha: float = 0.3,
+        prior_throughput: float | None = None,
+    ) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        self.model_name = model_name
+        self.device = device
+        self.alpha = float(alpha)
+        self.prior_throughput = prior_throughput
+        self._buckets: dict[int, _BucketEstimate] = {}
+
+    def observe(self, batch_size: int, seconds: float) -> bool:
+        """Record that a batch of ``batch_size`` samples took ``seconds`` of device time.
+
+        Parameters
+        ----------
+        batch_size : int
+            Samples in the batch (>= 1).
+        seconds : float
+            Service time of the batch (the worker's compute seconds, not queueing).
+
+        Returns
+        -------
+        bool
+            False (and nothing recorded) when ``seconds`` is not a positive finite number.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+            return False
+        bucket = size_bucket(batch_size)
+        estimate = self._buckets.get(bucket)
+        if estimate is None:
+            self._buckets[bucket] = _BucketEstimate(float(batch_size), float(seconds))
+        else:
+            a = self.alpha
+            estimate.mean_batch_size = (1 - a) * estimate.mean_batch_size + a * batch_size
+            estimate.mean_seconds = (1 - a) * estimate.mean_seconds + a * seconds
+            estimate.observations += 1
+        return True
+
+    @property
+    def observations(self) -> int:
+        """Total batches observed."""
+        return sum(e.observations for e in self._buckets.values())
+
+    def bucket_throughputs(self) -> dict[int, float]:
+        """Samples/s per observed bucket (key: the bucket's power of two)."""
+        return {b: e.samples_per_s for b, e in sorted(self._buckets.items())}
+
+    def throughput(self, batch_size: int | None = None) -> float | None:
+        """Best estimate of samples/s, for placement.
+
+        Parameters
+        ----------
+        batch_size : int, optional
+            The batch size the worker will run (e.g. the controller's size).  Given: the
+            estimate of its bucket, or of the nearest observed bucket (in powers of two; ties
+            go to the larger).  Not given: the highest estimate over observed buckets, i.e.
+            what the worker delivers at its best observed size.
+
+        Returns
+        -------
+        float or None
+            Samples/s, else ``prior_throughput`` when nothing was observed (``None`` if unset).
+        """
+        if not self._buckets:
+            return self.prior_throughput
+        if batch_size is None:
+            return max(e.samples_per_s for e in self._buckets.values())
+        target = size_bucket(max(1, int(batch_size))).bit_length()
+        nearest = min(self._buckets, key=lambda b: (abs(b.bit_length() - target), -b))
+        return self._buckets[nearest].samples_per_s
+
+    def to_table(self) -> LoadPerformanceTable:
+        """The observations as a :class:`LoadPerformanceTable` (one row per bucket)."""
+        rows = []
+        for bucket, estimate in sorted(self._buckets.items()):
+            rows.append(
+                LoadPerformanceRow(
+                    batch_size=bucket,
+                    samples_per_s=estimate.samples_per_s,
+                    latency_s=estimate.mean_seconds * bucket / estimate.mean_batch_size,
+                    ran=True,
+                    runs=estimate.observations,
+                    status=STATUS_OBSERVED,
+                )
+            )
+        return LoadPerformanceTable(device=self.device, model_name=self.model_name, rows=rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict state (for reports to the scheduler)."""
+        return {
+            "model_name": self.model_name,
+            "device": self.device,
+            "alpha": self.alpha,
+            "prior_throughput": self.prior_throughput,
+            "buckets": {
+                str(b): {
+                    "mean_batch_size": e.mean_batch_size,
+                    "mean_seconds": e.mean_seconds,
+                    "observations": e.observations,
+                    "samples_per_s": e.samples_per_s,
+                }
+                for b, e in sorted(self._buckets.items())
+            },
+            "throughput": self.throughput(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LazyModelTable:
+        """Inverse of :meth:`to_dict`."""
+        table = cls(
+            data.get("model_name", "model"),
+            data.get("device", "unknown"),
+            alpha=float(data.get("alpha", 0.3)),
+            prior_throughput=data.get("prior_throughput"),
+        )
+        for key, value in data.get("buckets", {}).items():
+            table._buckets[int(key)] = _BucketEstimate(
+                float(value["mean_batch_size"]), float(value["mean_seconds"]), int(value["observations"])
+            )
+        return table
+
+    def __repr__(self) -> str:
+        return (
+            f"LazyModelTable(model_name={self.model_name!r}, device={self.device!r}, "
+            f"observations={self.observations}, throughput={self.throughput()!r})"
+        )

@@ -1,0 +1,666 @@
+"""Placement: the inference workload figure, least-loaded choice and proportional split.
+
+This module implements steps S2 and S3 of the batch-dynamic-adjustment method and the
+heterogeneous split of the third source document (see ``shared/MISSION.md``):
+
+* :func:`workload` combines a worker's throughput for a model (measured from recent batches, or
+  taken from its benchmark score), the work already queued there and its hardware state
+  (memory and compute utilisation) into one figure: the expected number of seconds until a new
+  batch sent to it now would be finished.
+* :func:`plan` decides which workers receive the next batches and how large they are: the
+  backlog is split so that all workers finish it together ("water filling" over their current
+  loads), least workload first, within memory caps and free slots.  A worker so slow that any
+  batch given to it would finish after the faster workers have finished everything gets
+  nothing, so adding a slow CPU worker beside a GPU worker never lowers the total throughput.
+* :func:`proportional_split` is the one-shot split of ``n`` samples in proportion to
+  throughput (largest remainder method) within per-worker caps.
+
+The module is pure: no Dask, no torch, no clock.  Everything is deterministic for given inputs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+__all__ = [
+    "WorkerLoad",
+    "WorkloadWeights",
+    "batch_limit",
+    "common_finish_time",
+    "effective_throughput",
+    "fallback_throughput",
+    "fill_unknown_throughputs",
+    "hardware_slowdown",
+    "ideal_makespan",
+    "makespan",
+    "plan",
+    "proportional_split",
+    "water_filling_shares",
+    "workload",
+]
+
+
+def _usable_rate(value: float | None) -> bool:
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _clamp01(value: float) -> float:
+    if value is None or not math.isfinite(value):
+        return 0.0
+    return min(1.0, max(0.0, float(value)))
+
+
+@dataclass
+class WorkerLoad:
+    """What placement knows about one worker for one model at the moment of a decision.
+
+    Parameters
+    ----------
+    address : str
+        The worker's address (unique key).
+    throughput : float or None
+        Samples per second this worker achieves for this model: measured from its recent
+        batches when there are any, else derived from its benchmark score.  ``None`` (or a
+        non-positive / non-finite value) means unknown; placement then assumes the mean of the
+        known workers so that a new worker is probed with real work.
+    inflight_samples : int, default 0
+        Samples sent to the worker whose results have not come back yet.
+    queued_samples : int, default 0
+        Samples already assigned to this worker but not yet sent (e.g. waiting in a per-worker
+        queue).  Counted exactly like ``inflight_samples``.
+    memory_utilization : float, default 0.0
+        Fraction (0..1) of the device memory in use, from telemetry.  Memory that the framework
+        holds in its cache but does not use (e.g. torch's reserved-but-unallocated blocks)
+        should be counted as free, or the worker's own caching would penalise it.
+    compute_utilization : float, default 0.0
+        Fraction (0..1) of the device's compute time taken by work *other than* this package's
+        batches (other processes, other models).  Callers that only have a total utilisation
+        figure should subtract the busy fraction of their own batches, or pass 0.
+    cap : int or None, default None
+        Memory cap: the largest batch that fits on the device now.  ``None`` means no known
+        cap.  ``0`` means nothing fits now: the worker receives no batch and no share.
+    free_slots : int, default 1
+        How many more batches the worker may be given now (concurrency limit minus batches in
+        flight).  Placement never returns more batches than this for a worker.
+    batch_size : int, default 1
+        The batch size the latency controller proposes for this worker and model.  A batch
+        never exceeds ``min(batch_size, cap)``.
+    """
+
+    address: str
+    throughput: float | None
+    inflight_samples: int = 0
+    queued_samples: int = 0
+    memory_utilization: float = 0.0
+    compute_utilization: float = 0.0
+    cap: int | None = None
+    free_slots: int = 1
+    batch_size: int = 1
+
+    @property
+    def pending_samples(self) -> int:
+        """Samples already committed to this worker (in flight plus queued)."""
+        return max(0, int(self.inflight_samples)) + max(0, int(self.queued_samples))
+
+    @property
+    def throughput_known(self) -> bool:
+        """Whether :attr:`throughput` holds a usable (positive, finite) value."""
+        return _usable_rate(self.throughput)
+
+
+@dataclass
+class WorkloadWeights:
+    """Weights of the hardware state in the workload figure (configurable).
+
+    The workload figure (see :func:`workload`) divides a worker's throughput by a *slowdown*
+    factor::
+
+        slowdown = 1 + memory_weight * max(0, m - memory_threshold) / (1 - memory_threshold)
+                     + compute_weight * u
+
+    with ``m`` the memory utilisation and ``u`` the compute utilisation by other work, both
+    clamped to 0..1.
+
+    Parameters
+    ----------
+    memory_weight : float, default 4.0
+        Penalty for memory pressure.  Below ``memory_threshold`` memory use costs nothing; from
+        there it grows linearly to ``1 + memory_weight`` (5x slower with the default) at 100 %
+        use.  A nearly full device risks out-of-memory splits and retries and can only take
+        small batches, so it should receive less work, but it is never excluded outright.
+    memory_threshold : float, default 0.8
+        Memory utilisation from which the memory penalty starts.  Must be in [0, 1).
+    compute_weight : float, default 1.0
+        Penalty for compute time taken by other work.  A device that others keep busy a
+        fraction ``u`` of the time serves us roughly ``1 - u`` of the time, i.e. a slowdown of
+        ``1 / (1 - u)``; ``1 + u`` is its first-order form, which stays finite at ``u = 1``.
+    unknown_throughput : float, default 1.0
+        Samples per second assumed for a worker of unknown throughput when no worker's
+        throughput is known.  Its scale does not matter for the split (all workers are then
+        equal); it only sets the unit of the workload figure.
+    """
+
+    memory_weight: float = 4.0
+    memory_threshold: float = 0.8
+    compute_weight: float = 1.0
+    unknown_throughput: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.memory_threshold < 1.0:
+            raise ValueError(f"memory_threshold must be in [0, 1), got {self.memory_threshold!r}")
+        if self.memory_weight < 0 or self.compute_weight < 0:
+            raise ValueError("memory_weight and compute_weight must be >= 0")
+        if not _usable_rate(self.unknown_throughput):
+            raise ValueError(f"unknown_throughput must be > 0, got {self.unknown_throughput!r}")
+
+
+DEFAULT_WEIGHTS = WorkloadWeights()
+
+
+# ----------------------------------------------------------------------------------------------
+# The workload figure (S2)
+# ----------------------------------------------------------------------------------------------
+
+
+def hardware_slowdown(worker: WorkerLoad, weights: WorkloadWeights = DEFAULT_WEIGHTS) -> float:
+    """Factor (>= 1) by which the hardware state stretches this worker's service time.
+
+    Parameters
+    ----------
+    worker : WorkerLoad
+        The worker; only ``memory_utilization`` and ``compute_utilization`` are used.
+    weights : WorkloadWeights
+        See :class:`WorkloadWeights` for the formula.
+
+    Returns
+    -------
+    float
+        ``1 + w_mem * max(0, m - threshold) / (1 - threshold) + w_compute * u``.
+    """
+    memory = _clamp01(worker.memory_utilization)
+    compute = _clamp01(worker.compute_utilization)
+    memory_pressure = max(0.0, memory - weights.memory_threshold) / (1.0 - weights.memory_threshold)
+    return 1.0 + weights.memory_weight * memory_pressure + weights.compute_weight * compute
+
+
+def fallback_throughput(
+    workers: Iterable[WorkerLoad], weights: WorkloadWeights = DEFAULT_WEIGHTS
+) -> float:
+    """Throughput to assume for workers whose throughput is unknown.
+
+    Parameters
+    ----------
+    workers : iterable of WorkerLoad
+        All workers able to run the model.
+    weights : WorkloadWeights
+        Supplies ``unknown_throughput`` when no worker's throughput is known.
+
+    Returns
+    -------
+    float
+        The mean of the known (raw, not slowed-down) throughputs, else
+        ``weights.unknown_throughput``.  Using the mean gives a new worker an average share, so
+        that it is probed with real batches and gets a measured throughput quickly.
+    """
+    known = [float(w.throughput) for w in workers if _usable_rate(w.throughput)]
+    if not known:
+        return float(weights.unknown_throughput)
+    return sum(known) / len(known)
+
+
+def effective_throughput(
+    worker: WorkerLoad,
+    weights: WorkloadWeights = DEFAULT_WEIGHTS,
+    *,
+    fallback: float | None = None,
+) -> float:
+    """Samples per second this worker is expected to deliver given its hardware state.
+
+    Parameters
+    ----------
+    worker : WorkerLoad
+        The worker.
+    weights : WorkloadWeights
+        Weights of the hardware state.
+    fallback : float, optional
+        Raw throughput to assume when ``worker.throughput`` is unknown (:func:`plan` passes the
+        mean of the known workers).  Defaults to ``weights.unknown_throughput``.
+
+    Returns
+    -------
+    float
+        ``throughput / hardware_slowdown(worker)``, always > 0.
+    """
+    if _usable_rate(worker.throughput):
+        raw = float(worker.throughput)
+    elif _usable_rate(fallback):
+        raw = float(fallback)
+    else:
+        raw = float(weights.unknown_throughput)
+    return raw / hardware_slowdown(worker, weights)
+
+
+def batch_limit(worker: WorkerLoad, sizes: Mapping[str, int] | None = None) -> int:
+    """Largest batch this worker may be given now: ``min(batch size, memory cap)``.
+
+    Parameters
+    ----------
+    worker : WorkerLoad
+        The worker.
+    sizes : mapping of address to int, optional
+        Controller batch sizes overriding ``worker.batch_size``.
+
+    Returns
+    -------
+    int
+        0 when the memory cap is 0 (nothing fits now), else at least 1.
+    """
+    size = worker.batch_size
+    if sizes is not None and worker.address in sizes:
+        size = sizes[worker.address]
+    size = max(1, int(size))
+    if worker.cap is not None:
+        if int(worker.cap) <= 0:
+            return 0
+        size = min(size, int(worker.cap))
+    return size
+
+
+def workload(
+    worker: WorkerLoad,
+    weights: WorkloadWeights = DEFAULT_WEIGHTS,
+    *,
+    fallback: float | None = None,
+) -> float:
+    """The inference workload figure of S2: seconds until a new batch sent now would finish.
+
+    .. math::
+
+        W = \\frac{q + b}{T} \\cdot \\Big(1 + w_{mem} \\frac{\\max(0, m - \\theta)}{1 - \\theta}
+            + w_{cpu}\\, u\\Big)
+
+    where
+
+    * ``q`` = ``inflight_samples + queued_samples`` (work already committed to the worker),
+    * ``b`` = ``min(batch_size, cap)`` (the batch it would get now),
+    * ``T`` = ``throughput`` in samples/s (measured from recent batches, else the benchmark
+      score; unknown: ``fallback``, else ``weights.unknown_throughput``),
+    * ``m``, ``u`` = memory utilisation and compute utilisation by other work (0..1),
+    * ``w_mem`` = ``weights.memory_weight`` (default 4.0), ``theta`` =
+      ``weights.memory_threshold`` (default 0.8), ``w_cpu`` = ``weights.compute_weight``
+      (default 1.0).
+
+    The figure is in seconds, so it compares directly across GPUs and CPUs of any speed: the
+    smallest figure is the worker that would return a new batch first (S3).
+
+    Parameters
+    ----------
+    worker : WorkerLoad
+        The worker.
+    weights : WorkloadWeights
+        Weights of the hardware state.
+    fallback : float, optional
+        Raw throughput assumed when the worker's is unknown.
+
+    Returns
+    -------
+    float
+        Expected seconds; ``math.inf`` when the worker's memory cap is 0 (nothing fits).
+    """
+    limit = batch_limit(worker)
+    if limit == 0:
+        return math.inf
+    rate = effective_throughput(worker, weights, fallback=fallback)
+    return (worker.pending_samples + limit) / rate
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting work so that workers finish together
+# ----------------------------------------------------------------------------------------------
+
+
+def common_finish_time(
+    samples: float, throughputs: Sequence[float], busy_seconds: Sequence[float] | None = None
+) -> float:
+    """Time at which workers finish ``samples`` together when each starts after its current load.
+
+    Solves ``sum_i r_i * max(0, t - busy_i) = samples`` for ``t`` ("water filling"): workers
+    whose current load lasts past ``t`` take no part.
+
+    Parameters
+    ----------
+    samples : float
+        Work to share, in samples (>= 0).
+    throughputs : sequence of float
+        Samples/s per worker (all > 0).
+    busy_seconds : sequence of float, optional
+        Seconds until each worker is done with its current load (default all 0).
+
+    Returns
+    -------
+    float
+        The common finish time in seconds from now (``min(busy)`` for ``samples == 0``).
+    """
+    rates = [float(r) for r in throughputs]
+    if not rates:
+        raise ValueError("no workers")
+    if any(not _usable_rate(r) for r in rates):
+        raise ValueError("throughputs must be positive and finite")
+    busy = [0.0] * len(rates) if busy_seconds is None else [max(0.0, float(b)) for b in busy_seconds]
+    order = sorted(range(len(rates)), key=lambda i: busy[i])
+    rate_sum = 0.0
+    weighted_busy = 0.0
+    level = busy[order[0]]
+    for position, index in enumerate(order):
+        rate_sum += rates[index]
+        weighted_busy += rates[index] * busy[index]
+        level = (max(0.0, samples) + weighted_busy) / rate_sum
+        next_busy = busy[order[position + 1]] if position + 1 < len(order) else math.inf
+        if level <= next_busy:
+            break
+    return level
+
+
+def water_filling_shares(
+    samples: float, throughputs: Sequence[float], busy_seconds: Sequence[float] | None = None
+) -> list[float]:
+    """Continuous shares of ``samples`` that make all participating workers finish together.
+
+    Parameters
+    ----------
+    samples : float
+        Work to share, in samples.
+    throughputs : sequence of float
+        Samples/s per worker (all > 0).
+    busy_seconds : sequence of float, optional
+        Seconds until each worker is done with its current load (default all 0).
+
+    Returns
+    -------
+    list of float
+        ``r_i * max(0, t - busy_i)`` with ``t`` from :func:`common_finish_time`; sums to
+        ``samples``.  With no current load the shares are proportional to throughput.
+    """
+    busy = [0.0] * len(throughputs) if busy_seconds is None else [max(0.0, float(b)) for b in busy_seconds]
+    level = common_finish_time(samples, throughputs, busy)
+    return [float(r) * max(0.0, level - b) for r, b in zip(throughputs, busy)]
+
+
+def proportional_split(
+    n: int,
+    throughputs: Mapping[str, float],
+    caps: Mapping[str, int | None] | None = None,
+) -> dict[str, int]:
+    """Split ``n`` samples in proportion to throughput, within caps (largest remainder method).
+
+    Workers whose proportional quota reaches their cap get exactly the cap; the excess is
+    redistributed among the others in proportion to their throughput, repeatedly.  Quotas are
+    then rounded with the largest remainder method (ties: higher throughput, then address).
+
+    Parameters
+    ----------
+    n : int
+        Samples to split (>= 0).
+    throughputs : mapping of address to float
+        Samples/s per worker.  Non-positive or non-finite values get nothing (unless no worker
+        has a positive throughput, in which case all split equally).
+    caps : mapping of address to int or None, optional
+        Most samples each worker may take; ``None`` or a missing key means no cap.
+
+    Returns
+    -------
+    dict of address to int
+        One entry per worker in ``throughputs``.  The values sum to ``n``, or to the total of the
+        caps when the caps cannot hold ``n``.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n!r}")
+    caps = caps or {}
+    addresses = list(throughputs)
+    rates = {a: (float(throughputs[a]) if _usable_rate(throughputs[a]) else 0.0) for a in addresses}
+    if addresses and not any(rates.values()):
+        rates = {a: 1.0 for a in addresses}
+
+    def cap_of(address: str) -> float:
+        cap = caps.get(address)
+        return math.inf if cap is None else max(0, int(cap))
+
+    result = {a: 0 for a in addresses}
+    active = [a for a in addresses if rates[a] > 0 and cap_of(a) > 0]
+    remaining = int(n)
+    # Fix workers whose quota reaches their cap, redistribute, repeat.
+    while active and remaining > 0:
+        rate_sum = sum(rates[a] for a in active)
+        quotas = {a: remaining * rates[a] / rate_sum for a in active}
+        capped = [a for a in active if quotas[a] >= cap_of(a)]
+        if not capped:
+            floors = {a: int(math.floor(quotas[a])) for a in active}
+            leftover = remaining - sum(floors.values())
+            order = sorted(active, key=lambda a: (-(quotas[a] - floors[a]), -rates[a], a))
+            for a in order[:leftover]:
+                floors[a] += 1
+            for a in active:
+                result[a] += floors[a]
+            remaining = 0
+            break
+        for a in capped:
+            take = int(cap_of(a))
+            result[a] += take
+            remaining -= take
+        active = [a for a in active if a not in capped]
+    return result
+
+
+def makespan(
+    assignment: Mapping[str, int],
+    throughputs: Mapping[str, float],
+    busy_seconds: Mapping[str, float] | None = None,
+) -> float:
+    """Time until the last worker finishes its assigned samples.
+
+    Parameters
+    ----------
+    assignment : mapping of address to int
+        Samples per worker.
+    throughputs : mapping of address to float
+        Samples/s per worker.
+    busy_seconds : mapping of address to float, optional
+        Seconds each worker is busy before it can start (default 0).
+
+    Returns
+    -------
+    float
+        ``max_i busy_i + n_i / r_i`` over workers with ``n_i > 0`` (0.0 if none).
+    """
+    busy_seconds = busy_seconds or {}
+    finish = 0.0
+    for address, count in assignment.items():
+        if count > 0:
+            finish = max(finish, busy_seconds.get(address, 0.0) + count / float(throughputs[address]))
+    return finish
+
+
+def ideal_makespan(n: int, throughputs: Iterable[float]) -> float:
+    """Makespan of the ideal (fractional) proportional split of ``n`` samples: ``n / sum(r)``."""
+    total = sum(float(r) for r in throughputs if _usable_rate(r))
+    if total <= 0:
+        raise ValueError("no positive throughput")
+    return n / total
+
+
+def fill_unknown_throughputs(
+    measured: Mapping[str, float | None], scores: Mapping[str, float | None]
+) -> dict[str, float | None]:
+    """Estimate unknown per-model throughputs from benchmark scores.
+
+    A worker that has not yet run a model has only its benchmark score (reference model,
+    another unit).  The median ratio ``measured / score`` over workers that have both converts
+    scores into this model's samples/s.  When no worker has a measured value the scores are
+    returned as they are (their ratios are what the split needs).
+
+    Parameters
+    ----------
+    measured : mapping of address to float or None
+        Throughput measured for this model, ``None`` when unknown.
+    scores : mapping of address to float or None
+        Benchmark score (e.g. best samples/s of the reference model), ``None`` when unknown.
+
+    Returns
+    -------
+    dict of address to float or None
+        Measured values where known, else calibrated scores, else ``None``.
+    """
+    addresses = list(dict.fromkeys([*measured, *scores]))
+    known_measured = {a: float(measured[a]) for a in measured if _usable_rate(measured.get(a))}
+    known_scores = {a: float(scores[a]) for a in scores if _usable_rate(scores.get(a))}
+    if not known_measured:
+        return {a: known_scores.get(a) for a in addresses}
+    ratios = [known_measured[a] / known_scores[a] for a in known_measured if a in known_scores]
+    ratio = statistics.median(ratios) if ratios else None
+    result: dict[str, float | None] = {}
+    for a in addresses:
+        if a in known_measured:
+            result[a] = known_measured[a]
+        elif ratio is not None and a in known_scores:
+            result[a] = known_scores[a] * ratio
+        else:
+            result[a] = None
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan (S3 + heterogeneous split)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidate:
+    worker: WorkerLoad
+    rate: float  # effective samples/s
+    busy: float  # seconds until its committed work is done
+    limit: int  # largest batch now
+
+
+def plan(
+    backlog: int,
+    workers: Sequence[WorkerLoad],
+    sizes: Mapping[str, int] | None = None,
+    *,
+    weights: WorkloadWeights | None = None,
+) -> list[tuple[str, int]]:
+    """Decide which workers get the next batches now, and how large each batch is.
+
+    Algorithm
+    ---------
+    1. Every worker able to take a batch (memory cap not 0) gets an effective throughput
+       ``r_i = throughput / hardware_slowdown`` (unknown throughput: the mean of the known
+       ones, so new workers are probed) and a busy time ``busy_i = pending_i / r_i``.
+    2. The backlog is shared so that everyone finishes together: the common finish time ``t``
+       solves ``sum_i r_i * max(0, t - busy_i) = backlog`` and worker ``i``'s share is
+       ``r_i * max(0, t - busy_i)``.  With idle workers this is the split in proportion to
+       throughput; a worker whose current load already lasts past ``t`` gets no share.  Shares
+       are rounded down and the remaining samples go one at a time to the worker that would
+       finish that extra sample earliest, so a worker so slow that even one sample would finish
+       after the others have done all the work gets nothing.  Workers without free slots keep
+       their share (it waits for them) instead of pushing it onto slower workers.
+    3. A worker with free slots receives ``min(share, free_slots * limit)`` samples now, as
+       batches of at most ``limit = min(batch size, cap)``; the rest of its share stays in the
+       backlog for its next batches.  Memory caps bound the batch, not the share: a fast
+       worker with a small cap runs several batches rather than handing its work to a slower
+       worker.
+    4. Batches are ordered by the workload figure of the slot they take (:func:`workload` for a
+       worker's first batch; each further batch on the same worker adds ``limit / r_i``): least
+       workload first.  Ties go by address.
+
+    Parameters
+    ----------
+    backlog : int
+        Samples waiting to be placed.
+    workers : sequence of WorkerLoad
+        Workers able to run the model (resources and device requirements already filtered).
+        Addresses must be unique.
+    sizes : mapping of address to int, optional
+        Controller batch sizes overriding each ``WorkerLoad.batch_size``.
+    weights : WorkloadWeights, optional
+        Weights of the hardware state (default :class:`WorkloadWeights`).
+
+    Returns
+    -------
+    list of (address, size)
+        Batches to form now, least workload first.  Every size is >= 1 and at most the
+        worker's ``min(batch size, cap)``; no worker appears more often than its
+        ``free_slots``; the sizes sum to at most ``backlog``.
+    """
+    weights = weights or DEFAULT_WEIGHTS
+    backlog = int(backlog)
+    if backlog <= 0 or not workers:
+        return []
+    addresses = [w.address for w in workers]
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("worker addresses must be unique")
+
+    fallback = fallback_throughput(workers, weights)
+    candidates: list[_Candidate] = []
+    for worker in workers:
+        limit = batch_limit(worker, sizes)
+        if limit == 0:
+            continue
+        rate = effective_throughput(worker, weights, fallback=fallback)
+        candidates.append(_Candidate(worker, rate, worker.pending_samples / rate, limit))
+    if not candidates:
+        return []
+
+    rates = [c.rate for c in candidates]
+    busy = [c.busy for c in candidates]
+    shares = water_filling_shares(backlog, rates, busy)
+    counts = _round_shares(backlog, shares, rates, busy, [c.worker.address for c in candidates])
+
+    batches: list[tuple[float, str, int]] = []
+    for candidate, count in zip(candidates, counts):
+        slots = max(0, int(candidate.worker.free_slots))
+        to_send = min(count, slots * candidate.limit)
+        # Order key: the workload figure of each successive batch slot on this worker.
+        figure = candidate.busy
+        while to_send > 0 and slots > 0:
+            size = min(candidate.limit, to_send)
+            figure += candidate.limit / candidate.rate
+            batches.append((figure, candidate.worker.address, size))
+            to_send -= size
+            slots -= 1
+    batches.sort(key=lambda item: (item[0], item[1]))
+    return [(address, size) for _, address, size in batches]
+
+
+def _round_shares(
+    total: int,
+    shares: Sequence[float],
+    rates: Sequence[float],
+    busy: Sequence[float],
+    addresses: Sequence[str],
+) -> list[int]:
+    """Round continuous shares to integers summing to ``total`` without stretching the makespan.
+
+    Floors first; the leftover samples (fewer than the number of workers) go one at a time to
+    the worker whose finish time with one more sample is smallest (ties: faster, then address).
+    """
+    counts = [max(0, int(math.floor(s + 1e-9))) for s in shares]
+    # Guard against floating-point overshoot: take back from the latest finisher.
+    while sum(counts) > total:
+        index = max(
+            (i for i in range(len(counts)) if counts[i] > 0),
+            key=lambda i: (busy[i] + counts[i] / rates[i], addresses[i]),
+        )
+        counts[index] -= 1
+    leftover = total - sum(counts)
+    heap = [(busy[i] + (counts[i] + 1) / rates[i], -rates[i], addresses[i], i) for i in range(len(counts))]
+    heapq.heapify(heap)
+    while leftover > 0 and heap:
+        _, _, _, index = heapq.heappop(heap)
+        counts[index] += 1
+        leftover -= 1
+        heapq.heappush(heap, (busy[index] + (counts[index] + 1) / rates[index], -rates[index], addresses[index], index))
+    return counts
