@@ -1,0 +1,102 @@
+"""Shared helpers of the benchmark scripts: machine stamp, timing, open-loop load, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_stamp() -> dict:
+    """Which machine produced a result: CPU model and cores, or the GPU and its driver."""
+    stamp = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            stamp["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            stamp["gpu"] = out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    import dask
+    import distributed
+
+    stamp["dask"] = dask.__version__
+    stamp["distributed"] = distributed.__version__
+    try:
+        import torch
+
+        stamp["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return stamp
+
+
+def rate(n: int, fn) -> tuple[float, float]:
+    """Run ``fn()``; return (items per second, seconds)."""
+    started = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - started
+    return n / seconds, seconds
+
+
+def open_loop(batcher, samples, rate_per_s: float, seconds: float, seed: int = 0) -> dict:
+    """Poisson arrivals at ``rate_per_s`` for ``seconds``; per-request latency percentiles."""
+    rng = np.random.default_rng(seed)
+    n = max(1, int(rate_per_s * seconds))
+    gaps = rng.exponential(1.0 / rate_per_s, size=n)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    futures = []
+    started = time.perf_counter()
+    due = started
+    for i in range(n):
+        due += gaps[i]
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        t_submit = time.perf_counter()
+        fut = batcher.submit(samples[i % len(samples)])
+
+        def record(f, t=t_submit):
+            with lock:
+                latencies.append(time.perf_counter() - t)
+
+        fut.add_done_callback(record)
+        futures.append(fut)
+    for f in futures:
+        f.result()
+    elapsed = time.perf_counter() - started
+    lat = np.array(latencies)
+    return {
+        "offered_rate": rate_per_s,
+        "requests": n,
+        "achieved_rate": n / elapsed,
+        "p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "p99_ms": float(np.percentile(lat, 99) * 1e3),
+    }
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, default=float))
+    return path

@@ -1,0 +1,185 @@
+"""The CPU case of MISSION.md, every contender in one run on the same cluster.
+
+3-conv CNN on 64x64 uint8 images; one worker process with one thread (and one torch thread, as the
+nanny sets OMP_NUM_THREADS=1). Contenders: the raw model loop in the worker (the ceiling), plain Dask
+with one task per request, hand-chunked plain Dask (16/64/256), dask-dynbatch with
+``max_batch_size=64``, with default settings (no size given), and with fixed ``max_batch_size``
+8/32/128/512; plus the front end alone (a model that returns its input) and open-loop Poisson load.
+The baselines run twice: under Dask's default worker settings (before the plugin is registered)
+and under the same settings as dask-dynbatch (after: the worker half tunes malloc).
+
+    python benchmarks/cpu_case.py            # writes benchmarks/results/cpu_case.{json,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine_stamp, open_loop, rate, save  # noqa: E402
+
+import dask_dynbatch as ddb  # noqa: E402
+from dask_dynbatch import baselines  # noqa: E402
+from dask_dynbatch.examples import build_identity, build_tiny_cnn, tiny_cnn_images  # noqa: E402
+
+
+def plain_dask(client, images, n_single: int) -> dict:
+    out = {}
+    load = build_tiny_cnn
+    client.gather(client.map(baselines.predict_one, [load] * 8, list(images[:8]), pure=False))
+    out["one_task_per_request"], _ = rate(
+        n_single, lambda: client.gather(client.map(baselines.predict_one, [load] * n_single, list(images[:n_single]), pure=False))
+    )
+    for chunk in (16, 64, 256):
+        chunks = [images[i : i + chunk] for i in range(0, len(images), chunk)]
+        client.gather(client.map(baselines.predict_chunk, [load] * 2, chunks[:2], pure=False))
+        out[f"chunked_{chunk}"], _ = rate(
+            len(images), lambda: client.gather(client.map(baselines.predict_chunk, [load] * len(chunks), chunks, pure=False))
+        )
+    return out
+
+
+def raw(client, images) -> dict:
+    ((_, table),) = client.run(baselines.raw_loop, build_tiny_cnn, images[0], [1, 2, 4, 8, 16, 32, 64, 128], 1.5).items()
+    return {str(k): v for k, v in table.items()}
+
+
+def dynbatch_closed_loop(client, images, name, **spec_kw) -> dict:
+    spec = ddb.ModelSpec(name, load=build_tiny_cnn, **spec_kw)
+    with ddb.Batcher(client, spec) as batcher:
+        [f.result() for f in batcher.map(images[:256])]  # load the model, first batches
+        throughput, _ = rate(len(images), lambda: [f.result() for f in batcher.map(images)])
+        stats = batcher.stats()
+        history = batcher.history()
+    sizes = [h["size"] for h in history]
+    return {
+        "throughput": throughput,
+        "mean_batch": float(np.mean(sizes[-50:])) if sizes else None,
+        "latency_p50_ms": stats["latency_p50"] * 1e3,
+        "latency_p99_ms": stats["latency_p99"] * 1e3,
+        "controller": next(iter(stats["workers"].values()))["controller"],
+        "history": [(h["time"], h["size"], h["latency"]) for h in history],
+    }
+
+
+def main(argv=None) -> dict:
+    from distributed import Client, LocalCluster
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--single", type=int, default=1_000, help="requests for one-task-per-request")
+    parser.add_argument("--front-end", type=int, default=100_000, help="requests through the no-op model")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.single, args.front_end = 2_000, 200, 5_000
+    images = tiny_cnn_images(args.requests)
+    result: dict = {"machine": machine_stamp(), "case": "cpu: 3-conv CNN, 64x64 uint8, 1 worker x 1 thread",
+                    "requests": args.requests}
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        print("baselines under Dask's default worker settings", flush=True)
+        result["dask_default"] = {"raw": raw(client, images), **plain_dask(client, images, args.single)}
+        print(result["dask_default"], flush=True)
+
+        client.register_plugin(ddb.DynBatchPlugin())
+        time.sleep(0.5)
+        print("baselines under dask-dynbatch's worker settings", flush=True)
+        result["same_settings"] = {"raw": raw(client, images), **plain_dask(client, images, args.single)}
+        print(result["same_settings"], flush=True)
+
+        runs = {}
+        runs["max64"] = dynbatch_closed_loop(client, images, "cnn-max64", max_batch_size=64)
+        runs["default"] = dynbatch_closed_loop(client, images, "cnn-default")
+        for size in (8, 32, 128, 512):
+            runs[f"fixed{size}"] = dynbatch_closed_loop(client, images, f"cnn-fixed{size}", max_batch_size=size)
+        for k, v in runs.items():
+            print(f"dynbatch {k}: {v['throughput']:.0f} samples/s, mean batch {v['mean_batch']}", flush=True)
+        result["dynbatch"] = runs
+
+        xs = np.zeros((args.front_end, 4), dtype=np.float32)
+        with ddb.Batcher(client, ddb.ModelSpec("noop", load=build_identity)) as batcher:
+            [f.result() for f in batcher.map(xs[:1000])]
+            front, _ = rate(len(xs), lambda: [f.result() for f in batcher.map(xs)])
+        result["front_end_requests_per_s"] = front
+        print(f"front end: {front:.0f} requests/s", flush=True)
+
+        capacity = runs["default"]["throughput"]
+        spec = ddb.ModelSpec("cnn-open", load=build_tiny_cnn)
+        with ddb.Batcher(client, spec) as batcher:
+            [f.result() for f in batcher.map(images[:512])]
+            result["open_loop"] = [open_loop(batcher, images, frac * capacity, 4.0 if not args.quick else 1.0)
+                                   | {"load": frac} for frac in (0.3, 0.7, 1.0)]
+            result["open_loop_latency_target_ms"] = spec.latency_target * 1e3
+        print(result["open_loop"], flush=True)
+
+    same = result["same_settings"]
+    best_chunked = max(same[f"chunked_{c}"] for c in (16, 64, 256))
+    best_fixed = max(runs[f"fixed{s}"]["throughput"] for s in (8, 32, 128, 512))
+    result["ratios"] = {
+        "max64_vs_best_chunked_same_settings": runs["max64"]["throughput"] / best_chunked,
+        "max64_vs_one_task_per_request": runs["max64"]["throughput"] / same["one_task_per_request"],
+        "default_vs_best_fixed": runs["default"]["throughput"] / best_fixed,
+        "default_vs_best_chunked_same_settings": runs["default"]["throughput"] / best_chunked,
+        "default_vs_raw_best": runs["default"]["throughput"] / max(same["raw"].values()),
+    }
+    print(result["ratios"], flush=True)
+    name = "cpu_case_quick" if args.quick else "cpu_case"
+    save(name, result)
+    plot(result, RESULTS / f"{name}.png")
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    same, default = result["same_settings"], result["dask_default"]
+    labels = ["1 task/request", "chunked 16", "chunked 64", "chunked 256"]
+    keys = ["one_task_per_request", "chunked_16", "chunked_64", "chunked_256"]
+    dyn = result["dynbatch"]
+    x = np.arange(len(labels) + 6)
+    vals_same = [same[k] for k in keys] + [dyn[k]["throughput"] for k in ("max64", "default", "fixed8", "fixed32", "fixed128", "fixed512")]
+    vals_def = [default[k] for k in keys] + [np.nan] * 6
+    ax = axes[0]
+    ax.bar(x - 0.2, vals_def, 0.4, label="Dask default worker settings")
+    ax.bar(x + 0.2, vals_same, 0.4, label="same settings as dask-dynbatch")
+    ax.set_xticks(x, labels + ["dynbatch max64", "dynbatch default", "fixed 8", "fixed 32", "fixed 128", "fixed 512"], rotation=45, ha="right")
+    ax.set_ylabel("images/s")
+    ax.set_title("closed loop throughput")
+    ax.legend(fontsize=8)
+    hist = dyn["default"]["history"]
+    if hist:
+        t0 = hist[0][0]
+        ax = axes[1]
+        ax.plot([h[0] - t0 for h in hist], [h[1] for h in hist], ".", ms=3)
+        ax.set_xlabel("s")
+        ax.set_ylabel("batch size (default settings)")
+        ax2 = ax.twinx()
+        ax2.plot([h[0] - t0 for h in hist], [h[2] * 1e3 for h in hist], "r.", ms=2, alpha=0.5)
+        ax2.set_ylabel("batch latency ms", color="r")
+        ax.set_title("controller: size and latency over time")
+    ax = axes[2]
+    ol = result["open_loop"]
+    ax.plot([o["load"] for o in ol], [o["p50_ms"] for o in ol], "o-", label="p50")
+    ax.plot([o["load"] for o in ol], [o["p99_ms"] for o in ol], "o-", label="p99")
+    ax.axhline(result["open_loop_latency_target_ms"], color="k", ls="--", label="latency target")
+    ax.set_xlabel("offered load / capacity")
+    ax.set_ylabel("request latency ms")
+    ax.set_title("open loop (Poisson)")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{result['case']} — {result['machine'].get('cpu')} ({result['machine']['cpu_count']} cores)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""dask-dynbatch: dynamic-batching inference on any Dask cluster.
+
+>>> client.register_plugin(DynBatchPlugin())                         # doctest: +SKIP
+>>> batcher = Batcher(client, ModelSpec("cnn", load=build_model))    # doctest: +SKIP
+>>> y = batcher.submit(x).result()                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from .batching import RequestFuture
+from .client import Batcher
+from .errors import (
+    BatcherClosedError,
+    DynBatchError,
+    InputSignatureError,
+    NoWorkerError,
+    PluginNotRegisteredError,
+    QueueFullError,
+    RequestTimeoutError,
+    SampleTooLargeError,
+    UnknownModelError,
+)
+from .scheduler_plugin import DynBatchPlugin
+from .spec import DeviceVariant, ModelSpec
+from .worker_plugin import DynBatchWorkerPlugin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batcher",
+    "BatcherClosedError",
+    "DeviceVariant",
+    "DynBatchError",
+    "DynBatchPlugin",
+    "DynBatchWorkerPlugin",
+    "InputSignatureError",
+    "ModelSpec",
+    "NoWorkerError",
+    "PluginNotRegisteredError",
+    "QueueFullError",
+    "RequestFuture",
+    "RequestTimeoutError",
+    "SampleTooLargeError",
+    "UnknownModelError",
+]

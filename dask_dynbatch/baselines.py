@@ -1,0 +1,71 @@
+"""Plain-Dask baselines the benchmarks compare against: one task per request, hand-chunked tasks,
+and the raw model loop. Importable on workers (the model is cached per worker process)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+_models: dict[Any, Any] = {}
+
+
+def _model(load: Callable[..., Any], device: str) -> Any:
+    key = (load, device)
+    model = _models.get(key)
+    if model is None:
+        from .runtime import LoadedModel
+        from .spec import ModelSpec
+
+        model = _models[key] = LoadedModel(ModelSpec("baseline", load=load), device)
+    return model
+
+
+def default_device() -> str:
+    from .runtime import visible_gpu_count
+
+    return "cuda:0" if visible_gpu_count() else "cpu"
+
+
+def predict_one(load: Callable[..., Any], sample: np.ndarray, device: str | None = None) -> np.ndarray:
+    """One Dask task per request."""
+    return _model(load, device or default_device())(sample[None])[0]
+
+
+def predict_chunk(load: Callable[..., Any], chunk: np.ndarray, device: str | None = None) -> np.ndarray:
+    """One Dask task per hand-made chunk of requests."""
+    return _model(load, device or default_device())(chunk)
+
+
+def raw_loop(load: Callable[..., Any], sample: np.ndarray, batch_sizes: list[int], seconds: float = 2.0,
+             device: str | None = None) -> dict[int, float]:
+    """The model alone, inputs already in place, at each batch size: samples/s (the ceiling)."""
+    device = device or default_device()
+    model = _model(load, device)
+    out = {}
+    for n in batch_sizes:
+        batch = np.ascontiguousarray(np.broadcast_to(sample, (n,) + sample.shape))
+        if device.startswith("cuda"):
+            import torch
+
+            xb = torch.from_numpy(batch).to(device)
+            run = lambda: model.model(xb)  # noqa: E731
+            sync = torch.cuda.synchronize
+            ctx = torch.inference_mode
+        else:
+            import contextlib
+
+            run = lambda: model(batch)  # noqa: E731
+            sync = lambda: None  # noqa: E731
+            ctx = contextlib.nullcontext
+        with ctx():
+            run(); run(); sync()  # warm up
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                run()
+                done += n
+            sync()
+            out[n] = done / (time.perf_counter() - started)
+    return out

@@ -1,0 +1,211 @@
+"""Requests, their futures, the queue they wait in, and how a batch is stacked and split again.
+
+Pure logic: no Dask, no plugin. The :class:`~dask_dynbatch.Batcher` pushes from user threads and
+pops on the client's event loop, so the queue is thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+class RequestFuture(concurrent.futures.Future):
+    """The future of one inference request.
+
+    A :class:`concurrent.futures.Future` (``result(timeout)``, ``exception()``, ``done()``,
+    ``cancel()``, ``add_done_callback``) that is also awaitable from an asynchronous client.
+    ``cancel()`` succeeds while the request waits in the queue; once its batch has started it
+    returns ``False`` and the result is delivered.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._on_cancel: Callable[[], None] | None = None
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled and self._on_cancel is not None:
+            on_cancel, self._on_cancel = self._on_cancel, None
+            on_cancel()
+        return cancelled
+
+    def __await__(self):
+        return asyncio.wrap_future(self).__await__()
+
+
+class Request:
+    """One sample waiting for its batch."""
+
+    __slots__ = ("sample", "future", "priority", "deadline", "enqueued", "dask_future", "attempts", "seq")
+
+    def __init__(
+        self,
+        sample: Any,
+        future: RequestFuture,
+        *,
+        priority: int = 0,
+        deadline: float | None = None,
+        enqueued: float = 0.0,
+        dask_future: Any = None,
+        seq: int = 0,
+    ):
+        self.sample = sample
+        self.future = future
+        self.priority = priority
+        self.deadline = deadline
+        self.enqueued = enqueued
+        self.dask_future = dask_future
+        self.attempts = 0
+        self.seq = seq
+
+
+class RequestQueue:
+    """Requests by priority (higher first), FIFO within a priority.
+
+    Cancelled requests leave the count at once and are dropped when reached. Requests whose deadline
+    passed are returned separately by :meth:`pop` so that the caller fails them without running them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_priority: dict[int, deque[Request]] = {}
+        self._priorities: list[int] = []  # descending
+        self._live = 0
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return self._live
+
+    def _deque(self, priority: int) -> deque[Request]:
+        dq = self._by_priority.get(priority)
+        if dq is None:
+            dq = self._by_priority[priority] = deque()
+            self._priorities = sorted(self._by_priority, reverse=True)
+        return dq
+
+    def _on_cancel(self) -> None:
+        with self._lock:
+            self._live -= 1
+
+    def push(self, requests: Iterable[Request], *, front: bool = False) -> int:
+        """Add requests (at the front of their priority when re-queued); return the new length."""
+        with self._lock:
+            for req in requests:
+                if req.future.done():  # cancelled or failed meanwhile
+                    continue
+                req.future._on_cancel = self._on_cancel
+                if not front:
+                    req.seq = next(self._seq)
+                dq = self._deque(req.priority)
+                if front:
+                    dq.appendleft(req)
+                else:
+                    dq.append(req)
+                self._live += 1
+            return self._live
+
+    def pop(self, n: int, now: float) -> tuple[list[Request], list[Request]]:
+        """Take up to ``n`` runnable requests, highest priority first.
+
+        Returns ``(batch, expired)``. Every request in ``batch`` is marked running (its ``cancel()``
+        now returns ``False``); ``expired`` requests passed their deadline and must be failed.
+        """
+        batch: list[Request] = []
+        expired: list[Request] = []
+        with self._lock:
+            for priority in self._priorities:
+                dq = self._by_priority[priority]
+                while dq and len(batch) < n:
+                    req = dq.popleft()
+                    if req.future._on_cancel is None:  # cancelled: already uncounted
+                        continue
+                    req.future._on_cancel = None
+                    self._live -= 1
+                    if req.deadline is not None and now > req.deadline:
+                        expired.append(req)
+                    elif req.future.set_running_or_notify_cancel():
+                        batch.append(req)
+                if len(batch) >= n:
+                    break
+        return batch, expired
+
+    def expire(self, now: float) -> list[Request]:
+        """Remove and return every queued request whose deadline has passed."""
+        out: list[Request] = []
+        with self._lock:
+            for dq in self._by_priority.values():
+                if not any(r.deadline is not None and r.deadline < now for r in dq):
+                    continue
+                keep = deque()
+                for req in dq:
+                    if req.future._on_cancel is None:
+                        continue
+                    if req.deadline is not None and req.deadline < now:
+                        req.future._on_cancel = None
+                        self._live -= 1
+                        out.append(req)
+                    else:
+                        keep.append(req)
+                dq.clear()
+                dq.extend(keep)
+        return out
+
+    def oldest_enqueued(self) -> float | None:
+        """Enqueue time of the oldest live request (``None`` when empty)."""
+        with self._lock:
+            oldest = None
+            for dq in self._by_priority.values():
+                for req in dq:
+                    if req.future._on_cancel is not None:
+                        if oldest is None or req.enqueued < oldest:
+                            oldest = req.enqueued
+                        break
+            return oldest
+
+    def drain(self) -> list[Request]:
+        """Remove and return every live request."""
+        with self._lock:
+            out = [r for p in self._priorities for r in self._by_priority[p] if r.future._on_cancel is not None]
+            for r in out:
+                r.future._on_cancel = None
+            for dq in self._by_priority.values():
+                dq.clear()
+            self._live = 0
+            return out
+
+
+def as_numpy_sample(sample: Any) -> np.ndarray:
+    """One request's sample as a NumPy array (CPU torch tensors without a copy)."""
+    if isinstance(sample, np.ndarray):
+        return sample
+    if type(sample).__module__.startswith("torch"):
+        if getattr(sample, "device", None) is not None and sample.device.type != "cpu":
+            raise TypeError("submit() takes CPU tensors; move the sample to the CPU first (tensor.cpu())")
+        return sample.detach().numpy()
+    return np.asarray(sample)
+
+
+def stack_samples(samples: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack samples of one signature into a contiguous batch."""
+    return np.stack(samples)
+
+
+def split_rows(outputs: Any, n: int) -> list[Any]:
+    """Per-row results of a batched output: array rows, or tuples/dicts of rows."""
+    if isinstance(outputs, dict):
+        parts = {k: split_rows(v, n) for k, v in outputs.items()}
+        return [{k: parts[k][i] for k in parts} for i in range(n)]
+    if isinstance(outputs, (tuple, list)) and not isinstance(outputs, np.ndarray):
+        parts = [split_rows(v, n) for v in outputs]
+        return [type(outputs)(p[i] for p in parts) if isinstance(outputs, tuple) else [p[i] for p in parts] for i in range(n)]
+    if len(outputs) != n:
+        raise ValueError(f"the model returned {len(outputs)} rows for a batch of {n}: outputs must keep the batch dimension")
+    return list(outputs)

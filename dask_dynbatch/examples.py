@@ -1,0 +1,90 @@
+"""Small models used by the demo, the tests and the benchmarks.
+
+Each ``build_*`` is a ``ModelSpec.load`` function: deterministic weights, so every worker (and a
+direct call in the client) computes the same outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def build_tiny_cnn(device: str = "cpu") -> Any:
+    """The CPU case of MISSION.md: a 3-conv CNN on 64x64x3 uint8 images -> 10 logits (float32)."""
+    import torch
+    from torch import nn
+
+    class TinyCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+            )
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            # uint8 NHWC as sent by clients -> float NCHW in [0, 1]
+            x = images.permute(0, 3, 1, 2).float().div_(255.0)
+            return self.head(self.features(x).flatten(1))
+
+    model = TinyCNN()
+    _deterministic_init(model)
+    return model
+
+
+def _deterministic_init(model: Any, seed: int = 0) -> None:
+    """Same weights in every process and thread (torch's global RNG is shared between threads)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            fan_in = max(1, param[0].numel()) if param.ndim > 1 else max(1, param.numel())
+            values = rng.standard_normal(tuple(param.shape)).astype(np.float32) / np.sqrt(fan_in)
+            param.copy_(torch.from_numpy(values))
+
+
+def tiny_cnn_images(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` random uint8 images of shape (64, 64, 3)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8)
+
+
+def build_identity(device: str = "cpu"):
+    """A no-op model (returns its input): measures the front end alone."""
+    return _identity
+
+
+def _identity(batch):
+    return batch
+
+
+def build_affine(device: str = "cpu"):
+    """``y = 2 * x + 1`` on batched float arrays (NumPy on CPU, CuPy on GPU workers)."""
+    return _affine
+
+
+def _affine(batch):
+    return batch * 2 + 1
+
+
+def build_numpy_mlp(device: str = "cpu", features: int = 256, hidden: int = 1024, classes: int = 16):
+    """A two-layer MLP written with array operations only: runs on NumPy or CuPy arrays alike."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((features, hidden), dtype=np.float32) / np.sqrt(features)
+    w2 = rng.standard_normal((hidden, classes), dtype=np.float32) / np.sqrt(hidden)
+    cache: dict[str, Any] = {}
+
+    def mlp(batch):
+        xp = type(batch).__module__.split(".")[0] == "cupy" and __import__("cupy") or np
+        if xp.__name__ not in cache:
+            cache[xp.__name__] = (xp.asarray(w1), xp.asarray(w2))
+        a, b = cache[xp.__name__]
+        h = xp.maximum(batch.astype(xp.float32) @ a, 0)
+        return h @ b
+
+    return mlp

@@ -1,0 +1,193 @@
+"""Worker-side execution: which device, how a model is loaded and called, array conversions.
+
+GPU libraries are imported only when a model needs them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from .spec import ModelSpec, call_load
+
+logger = logging.getLogger(__name__)
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use, through NVML as distributed sees them (no torch import)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return 0
+    try:
+        from distributed.diagnostics import nvml
+
+        return nvml.device_get_count()
+    except Exception:  # no NVML, no driver
+        return 0
+
+
+def choose_device(spec: ModelSpec, gpu_count: int | None = None) -> str:
+    """``"cuda:0"`` when the model may use a GPU and one is visible (dask-cuda pins one per worker), else ``"cpu"``."""
+    if spec.device == "cpu":
+        return "cpu"
+    if gpu_count is None:
+        gpu_count = visible_gpu_count()
+    if gpu_count > 0:
+        return "cuda:0"
+    if spec.device == "cuda":
+        raise RuntimeError(f"model {spec.name!r} needs a CUDA device, and this worker sees none")
+    return "cpu"
+
+
+def _is_torch_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def to_numpy(value: Any) -> Any:
+    """Model outputs (torch, CuPy, NumPy; tuples/lists/dicts of them) as host NumPy arrays."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, dict):
+        return {k: to_numpy(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_numpy(v) for v in value)
+    module = type(value).__module__
+    if module.startswith("torch"):
+        return value.detach().cpu().numpy()
+    if module.startswith("cupy"):
+        import cupy
+
+        return cupy.asnumpy(value)
+    return np.asarray(value)
+
+
+class LoadedModel:
+    """A model loaded on one worker device, ready to run batches."""
+
+    def __init__(self, spec: ModelSpec, device: str, token: str = ""):
+        self.spec = spec.for_device(device)
+        self.device = device
+        self.token = token
+        started = time.perf_counter()
+        self.model = call_load(self.spec.load, device)
+        self.is_torch = _is_torch_module(self.model)
+        if self.is_torch:
+            self._prepare_torch()
+        self.load_seconds = time.perf_counter() - started
+
+    def _prepare_torch(self) -> None:
+        import torch
+
+        self.model = self.model.to(self.device).eval()
+        self._torch_device = torch.device(self.device)
+
+    def __call__(self, batch: np.ndarray) -> Any:
+        """Run one stacked batch; returns host NumPy outputs."""
+        if self.spec.predict is not None:
+            return to_numpy(self.spec.predict(self.model, batch))
+        if self.is_torch:
+            import torch
+
+            with torch.inference_mode():
+                x = torch.from_numpy(batch)
+                if self._torch_device.type != "cpu":
+                    x = x.to(self._torch_device, non_blocking=True)
+                return to_numpy(self.model(x))
+        if self.device.startswith("cuda"):
+            try:
+                import cupy
+            except ImportError:
+                return to_numpy(self.model(batch))
+            return to_numpy(self.model(cupy.asarray(batch)))
+        return to_numpy(self.model(batch))
+
+    def free_cache(self) -> None:
+        """Return cached device memory after an out-of-memory error."""
+        if not self.device.startswith("cuda"):
+            return
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        cupy = sys.modules.get("cupy")
+        if cupy is not None:
+            cupy.get_default_memory_pool().free_all_blocks()
+
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc_for_inference(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 256 * 2**20) -> bool:
+    """Undo the nanny's ``MALLOC_TRIM_THRESHOLD_=65536`` for batch-sized buffers.
+
+    Setting any malloc threshold freezes glibc's adaptive mmap threshold at 128 KiB, so every
+    activation buffer of every batch is mmap-ed, page-faulted and unmapped again: measured, this
+    halves a small CNN's speed on CPU. Raising both thresholds lets freed batch buffers be reused.
+    Only changes anything in a process where ``MALLOC_TRIM_THRESHOLD_`` is set (Dask nanny workers);
+    returns whether it did.
+    """
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) and libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold))
+    except (OSError, AttributeError):
+        return False
+    return bool(ok)
+
+
+def run_with_splitting(run, n: int, *, is_oom, on_oom=None, free_cache=None):
+    """Run rows ``[0, n)`` with ``run(start, stop)``, splitting on failure so that only bad rows fail.
+
+    - An out-of-memory error (``is_oom(exc)``): the reference to the exception is dropped, cached
+      device memory is freed (``free_cache()``), ``on_oom(rows)`` lowers the memory cap, and the two
+      halves are retried. A single row that still does not fit fails alone with
+      :class:`~dask_dynbatch.errors.SampleTooLargeError`.
+    - Any other exception: the batch is bisected to find the request(s) that cause it (poison
+      requests); those fail with the original exception, the rest are delivered.
+
+    No row that succeeded runs again. Returns ``(pieces, errors)``: ``pieces`` a list of
+    ``(start, stop, output)`` in row order, ``errors`` a dict ``row -> exception``.
+    """
+    from .errors import SampleTooLargeError
+
+    pieces: list[tuple[int, int, Any]] = []
+    errors: dict[int, BaseException] = {}
+    stack = [(0, n)]
+    while stack:
+        start, stop = stack.pop()
+        oom = False
+        try:
+            pieces.append((start, stop, run(start, stop)))
+            continue
+        except Exception as exc:
+            if is_oom(exc):
+                oom = True
+                message = str(exc)[:300]
+            elif stop - start == 1:
+                errors[start] = exc
+                continue
+            del exc  # drop the traceback, and the batch tensors it pins, before retrying
+        if oom:
+            if free_cache is not None:
+                free_cache()
+            if on_oom is not None:
+                on_oom(stop - start)
+            if stop - start == 1:
+                errors[start] = SampleTooLargeError(
+                    "a single sample does not fit in the device memory available to this model "
+                    f"({message}); free memory on the device, raise its memory budget, or use smaller inputs"
+                )
+                continue
+        mid = (start + stop) // 2
+        stack.append((mid, stop))  # LIFO: the first half runs first
+        stack.append((start, mid))
+    pieces.sort(key=lambda p: p[0])
+    return pieces, errors

@@ -1,0 +1,143 @@
+"""The scheduler half: model registry, cluster view, batcher reports.
+
+Register it once per cluster::
+
+    client.register_plugin(dask_dynbatch.DynBatchPlugin())
+
+Its ``start`` installs :class:`~dask_dynbatch.worker_plugin.DynBatchWorkerPlugin` on every current
+and future worker. Registering twice is harmless (the plugin is idempotent: the first one stays).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from distributed import SchedulerPlugin
+from distributed.protocol.pickle import dumps
+
+from .errors import UnknownModelError
+from .worker_plugin import PLUGIN_NAME, DynBatchWorkerPlugin
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class DynBatchPlugin(SchedulerPlugin):
+    """Scheduler plugin of dask-dynbatch.
+
+    Parameters
+    ----------
+    tune_malloc
+        Let the worker half raise glibc's malloc thresholds in nanny-started workers (see
+        :func:`dask_dynbatch.runtime.tune_malloc_for_inference`). Default ``True``.
+    """
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, tune_malloc: bool = True):
+        self.tune_malloc = tune_malloc
+        self.scheduler: Scheduler | None = None
+        self.models: dict[str, dict[str, Any]] = {}
+        self.batchers: dict[str, dict[str, Any]] = {}
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers.update(
+            {
+                "dynbatch_register_model": self.register_model,
+                "dynbatch_get_model": self.get_model,
+                "dynbatch_workers": self.workers_for,
+                "dynbatch_report": self.report,
+                "dynbatch_state": self.state,
+            }
+        )
+        scheduler.extensions["dynbatch"] = self
+        await scheduler.register_worker_plugin(
+            None, dumps(DynBatchWorkerPlugin(tune_malloc=self.tune_malloc)), name=PLUGIN_NAME, idempotent=True
+        )
+
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        for batcher_id in [b for b, info in self.batchers.items() if info.get("client") == client]:
+            del self.batchers[batcher_id]
+
+    # -- handlers --------------------------------------------------------------------------------
+    def register_model(
+        self, name: str, payload: bytes, token: str, resources: dict, device: str | None, client: str | None = None
+    ) -> dict[str, Any]:
+        previous = self.models.get(name)
+        if previous is not None and previous["token"] != token:
+            logger.info("dynbatch: model %r re-registered with a new spec; workers will reload it", name)
+        self.models[name] = {
+            "payload": payload,
+            "token": token,
+            "resources": dict(resources or {}),
+            "device": device,
+            "registered": time.time(),
+            "client": client,
+        }
+        return {"status": "OK", "workers": self.workers_for(name)}
+
+    def get_model(self, name: str) -> dict[str, Any]:
+        try:
+            model = self.models[name]
+        except KeyError:
+            raise UnknownModelError(name, list(self.models)) from None
+        return {"payload": model["payload"], "token": model["token"]}
+
+    def worker_view(self, address: str) -> dict[str, Any]:
+        """What placement needs to know of one worker: device kind, telemetry, resources."""
+        ws = self.scheduler.workers[address]
+        metrics = ws.metrics or {}
+        ours = metrics.get("dynbatch") or {}
+        has_gpu = bool(ours.get("device") == "cuda" or "gpu_utilization" in metrics or "gpu" in metrics)
+        gpu = metrics.get("gpu") or {}
+        memory_total = metrics.get("gpu-memory-total") or gpu.get("memory-total")
+        memory_used = metrics.get("gpu_memory_used") or gpu.get("memory-used")
+        return {
+            "address": address,
+            "name": str(ws.name),
+            "nthreads": ws.nthreads,
+            "resources": dict(ws.resources),
+            "device": "cuda" if has_gpu else "cpu",
+            "memory_limit": ws.memory_limit,
+            "memory_process": metrics.get("memory"),
+            "cpu_percent": metrics.get("cpu"),
+            "gpu_utilization": metrics.get("gpu_utilization") or gpu.get("utilization"),
+            "gpu_memory_used": memory_used,
+            "gpu_memory_total": memory_total,
+            "dynbatch": ours,
+        }
+
+    def workers_for(self, model: str) -> dict[str, dict[str, Any]]:
+        """Running workers able to run ``model`` (its resources and device), with their views."""
+        if model not in self.models:
+            raise UnknownModelError(model, list(self.models))
+        info = self.models[model]
+        out = {}
+        for address, ws in self.scheduler.workers.items():
+            if ws.status.name not in ("running",):
+                continue
+            if any(ws.resources.get(k, 0) < v for k, v in info["resources"].items()):
+                continue
+            view = self.worker_view(address)
+            if info["device"] == "cuda" and view["device"] != "cuda":
+                continue
+            out[address] = view
+        return out
+
+    def report(self, batcher: str, stats: dict[str, Any], client: str | None = None) -> None:
+        """Batcher state pushed by clients (controller, queue, counts) for ``stats()`` and the dashboard."""
+        self.batchers[batcher] = {"client": client, "time": time.time(), **stats}
+
+    def state(self) -> dict[str, Any]:
+        """The whole cluster view, JSON-able (models without their payloads)."""
+        return {
+            "models": {n: {k: v for k, v in m.items() if k != "payload"} for n, m in self.models.items()},
+            "workers": {a: self.worker_view(a) for a in self.scheduler.workers},
+            "batchers": dict(self.batchers),
+        }

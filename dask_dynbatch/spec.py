@@ -1,0 +1,150 @@
+"""What a model is: :class:`ModelSpec`, how it is loaded and run, and per-device variants (S10)."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from dask.utils import parse_timedelta
+
+OVERLOAD_POLICIES = ("block", "reject")
+
+
+def parse_seconds(value: float | int | str, what: str) -> float:
+    """``"50ms"`` or ``0.05`` -> ``0.05``; raise ``ValueError`` naming ``what`` on bad input."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be seconds (float) or a duration string like '50ms', not {value!r}")
+    try:
+        seconds = parse_timedelta(value, default="s")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{what} must be seconds (float) or a duration string like '50ms', not {value!r}") from e
+    if seconds is None or seconds <= 0:
+        raise ValueError(f"{what} must be positive, not {value!r}")
+    return float(seconds)
+
+
+@dataclass(frozen=True)
+class DeviceVariant:
+    """How to load and run a model on one device kind (S10: e.g. fp16 on CUDA, fp32 on CPU).
+
+    Any field left as ``None`` falls back to the :class:`ModelSpec`'s own value.
+    """
+
+    load: Callable[..., Any] | None = None
+    predict: Callable[[Any, Any], Any] | None = None
+    max_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model served by a :class:`~dask_dynbatch.Batcher`.
+
+    Parameters
+    ----------
+    name
+        Unique name of the model on the cluster.
+    load
+        Called once per worker and device, cached there. Takes no argument, or one: the device string
+        (``"cpu"``, ``"cuda:0"``). Returns a ``torch.nn.Module`` or a callable on batched arrays
+        (NumPy on CPU workers, CuPy on GPU workers when CuPy is installed).
+    predict
+        ``predict(model, batch) -> outputs`` with ``batch`` the stacked NumPy array. Default for a torch
+        module: forward pass under ``torch.inference_mode`` on the worker's device; for a callable:
+        ``model(batch)``.
+    latency_target
+        Latency a request should see, seconds or a string such as ``"50ms"``.
+    max_batch_size
+        Hard cap on the batch size (optional).
+    max_delay
+        Longest time a batch waits for more requests once a worker has free capacity and a batch is
+        already running there (seconds or string).
+    resources
+        Dask worker resources a worker must have to run this model, e.g. ``{"GPU": 1}``.
+    device
+        ``"cuda"``, ``"cpu"`` or ``None`` (any: CUDA when the worker sees a GPU, else CPU).
+    variants
+        Per device kind (``"cuda"``, ``"cpu"``) :class:`DeviceVariant` overrides.
+    max_inflight
+        Batches in flight per worker (more than one overlaps transfer with compute).
+    max_queue
+        Requests a Batcher holds before its ``overload`` policy applies (``None``: unbounded).
+    overload
+        ``"block"`` (``submit`` waits for room) or ``"reject"`` (raise :class:`QueueFullError`).
+    input_shape, input_dtype
+        Declared per-sample input signature (optional; learned from the first request otherwise).
+    """
+
+    name: str
+    load: Callable[..., Any]
+    predict: Callable[[Any, Any], Any] | None = None
+    latency_target: float | str = 0.1
+    max_batch_size: int | None = None
+    max_delay: float | str = "5ms"
+    resources: Mapping[str, float] | None = None
+    device: str | None = None
+    variants: Mapping[str, DeviceVariant] = field(default_factory=dict)
+    max_inflight: int = 2
+    max_queue: int | None = 1_000_000
+    overload: str = "block"
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"ModelSpec.name must be a non-empty string, not {self.name!r}")
+        if not callable(self.load):
+            raise TypeError(f"ModelSpec.load must be callable (it builds the model on a worker), not {self.load!r}")
+        if self.predict is not None and not callable(self.predict):
+            raise TypeError(f"ModelSpec.predict must be callable or None, not {self.predict!r}")
+        object.__setattr__(self, "latency_target", parse_seconds(self.latency_target, "latency_target"))
+        object.__setattr__(self, "max_delay", parse_seconds(self.max_delay, "max_delay"))
+        for attr in ("max_batch_size", "max_queue"):
+            value = getattr(self, attr)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"ModelSpec.{attr} must be a positive integer or None, not {value!r}")
+        if isinstance(self.max_inflight, bool) or not isinstance(self.max_inflight, int) or self.max_inflight < 1:
+            raise ValueError(f"ModelSpec.max_inflight must be a positive integer, not {self.max_inflight!r}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise ValueError(f"ModelSpec.device must be 'cuda', 'cpu' or None, not {self.device!r}")
+        if self.overload not in OVERLOAD_POLICIES:
+            raise ValueError(f"ModelSpec.overload must be one of {OVERLOAD_POLICIES}, not {self.overload!r}")
+        for kind, variant in dict(self.variants).items():
+            if kind not in ("cpu", "cuda") or not isinstance(variant, DeviceVariant):
+                raise ValueError("ModelSpec.variants maps 'cpu'/'cuda' to DeviceVariant(...)")
+        if self.input_shape is not None:
+            object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        object.__setattr__(self, "resources", dict(self.resources or {}))
+        object.__setattr__(self, "variants", dict(self.variants))
+
+    def for_device(self, device: str) -> ModelSpec:
+        """The spec with the variant for ``device`` (``"cpu"``, ``"cuda:0"``...) applied."""
+        variant = self.variants.get(device.split(":")[0])
+        if variant is None:
+            return self
+        changes = {k: getattr(variant, k) for k in ("load", "predict", "max_batch_size")}
+        return replace(self, variants={}, **{k: v for k, v in changes.items() if v is not None})
+
+    def batch_limit(self, device: str | None = None) -> int | None:
+        """Hard batch-size limit on ``device`` (the variant's if it sets one)."""
+        return self.for_device(device).max_batch_size if device else self.max_batch_size
+
+
+def call_load(load: Callable[..., Any], device: str) -> Any:
+    """Call ``load()`` or ``load(device)``, whichever its signature takes."""
+    try:
+        params = [
+            p
+            for p in inspect.signature(load).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        ]
+    except (TypeError, ValueError):  # builtins without a signature
+        params = []
+    return load(device) if params else load()
+
+
+def spec_token(payload: bytes) -> str:
+    """Stable identity of a pickled spec, so workers reload a model whose spec changed."""
+    return hashlib.sha1(payload).hexdigest()[:16]

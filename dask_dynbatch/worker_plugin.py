@@ -1,0 +1,204 @@
+"""The worker half: loads models once per worker and device, runs batches, reports statistics.
+
+Installed on every current and future worker by :class:`~dask_dynbatch.DynBatchPlugin`. Batches
+arrive by direct RPC from the client (``dynbatch_run``); no Dask task is created for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import time
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from distributed import WorkerPlugin
+from distributed.core import error_message
+from distributed.protocol import to_serialize
+from distributed.utils_comm import gather_from_workers
+
+from .runtime import LoadedModel, choose_device, run_with_splitting, tune_malloc_for_inference, visible_gpu_count
+from .sizing import is_oom_error
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "dynbatch"
+
+
+class ModelStats:
+    """Per-model batch statistics kept on the worker and sent on the heartbeat."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.samples = 0
+        self.failed_samples = 0
+        self.compute_seconds = 0.0
+        self.ooms = 0
+        self.recent: deque[tuple[float, int, float]] = deque(maxlen=64)  # (time, size, compute seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        sizes = [s for _, s, _ in self.recent]
+        secs = sum(c for _, _, c in self.recent)
+        return {
+            "batches": self.batches,
+            "samples": self.samples,
+            "failed_samples": self.failed_samples,
+            "compute_seconds": self.compute_seconds,
+            "ooms": self.ooms,
+            "recent_mean_batch": float(np.mean(sizes)) if sizes else None,
+            "recent_throughput": (sum(sizes) / secs) if secs > 0 else None,
+        }
+
+
+class DynBatchWorkerPlugin(WorkerPlugin):
+    """Worker half of dask-dynbatch (installed by the scheduler plugin; not registered by users)."""
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(self, tune_malloc: bool = True):
+        self.tune_malloc = tune_malloc
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def setup(self, worker: Worker) -> None:
+        self.worker = worker
+        self.models: dict[str, LoadedModel] = {}
+        self.stats: dict[str, ModelStats] = defaultdict(ModelStats)
+        self._load_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # one thread per device: batches on a device run one after another, while the event loop
+        # receives the next batch (transfer overlaps compute)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="dynbatch")
+        self.gpu_count = visible_gpu_count()
+        self.malloc_tuned = tune_malloc_for_inference() if self.tune_malloc else False
+        worker.handlers["dynbatch_run"] = self.run_batch
+        worker.metrics["dynbatch"] = self.heartbeat_metrics
+        worker.extensions["dynbatch"] = self
+
+    def teardown(self, worker: Worker) -> None:
+        worker.handlers.pop("dynbatch_run", None)
+        worker.metrics.pop("dynbatch", None)
+        worker.extensions.pop("dynbatch", None)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- telemetry -----------------------------------------------------------------------------
+    def heartbeat_metrics(self, worker: Worker) -> dict[str, Any]:
+        """Sent to the scheduler with every heartbeat (``ws.metrics["dynbatch"]``)."""
+        return {
+            "device": "cuda" if self.gpu_count else "cpu",
+            "malloc_tuned": self.malloc_tuned,
+            "models": {
+                name: {"device": m.device, "load_seconds": m.load_seconds, **self.stats[name].to_dict()}
+                for name, m in self.models.items()
+            },
+        }
+
+    # -- models ------------------------------------------------------------------------------
+    async def get_model(self, name: str, token: str) -> LoadedModel:
+        loaded = self.models.get(name)
+        if loaded is not None and loaded.token == token:
+            return loaded
+        async with self._load_locks[name]:
+            loaded = self.models.get(name)
+            if loaded is not None and loaded.token == token:
+                return loaded
+            reply = await self.worker.scheduler.dynbatch_get_model(name=name)
+            spec = pickle.loads(reply["payload"])
+            device = choose_device(spec, self.gpu_count)
+            loop = asyncio.get_running_loop()
+            loaded = await loop.run_in_executor(self.executor, LoadedModel, spec, device, reply["token"])
+            self.models[name] = loaded
+            logger.info("dynbatch: loaded model %r on %s in %.2fs", name, device, loaded.load_seconds)
+            return loaded
+
+    async def _fetch_keys(self, keys: list) -> dict:
+        """Data of Dask Futures given as inputs, from this worker or its peers."""
+        data = {k: self.worker.data[k] for k in keys if k in self.worker.data}
+        missing = [k for k in keys if k not in data]
+        if missing:
+            who_has = await self.worker.scheduler.who_has(keys=missing)
+            got, lost, failed, _ = await gather_from_workers(who_has, rpc=self.worker.rpc, who=self.worker.address)
+            data.update(got)
+            if lost or failed:
+                raise KeyError(f"inputs no longer available on the cluster: {sorted(map(str, set(lost) | set(failed)))}")
+        return data
+
+    # -- the batch handler ---------------------------------------------------------------------
+    async def run_batch(
+        self,
+        model: str,
+        token: str,
+        n: int,
+        batch: Any = None,
+        keyed: list[tuple[int, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Run one batch of ``n`` requests; ``batch`` holds the stacked inline rows, ``keyed`` the
+        ``(row, key)`` pairs of rows given as Dask Futures."""
+        received = time.perf_counter()
+        try:
+            loaded = await self.get_model(model, token)
+            row_errors: dict[int, BaseException] = {}
+            if keyed:
+                batch, row_errors = await self._assemble(n, batch, keyed)
+            loop = asyncio.get_running_loop()
+            pieces, errors, compute_s = await loop.run_in_executor(self.executor, self._execute, loaded, batch, row_errors)
+        except Exception as exc:  # the batch could not run at all (model failed to load, inputs lost)
+            logger.warning("dynbatch: batch of %d for model %r failed: %r", n, model, exc)
+            return {"status": "OK", "batch_error": error_message(exc)}
+        stats = self.stats[model]
+        stats.batches += 1
+        stats.samples += n - len(errors)
+        stats.failed_samples += len(errors)
+        stats.compute_seconds += compute_s
+        stats.recent.append((time.time(), n, compute_s))
+        return {
+            "status": "OK",
+            "pieces": [(rows, to_serialize(out)) for rows, out in pieces],
+            "errors": [(row, error_message(exc)) for row, exc in errors.items()],
+            "compute_s": compute_s,
+            "worker_s": time.perf_counter() - received,
+            "device": loaded.device,
+            "cap": None,
+        }
+
+    async def _assemble(self, n: int, inline: np.ndarray | None, keyed: list[tuple[int, Any]]):
+        """Full batch from inline rows plus rows fetched by key; a row that cannot be placed fails alone."""
+        data = await self._fetch_keys([k for _, k in keyed])
+        keyed_rows = {row for row, _ in keyed}
+        template = inline[0] if inline is not None and len(inline) else np.asarray(data[keyed[0][1]])
+        full = np.empty((n,) + template.shape, dtype=template.dtype)
+        errors: dict[int, BaseException] = {}
+        inline_rows = [r for r in range(n) if r not in keyed_rows]
+        if inline_rows:
+            full[inline_rows] = inline
+        for row, key in keyed:
+            value = np.asarray(data[key])
+            if value.shape != template.shape or value.dtype != template.dtype:
+                errors[row] = ValueError(
+                    f"input from Dask Future {key!r} has shape {value.shape} and dtype {value.dtype}; "
+                    f"the batch expects shape {template.shape} and dtype {template.dtype}"
+                )
+            else:
+                full[row] = value
+        return full, errors
+
+    def _execute(self, loaded: LoadedModel, batch: np.ndarray, bad_rows: dict[int, BaseException]):
+        """Runs in the device thread: the batch, split on OOM or bisected around poison requests."""
+        started = time.perf_counter()
+        if bad_rows:  # run the good rows only; bad rows fail alone
+            good = np.array([r for r in range(len(batch)) if r not in bad_rows], dtype=np.intp)
+            sub = batch[good]
+            pieces, errors = run_with_splitting(lambda a, b: loaded(sub[a:b]), len(sub), is_oom=is_oom_error,
+                                                free_cache=loaded.free_cache)
+            pieces = [(good[a:b].tolist(), out) for a, b, out in pieces]
+            errors = {int(good[r]): e for r, e in errors.items()} | bad_rows
+        else:
+            pieces, errors = run_with_splitting(lambda a, b: loaded(batch[a:b]), len(batch), is_oom=is_oom_error,
+                                                free_cache=loaded.free_cache)
+            pieces = [(list(range(a, b)), out) for a, b, out in pieces]
+        return pieces, errors, time.perf_counter() - started

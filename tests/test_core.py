@@ -1,0 +1,212 @@
+"""The core: plugin pair and Batcher, end to end on real Dask clusters."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from distributed.utils_test import gen_cluster
+
+import dask_dynbatch as ddb
+from dask_dynbatch.examples import build_affine, build_identity, build_tiny_cnn, tiny_cnn_images
+
+torch = pytest.importorskip("torch")
+
+
+def expected_cnn(images: np.ndarray) -> np.ndarray:
+    model = build_tiny_cnn().eval()
+    with torch.inference_mode():
+        return model(torch.from_numpy(images)).numpy()
+
+
+def build_poisoned(device="cpu"):
+    """Affine model that raises on any batch containing a sample whose first value is negative."""
+
+    def model(batch):
+        if (batch[:, 0] < 0).any():
+            raise ValueError("poison sample")
+        return batch * 2 + 1
+
+    return model
+
+
+def build_broken(device="cpu"):
+    raise RuntimeError("weights file is missing")
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)])
+async def test_results_correct_and_in_order(c, s, a, b):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("tiny-cnn", load=build_tiny_cnn, max_batch_size=32))
+    images = tiny_cnn_images(300)
+    futures = batcher.map(list(images))
+    results = await asyncio.gather(*futures)
+    np.testing.assert_allclose(np.stack(results), expected_cnn(images), rtol=1e-4, atol=1e-5)
+    stats = batcher.stats()
+    assert stats["delivered"] == 300 and stats["failed"] == 0
+    assert sum(w["samples"] for w in stats["workers"].values()) == 300
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_ten_thousand_requests_make_no_dask_tasks(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    transitions_before = s.transition_counter
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("identity", load=build_identity, max_batch_size=256))
+    xs = np.arange(10_000, dtype=np.float32).reshape(-1, 1)
+    results = await asyncio.gather(*batcher.map(list(xs)))
+    assert np.array_equal(np.stack(results), xs)
+    batches = sum(w["batches"] for w in batcher.stats()["workers"].values())
+    assert 10_000 / 256 <= batches < 10_000  # coalesced, never larger than the cap
+    assert s.transition_counter == transitions_before  # no task ever reached the scheduler
+    assert not s.tasks
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_batch_size_never_exceeds_max_batch_size(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("identity", load=build_identity, max_batch_size=7))
+    await asyncio.gather(*batcher.map(list(np.zeros((200, 2)))))
+    sizes = [h["size"] for h in batcher.history()]
+    assert max(sizes) <= 7 and sum(sizes) == 200
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_future_api(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine))
+    fut = batcher.submit(np.ones(3))
+    called = []
+    fut.add_done_callback(called.append)
+    value = await fut
+    assert fut.done() and fut.exception() is None
+    np.testing.assert_array_equal(value, np.full(3, 3.0))
+    np.testing.assert_array_equal(fut.result(timeout=1), value)
+    assert called == [fut]
+    assert fut.cancel() is False  # already delivered
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_torch_tensor_in_torch_tensor_out(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine))
+    out = await batcher.submit(torch.arange(4, dtype=torch.float32))
+    assert isinstance(out, torch.Tensor)
+    assert out.tolist() == [1.0, 3.0, 5.0, 7.0]
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)])
+async def test_dask_future_inputs_are_fetched_by_the_worker(c, s, a, b):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine))
+    xs = [np.full(4, float(i)) for i in range(20)]
+    # inputs computed on the cluster: their data never was on the client
+    remote = [c.submit(np.full, 4, float(i), pure=False) for i in range(10, 20)]
+    futures = batcher.map(xs[:10] + remote)
+    results = await asyncio.gather(*futures)
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r, np.full(4, 2.0 * i + 1))
+    failing = c.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        await batcher.submit(failing)
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_poison_request_fails_alone(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("poisoned", load=build_poisoned, max_batch_size=64))
+    xs = [np.array([float(i), 0.0]) for i in range(64)]
+    xs[17] = np.array([-1.0, 0.0])
+    futures = batcher.map(xs)
+    await asyncio.wait([asyncio.wrap_future(f) for f in futures])
+    for i, f in enumerate(futures):
+        if i == 17:
+            assert isinstance(f.exception(), ValueError) and "poison" in str(f.exception())
+        else:
+            np.testing.assert_array_equal(f.result(), xs[i] * 2 + 1)
+    assert batcher.stats()["failed"] == 1
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_model_that_fails_to_load_fails_its_requests_clearly(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("broken", load=build_broken))
+    with pytest.raises(RuntimeError, match="weights file is missing"):
+        await batcher.submit(np.zeros(2))
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_misuse_errors(c, s, a):
+    with pytest.raises(ddb.PluginNotRegisteredError, match="register_plugin"):
+        await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine))
+    await c.register_plugin(ddb.DynBatchPlugin())
+    await c.register_plugin(ddb.DynBatchPlugin())  # twice is harmless
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine))
+    assert (await batcher.submit(np.zeros(2))).tolist() == [1.0, 1.0]
+    with pytest.raises(ddb.InputSignatureError, match=r"expects one sample of shape \(2,\).*received shape \(3,\)"):
+        batcher.submit(np.zeros(3))
+    with pytest.raises(ddb.UnknownModelError, match="nope"):
+        await ddb.Batcher.from_name(c, "nope")
+    attached = await ddb.Batcher.from_name(c, "affine")
+    assert (await attached.submit(np.ones(2))).tolist() == [3.0, 3.0]
+    batcher.close()
+    with pytest.raises(ddb.BatcherClosedError):
+        batcher.submit(np.zeros(2))
+    attached.close()
+
+
+def test_model_spec_validation():
+    with pytest.raises(ValueError, match="latency_target"):
+        ddb.ModelSpec("m", load=build_affine, latency_target="soon")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ddb.ModelSpec("m", load=build_affine, max_batch_size=0)
+    with pytest.raises(TypeError, match="load must be callable"):
+        ddb.ModelSpec("m", load=None)
+    spec = ddb.ModelSpec("m", load=build_affine, latency_target="50ms")
+    assert spec.latency_target == pytest.approx(0.05)
+    assert pickle.loads(pickle.dumps(spec)) == spec
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_cancel_while_queued(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine, max_batch_size=4))
+    futures = batcher.map([np.full(1, float(i)) for i in range(400)])
+    cancelled = [f for f in futures[200:] if f.cancel()]
+    await asyncio.wait([asyncio.wrap_future(f) for f in futures])
+    for i, f in enumerate(futures):
+        if f in cancelled:
+            assert f.cancelled()
+        else:
+            assert f.result() == pytest.approx(2 * i + 1)
+    stats = batcher.stats()
+    assert stats["delivered"] + len(cancelled) == 400
+    batcher.close()
+
+
+def test_multiprocess_cluster_end_to_end():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            client.register_plugin(ddb.DynBatchPlugin())
+            batcher = ddb.Batcher(client, ddb.ModelSpec("tiny-cnn", load=build_tiny_cnn, max_batch_size=64))
+            images = tiny_cnn_images(500, seed=1)
+            futures = batcher.map(images)
+            results = np.stack([f.result(timeout=60) for f in futures])
+            np.testing.assert_allclose(results, expected_cnn(images), rtol=1e-4, atol=1e-5)
+            stats = batcher.stats()
+            assert stats["delivered"] == 500
+            assert len(stats["workers"]) == 2
+            # the worker half reports on the heartbeat
+            state = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.extensions["dynbatch"].state())
+            assert "tiny-cnn" in state["models"]
+            batcher.close()
