@@ -1,0 +1,621 @@
+"""Memory sources: how much device memory is free *now*.
+
+Every source answers one question, :meth:`MemorySource.read`, with a
+:class:`DeviceMemory` snapshot.  The sizer (:mod:`dask_dynbatch.sizing`) turns
+snapshots into batch-size caps; the worker plugin reports them on the
+heartbeat (:func:`device_telemetry`).
+
+Sources
+-------
+``TorchCudaMemory``
+    ``torch.cuda.mem_get_info`` (free/total as the driver sees it, other
+    processes included) plus torch's caching-allocator cache that is reserved
+    but unused (our own allocator reuses it before asking the driver).
+``CupyMemory``
+    ``cupy.cuda.runtime.memGetInfo`` plus the default memory pool's unused
+    bytes (``total_bytes() - used_bytes()``).
+``NvmlMemory``
+    NVML (``pynvml`` from ``nvidia-ml-py``), initialised the way
+    ``distributed.diagnostics.nvml`` does it.  Sees every process; knows
+    nothing about a framework's cache.
+``HostMemory``
+    Host RAM for CPU workers: ``psutil.virtual_memory().available`` and, when
+    the Dask worker has a ``memory_limit``, that limit minus this process's
+    RSS.  The smaller of the two is free.
+``FakeMemory``
+    Settable numbers and a read counter, for deterministic tests.
+
+GPU libraries (torch.cuda, cupy, pynvml) are imported inside functions only,
+so this module imports on a CPU-only machine without them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "DeviceMemory",
+    "MemorySource",
+    "TorchCudaMemory",
+    "CupyMemory",
+    "NvmlMemory",
+    "HostMemory",
+    "FakeMemory",
+    "detect_memory_source",
+    "device_telemetry",
+    "parse_device",
+]
+
+
+@dataclass
+class DeviceMemory:
+    """One reading of a device's memory, in bytes.
+
+    Parameters
+    ----------
+    total : int
+        Physical memory of the device (GPU memory, or host RAM).
+    free : int
+        Memory free as the driver / operating system sees it, other processes
+        included.  Where ``limit`` applies, already clipped to what the limit
+        leaves.
+    framework_reserved_unused : int, default 0
+        Memory our own framework's allocator holds in its cache but does not
+        use (torch ``memory_reserved - memory_allocated``, CuPy pool
+        ``total_bytes - used_bytes``).  Other processes cannot use it; we can.
+    limit : int or None
+        An explicit budget for this process on this device (a Dask worker's
+        ``memory_limit`` on CPU, torch's per-process memory fraction, a CuPy
+        pool limit), or None.
+    framework_used : int or None
+        Bytes this process holds on the device in live allocations (torch
+        ``memory_allocated``, CuPy pool ``used_bytes``, process RSS on the
+        host, this process's usage by NVML), or None when the source cannot
+        tell.  Used for explicit per-device budgets and to tell other
+        processes' memory changes from our own.
+    nvml_free : int or None
+        Free memory as NVML reports it, when the source read NVML.
+    source : str
+        Name of the source that produced the reading.
+    """
+
+    total: int
+    free: int
+    framework_reserved_unused: int = 0
+    limit: int | None = None
+    framework_used: int | None = None
+    nvml_free: int | None = None
+    source: str = ""
+
+    @property
+    def capacity(self) -> int:
+        """Memory this process may use at most: ``total``, or ``limit`` if smaller."""
+        if self.limit is not None:
+            return max(0, min(self.total, self.limit))
+        return self.total
+
+    @property
+    def effective_free(self) -> int:
+        """Memory a new allocation of ours can get now: free plus our unused cache."""
+        return max(0, self.free) + max(0, self.framework_reserved_unused)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict, with ``capacity`` and ``effective_free`` added."""
+        out = asdict(self)
+        out["capacity"] = self.capacity
+        out["effective_free"] = self.effective_free
+        return out
+
+
+@runtime_checkable
+class MemorySource(Protocol):
+    """Anything that can say how much memory a device has free now."""
+
+    def read(self) -> DeviceMemory:
+        """Return a fresh :class:`DeviceMemory` reading."""
+        ...
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """Split a device string into kind and index.
+
+    Parameters
+    ----------
+    device : str
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"gpu:0"``.
+
+    Returns
+    -------
+    tuple of (str, int)
+        ``("cpu", 0)`` or ``("cuda", index)``.
+
+    Raises
+    ------
+    ValueError
+        For any other device string.
+    """
+    text = str(device).strip().lower()
+    kind, _, index_text = text.partition(":")
+    if kind == "gpu":
+        kind = "cuda"
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    try:
+        index = int(index_text) if index_text else 0
+    except ValueError:
+        raise ValueError(f"bad device index in {device!r}") from None
+    if index < 0:
+        raise ValueError(f"bad device index in {device!r}")
+    return kind, index
+
+
+# --------------------------------------------------------------------- NVML
+def _nvml_ready() -> bool:
+    """Initialise NVML once per process; True when it can be queried."""
+    try:
+        from distributed.diagnostics import nvml as dask_nvml  # lazy
+
+        dask_nvml.init_once()
+        if dask_nvml.is_initialized():
+            return True
+        # distributed declined (config off, no library): try NVML ourselves only
+        # if the reason was the config switch, never when the library is missing.
+        if dask_nvml.NVML_STATE != dask_nvml.NVMLState.DISABLED_CONFIG:
+            return False
+    except Exception:
+        pass
+    try:
+        import pynvml  # lazy
+
+        pynvml.nvmlInit()  # idempotent: NVML reference-counts init calls
+        return True
+    except Exception:
+        return False
+
+
+def _nvml_handle(device_index: int):
+    """NVML handle of the CUDA device that has logical index ``device_index``.
+
+    CUDA indices are relative to ``CUDA_VISIBLE_DEVICES``; NVML indices are
+    physical.  Entries may be integers or ``GPU-``/``MIG-`` UUIDs.
+    """
+    import pynvml  # lazy
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    target: int | str = device_index
+    if visible:
+        entries = [e.strip() for e in visible.split(",") if e.strip()]
+        if device_index >= len(entries):
+            raise RuntimeError(
+                f"CUDA device {device_index} not in CUDA_VISIBLE_DEVICES={visible!r}"
+            )
+        entry = entries[device_index]
+        try:
+            target = int(entry)
+        except ValueError:
+            target = entry
+    if isinstance(target, int):
+        return pynvml.nvmlDeviceGetHandleByIndex(target)
+    return pynvml.nvmlDeviceGetHandleByUUID(target.encode() if isinstance(target, str) else target)
+
+
+def _nvml_free_or_none(device_index: int) -> int | None:
+    """NVML's free bytes for a device, or None when NVML is not usable."""
+    try:
+        if not _nvml_ready():
+            return None
+        import pynvml  # lazy
+
+        return int(pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(device_index)).free)
+    except Exception:
+        return None
+
+
+class NvmlMemory:
+    """Device memory as NVML sees it (every process on the GPU counted).
+
+    Parameters
+    ----------
+    device_index : int
+        CUDA device index as this process sees it (mapped through
+        ``CUDA_VISIBLE_DEVICES`` to the physical device).
+    """
+
+    name = "nvml"
+
+    def __init__(self, device_index: int = 0):
+        self.device_index = int(device_index)
+        if not _nvml_ready():
+            raise RuntimeError("NVML is not available (pynvml or the NVIDIA driver missing)")
+        self._handle = _nvml_handle(self.device_index)
+
+    def read(self) -> DeviceMemory:
+        """Read NVML's total and free bytes."""
+        import pynvml  # lazy
+
+        info = pynvml.nvmlDeviceGetMemoryInfo(self._handle)
+        return DeviceMemory(
+            total=int(info.total),
+            free=int(info.free),
+            framework_used=self._own_process_bytes(),
+            nvml_free=int(info.free),
+            source=self.name,
+        )
+
+    def _own_process_bytes(self) -> int | None:
+        """GPU memory NVML attributes to this process (context and caches included), or None."""
+        try:
+            import pynvml  # lazy
+
+            query = getattr(
+                pynvml,
+                "nvmlDeviceGetComputeRunningProcesses_v2",
+                pynvml.nvmlDeviceGetComputeRunningProcesses,
+            )
+            pid = os.getpid()
+            for process in query(self._handle):
+                if process.pid == pid and process.usedGpuMemory is not None:
+                    return int(process.usedGpuMemory)
+            return 0
+        except Exception:
+            return None
+
+    def __repr__(self) -> str:
+        return f"NvmlMemory(device_index={self.device_index})"
+
+
+# -------------------------------------------------------------------- torch
+class TorchCudaMemory:
+    """CUDA memory as torch sees it: driver free plus torch's unused cache.
+
+    Parameters
+    ----------
+    device_index : int
+        CUDA device index (as torch numbers devices).
+    include_nvml : bool, default False
+        Also read NVML's free bytes into ``nvml_free`` (for telemetry).
+
+    Notes
+    -----
+    ``torch.cuda.mem_get_info`` returns free and total bytes as the driver
+    sees them, other processes included.  torch's caching allocator keeps
+    freed blocks reserved; ``memory_reserved - memory_allocated`` of them can
+    be reused by our next batch without the driver, so the effective free
+    memory is driver free plus that cache.  A per-process memory fraction set
+    with ``torch.cuda.set_per_process_memory_fraction`` becomes ``limit``.
+    """
+
+    name = "torch-cuda"
+
+    def __init__(self, device_index: int = 0, *, include_nvml: bool = False):
+        self.device_index = int(device_index)
+        self.include_nvml = include_nvml
+
+    def read(self) -> DeviceMemory:
+        """Read free/total, torch's reserved-but-unused cache and live bytes."""
+        import torch  # lazy
+
+        device = torch.device("cuda", self.device_index)
+        free, total = torch.cuda.mem_get_info(device)
+        reserved = int(torch.cuda.memory_reserved(device))
+        allocated = int(torch.cuda.memory_allocated(device))
+        limit = None
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if get_fraction is not None:
+            try:
+                fraction = float(get_fraction(device))
+            except Exception:
+                fraction = 1.0
+            if 0 < fraction < 1:
+                limit = int(fraction * total)
+                # torch refuses to reserve beyond the fraction
+                free = min(int(free), max(0, limit - reserved))
+        return DeviceMemory(
+            total=int(total),
+            free=int(free),
+            framework_reserved_unused=max(0, reserved - allocated),
+            limit=limit,
+            framework_used=allocated,
+            nvml_free=_nvml_free_or_none(self.device_index) if self.include_nvml else None,
+            source=self.name,
+        )
+
+    def __repr__(self) -> str:
+        return f"TorchCudaMemory(device_index={self.device_index})"
+
+
+# --------------------------------------------------------------------- cupy
+class CupyMemory:
+    """CUDA memory as CuPy sees it: driver free plus the default pool's unused bytes.
+
+    Parameters
+    ----------
+    device_index : int
+        CUDA device index.
+    include_nvml : bool, default False
+        Also read NVML's free bytes into ``nvml_free``.
+
+    Notes
+    -----
+    A limit set on the default pool (``cupy.get_default_memory_pool().set_limit``)
+    becomes ``limit`` and clips ``free``.
+    """
+
+    name = "cupy"
+
+    def __init__(self, device_index: int = 0, *, include_nvml: bool = False):
+        self.device_index = int(device_index)
+        self.include_nvml = include_nvml
+
+    def read(self) -> DeviceMemory:
+        """Read memGetInfo and the default memory pool's usage."""
+        import cupy  # lazy
+
+        with cupy.cuda.Device(self.device_index):
+            free, total = cupy.cuda.runtime.memGetInfo()
+            pool = cupy.get_default_memory_pool()
+            pool_total = int(pool.total_bytes())
+            pool_used = int(pool.used_bytes())
+            try:
+                pool_limit = int(pool.get_limit())
+            except Exception:
+                pool_limit = 0
+        limit = pool_limit if pool_limit > 0 else None
+        if limit is not None:
+            free = min(int(free), max(0, limit - pool_total))
+        return DeviceMemory(
+            total=int(total),
+            free=int(free),
+            framework_reserved_unused=max(0, pool_total - pool_used),
+            limit=limit,
+            framework_used=pool_used,
+            nvml_free=_nvml_free_or_none(self.device_index) if self.include_nvml else None,
+            source=self.name,
+        )
+
+    def __repr__(self) -> str:
+        return f"CupyMemory(device_index={self.device_index})"
+
+
+# --------------------------------------------------------------------- host
+class HostMemory:
+    """Host RAM for CPU workers.
+
+    Parameters
+    ----------
+    memory_limit : int or None
+        The Dask worker's ``memory_limit`` in bytes (None or 0: no limit).
+    limit_fraction : float, default 1.0
+        Fraction of ``memory_limit`` that batches may fill the process up to.
+        Dask pauses a worker at ``distributed.worker.memory.pause`` (0.8 by
+        default) of its limit; :func:`detect_memory_source` passes that
+        fraction so that a batch never pushes the worker into pausing.
+
+    Notes
+    -----
+    ``free = min(psutil.virtual_memory().available, limit - RSS)`` where
+    ``limit = memory_limit * limit_fraction``.  ``framework_used`` is the
+    process RSS.
+    """
+
+    name = "host"
+
+    def __init__(self, memory_limit: int | None = None, *, limit_fraction: float = 1.0):
+        if not 0 < limit_fraction <= 1:
+            raise ValueError(f"limit_fraction must be in (0, 1], got {limit_fraction}")
+        self.memory_limit = int(memory_limit) if memory_limit else None
+        self.limit_fraction = float(limit_fraction)
+        self._process = None
+
+    def read(self) -> DeviceMemory:
+        """Read available RAM, and the worker limit minus RSS if a limit is set."""
+        import psutil
+
+        if self._process is None:
+            self._process = psutil.Process()
+        vm = psutil.virtual_memory()
+        rss = int(self._process.memory_info().rss)
+        free = int(vm.available)
+        limit = None
+        if self.memory_limit:
+            limit = int(self.memory_limit * self.limit_fraction)
+            free = min(free, max(0, limit - rss))
+        return DeviceMemory(
+            total=int(vm.total),
+            free=free,
+            limit=limit,
+            framework_used=rss,
+            source=self.name,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"HostMemory(memory_limit={self.memory_limit}, "
+            f"limit_fraction={self.limit_fraction})"
+        )
+
+
+# --------------------------------------------------------------------- fake
+class FakeMemory:
+    """A memory source with numbers set by hand, for deterministic tests.
+
+    Parameters
+    ----------
+    total : int
+        Total bytes.
+    free : int
+        Free bytes; set ``fake.free = ...`` to simulate other jobs.
+    framework_reserved_unused : int, default 0
+    limit : int or None
+    framework_used : int or None
+
+    Attributes
+    ----------
+    reads : int
+        How many times :meth:`read` was called.
+    """
+
+    name = "fake"
+
+    def __init__(
+        self,
+        total: int,
+        free: int,
+        *,
+        framework_reserved_unused: int = 0,
+        limit: int | None = None,
+        framework_used: int | None = None,
+    ):
+        self.total = int(total)
+        self.free = int(free)
+        self.framework_reserved_unused = int(framework_reserved_unused)
+        self.limit = limit
+        self.framework_used = framework_used
+        self.reads = 0
+        self._lock = threading.Lock()
+
+    def read(self) -> DeviceMemory:
+        """Return the numbers currently set, and count the read."""
+        with self._lock:
+            self.reads += 1
+            return DeviceMemory(
+                total=self.total,
+                free=self.free,
+                framework_reserved_unused=self.framework_reserved_unused,
+                limit=self.limit,
+                framework_used=self.framework_used,
+                source=self.name,
+            )
+
+    def __repr__(self) -> str:
+        return f"FakeMemory(total={self.total}, free={self.free})"
+
+
+# ---------------------------------------------------------------- detection
+def _dask_pause_fraction() -> float:
+    """Dask's worker pause threshold (fraction of memory_limit), or 1.0."""
+    try:
+        import dask  # lazy: telemetry is usable without dask
+
+        for key in ("distributed.worker.memory.pause", "distributed.worker.memory.terminate"):
+            value = dask.config.get(key, default=False)
+            if value not in (False, None) and 0 < float(value) <= 1:
+                return float(value)
+    except Exception:
+        pass
+    return 1.0
+
+
+def _torch_cuda_usable(device_index: int) -> bool:
+    try:
+        import torch  # lazy
+
+        return bool(torch.cuda.is_available()) and device_index < torch.cuda.device_count()
+    except Exception:
+        return False
+
+
+def _cupy_usable(device_index: int) -> bool:
+    try:
+        import cupy  # lazy
+
+        return device_index < cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return False
+
+
+def detect_memory_source(
+    device: str,
+    memory_limit: int | None = None,
+    *,
+    prefer: str | None = None,
+    limit_fraction: float | None = None,
+) -> MemorySource:
+    """Choose the memory source for a device.
+
+    Parameters
+    ----------
+    device : str
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    memory_limit : int or None
+        The Dask worker's memory limit (CPU devices only).
+    prefer : {"torch", "cupy", "nvml"} or None
+        For CUDA devices, which library to ask first.  By default the library
+        already imported in this process is asked first (torch before CuPy
+        when both are), then the other, then NVML.
+    limit_fraction : float or None
+        For CPU devices: fraction of ``memory_limit`` batches may fill up to.
+        None reads Dask's worker pause threshold
+        (``distributed.worker.memory.pause``, 0.8 by default).
+
+    Returns
+    -------
+    MemorySource
+
+    Raises
+    ------
+    RuntimeError
+        When a CUDA device is asked for and no library can see it.
+    ValueError
+        For an unknown device string.
+    """
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        fraction = _dask_pause_fraction() if limit_fraction is None else limit_fraction
+        return HostMemory(memory_limit, limit_fraction=fraction)
+
+    order = ["torch", "cupy", "nvml"]
+    if "cupy" in sys.modules and "torch" not in sys.modules:
+        order = ["cupy", "torch", "nvml"]
+    if prefer is not None:
+        if prefer not in order:
+            raise ValueError(f"prefer must be one of {order}, got {prefer!r}")
+        order.remove(prefer)
+        order.insert(0, prefer)
+    for name in order:
+        if name == "torch" and _torch_cuda_usable(index):
+            return TorchCudaMemory(index)
+        if name == "cupy" and _cupy_usable(index):
+            return CupyMemory(index)
+        if name == "nvml":
+            try:
+                return NvmlMemory(index)
+            except Exception:
+                continue
+    raise RuntimeError(
+        f"no memory source can see {device!r}: neither torch.cuda, CuPy nor NVML "
+        "reports that CUDA device"
+    )
+
+
+def device_telemetry(source: MemorySource) -> dict[str, Any]:
+    """JSON-able snapshot of a source's reading, for heartbeats and dashboards.
+
+    Parameters
+    ----------
+    source : MemorySource
+
+    Returns
+    -------
+    dict
+        The fields of :class:`DeviceMemory` plus ``capacity``,
+        ``effective_free`` and ``used_fraction``; or ``{"source": ...,
+        "error": "..."}`` when reading failed (telemetry never raises).
+    """
+    name = getattr(source, "name", type(source).__name__)
+    try:
+        reading = source.read()
+    except Exception as exc:  # telemetry must not break a heartbeat
+        return {"source": name, "error": f"{type(exc).__name__}: {exc}"}
+    out = reading.to_dict()
+    if not out.get("source"):
+        out["source"] = name
+    capacity = reading.capacity
+    out["used_fraction"] = (
+        min(1.0, max(0.0, 1.0 - reading.effective_free / capacity)) if capacity > 0 else None
+    )
+    return out
