@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
 import itertools
 import threading
 from collections import deque
@@ -17,18 +18,109 @@ from typing import Any
 import numpy as np
 
 
+_PENDING, _RUNNING, _CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED = (
+    "PENDING", "RUNNING", "CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"
+)
+_DONE = frozenset({_CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED})
+# One re-entrant lock for the state of every request future. A Condition per future (what
+# concurrent.futures.Future creates in __init__) costs several microseconds, more than everything
+# else a request costs; here a future gets one only when a thread actually waits on it.
+_LOCK = threading.RLock()
+
+
 class RequestFuture(concurrent.futures.Future):
     """The future of one inference request.
 
     A :class:`concurrent.futures.Future` (``result(timeout)``, ``exception()``, ``done()``,
-    ``cancel()``, ``add_done_callback``) that is also awaitable from an asynchronous client.
-    ``cancel()`` succeeds while the request waits in the queue; once its batch has started it
-    returns ``False`` and the result is delivered.
+    ``cancel()``, ``add_done_callback``; works with ``concurrent.futures.wait`` and
+    ``as_completed``) that is also awaitable from an asynchronous client. ``cancel()`` succeeds
+    while the request waits in the queue; once its batch has started it returns ``False`` and the
+    result is delivered.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self) -> None:  # no super().__init__(): the Condition is created lazily
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
+        self._cond: threading.Condition | None = None
         self._on_cancel: Callable[[], None] | None = None
+
+    @property
+    def _condition(self) -> threading.Condition:  # used by the base class and concurrent.futures.wait
+        cond = self._cond
+        if cond is None:
+            with _LOCK:
+                if self._cond is None:
+                    self._cond = threading.Condition(_LOCK)
+                cond = self._cond
+        return cond
+
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def cancelled(self) -> bool:
+        return self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED)
+
+    def running(self) -> bool:
+        return self._state == _RUNNING
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == _FINISHED:
+            if self._exception is not None:
+                raise self._exception
+            return self._result
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == _FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
+    def add_done_callback(self, fn: Callable[[RequestFuture], Any]) -> None:
+        with _LOCK:
+            if self._state not in _DONE:
+                self._done_callbacks.append(fn)
+                return
+        try:
+            fn(self)
+        except Exception:
+            concurrent.futures._base.LOGGER.exception("exception calling callback for %r", self)
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with _LOCK:
+            if self._state == _CANCELLED:
+                self._state = _CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+                return False
+            if self._state == _PENDING:
+                self._state = _RUNNING
+                return True
+            raise RuntimeError(f"Future in unexpected state {self._state}")
+
+    def _finish(self, result: Any, exception: BaseException | None) -> None:
+        with _LOCK:
+            if self._state in _DONE:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exception
+            self._state = _FINISHED
+            for waiter in self._waiters:
+                if exception is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            if self._cond is not None:
+                self._cond.notify_all()
+        self._invoke_callbacks()
+
+    def set_result(self, result: Any) -> None:
+        self._finish(result, None)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self._finish(None, exception)
 
     def cancel(self) -> bool:
         cancelled = super().cancel()
@@ -36,6 +128,9 @@ class RequestFuture(concurrent.futures.Future):
             on_cancel, self._on_cancel = self._on_cancel, None
             on_cancel()
         return cancelled
+
+    def __repr__(self) -> str:
+        return f"<RequestFuture state={self._state.lower()}>"
 
     def __await__(self):
         return asyncio.wrap_future(self).__await__()
@@ -80,6 +175,7 @@ class RequestQueue:
         self._priorities: list[int] = []  # descending
         self._live = 0
         self._seq = itertools.count()
+        self._deadlines: list[tuple[float, int, Request]] = []  # heap
 
     def __len__(self) -> int:
         return self._live
@@ -104,6 +200,8 @@ class RequestQueue:
                 req.future._on_cancel = self._on_cancel
                 if not front:
                     req.seq = next(self._seq)
+                    if req.deadline is not None:
+                        heapq.heappush(self._deadlines, (req.deadline, req.seq, req))
                 dq = self._deque(req.priority)
                 if front:
                     dq.appendleft(req)
@@ -138,24 +236,17 @@ class RequestQueue:
         return batch, expired
 
     def expire(self, now: float) -> list[Request]:
-        """Remove and return every queued request whose deadline has passed."""
+        """Remove and return every queued request whose deadline has passed (O(expired * log n))."""
         out: list[Request] = []
         with self._lock:
-            for dq in self._by_priority.values():
-                if not any(r.deadline is not None and r.deadline < now for r in dq):
+            heap = self._deadlines
+            while heap and heap[0][0] < now:
+                _, _, req = heapq.heappop(heap)
+                if req.future._on_cancel is None:  # ran, was cancelled, or already expired
                     continue
-                keep = deque()
-                for req in dq:
-                    if req.future._on_cancel is None:
-                        continue
-                    if req.deadline is not None and req.deadline < now:
-                        req.future._on_cancel = None
-                        self._live -= 1
-                        out.append(req)
-                    else:
-                        keep.append(req)
-                dq.clear()
-                dq.extend(keep)
+                req.future._on_cancel = None  # pop() skips it from now on
+                self._live -= 1
+                out.append(req)
         return out
 
     def oldest_enqueued(self) -> float | None:

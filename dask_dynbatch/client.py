@@ -16,6 +16,7 @@ import pickle
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from .errors import (
 )
 from .placement import WorkerLoad, plan
 from .spec import ModelSpec, parse_seconds, spec_token
+from .worker_plugin import ADVICE_TOPIC
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -66,7 +68,8 @@ class _WorkerSlot:
         self.batches = 0
         self.samples = 0
         self.cap: int | None = None
-        self.throughput: float | None = None  # samples/s of compute, EWMA
+        self.throughput: float | None = None  # samples/s end to end, EWMA
+        self.last_done = 0.0  # when the last result from this worker arrived (monotonic)
         self.device = view.get("device", "cpu")
 
     def observe_throughput(self, n: int, compute_s: float) -> None:
@@ -192,6 +195,7 @@ class Batcher:
             )
         )["workers"]
         self._update_workers(views)
+        _listen_for_advice(self)
         self._wake_event = asyncio.Event()
         self._main_task = asyncio.ensure_future(self._main())
 
@@ -490,15 +494,20 @@ class Batcher:
         self._deliver(reqs, reply, done)
         n = len(reqs)
         compute_s = reply.get("compute_s") or (done - sent)
+        # what this batch cost the pipeline, overheads included: with batches queued behind each
+        # other, the time since the previous result from this worker; with an idle worker, the
+        # round trip. Compute time alone would hide per-batch overheads and favour tiny batches.
+        service_s = max(compute_s, done - max(sent, slot.last_done))
+        slot.last_done = done
         slot.batches += 1
         slot.samples += n
-        slot.observe_throughput(n, compute_s)
+        slot.observe_throughput(n, service_s)
         if "cap" in reply:
             slot.cap = reply["cap"]
             slot.controller.set_cap(slot.cap)
         latency = (done - sent) + min(sent - oldest, self.spec.max_delay)
         proposed_before = slot.controller.size
-        slot.controller.observe(n, latency, compute_s)
+        slot.controller.observe(n, latency, service_s)
         self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed_before))
         self._wake()
 
@@ -543,8 +552,9 @@ class Batcher:
     async def _refresh_workers(self) -> None:
         try:
             views = await self.client.scheduler.dynbatch_workers(model=self.spec.name)
-        except OSError:
-            return  # scheduler unreachable for now; keep the last view
+        except Exception as exc:  # scheduler unreachable for now (or the client closing): keep the last view
+            logger.debug("dynbatch: cluster view not refreshed: %r", exc)
+            return
         self._update_workers(views)
 
     def _update_workers(self, views: dict[str, dict]) -> None:
@@ -562,6 +572,16 @@ class Batcher:
                 slot.alive = False
                 if not slot.inflight:
                     del self._slots[address]
+
+    def _on_advice(self, message: dict) -> None:
+        """Memory advice pushed by a worker whose free memory changed (on the client loop)."""
+        slot = self._slots.get(message.get("worker"))
+        cap = (message.get("caps") or {}).get(self.spec.name, "absent")
+        if slot is None or cap == "absent":
+            return
+        slot.cap = cap
+        slot.controller.set_cap(cap)
+        self._wake()
 
     def _new_controller(self, device: str) -> BatchSizeController:
         limit = self.spec.batch_limit(device)
@@ -595,6 +615,25 @@ class Batcher:
         """Recent batches: time, worker, size, latency, memory cap, controller size."""
         keys = ("time", "worker", "size", "latency", "cap", "controller_size")
         return [dict(zip(keys, row)) for row in self._history]
+
+
+# One topic handler per client (a client keeps one handler per topic), fanned out to its batchers.
+_advice_listeners: dict[str, weakref.WeakSet] = {}
+
+
+def _listen_for_advice(batcher: Batcher) -> None:
+    client = batcher.client
+    listeners = _advice_listeners.get(client.id)
+    if listeners is None:
+        listeners = _advice_listeners[client.id] = weakref.WeakSet()
+
+        def on_event(event, listeners=listeners) -> None:
+            _, message = event
+            for b in list(listeners):
+                b._on_advice(message)
+
+        client.subscribe_topic(ADVICE_TOPIC, on_event)
+    listeners.add(batcher)
 
 
 def _scheduler_has_plugin(dask_scheduler=None) -> bool:

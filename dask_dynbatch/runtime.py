@@ -107,6 +107,34 @@ class LoadedModel:
             return to_numpy(self.model(cupy.asarray(batch)))
         return to_numpy(self.model(batch))
 
+    def memory_mark(self) -> int:
+        """Start measuring the peak device memory of one batch; returns the baseline."""
+        if self.device.startswith("cuda"):
+            torch = sys.modules.get("torch")
+            if torch is not None and torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats(self.device)
+                return torch.cuda.memory_allocated(self.device)
+            cupy = sys.modules.get("cupy")
+            if cupy is not None:
+                return cupy.get_default_memory_pool().used_bytes()
+        return 0
+
+    def memory_peak(self, baseline: int, batch: np.ndarray, outputs: Any) -> int:
+        """Bytes the batch added at its peak: measured on CUDA (torch peak statistics, CuPy pool),
+        an estimate from input/output sizes and activations on CPU."""
+        if self.device.startswith("cuda"):
+            torch = sys.modules.get("torch")
+            if torch is not None and torch.cuda.is_available():
+                return max(0, torch.cuda.max_memory_allocated(self.device) - baseline)
+            cupy = sys.modules.get("cupy")
+            if cupy is not None:
+                return max(0, cupy.get_default_memory_pool().total_bytes() - baseline)
+        from .sizing import estimate_bytes_per_sample
+
+        n = max(1, len(batch))
+        out_nbytes = sum(a.nbytes for a in _leaves(outputs))
+        return int(n * estimate_bytes_per_sample(batch.nbytes / n, out_nbytes / n))
+
     def free_cache(self) -> None:
         """Return cached device memory after an out-of-memory error."""
         if not self.device.startswith("cuda"):
@@ -117,6 +145,14 @@ class LoadedModel:
         cupy = sys.modules.get("cupy")
         if cupy is not None:
             cupy.get_default_memory_pool().free_all_blocks()
+
+
+def _leaves(value: Any) -> list:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _leaves(v)]
+    if isinstance(value, (tuple, list)):
+        return [x for v in value for x in _leaves(v)]
+    return [value] if hasattr(value, "nbytes") else []
 
 
 # glibc mallopt parameters
@@ -143,51 +179,36 @@ def tune_malloc_for_inference(mmap_threshold: int = 32 * 2**20, trim_threshold: 
     return bool(ok)
 
 
-def run_with_splitting(run, n: int, *, is_oom, on_oom=None, free_cache=None):
-    """Run rows ``[0, n)`` with ``run(start, stop)``, splitting on failure so that only bad rows fail.
+def bisect_poison(run, n: int):
+    """Run rows ``[0, n)`` so that only the requests that make the model raise fail (poison requests).
 
-    - An out-of-memory error (``is_oom(exc)``): the reference to the exception is dropped, cached
-      device memory is freed (``free_cache()``), ``on_oom(rows)`` lowers the memory cap, and the two
-      halves are retried. A single row that still does not fit fails alone with
-      :class:`~dask_dynbatch.errors.SampleTooLargeError`.
-    - Any other exception: the batch is bisected to find the request(s) that cause it (poison
-      requests); those fail with the original exception, the rest are delivered.
+    ``run(start, stop)`` returns ``[(start, stop, output, error), ...]`` for that range (the memory
+    layer may already have split it, and marked a sample too large for the device with ``error``).
+    When it raises, the range is bisected until the failing rows are single; those fail with the
+    original exception (and its traceback), the others are delivered. No row that succeeded runs again.
 
-    No row that succeeded runs again. Returns ``(pieces, errors)``: ``pieces`` a list of
-    ``(start, stop, output)`` in row order, ``errors`` a dict ``row -> exception``.
+    Returns ``(pieces, errors)``: ``pieces`` a list of ``(start, stop, output)`` in row order,
+    ``errors`` a dict ``row -> exception``.
     """
-    from .errors import SampleTooLargeError
-
     pieces: list[tuple[int, int, Any]] = []
     errors: dict[int, BaseException] = {}
     stack = [(0, n)]
     while stack:
         start, stop = stack.pop()
-        oom = False
         try:
-            pieces.append((start, stop, run(start, stop)))
-            continue
+            chunks = run(start, stop)
         except Exception as exc:
-            if is_oom(exc):
-                oom = True
-                message = str(exc)[:300]
-            elif stop - start == 1:
-                errors[start] = exc
-                continue
-            del exc  # drop the traceback, and the batch tensors it pins, before retrying
-        if oom:
-            if free_cache is not None:
-                free_cache()
-            if on_oom is not None:
-                on_oom(stop - start)
             if stop - start == 1:
-                errors[start] = SampleTooLargeError(
-                    "a single sample does not fit in the device memory available to this model "
-                    f"({message}); free memory on the device, raise its memory budget, or use smaller inputs"
-                )
-                continue
-        mid = (start + stop) // 2
-        stack.append((mid, stop))  # LIFO: the first half runs first
-        stack.append((start, mid))
+                errors[start] = exc
+            else:
+                mid = (start + stop) // 2
+                stack.append((mid, stop))  # LIFO: the first half runs first
+                stack.append((start, mid))
+            continue
+        for a, b, output, error in chunks:
+            if error is not None:
+                errors.update((row, error) for row in range(a, b))
+            else:
+                pieces.append((a, b, output))
     pieces.sort(key=lambda p: p[0])
     return pieces, errors

@@ -34,13 +34,23 @@ class DynBatchPlugin(SchedulerPlugin):
     tune_malloc
         Let the worker half raise glibc's malloc thresholds in nanny-started workers (see
         :func:`dask_dynbatch.runtime.tune_malloc_for_inference`). Default ``True``.
+    memory_budget
+        Use at most this much of each device: a fraction (``0.6``) or bytes. A worker's own
+        ``dynbatch.memory-budget`` config (``DASK_DYNBATCH__MEMORY_BUDGET``) overrides it.
+    safety_margin
+        Fraction of device memory always left free.
+    min_change
+        Fraction of device memory that free memory must move by to count as a re-plan event.
     """
 
     name = PLUGIN_NAME
     idempotent = True
 
-    def __init__(self, tune_malloc: bool = True):
+    def __init__(self, tune_malloc: bool = True, memory_budget: float | int | None = None,
+                 safety_margin: float = 0.1, min_change: float = 0.05):
         self.tune_malloc = tune_malloc
+        self.worker_options = {"tune_malloc": tune_malloc, "memory_budget": memory_budget,
+                               "safety_margin": safety_margin, "min_change": min_change}
         self.scheduler: Scheduler | None = None
         self.models: dict[str, dict[str, Any]] = {}
         self.batchers: dict[str, dict[str, Any]] = {}
@@ -57,8 +67,12 @@ class DynBatchPlugin(SchedulerPlugin):
             }
         )
         scheduler.extensions["dynbatch"] = self
+        from . import dashboard, metrics  # here, not at the top: bokeh stays off clients and workers
+
+        dashboard.add_dashboard_pages(scheduler)
+        metrics.register_collector(scheduler)
         await scheduler.register_worker_plugin(
-            None, dumps(DynBatchWorkerPlugin(tune_malloc=self.tune_malloc)), name=PLUGIN_NAME, idempotent=True
+            None, dumps(DynBatchWorkerPlugin(**self.worker_options)), name=PLUGIN_NAME, idempotent=True
         )
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:

@@ -14,14 +14,17 @@ from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import dask
 import numpy as np
 from distributed import WorkerPlugin
 from distributed.core import error_message
 from distributed.protocol import to_serialize
 from distributed.utils_comm import gather_from_workers
+from tornado.ioloop import PeriodicCallback
 
-from .runtime import LoadedModel, choose_device, run_with_splitting, tune_malloc_for_inference, visible_gpu_count
-from .sizing import is_oom_error
+from .runtime import LoadedModel, bisect_poison, choose_device, tune_malloc_for_inference, visible_gpu_count
+from .sizing import MemorySizer, run_split_on_oom
+from .telemetry import detect_memory_source, device_telemetry
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -29,6 +32,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "dynbatch"
+#: topic on which workers publish memory advice when free memory changes (re-plan event)
+ADVICE_TOPIC = "dynbatch-advice"
+#: how often the worker reads free device memory to detect changes (seconds)
+MEMORY_POLL_INTERVAL = 0.1
 
 
 class ModelStats:
@@ -62,8 +69,12 @@ class DynBatchWorkerPlugin(WorkerPlugin):
     name = PLUGIN_NAME
     idempotent = True
 
-    def __init__(self, tune_malloc: bool = True):
+    def __init__(self, tune_malloc: bool = True, memory_budget: float | int | None = None,
+                 safety_margin: float = 0.1, min_change: float = 0.05):
         self.tune_malloc = tune_malloc
+        self.memory_budget = memory_budget
+        self.safety_margin = safety_margin
+        self.min_change = min_change
 
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self, worker: Worker) -> None:
@@ -76,11 +87,19 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="dynbatch")
         self.gpu_count = visible_gpu_count()
         self.malloc_tuned = tune_malloc_for_inference() if self.tune_malloc else False
+        self.sizers: dict[str, MemorySizer] = {}
+        # a per-worker budget (e.g. two workers sharing one GPU) comes from the worker's config/env:
+        # DASK_DYNBATCH__MEMORY_BUDGET=0.3
+        budget = dask.config.get("dynbatch.memory-budget", None)
+        self.budget = float(budget) if budget is not None else self.memory_budget
+        self._poller = PeriodicCallback(self._poll_memory, MEMORY_POLL_INTERVAL * 1000)
+        self._poller.start()
         worker.handlers["dynbatch_run"] = self.run_batch
         worker.metrics["dynbatch"] = self.heartbeat_metrics
         worker.extensions["dynbatch"] = self
 
     def teardown(self, worker: Worker) -> None:
+        self._poller.stop()
         worker.handlers.pop("dynbatch_run", None)
         worker.metrics.pop("dynbatch", None)
         worker.extensions.pop("dynbatch", None)
@@ -92,11 +111,42 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         return {
             "device": "cuda" if self.gpu_count else "cpu",
             "malloc_tuned": self.malloc_tuned,
+            "memory_budget": self.budget,
+            "devices": {d: device_telemetry(sizer.source) for d, sizer in self.sizers.items()},
             "models": {
-                name: {"device": m.device, "load_seconds": m.load_seconds, **self.stats[name].to_dict()}
+                name: {
+                    "device": m.device,
+                    "load_seconds": m.load_seconds,
+                    "memory_cap": self.sizers[m.device].cap(name) if m.device in self.sizers else None,
+                    **self.stats[name].to_dict(),
+                }
                 for name, m in self.models.items()
             },
         }
+
+    def sizer_for(self, device: str) -> MemorySizer:
+        """The memory sizer of a device, shared by every model on it."""
+        sizer = self.sizers.get(device)
+        if sizer is None:
+            source = detect_memory_source(device, memory_limit=self.worker.memory_manager.memory_limit)
+            sizer = self.sizers[device] = MemorySizer(
+                source, safety_margin=self.safety_margin, budget=self.budget, min_change=self.min_change
+            )
+        return sizer
+
+    def memory_caps(self) -> dict[str, int | None]:
+        return {name: self.sizers[m.device].cap(name) for name, m in self.models.items() if m.device in self.sizers}
+
+    def _poll_memory(self) -> None:
+        """Re-plan event: free memory moved by more than the threshold -> publish new caps at once."""
+        changed = False
+        for sizer in self.sizers.values():
+            try:
+                changed |= sizer.poll()
+            except Exception:  # telemetry is best effort
+                logger.debug("dynbatch: memory poll failed", exc_info=True)
+        if changed:
+            self.worker.log_event(ADVICE_TOPIC, {"worker": self.worker.address, "caps": self.memory_caps()})
 
     # -- models ------------------------------------------------------------------------------
     async def get_model(self, name: str, token: str) -> LoadedModel:
@@ -112,6 +162,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             device = choose_device(spec, self.gpu_count)
             loop = asyncio.get_running_loop()
             loaded = await loop.run_in_executor(self.executor, LoadedModel, spec, device, reply["token"])
+            self.sizer_for(device)
             self.models[name] = loaded
             logger.info("dynbatch: loaded model %r on %s in %.2fs", name, device, loaded.load_seconds)
             return loaded
@@ -163,7 +214,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             "compute_s": compute_s,
             "worker_s": time.perf_counter() - received,
             "device": loaded.device,
-            "cap": None,
+            "cap": self.sizers[loaded.device].cap(model),
         }
 
     async def _assemble(self, n: int, inline: np.ndarray | None, keyed: list[tuple[int, Any]]):
@@ -188,17 +239,40 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         return full, errors
 
     def _execute(self, loaded: LoadedModel, batch: np.ndarray, bad_rows: dict[int, BaseException]):
-        """Runs in the device thread: the batch, split on OOM or bisected around poison requests."""
+        """Runs in the device thread: the batch cut to the memory cap, split on OOM, bisected
+        around poison requests. Rows in ``bad_rows`` (inputs that could not be placed) fail alone."""
         started = time.perf_counter()
-        if bad_rows:  # run the good rows only; bad rows fail alone
-            good = np.array([r for r in range(len(batch)) if r not in bad_rows], dtype=np.intp)
-            sub = batch[good]
-            pieces, errors = run_with_splitting(lambda a, b: loaded(sub[a:b]), len(sub), is_oom=is_oom_error,
-                                                free_cache=loaded.free_cache)
-            pieces = [(good[a:b].tolist(), out) for a, b, out in pieces]
-            errors = {int(good[r]): e for r, e in errors.items()} | bad_rows
+        rows = np.array([r for r in range(len(batch)) if r not in bad_rows], dtype=np.intp)
+        good = batch[rows] if bad_rows else batch
+        name = loaded.spec.name
+        sizer = self.sizers[loaded.device]
+
+        def run_reserved(part: np.ndarray):
+            with sizer.reserve(name, len(part)) as reservation:
+                baseline = loaded.memory_mark()
+                outputs = loaded(part)
+                reservation.record(loaded.memory_peak(baseline, part, outputs))
+            return outputs
+
+        def run_range(start: int, stop: int):
+            chunks = run_split_on_oom(
+                lambda a, b: run_reserved(good[start + a : start + b]),
+                stop - start,
+                on_oom=lambda k: self._on_oom(sizer, name, k),
+                free_cache=loaded.free_cache,
+                max_rows=lambda: sizer.cap(name),
+                on_sample_too_large="collect",
+            )
+            return [(start + c.start, start + c.stop, c.output, c.error) for c in chunks]
+
+        pieces, errors = bisect_poison(run_range, len(good))
+        if bad_rows:
+            pieces = [(rows[a:b].tolist(), out) for a, b, out in pieces]
+            errors = {int(rows[r]): e for r, e in errors.items()} | bad_rows
         else:
-            pieces, errors = run_with_splitting(lambda a, b: loaded(batch[a:b]), len(batch), is_oom=is_oom_error,
-                                                free_cache=loaded.free_cache)
             pieces = [(list(range(a, b)), out) for a, b, out in pieces]
         return pieces, errors, time.perf_counter() - started
+
+    def _on_oom(self, sizer: MemorySizer, name: str, rows: int) -> None:
+        sizer.on_oom(name, rows)
+        self.stats[name].ooms += 1
