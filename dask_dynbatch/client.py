@@ -69,7 +69,6 @@ class _WorkerSlot:
         self.samples = 0
         self.cap: int | None = None
         self.throughput: float | None = None  # samples/s end to end, EWMA
-        self.last_done = 0.0  # when the last result from this worker arrived (monotonic)
         self.device = view.get("device", "cpu")
 
     def observe_throughput(self, n: int, compute_s: float) -> None:
@@ -427,7 +426,7 @@ class Batcher:
             if batch:
                 slot.inflight += 1
                 slot.inflight_samples += len(batch)
-                asyncio.ensure_future(self._send(slot, batch, now))
+                asyncio.ensure_future(self._send(slot, batch, now, slot.inflight))
         with self._room:
             self._room.notify_all()
         return REFRESH_INTERVAL
@@ -454,7 +453,9 @@ class Batcher:
             batch_size=max(1, size),
         )
 
-    async def _send(self, slot: _WorkerSlot, reqs: list[Request], formed: float) -> None:
+    async def _send(self, slot: _WorkerSlot, reqs: list[Request], formed: float, depth: int) -> None:
+        """Send one batch and deliver its results; ``depth`` = batches in flight on that worker
+        when this one was sent, itself included."""
         oldest = min(r.enqueued for r in reqs)
         try:
             inline = [r.sample for r in reqs if r.dask_future is None]
@@ -494,11 +495,10 @@ class Batcher:
         self._deliver(reqs, reply, done)
         n = len(reqs)
         compute_s = reply.get("compute_s") or (done - sent)
-        # what this batch cost the pipeline, overheads included: with batches queued behind each
-        # other, the time since the previous result from this worker; with an idle worker, the
-        # round trip. Compute time alone would hide per-batch overheads and favour tiny batches.
-        service_s = max(compute_s, done - max(sent, slot.last_done))
-        slot.last_done = done
+        # what this batch cost the pipeline, overheads included: its round trip shared with the
+        # batches that were in flight with it. Compute time alone would hide per-batch overheads
+        # (transfer, serialisation, the event loops) and favour batches that are too small.
+        service_s = max(compute_s, (done - sent) / depth)
         slot.batches += 1
         slot.samples += n
         slot.observe_throughput(n, service_s)
@@ -585,7 +585,8 @@ class Batcher:
 
     def _new_controller(self, device: str) -> BatchSizeController:
         limit = self.spec.batch_limit(device)
-        return BatchSizeController(self.spec.latency_target, max_size=limit)
+        initial = min(self.spec.initial_batch_size, limit) if limit else self.spec.initial_batch_size
+        return BatchSizeController(self.spec.latency_target, initial_size=initial, max_size=limit)
 
     async def _report(self) -> None:
         try:

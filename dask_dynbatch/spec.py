@@ -58,6 +58,9 @@ class ModelSpec:
         Latency a request should see, seconds or a string such as ``"50ms"``.
     max_batch_size
         Hard cap on the batch size (optional).
+    initial_batch_size
+        Where each worker's batch-size controller starts (default 8; bounded by ``max_batch_size``
+        and the memory cap). The controller moves it from there.
     max_delay
         Longest time a batch waits for more requests once a worker has free capacity and a batch is
         already running there (seconds or string).
@@ -82,6 +85,7 @@ class ModelSpec:
     predict: Callable[[Any, Any], Any] | None = None
     latency_target: float | str = 0.1
     max_batch_size: int | None = None
+    initial_batch_size: int = 8
     max_delay: float | str = "5ms"
     resources: Mapping[str, float] | None = None
     device: str | None = None
@@ -101,7 +105,7 @@ class ModelSpec:
             raise TypeError(f"ModelSpec.predict must be callable or None, not {self.predict!r}")
         object.__setattr__(self, "latency_target", parse_seconds(self.latency_target, "latency_target"))
         object.__setattr__(self, "max_delay", parse_seconds(self.max_delay, "max_delay"))
-        for attr in ("max_batch_size", "max_queue"):
+        for attr in ("max_batch_size", "max_queue", "initial_batch_size"):
             value = getattr(self, attr)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"ModelSpec.{attr} must be a positive integer or None, not {value!r}")

@@ -1,0 +1,106 @@
+"""Memory sizing on real (in-process) workers, with an injectable memory source."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from distributed.utils_test import gen_cluster
+
+import dask_dynbatch as ddb
+from dask_dynbatch.runtime import LoadedModel
+from dask_dynbatch.sizing import MemorySizer
+from dask_dynbatch.telemetry import FakeMemory
+
+torch = pytest.importorskip("torch")
+
+GiB = 2**30
+OOM_ABOVE = 24
+
+
+def build_oom_above(device="cpu"):
+    """A model that runs out of 'device memory' on batches larger than OOM_ABOVE rows."""
+
+    def model(batch):
+        if len(batch) > OOM_ABOVE:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(batch)} rows")
+        return batch + 1
+
+    return model
+
+
+def build_identity(device="cpu"):
+    return lambda batch: batch
+
+
+def install_fake_memory(worker, total: int, free: int, **kw) -> FakeMemory:
+    plugin = worker.extensions["dynbatch"]
+    fake = FakeMemory(total=total, free=free)
+    plugin.sizers["cpu"] = MemorySizer(fake, safety_margin=0.0, warmup_batches=0, **kw)
+    return fake
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_oom_loses_no_request_and_batches_settle_below_the_failing_size(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    install_fake_memory(a, total=16 * GiB, free=16 * GiB)
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("oom", load=build_oom_above, max_batch_size=128, initial_batch_size=100))
+    xs = [np.full(3, float(i)) for i in range(3000)]
+    results = await asyncio.gather(*batcher.map(xs))
+    for i, r in enumerate(results):
+        np.testing.assert_array_equal(r, xs[i] + 1)
+    stats = batcher.stats()
+    assert stats["delivered"] == 3000 and stats["failed"] == 0
+    plugin = a.extensions["dynbatch"]
+    assert plugin.stats["oom"].ooms >= 1
+    assert plugin.stats["oom"].samples == 3000  # no row ran twice successfully
+    cap = plugin.sizers["cpu"].cap("oom")
+    assert cap is not None and cap <= OOM_ABOVE
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_cap_follows_free_memory_and_reaches_the_batcher_as_an_event(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    fake = install_fake_memory(a, total=16 * GiB, free=16 * GiB)
+    # the "device" measures 1/8 GiB per sample at every batch (8 samples per GiB)
+    original = LoadedModel.memory_peak
+    LoadedModel.memory_peak = lambda self, baseline, batch, outputs: len(batch) * GiB // 8
+    try:
+        await _cap_follows_free_memory(c, a, fake)
+    finally:
+        LoadedModel.memory_peak = original
+
+
+async def _cap_follows_free_memory(c, a, fake):
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("ident", load=build_identity, max_batch_size=1000))
+    await batcher.submit(np.zeros(2))
+    slot = next(iter(batcher._slots.values()))
+    assert slot.cap == 128  # 16 GiB free / (1/8 GiB per sample), from the reply
+    # another process takes memory: the worker's poll publishes new caps, the batcher applies them
+    fake.free = 2 * GiB
+    while slot.cap != 16:
+        await asyncio.sleep(0.02)
+    assert slot.controller.size <= 16
+    # memory comes back: the cap grows again
+    fake.free = 8 * GiB
+    while slot.cap != 64:
+        await asyncio.sleep(0.02)
+    results = await asyncio.gather(*batcher.map([np.full(2, float(i)) for i in range(500)]))
+    assert len(results) == 500
+    assert max(h["size"] for h in batcher.history()) <= 64
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_memory_budget_from_plugin_reaches_workers(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin(memory_budget=0.6))
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("ident", load=build_identity))
+    await batcher.submit(np.zeros(2))
+    plugin = a.extensions["dynbatch"]
+    assert plugin.sizers["cpu"].budget == 0.6
+    # the heartbeat carries device telemetry and per-model caps
+    metrics = plugin.heartbeat_metrics(a)
+    assert "cpu" in metrics["devices"] and "ident" in metrics["models"]
+    batcher.close()
