@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from . import config  # noqa: F401  (registers the dynbatch config defaults)
 from .batching import RequestFuture
 from .client import Batcher
 from .errors import (

@@ -37,7 +37,7 @@ from .errors import (
     QueueFullError,
     RequestTimeoutError,
 )
-from .placement import WorkerLoad, plan
+from .placement import WorkerLoad, fill_unknown_throughputs, plan
 from .spec import ModelSpec, parse_seconds, spec_token
 from .worker_plugin import ADVICE_TOPIC
 
@@ -411,9 +411,13 @@ class Batcher:
             return REFRESH_INTERVAL
         self._no_worker_since = None
         max_delay = self.spec.max_delay
-        loads = [self._load(s) for s in live if s.inflight < self.spec.max_inflight]
-        if not loads:
+        rates = fill_unknown_throughputs(
+            {s.address: s.throughput for s in live}, {s.address: _benchmark_score(s.view) for s in live}
+        )
+        if all(s.inflight >= self.spec.max_inflight for s in live):
             return REFRESH_INTERVAL
+        # busy workers stay in the plan (free_slots=0): the split keeps their share for them
+        loads = [self._load(s, rates.get(s.address)) for s in live]
         for address, size in plan(len(self._queue), loads):
             slot = self._slots[address]
             if len(self._queue) < size and slot.inflight > 0:
@@ -431,25 +435,31 @@ class Batcher:
             self._room.notify_all()
         return REFRESH_INTERVAL
 
-    def _load(self, slot: _WorkerSlot) -> WorkerLoad:
+    def _load(self, slot: _WorkerSlot, throughput: float | None) -> WorkerLoad:
+        """The placement inputs for one worker. Memory use is what our worker half reads for its
+        device (other processes included, our own allocator cache counted as free); compute
+        utilisation is left out because NVML's figure includes our own batches."""
         view = slot.view
-        mem_util = 0.0
-        if view.get("gpu_memory_total"):
-            mem_util = (view.get("gpu_memory_used") or 0) / view["gpu_memory_total"]
+        devices = (view.get("dynbatch") or {}).get("devices") or {}
+        fractions = [d.get("used_fraction") for d in devices.values() if d.get("used_fraction") is not None]
+        if fractions:
+            mem_util = max(fractions)
         elif view.get("memory_limit"):
             mem_util = (view.get("memory_process") or 0) / view["memory_limit"]
+        else:
+            mem_util = 0.0
         size = slot.controller.size
         limit = self.spec.batch_limit(slot.device)
         if limit is not None:
             size = min(size, limit)
         return WorkerLoad(
             address=slot.address,
-            throughput=slot.throughput,
+            throughput=throughput,
             inflight_samples=slot.inflight_samples,
             memory_utilization=min(1.0, mem_util),
-            compute_utilization=min(1.0, (view.get("gpu_utilization") or 0) / 100.0),
+            compute_utilization=0.0,
             cap=slot.cap,
-            free_slots=self.spec.max_inflight - slot.inflight,
+            free_slots=max(0, self.spec.max_inflight - slot.inflight),
             batch_size=max(1, size),
         )
 
@@ -635,6 +645,11 @@ def _listen_for_advice(batcher: Batcher) -> None:
 
         client.subscribe_topic(ADVICE_TOPIC, on_event)
     listeners.add(batcher)
+
+
+def _benchmark_score(view: dict) -> float | None:
+    bench = (view.get("dynbatch") or {}).get("benchmark") or {}
+    return bench.get("best_throughput")
 
 
 def _scheduler_has_plugin(dask_scheduler=None) -> bool:

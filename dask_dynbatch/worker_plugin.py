@@ -20,8 +20,10 @@ from distributed import WorkerPlugin
 from distributed.core import error_message
 from distributed.protocol import to_serialize
 from distributed.utils_comm import gather_from_workers
+from distributed.worker import _worker_cvar
 from tornado.ioloop import PeriodicCallback
 
+from .benchmark import LazyModelTable, benchmark_device
 from .runtime import LoadedModel, bisect_poison, choose_device, tune_malloc_for_inference, visible_gpu_count
 from .sizing import MemorySizer, run_split_on_oom
 from .telemetry import detect_memory_source, device_telemetry
@@ -94,13 +96,21 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.budget = float(budget) if budget is not None else self.memory_budget
         self._poller = PeriodicCallback(self._poll_memory, MEMORY_POLL_INTERVAL * 1000)
         self._poller.start()
+        self.benchmark: dict[str, Any] | None = None
+        self.model_tables: dict[str, LazyModelTable] = {}
+        if dask.config.get("dynbatch.benchmark.on-start", True):
+            # S1: measure this worker's device with the reference model, in the device thread so
+            # that it never overlaps a batch
+            self.executor.submit(self._run_benchmark)
         worker.handlers["dynbatch_run"] = self.run_batch
+        worker.handlers["dynbatch_benchmark"] = self.rerun_benchmark
         worker.metrics["dynbatch"] = self.heartbeat_metrics
         worker.extensions["dynbatch"] = self
 
     def teardown(self, worker: Worker) -> None:
         self._poller.stop()
         worker.handlers.pop("dynbatch_run", None)
+        worker.handlers.pop("dynbatch_benchmark", None)
         worker.metrics.pop("dynbatch", None)
         worker.extensions.pop("dynbatch", None)
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -112,17 +122,45 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             "device": "cuda" if self.gpu_count else "cpu",
             "malloc_tuned": self.malloc_tuned,
             "memory_budget": self.budget,
+            "benchmark": self.benchmark,
             "devices": {d: device_telemetry(sizer.source) for d, sizer in self.sizers.items()},
             "models": {
                 name: {
                     "device": m.device,
                     "load_seconds": m.load_seconds,
                     "memory_cap": self.sizers[m.device].cap(name) if m.device in self.sizers else None,
+                    "table": self.model_tables[name].to_dict() if name in self.model_tables else None,
                     **self.stats[name].to_dict(),
                 }
                 for name, m in self.models.items()
             },
         }
+
+    def _as_worker(self, fn, *args):
+        """Call ``fn`` in the device thread so that ``distributed.get_worker()`` works inside the
+        user's ``load`` and ``predict`` (as it does inside a task)."""
+        token = _worker_cvar.set(self.worker)
+        try:
+            return fn(*args)
+        finally:
+            _worker_cvar.reset(token)
+
+    def _run_benchmark(self) -> dict[str, Any] | None:
+        """Load-performance table of this worker's device (reference model, time budget)."""
+        device = "cuda:0" if self.gpu_count else "cpu"
+        budget = float(dask.config.get("dynbatch.benchmark.time-budget", None) or (3.0 if self.gpu_count else 1.0))
+        try:
+            table = benchmark_device(device, time_budget_s=budget)
+        except Exception as exc:  # no torch, or the device failed: placement falls back to measured rates
+            logger.info("dynbatch: reference benchmark on %s not run: %r", device, exc)
+            self.benchmark = {"device": device, "error": repr(exc)}
+            return self.benchmark
+        self.benchmark = table.to_dict() | {"best_throughput": table.best_throughput}
+        return self.benchmark
+
+    async def rerun_benchmark(self) -> dict[str, Any] | None:
+        """Handler ``dynbatch_benchmark``: measure again (on request from a client)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._run_benchmark)
 
     def sizer_for(self, device: str) -> MemorySizer:
         """The memory sizer of a device, shared by every model on it."""
@@ -161,7 +199,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             spec = pickle.loads(reply["payload"])
             device = choose_device(spec, self.gpu_count)
             loop = asyncio.get_running_loop()
-            loaded = await loop.run_in_executor(self.executor, LoadedModel, spec, device, reply["token"])
+            loaded = await loop.run_in_executor(self.executor, self._as_worker, LoadedModel, spec, device, reply["token"])
             self.sizer_for(device)
             self.models[name] = loaded
             logger.info("dynbatch: loaded model %r on %s in %.2fs", name, device, loaded.load_seconds)
@@ -197,7 +235,9 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             if keyed:
                 batch, row_errors = await self._assemble(n, batch, keyed)
             loop = asyncio.get_running_loop()
-            pieces, errors, compute_s = await loop.run_in_executor(self.executor, self._execute, loaded, batch, row_errors)
+            pieces, errors, compute_s = await loop.run_in_executor(
+                self.executor, self._as_worker, self._execute, loaded, batch, row_errors
+            )
         except Exception as exc:  # the batch could not run at all (model failed to load, inputs lost)
             logger.warning("dynbatch: batch of %d for model %r failed: %r", n, model, exc)
             return {"status": "OK", "batch_error": error_message(exc)}
@@ -207,6 +247,10 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         stats.failed_samples += len(errors)
         stats.compute_seconds += compute_s
         stats.recent.append((time.time(), n, compute_s))
+        table = self.model_tables.get(model)
+        if table is None:
+            table = self.model_tables[model] = LazyModelTable(model, loaded.device)
+        table.observe(n - len(errors), compute_s)  # the model's own load-performance table, from use
         return {
             "status": "OK",
             "pieces": [(rows, to_serialize(out)) for rows, out in pieces],

@@ -1,0 +1,71 @@
+"""Placement on a real cluster: heterogeneous workers get work in proportion to their speed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from distributed import get_worker
+from distributed.utils_test import gen_cluster
+
+import dask_dynbatch as ddb
+
+# seconds per sample; the model sleeps (releasing the GIL) so that speeds do not depend on how
+# busy this machine's cores are
+SECONDS_PER_SAMPLE = {0: 0.0001, 1: 0.0003}  # by worker name: gen_cluster names them 0, 1
+
+
+def build_timed(device="cpu"):
+    """S10-style per-worker variant: worker 1 gets a 3x slower model."""
+    per_sample = SECONDS_PER_SAMPLE[get_worker().name]
+
+    def model(batch):
+        time.sleep(0.0005 + per_sample * len(batch))
+        return batch
+
+    return model
+
+
+@gen_cluster(
+    client=True,
+    nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)],
+    timeout=120,
+)
+async def test_shares_follow_throughput(c, s, fast, slow):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("timed", load=build_timed, latency_target="200ms", max_batch_size=128))
+    await asyncio.gather(*batcher.map([np.zeros(1)] * 200))  # warm up: both workers measured
+    before = {a: w["samples"] for a, w in batcher.stats()["workers"].items()}
+    xs = [np.full(1, float(i)) for i in range(10_000)]
+    results = await asyncio.gather(*batcher.map(xs))
+    assert np.array_equal(np.concatenate(results), np.arange(10_000, dtype=float))
+    after = batcher.stats()["workers"]
+    served = {a: after[a]["samples"] - before.get(a, 0) for a in after}
+    share_fast = served[fast.address] / 10_000
+    # throughput share of the fast worker: 3 / (3 + 1) = 0.75
+    assert abs(share_fast - 0.75) <= 0.15 * 0.75, served
+    batcher.close()
+
+
+def build_identity(device="cpu"):
+    return lambda batch: batch
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)], timeout=120)
+async def test_worker_with_memory_nearly_full_gets_less_work(c, s, a, b):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("ident", load=build_identity, max_batch_size=64))
+    await asyncio.gather(*batcher.map([np.zeros(1)] * 200))
+    # worker b's telemetry says its device memory is 98 % used
+    batcher._slots[b.address].view = dict(batcher._slots[b.address].view, dynbatch={"devices": {"cpu": {"used_fraction": 0.98}}})
+    loads = {s.address: batcher._load(s, 1000.0) for s in batcher._slots.values()}
+    from dask_dynbatch.placement import plan, workload
+
+    assert workload(loads[b.address]) > workload(loads[a.address])
+    # with a backlog that both could share, the full worker's share is smaller
+    shares = {}
+    for address, size in plan(100, list(loads.values())):
+        shares[address] = shares.get(address, 0) + size
+    assert shares.get(b.address, 0) < shares.get(a.address, 0)
+    batcher.close()
