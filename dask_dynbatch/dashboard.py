@@ -173,7 +173,8 @@ class DynBatchRecorder:
             ours = view.get("dynbatch") or {}
             ran = ((ours.get("models") or {}).get(model) or {}) if model is not None else {}
             slot = batcher_view.get(address) or {}
-            free, used_fraction = device_memory(view)
+            free, used_fraction = device_memory(view, ran.get("device"))
+            cap = slot.get("memory_cap")
             rows.append(
                 {
                     "address": address,
@@ -182,12 +183,12 @@ class DynBatchRecorder:
                     "free_bytes": free,
                     "memory_used": used_fraction,
                     "utilization": _utilization(view),
-                    "benchmark_score": ours.get("benchmark_score"),
+                    "benchmark_score": (ours.get("benchmark") or {}).get("best_throughput"),
                     "throughput": slot.get("throughput") or ran.get("recent_throughput"),
                     "inflight_samples": slot.get("inflight_samples") or 0,
                     "workload": _workload(address, view, slot),
                     "batch_size": (slot.get("controller") or {}).get("size"),
-                    "memory_cap": slot.get("memory_cap"),
+                    "memory_cap": cap if cap is not None else ran.get("memory_cap"),
                     "batches": ran.get("batches") or 0,
                     "samples": ran.get("samples") or 0,
                     "color": self.color(address),
@@ -212,15 +213,21 @@ def _rate(history: deque[dict[str, Any]], now: float, delivered: int) -> float:
     return max(0, delivered - before["delivered"]) / (now - before["time"])
 
 
-def device_memory(view: dict[str, Any]) -> tuple[int | None, float | None]:
+def device_memory(view: dict[str, Any], device: str | None = None) -> tuple[int | None, float | None]:
     """Free memory of a worker's device (bytes) and the fraction in use, from what is known.
 
-    In order: the worker half's own reading (``dynbatch.memory``, see
-    :func:`dask_dynbatch.telemetry.device_telemetry`), NVML on the heartbeat, the worker's host
-    memory limit against its process memory.
+    In order: the worker half's own reading of ``device`` (``dynbatch.devices``, see
+    :func:`dask_dynbatch.telemetry.device_telemetry`; without ``device``, its fullest device, as
+    placement counts it), NVML on the heartbeat, the worker's memory limit against its process
+    memory.
     """
-    reading = (view.get("dynbatch") or {}).get("memory") or {}
-    if reading.get("effective_free") is not None:
+    readings = {
+        name: reading
+        for name, reading in ((view.get("dynbatch") or {}).get("devices") or {}).items()
+        if reading.get("effective_free") is not None
+    }
+    if readings:
+        reading = readings.get(device) or max(readings.values(), key=lambda r: r.get("used_fraction") or 0.0)
         return int(reading["effective_free"]), reading.get("used_fraction")
     total, used = view.get("gpu_memory_total"), view.get("gpu_memory_used")
     if not total:
@@ -240,7 +247,9 @@ def _utilization(view: dict[str, Any]) -> float | None:
 
 
 def _workload(address: str, view: dict[str, Any], slot: dict[str, Any]) -> float | None:
-    """The placement workload figure (seconds until a new batch would finish), as the batcher sees it."""
+    """The placement workload figure (seconds until a new batch would finish), from what the
+    batcher reported, with the inputs the batcher gives placement (compute utilisation left out:
+    NVML's figure includes our own batches)."""
     if not slot or not slot.get("throughput"):
         return None
     _, memory_used = device_memory(view)
@@ -250,7 +259,7 @@ def _workload(address: str, view: dict[str, Any], slot: dict[str, Any]) -> float
             throughput=slot["throughput"],
             inflight_samples=slot.get("inflight_samples") or 0,
             memory_utilization=memory_used or 0.0,
-            compute_utilization=min(1.0, (view.get("gpu_utilization") or 0) / 100.0),
+            compute_utilization=0.0,
             cap=slot.get("memory_cap"),
             batch_size=max(1, (slot.get("controller") or {}).get("size") or 1),
         )

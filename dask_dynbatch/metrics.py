@@ -29,6 +29,9 @@ name                                        type      labels and meaning
 ``dask_dynbatch_worker_throughput``         gauge     ``model``, ``worker``: samples/s of compute
                                                       over the worker's recent batches
 ``dask_dynbatch_batchers``                  gauge     ``model``: batchers attached
+``dask_dynbatch_device_free_bytes``         gauge     ``worker``, ``device``: memory a new batch
+                                                      can get now (the worker half's reading)
+``dask_dynbatch_benchmark_score``           gauge     ``worker``: reference-model samples/s
 =========================================== ========= ===========================================
 
 Request counts come from the batchers (clients) and add up over every batcher of a model; they go
@@ -217,6 +220,24 @@ class DynBatchMetricCollector(PrometheusCollector):
                 if stats.get("recent_throughput") is not None:
                     worker_throughput.add_metric([name, address], stats["recent_throughput"])
         yield from (worker_batches, worker_samples, worker_throughput)
+
+        free_bytes = GaugeMetricFamily(
+            self.build_name("device_free_bytes"),
+            "Device memory a new batch can get now (free plus our allocator's unused cache)",
+            labels=["worker", "device"],
+        )
+        score = GaugeMetricFamily(
+            self.build_name("benchmark_score"), "Reference-model samples/s of the worker's device", labels=["worker"]
+        )
+        for address, view in state.get("workers", {}).items():
+            ours = view.get("dynbatch") or {}
+            for device, reading in (ours.get("devices") or {}).items():
+                if reading.get("effective_free") is not None:
+                    free_bytes.add_metric([address, device], reading["effective_free"])
+            best = (ours.get("benchmark") or {}).get("best_throughput")
+            if best is not None:
+                score.add_metric([address], best)
+        yield from (free_bytes, score)
 
 
 # One collector per process, like distributed's own: the default registry refuses a second one

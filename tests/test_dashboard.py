@@ -172,6 +172,13 @@ async def test_metrics_endpoint_counts_the_work_done(c, s, a, b):
     assert metrics[("dask_dynbatch_latency_seconds", (("model", "identity"), ("quantile", "0.95")))] > 0
     batches = sum(v for (name, _), v in metrics.items() if name == "dask_dynbatch_worker_batches_total")
     assert n / 16 <= batches <= n
+    ran = {
+        dict(labels)["worker"] for (name, labels), v in metrics.items() if name.endswith("worker_samples_total") and v
+    }
+    free = {
+        dict(labels)["worker"] for (name, labels), v in metrics.items() if name.endswith("device_free_bytes") and v > 0
+    }
+    assert ran and ran <= free  # every worker that ran the model reports its device's free memory
     sizes = {dict(labels)["worker"]: v for (name, labels), v in metrics.items() if name == "dask_dynbatch_batch_size"}
     assert set(sizes) == set(batcher.stats()["workers"]) and all(1 <= v <= 16 for v in sizes.values())
     batcher.close()
