@@ -44,3 +44,5 @@ __all__ = [
     "SampleTooLargeError",
     "UnknownModelError",
 ]
+from .pipeline import JobFuture, Pipeline, cpu, fan_out, model  # noqa: E402
+__all__ += ["JobFuture", "Pipeline", "cpu", "fan_out", "model"]
