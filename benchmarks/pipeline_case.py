@@ -1,7 +1,7 @@
 """Issue 6: a three-stage job chain (CPU -> model -> CPU) through ``Pipeline``, against each stage alone.
 
 Every stage costs about 1 ms per job: NumPy work (small matmul + tanh, calibrated on a worker) for
-the CPU steps. LocalCluster of 2 worker processes x 1 thread on this 2-core machine. Two setups:
+the CPU steps. LocalCluster of 2 worker processes x 1 thread on this 2-core machine. Three setups:
 
 ``shared``
     The literal case: the model step is the same 1 ms of NumPy per sample, and all three stages
@@ -12,7 +12,12 @@ the CPU steps. LocalCluster of 2 worker processes x 1 thread on this 2-core mach
     The issue's scenario, where stages use different resources: CPU pre-processing pinned to worker
     0, post-processing pinned to worker 1 (``cpu(..., workers=...)``), and the model a simulated
     accelerator (2 ms of device time per sample, a sleep: the device is busy, the host CPU is not;
-    two devices -> ~1 ms per sample). Overlap is what lets the pipeline approach the slowest stage.
+    two devices -> ~1 ms per sample). Overlap is what lets the pipeline approach the slowest stage,
+    but the client, scheduler and the workers' event loops need CPU from the same two cores.
+``io``
+    As ``split``, with CPU steps that wait 2 ms per job on I/O (a sleep) instead of computing: the
+    stages use separate resources and leave the CPU to orchestration, so this isolates how well
+    the pipeline overlaps its stages.
 
 Each stage alone: CPU stages as plain Dask with hand-chunked tasks of 64 jobs (the best a user does
 by hand, same placement; the pre step also through a one-step Pipeline); the model stage through
@@ -44,6 +49,13 @@ from common import RESULTS, machine_stamp, save  # noqa: E402
 import dask_dynbatch as ddb  # noqa: E402
 
 SIDE = 32  # a job's value: SIDE x SIDE float32
+SETUPS = {
+    "shared": "all three stages are ~1 ms of NumPy per job on the same 2 cores (CPU model)",
+    "split": "pre ~1 ms NumPy on worker 0, post ~1 ms NumPy on worker 1, model a simulated accelerator "
+             "(2 ms/sample of device time, two devices)",
+    "io": "pre and post wait 2 ms per job on I/O (sleep; pinned to worker 0 / worker 1), model a simulated "
+          "accelerator (2 ms/sample, two devices): stages on separate resources, CPU left for orchestration",
+}
 STAGE_SECONDS = 1e-3  # target cost of each stage per job
 
 
@@ -78,6 +90,12 @@ def build_cpu_model(reps: int):
         return np.stack([work(x, reps) for x in batch])
 
     return lambda device="cpu": run
+
+
+def io_step(x: np.ndarray, seconds: float) -> np.ndarray:
+    """A step that waits on I/O (reading from storage, say): holds its thread, not the CPU."""
+    time.sleep(seconds)
+    return x + 1
 
 
 def build_accelerator(seconds_per_sample: float):
@@ -127,7 +145,7 @@ def plain_dask_chunked(client, fn, xs: list, workers=None, size: int = 64) -> No
 
 def run_setup(client, meter: CpuMeter, name: str, xs: list, step, spec: ddb.ModelSpec, pre_at, post_at,
               rounds: int, backlog_seconds: float) -> dict:
-    out: dict = {"setup": name}
+    out: dict = {"setup": name, "description": SETUPS[name]}
     batcher = ddb.Batcher(client, spec)
     pre_step = ddb.cpu(step, name="pre", workers=pre_at)
     post_step = ddb.cpu(step, name="post", workers=post_at)
@@ -244,6 +262,11 @@ def main(argv=None) -> dict:
             ddb.ModelSpec("accelerator-2ms", load=build_accelerator(2 * STAGE_SECONDS), max_batch_size=64),
             [workers[0]], [workers[1]], args.rounds, args.backlog_seconds,
         )
+        result["io"] = run_setup(
+            client, meter, "io", xs, partial(io_step, seconds=2 * STAGE_SECONDS),
+            ddb.ModelSpec("accelerator-2ms-io", load=build_accelerator(2 * STAGE_SECONDS), max_batch_size=64),
+            [workers[0]], [workers[1]], args.rounds, args.backlog_seconds,
+        )
     result["seconds"] = time.perf_counter() - started
     result["loadavg_at_end"] = os.getloadavg()
     name = "pipeline_case_quick" if args.quick else "pipeline_case"
@@ -270,11 +293,13 @@ def plot(result: dict, path: Path) -> None:
     ax = axes[0]
     labels = ["pre alone", "model alone", "post alone", "pipeline"]
     width = 0.38
-    for k, setup in enumerate(("shared", "split")):
+    setups = [k for k in SETUPS if k in result]
+    width = 0.8 / len(setups)
+    for k, setup in enumerate(setups):
         r = result[setup]
         m = r["median_rate"]
         values = [m["pre"], m["model"], m["post"], m["pipeline"]]
-        xpos = np.arange(4) + (k - 0.5) * width
+        xpos = np.arange(4) + (k - (len(setups) - 1) / 2) * width
         ax.bar(xpos, values, width, label=f"{setup}: pipeline = {r['ratios']['pipeline_vs_slowest_stage_alone']:.2f}x slowest")
         slowest = min(values[:3])
         ax.hlines(0.8 * slowest, xpos[3] - width / 2, xpos[3] + width / 2, colors="k", linestyles="--")
@@ -284,9 +309,9 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
 
     ax = axes[1]
-    for k, setup in enumerate(("shared", "split")):
+    for k, setup in enumerate(setups):
         s = result[setup]["priority"]
-        xpos = np.array([0, 1]) + (k - 0.5) * width
+        xpos = np.array([0, 1]) + (k - (len(setups) - 1) / 2) * width
         ax.bar(xpos, [s["high_median_ms"], s["low_median_ms"]], width,
                label=f"{setup}: high/low median = {s['high_over_low_median']:.3f}")
         ax.errorbar(xpos, [s["high_median_ms"], s["low_median_ms"]],
@@ -299,19 +324,19 @@ def plot(result: dict, path: Path) -> None:
 
     ax = axes[2]  # CPU time per job: what load from elsewhere on the machine does not change
     names = ["pre", "model", "post", "pipeline"]
-    for k, setup in enumerate(("shared", "split")):
+    for k, setup in enumerate(setups):
         samples = result[setup]["samples"]
         procs = list(samples["pipeline"][0]["cpu_ms_per_job"])
         bottom = np.zeros(len(names))
-        xpos = np.arange(len(names)) + (k - 0.5) * width
+        xpos = np.arange(len(names)) + (k - (len(setups) - 1) / 2) * width
         for j, proc in enumerate(procs):
             values = np.array([np.median([m["cpu_ms_per_job"][proc] for m in samples[n]]) for n in names])
-            ax.bar(xpos, values, width, bottom=bottom, color=plt.cm.tab20(2 * j + k),
+            ax.bar(xpos, values, width, bottom=bottom, color=plt.cm.tab20c(4 * j + k),
                    label=f"{setup}: {proc}", edgecolor="white", linewidth=0.5)
             bottom += values
     ax.set_xticks(np.arange(len(names)), [f"{n} alone" if n != "pipeline" else n for n in names])
     ax.set_ylabel("CPU ms per job, all processes")
-    ax.set_title("CPU time per job (left bar: shared, right: split)", fontsize=9)
+    ax.set_title("CPU time per job, bars in order: " + ", ".join(setups), fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     stamp = result["machine"]
     fig.suptitle(f"Pipeline cpu -> model -> cpu, {result['jobs']} jobs, ~1 ms/stage; {stamp.get('cpu')} x{stamp.get('cpu_count')}; "
