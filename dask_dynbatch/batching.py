@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import heapq
 import itertools
 import threading
@@ -91,14 +92,19 @@ class RequestFuture(concurrent.futures.Future):
     def set_running_or_notify_cancel(self) -> bool:
         with _LOCK:
             if self._state == _CANCELLED:
-                self._state = _CANCELLED_AND_NOTIFIED
-                for waiter in self._waiters:
-                    waiter.add_cancelled(self)
+                self._notify_cancelled()
+                return False
+            if self._state == _CANCELLED_AND_NOTIFIED:  # cancel() notifies at once (see there)
                 return False
             if self._state == _PENDING:
                 self._state = _RUNNING
                 return True
             raise RuntimeError(f"Future in unexpected state {self._state}")
+
+    def _notify_cancelled(self) -> None:
+        self._state = _CANCELLED_AND_NOTIFIED
+        for waiter in self._waiters:
+            waiter.add_cancelled(self)
 
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         with _LOCK:
@@ -124,6 +130,12 @@ class RequestFuture(concurrent.futures.Future):
 
     def cancel(self) -> bool:
         cancelled = super().cancel()
+        if cancelled:
+            with _LOCK:
+                if self._state == _CANCELLED:
+                    # no executor will ever pick it up to notify: do it now, or
+                    # concurrent.futures.wait() and as_completed() would wait for it forever
+                    self._notify_cancelled()
         if cancelled and self._on_cancel is not None:
             on_cancel, self._on_cancel = self._on_cancel, None
             on_cancel()
@@ -139,7 +151,7 @@ class RequestFuture(concurrent.futures.Future):
 class Request:
     """One sample waiting for its batch."""
 
-    __slots__ = ("sample", "future", "priority", "deadline", "enqueued", "dask_future", "attempts", "seq")
+    __slots__ = ("sample", "future", "priority", "deadline", "enqueued", "dask_future", "attempts", "seq", "queued")
 
     def __init__(
         self,
@@ -158,8 +170,9 @@ class Request:
         self.deadline = deadline
         self.enqueued = enqueued
         self.dask_future = dask_future
-        self.attempts = 0
+        self.attempts = 0  # batches of this request lost with their worker
         self.seq = seq
+        self.queued = False  # counted in its RequestQueue's length
 
 
 class RequestQueue:
@@ -167,7 +180,12 @@ class RequestQueue:
 
     Cancelled requests leave the count at once and are dropped when reached. Requests whose deadline
     passed are returned separately by :meth:`pop` so that the caller fails them without running them.
+    A request put back with ``push(..., front=True)`` (its worker died under its batch) keeps its
+    running state: it cannot be cancelled any more, and it runs again when popped.
     """
+
+    #: rebuild the deadline heap when it holds this many more entries than live requests
+    _HEAP_SLACK = 1024
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -176,6 +194,8 @@ class RequestQueue:
         self._live = 0
         self._seq = itertools.count()
         self._deadlines: list[tuple[float, int, Request]] = []  # heap
+        #: requests cancelled by their user while queued
+        self.cancelled = 0
 
     def __len__(self) -> int:
         return self._live
@@ -187,21 +207,31 @@ class RequestQueue:
             self._priorities = sorted(self._by_priority, reverse=True)
         return dq
 
-    def _on_cancel(self) -> None:
+    def _on_cancel(self, req: Request) -> None:
         with self._lock:
-            self._live -= 1
+            if req.queued:
+                req.queued = False
+                self._live -= 1
+                self.cancelled += 1
+
+    def _unqueue(self, req: Request) -> None:
+        """Caller holds the lock: ``req`` leaves the count (it is being taken out)."""
+        req.queued = False
+        req.future._on_cancel = None
+        self._live -= 1
 
     def push(self, requests: Iterable[Request], *, front: bool = False) -> int:
         """Add requests (at the front of their priority when re-queued); return the new length."""
         with self._lock:
             for req in requests:
-                if req.future.done():  # cancelled or failed meanwhile
+                if req.future.done() or req.queued:  # cancelled or failed meanwhile
                     continue
-                req.future._on_cancel = self._on_cancel
+                req.queued = True
+                req.future._on_cancel = functools.partial(self._on_cancel, req)
                 if not front:
                     req.seq = next(self._seq)
-                    if req.deadline is not None:
-                        heapq.heappush(self._deadlines, (req.deadline, req.seq, req))
+                if req.deadline is not None:  # again when re-queued: it may wait for a worker
+                    heapq.heappush(self._deadlines, (req.deadline, req.seq, req))
                 dq = self._deque(req.priority)
                 if front:
                     dq.appendleft(req)
@@ -223,16 +253,21 @@ class RequestQueue:
                 dq = self._by_priority[priority]
                 while dq and len(batch) < n:
                     req = dq.popleft()
-                    if req.future._on_cancel is None:  # cancelled: already uncounted
+                    if not req.queued:  # cancelled or expired: already uncounted
                         continue
-                    req.future._on_cancel = None
-                    self._live -= 1
+                    self._unqueue(req)
                     if req.deadline is not None and now > req.deadline:
                         expired.append(req)
-                    elif req.future.set_running_or_notify_cancel():
+                    elif _start(req.future):
                         batch.append(req)
+                    elif req.future.cancelled():  # cancelled between the check and now
+                        self.cancelled += 1
                 if len(batch) >= n:
                     break
+            if len(self._deadlines) > 2 * self._live + self._HEAP_SLACK:
+                # entries of requests that already ran keep their samples alive: drop them
+                self._deadlines = [e for e in self._deadlines if e[2].queued]
+                heapq.heapify(self._deadlines)
         return batch, expired
 
     def expire(self, now: float) -> list[Request]:
@@ -242,10 +277,9 @@ class RequestQueue:
             heap = self._deadlines
             while heap and heap[0][0] < now:
                 _, _, req = heapq.heappop(heap)
-                if req.future._on_cancel is None:  # ran, was cancelled, or already expired
+                if not req.queued:  # ran, was cancelled, or already expired
                     continue
-                req.future._on_cancel = None  # pop() skips it from now on
-                self._live -= 1
+                self._unqueue(req)  # pop() skips it from now on
                 out.append(req)
         return out
 
@@ -255,7 +289,7 @@ class RequestQueue:
             oldest = None
             for dq in self._by_priority.values():
                 for req in dq:
-                    if req.future._on_cancel is not None:
+                    if req.queued:
                         if oldest is None or req.enqueued < oldest:
                             oldest = req.enqueued
                         break
@@ -264,13 +298,24 @@ class RequestQueue:
     def drain(self) -> list[Request]:
         """Remove and return every live request."""
         with self._lock:
-            out = [r for p in self._priorities for r in self._by_priority[p] if r.future._on_cancel is not None]
+            out = [r for p in self._priorities for r in self._by_priority[p] if r.queued]
             for r in out:
-                r.future._on_cancel = None
+                self._unqueue(r)
             for dq in self._by_priority.values():
                 dq.clear()
+            self._deadlines.clear()
             self._live = 0
             return out
+
+
+def _start(future: RequestFuture) -> bool:
+    """Mark a popped request's future running; ``False`` if it was cancelled or resolved meanwhile."""
+    state = future._state
+    if state == _RUNNING:  # re-queued after its worker died: it runs again
+        return True
+    if state == _PENDING:
+        return future.set_running_or_notify_cancel()
+    return False
 
 
 def as_numpy_sample(sample: Any) -> np.ndarray:
@@ -297,6 +342,8 @@ def split_rows(outputs: Any, n: int) -> list[Any]:
     if isinstance(outputs, (tuple, list)) and not isinstance(outputs, np.ndarray):
         parts = [split_rows(v, n) for v in outputs]
         return [type(outputs)(p[i] for p in parts) if isinstance(outputs, tuple) else [p[i] for p in parts] for i in range(n)]
-    if len(outputs) != n:
-        raise ValueError(f"the model returned {len(outputs)} rows for a batch of {n}: outputs must keep the batch dimension")
+    rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
+    if rows != n:
+        got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"
+        raise ValueError(f"the model returned {got} for a batch of {n}: outputs must keep the batch dimension")
     return list(outputs)

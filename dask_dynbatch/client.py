@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from distributed import Future as DaskFuture
-from distributed.core import clean_exception
-from distributed.protocol import to_serialize
+from distributed.core import clean_exception, send_recv
+from distributed.protocol import Serialize, to_serialize
 from distributed.protocol.pickle import dumps as pickle_dumps
 
 from .batching import Request, RequestFuture, RequestQueue, as_numpy_sample, split_rows, stack_samples
@@ -36,6 +36,7 @@ from .errors import (
     PluginNotRegisteredError,
     QueueFullError,
     RequestTimeoutError,
+    UnknownModelError,
 )
 from .placement import WorkerLoad, fill_unknown_throughputs, plan
 from .spec import ModelSpec, parse_seconds, spec_token
@@ -46,8 +47,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: a batch is re-queued at most this many times after its worker died under it
+#: a request is re-queued at most this many times after its worker died under its batch
 MAX_ATTEMPTS = 3
+#: seconds to connect to a worker before its batch goes back to the queue (it was not sent)
+CONNECT_TIMEOUT = 5.0
+#: a worker that a batch was lost with gets no batch for this long, even if the scheduler still
+#: lists it (the scheduler notices a dead worker a little later than the client)
+LOST_COOLDOWN = 2.0
 #: how often the dispatcher refreshes the cluster view and reports its state (seconds)
 REFRESH_INTERVAL = 0.5
 REPORT_INTERVAL = 1.0
@@ -65,6 +71,7 @@ class _WorkerSlot:
         self.inflight = 0
         self.inflight_samples = 0
         self.alive = True
+        self.lost_until = 0.0  # monotonic time before which the worker counts as dead
         self.batches = 0
         self.samples = 0
         self.cap: int | None = None
@@ -111,6 +118,22 @@ class Batcher:
     >>> [f.result() for f in batcher.map(images)]               # doctest: +SKIP
 
     With an asynchronous client, ``await Batcher(client, spec)`` and ``await batcher.submit(x)``.
+
+    Notes
+    -----
+    Every request's future resolves exactly once, whatever fails:
+
+    - a worker that dies or leaves with batches in flight: their requests go back to the front of
+      the queue and run elsewhere (a request whose worker died ``MAX_ATTEMPTS`` times fails);
+    - no worker able to run the model: requests wait for one to join, or fail at their
+      ``timeout`` with a :class:`RequestTimeoutError` that says so;
+    - a sample that does not match the input signature: ``submit`` raises
+      :class:`InputSignatureError`; a Dask-Future input that does not match fails alone;
+    - a sample that makes the model raise: the batch is bisected on the worker and only that
+      request fails, with the model's exception and traceback;
+    - a full queue: ``ModelSpec.overload`` says whether ``submit`` waits or raises
+      :class:`QueueFullError`;
+    - :meth:`close`, or the client closing: queued requests are cancelled (see :meth:`close`).
     """
 
     def __init__(self, client: Client, spec: ModelSpec):
@@ -128,8 +151,10 @@ class Batcher:
             (spec.input_shape, np.dtype(spec.input_dtype)) if spec.input_shape is not None and spec.input_dtype is not None else None
         )
         self._slots: dict[str, _WorkerSlot] = {}
+        self._inflight: dict[int, list[Request]] = {}  # batches sent and not answered yet
         self._waiting_for_inputs = 0  # requests whose Dask-Future input is not computed yet
         self._counts = {"submitted": 0, "delivered": 0, "failed": 0, "cancelled": 0, "timed_out": 0, "requeued": 0}
+        self._counts_lock = threading.Lock()  # user threads and the event loop both count
         self._latencies: deque[float] = deque(maxlen=20_000)  # per request, seconds
         self._history: deque[tuple] = deque(maxlen=5_000)  # (time, worker, size, latency, cap, controller size)
         self._wake_pending = False
@@ -182,44 +207,91 @@ class Batcher:
         has_plugin = await self.client.run_on_scheduler(_scheduler_has_plugin)
         if not has_plugin:
             raise PluginNotRegisteredError(self.client.scheduler.address)
-        spec = self.spec
-        views = (
-            await self.client.scheduler.dynbatch_register_model(
-                name=spec.name,
-                payload=self._payload,
-                token=self._token,
-                resources=dict(spec.resources),
-                device=spec.device,
-                client=self.client.id,
-            )
-        )["workers"]
-        self._update_workers(views)
+        self._update_workers(await self._register())
         _listen_for_advice(self)
         self._wake_event = asyncio.Event()
         self._main_task = asyncio.ensure_future(self._main())
 
-    def close(self, drain: bool = False, timeout: float | str | None = None) -> None:
-        """Stop accepting requests.
+    async def _register(self) -> dict[str, dict]:
+        """Register the model on the scheduler (again after a scheduler restart or a reconnect:
+        the scheduler forgets a model when its last client leaves); returns the workers' views."""
+        spec = self.spec
+        reply = await self.client.scheduler.dynbatch_register_model(
+            name=spec.name,
+            payload=self._payload,
+            token=self._token,
+            resources=dict(spec.resources),
+            device=spec.device,
+            client=self.client.id,
+        )
+        return reply["workers"]
 
-        With ``drain=False`` (default) requests still queued are cancelled; batches already sent
-        complete and deliver. With ``drain=True`` it waits (up to ``timeout``) until every queued
-        request is delivered, then closes.
+    def close(self, drain: bool = False, timeout: float | str | None = None) -> asyncio.Future | None:
+        """Stop accepting requests; ``submit`` raises :class:`BatcherClosedError` from now on.
+
+        With ``drain=False`` (default) requests still queued are cancelled (``future.cancelled()``
+        is ``True``), and so are requests whose Dask-Future input is not computed yet. Batches
+        already sent complete and deliver. A request that already started once and waits to run
+        again (its worker died) can no longer be cancelled: it fails with
+        :class:`BatcherClosedError`.
+
+        With ``drain=True`` it first waits (up to ``timeout``) until every request submitted so
+        far is delivered or failed, then closes as above. On the event loop of an asynchronous
+        client it cannot wait there: it returns an awaitable, ``await batcher.close(drain=True)``.
+
+        A Batcher whose client closes closes too: its queued requests are cancelled and the
+        requests of its batches in flight fail with :class:`BatcherClosedError`.
         """
+        if drain and self._on_loop_thread():
+            return asyncio.ensure_future(self._drain_then_close(timeout))
         if self._closed:
-            return
+            return None
         if drain:
             deadline = None if timeout is None else time.monotonic() + parse_seconds(timeout, "timeout")
-            while len(self._queue) or self._waiting_for_inputs or any(s.inflight for s in self._slots.values()):
-                if deadline is not None and time.monotonic() > deadline:
-                    break
+            while self._busy() and (deadline is None or time.monotonic() < deadline):
                 time.sleep(0.01)
+        self._close_now()
+        return None
+
+    async def _drain_then_close(self, timeout: float | str | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + parse_seconds(timeout, "timeout")
+        while not self._closed and self._busy() and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.01)
+        self._close_now()
+
+    def _busy(self) -> bool:
+        return bool(len(self._queue) or self._waiting_for_inputs or self._inflight)
+
+    def _close_now(self, error: BaseException | None = None) -> None:
+        """Close: cancel what is queued (what cannot be cancelled fails with ``error``); wake blocked submitters."""
+        if self._closed:
+            return
         self._closed = True
+        started = []
+        cancelled = 0
         for req in self._queue.drain():
             if req.future.cancel():
-                self._counts["cancelled"] += 1
+                cancelled += 1
+            else:  # re-queued after its worker died: running, so it cannot be cancelled
+                started.append(req)
+        self._count("cancelled", cancelled)
+        if started:
+            self._fail(started, error or _closed_error(
+                self.spec.name, "the request waited to run again after its worker died, and was not re-run"))
         with self._room:
             self._room.notify_all()
         self._wake()
+
+    def _abandon(self, reason: str) -> None:
+        """The client is gone: nothing can be sent or received any more. Resolve every future."""
+        logger.warning("dynbatch: closing the Batcher of model %r: %s", self.spec.name, reason)
+        error = _closed_error(self.spec.name, reason)
+        self._close_now(error)
+        for reqs in list(self._inflight.values()):
+            self._fail(reqs, error)
+
+    def _client_gone(self) -> bool:
+        return self.client.status in ("closing", "closed")
 
     def __enter__(self) -> Batcher:
         return self
@@ -232,20 +304,53 @@ class Batcher:
         if self._closed:
             raise BatcherClosedError(self.spec.name)
 
-    def _check_signature(self, sample: np.ndarray) -> None:
-        if sample.dtype == object:
-            raise InputSignatureError(f"model {self.spec.name!r} takes numeric arrays, not {type(sample).__name__} of objects")
-        if self._signature is None:
-            if sample.ndim == 0:
-                raise InputSignatureError(f"model {self.spec.name!r}: a sample must be an array, not a scalar")
-            self._signature = (sample.shape, sample.dtype)
-            return
-        shape, dtype = self._signature
-        if sample.shape != shape or sample.dtype != dtype:
+    def _count(self, key: str, n: int = 1) -> None:
+        if n:
+            with self._counts_lock:
+                self._counts[key] += n
+
+    def _as_sample(self, x: Any) -> np.ndarray:
+        """``x`` as a NumPy sample that matches the model's input signature, or a clear error."""
+        name = self.spec.name
+        try:
+            sample = as_numpy_sample(x)
+        except TypeError:
+            raise
+        except Exception as exc:  # ragged nested lists, objects whose __array__ fails
+            if self._signature is not None:
+                takes = f"model {name!r} expects one sample of shape {self._signature[0]} and dtype {self._signature[1]}"
+            else:
+                takes = f"model {name!r} takes one sample as an array"
             raise InputSignatureError(
-                f"model {self.spec.name!r} expects one sample of shape {shape} and dtype {dtype} "
-                f"(no batch dimension); received shape {sample.shape} and dtype {sample.dtype}"
+                f"{takes}; could not make an array of the {type(x).__name__} given ({exc})"
+            ) from None
+        received = f"received shape {sample.shape} and dtype {sample.dtype}"
+        if not isinstance(x, np.ndarray):
+            received += f" (from a {type(x).__name__})"
+        signature = self._signature
+        if signature is not None:
+            shape, dtype = signature
+            if sample.shape != shape or sample.dtype != dtype:
+                raise InputSignatureError(
+                    f"model {name!r} expects one sample of shape {shape} and dtype {dtype} "
+                    f"(no batch dimension); {received}"
+                )
+            return sample
+        # no signature yet: this sample sets it, if it can be one
+        if sample.dtype.kind not in _NUMERIC_KINDS:
+            raise InputSignatureError(
+                f"model {name!r} takes arrays of numbers or booleans; {received}. To send other values, "
+                "declare ModelSpec(input_shape=..., input_dtype=...)"
             )
+        if sample.ndim == 0:
+            raise InputSignatureError(
+                f"model {name!r}: a sample must be an array with at least one dimension, not a scalar; {received}. "
+                "For scalar samples declare ModelSpec(input_shape=(), input_dtype=...)"
+            )
+        if sample.size == 0:
+            raise InputSignatureError(f"model {name!r}: a sample must not be empty; {received}")
+        self._signature = (sample.shape, sample.dtype)
+        return sample
 
     def _make_request(self, x: Any, priority: int, deadline: float | None, now: float) -> Request:
         future = RequestFuture()
@@ -253,8 +358,7 @@ class Batcher:
             req = Request(None, future, priority=priority, deadline=deadline, enqueued=now, dask_future=x)
         else:
             is_torch = type(x).__module__.startswith("torch")
-            sample = as_numpy_sample(x)
-            self._check_signature(sample)
+            sample = self._as_sample(x)
             req = Request(sample, future, priority=priority, deadline=deadline, enqueued=now)
             if is_torch:
                 future._as_torch = True
@@ -264,27 +368,36 @@ class Batcher:
         """Submit one sample (no batch dimension) or a Dask Future whose value is one sample.
 
         ``priority``: higher is batched first. ``timeout``: a request whose batch has not started
-        this long after ``submit`` fails with :class:`RequestTimeoutError` and is not run.
+        this long after ``submit`` fails with :class:`RequestTimeoutError` and is not run (also
+        when it waits for a worker, or, with ``overload="block"``, for room in the queue).
+
+        A sample that does not match the model's input signature (declared in the
+        :class:`ModelSpec`, else learned from the first sample: an array of numbers or booleans
+        with at least one dimension and one element) raises :class:`InputSignatureError` here.
+        When the queue holds ``ModelSpec.max_queue`` requests, ``overload="block"`` waits for room
+        and ``overload="reject"`` raises :class:`QueueFullError`.
         """
         return self.map([x], priority=priority, timeout=timeout)[0]
 
     def map(self, xs: Iterable[Any], *, priority: int = 0, timeout: float | str | None = None) -> list[RequestFuture]:
-        """Submit many samples; one future per sample, in order."""
+        """Submit many samples; one future per sample, in order.
+
+        Every sample is checked before any is queued: one that does not match raises and none is
+        submitted.
+        """
         self._check_open()
         now = time.monotonic()
         deadline = None if timeout is None else now + parse_seconds(timeout, "timeout")
         requests = [self._make_request(x, priority, deadline, now) for x in xs]
-        ready = []
+        ready = [req for req in requests if req.dask_future is None]
+        self._enqueue(ready, deadline)
         for req in requests:
             if req.dask_future is not None:
                 self._wait_for_input(req)
-            else:
-                ready.append(req)
-        self._enqueue(ready)
-        self._counts["submitted"] += len(requests)
+        self._count("submitted", len(requests))
         return [r.future for r in requests]
 
-    def _enqueue(self, requests: list[Request]) -> None:
+    def _enqueue(self, requests: list[Request], deadline: float | None = None) -> None:
         if not requests:
             return
         limit = self.spec.max_queue
@@ -303,7 +416,14 @@ class Batcher:
             while start < len(requests):
                 with self._room:
                     while len(self._queue) >= limit and not self._closed:
+                        if deadline is not None and time.monotonic() > deadline:
+                            break
                         self._room.wait(0.1)
+                if deadline is not None and time.monotonic() > deadline and len(self._queue) >= limit:
+                    self._fail(requests[start:], RequestTimeoutError(
+                        f"request to model {self.spec.name!r} timed out waiting for room in the queue "
+                        f"(max_queue={limit}, overload='block')"), "timed_out")
+                    return
                 self._check_open()
                 room = max(1, limit - len(self._queue))
                 self._queue.push(requests[start : start + room])
@@ -321,7 +441,8 @@ class Batcher:
 
     def _wait_for_input(self, req: Request) -> None:
         """A Dask-Future input joins the queue once its value exists on a worker (its data stays there)."""
-        self._waiting_for_inputs += 1
+        with self._counts_lock:
+            self._waiting_for_inputs += 1
 
         def start_waiting() -> None:
             asyncio.ensure_future(self._input_ready(req))
@@ -337,18 +458,27 @@ class Batcher:
             await dask_future._state.wait()  # the client's own record of the key: no data moves
             status = dask_future.status
             if status == "finished":
-                if not req.future.done():
+                if req.future.done():
+                    if req.future.cancelled():  # by its user, while its input was computed
+                        self._count("cancelled")
+                elif self._closed:
+                    if req.future.cancel():
+                        self._count("cancelled")
+                else:
                     self._queue.push([req])
                     self._wake()
                 return
             exc = await dask_future._exception() if status == "error" else None
             if exc is None:
                 exc = RuntimeError(f"the Dask Future given as input is {status}: {dask_future.key!r}")
-            if req.future.set_running_or_notify_cancel():
+            if not req.future.done():
                 req.future.set_exception(exc)
-                self._counts["failed"] += 1
+                self._count("failed")
+            elif req.future.cancelled():
+                self._count("cancelled")
         finally:
-            self._waiting_for_inputs -= 1
+            with self._counts_lock:
+                self._waiting_for_inputs -= 1
 
     # -- dispatcher (client event loop) -----------------------------------------------------------
     def _wake(self) -> None:
@@ -356,7 +486,10 @@ class Batcher:
             if self._wake_pending:
                 return
             self._wake_pending = True
-        self._loop.call_soon_threadsafe(self._wake_on_loop)
+        try:
+            self._loop.call_soon_threadsafe(self._wake_on_loop)
+        except RuntimeError:  # the client's loop is closed: nothing left to wake
+            pass
 
     def _wake_on_loop(self) -> None:
         event = getattr(self, "_wake_event", None)
@@ -374,42 +507,73 @@ class Batcher:
             self._wake_event.clear()
             with self._wake_lock:
                 self._wake_pending = False
+            if self._client_gone():
+                if not self._closed or self._inflight:
+                    self._abandon(f"its client is {self.client.status}")
+                return
             now = time.monotonic()
-            if self._closed and not any(s.inflight for s in self._slots.values()):
+            if self._closed and not self._inflight:
                 await self._report()
                 return
-            if now >= next_refresh:
-                next_refresh = now + REFRESH_INTERVAL
-                await self._refresh_workers()
-            if now >= next_report:
-                next_report = now + REPORT_INTERVAL
-                asyncio.ensure_future(self._report())
-            timeout = min(self._dispatch(now), max(0.0, next_refresh - now))
+            try:
+                if now >= next_refresh:
+                    next_refresh = now + REFRESH_INTERVAL
+                    await self._refresh_workers()
+                if now >= next_report:
+                    next_report = now + REPORT_INTERVAL
+                    asyncio.ensure_future(self._report())
+                timeout = min(self._dispatch(now), max(0.0, next_refresh - now))
+            except Exception:  # a bug must not stop the dispatcher: requests would wait forever
+                logger.exception("dynbatch: dispatcher error for model %r", self.spec.name)
+                timeout = REFRESH_INTERVAL
 
     def _fail(self, reqs: Iterable[Request], exc: BaseException, counter: str = "failed") -> None:
+        n = 0
         for req in reqs:
             try:
                 req.future.set_exception(exc)
-                self._counts[counter] += 1
+                n += 1
             except concurrent.futures.InvalidStateError:
                 pass
+        self._count(counter, n)
         with self._room:
             self._room.notify_all()
 
+    def _timeout_error(self, now: float) -> RequestTimeoutError:
+        message = f"request to model {self.spec.name!r} timed out before its batch started"
+        if self._no_worker_since is not None:
+            message += (
+                f": no worker able to run the model for the last {now - self._no_worker_since:.1f} s "
+                f"({self._worker_requirements()})"
+            )
+        return RequestTimeoutError(message)
+
+    def _worker_requirements(self) -> str:
+        needs = ["the DynBatchPlugin's worker half"]
+        if self.spec.resources:
+            needs.append(f"resources {dict(self.spec.resources)}")
+        if self.spec.device == "cuda":
+            needs.append("a CUDA device")
+        return "a worker needs " + ", ".join(needs)
+
     def _dispatch(self, now: float) -> float:
         """Form and send as many batches as workers have room for; return seconds until the next try."""
-        expired = self._queue.expire(now)
-        if expired:
-            self._fail(expired, RequestTimeoutError(f"request to model {self.spec.name!r} timed out before its batch started"), "timed_out")
-        if not len(self._queue):
-            return REFRESH_INTERVAL
         live = [s for s in self._slots.values() if s.alive]
-        if not live:
+        if not live and len(self._queue):
             if self._no_worker_since is None:
                 self._no_worker_since = now
-                logger.warning("dynbatch: no worker can run model %r; %d requests wait", self.spec.name, len(self._queue))
+                logger.warning(
+                    "dynbatch: no worker can run model %r (%s); %d requests wait for one to join "
+                    "(or fail at their timeout)", self.spec.name, self._worker_requirements(), len(self._queue)
+                )
+        elif live and self._no_worker_since is not None:
+            logger.info("dynbatch: workers for model %r are back after %.1f s", self.spec.name, now - self._no_worker_since)
+            self._no_worker_since = None
+        expired = self._queue.expire(now)
+        if expired:
+            self._fail(expired, self._timeout_error(now), "timed_out")
+        if not len(self._queue) or not live or self._closed:
             return REFRESH_INTERVAL
-        self._no_worker_since = None
         max_delay = self.spec.max_delay
         rates = fill_unknown_throughputs(
             {s.address: s.throughput for s in live}, {s.address: _benchmark_score(s.view) for s in live}
@@ -426,10 +590,11 @@ class Batcher:
                     return oldest + max_delay - now  # wait a little for the batch to fill
             batch, expired = self._queue.pop(size, now)
             if expired:
-                self._fail(expired, RequestTimeoutError(f"request to model {self.spec.name!r} timed out before its batch started"), "timed_out")
+                self._fail(expired, self._timeout_error(now), "timed_out")
             if batch:
                 slot.inflight += 1
                 slot.inflight_samples += len(batch)
+                self._inflight[id(batch)] = batch
                 asyncio.ensure_future(self._send(slot, batch, now, slot.inflight))
         with self._room:
             self._room.notify_all()
@@ -465,42 +630,64 @@ class Batcher:
 
     async def _send(self, slot: _WorkerSlot, reqs: list[Request], formed: float, depth: int) -> None:
         """Send one batch and deliver its results; ``depth`` = batches in flight on that worker
-        when this one was sent, itself included."""
-        oldest = min(r.enqueued for r in reqs)
+        when this one was sent, itself included. Whatever happens, every request of the batch is
+        resolved or back in the queue when this returns."""
         try:
-            inline = [r.sample for r in reqs if r.dask_future is None]
-            keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
-            batch = None
-            if inline:
-                nbytes = inline[0].nbytes * len(inline)
-                if nbytes > STACK_IN_THREAD_BYTES:
-                    batch = await asyncio.get_running_loop().run_in_executor(None, stack_samples, inline)
-                else:
-                    batch = stack_samples(inline)
-            sent = time.monotonic()
-            reply = await self.client.rpc(slot.address).dynbatch_run(
+            await self._run_batch(slot, reqs, depth)
+        except Exception as exc:  # a reply we cannot read, a model output we cannot split...
+            logger.warning("dynbatch: batch of %d for model %r failed on the client: %r", len(reqs), self.spec.name, exc)
+            self._fail(reqs, exc)  # the requests not resolved yet
+        finally:
+            self._inflight.pop(id(reqs), None)
+            slot.inflight -= 1
+            slot.inflight_samples -= len(reqs)
+            self._wake()
+
+    async def _run_batch(self, slot: _WorkerSlot, reqs: list[Request], depth: int) -> None:
+        oldest = min(r.enqueued for r in reqs)
+        inline = [r.sample for r in reqs if r.dask_future is None]
+        keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
+        batch = None
+        if inline:
+            nbytes = inline[0].nbytes * len(inline)
+            if nbytes > STACK_IN_THREAD_BYTES:
+                batch = await asyncio.get_running_loop().run_in_executor(None, stack_samples, inline)
+            else:
+                batch = stack_samples(inline)
+        signature = None
+        if keyed and self._signature is not None:  # lets the worker check inputs from Dask Futures
+            signature = (self._signature[0], self._signature[1].str)
+        pool = self.client.rpc
+        try:
+            comm = await pool.connect(slot.address, timeout=CONNECT_TIMEOUT)
+        except OSError as exc:  # not sent: nothing ran, no attempt used
+            self._worker_lost(slot, reqs, exc, sent=False)
+            return
+        sent = time.monotonic()
+        try:
+            reply = await send_recv(
+                comm=comm,
+                op="dynbatch_run",
+                serializers=pool.serializers,
+                deserializers=pool.deserializers,
                 model=self.spec.name,
                 token=self._token,
                 n=len(reqs),
                 batch=to_serialize(batch) if batch is not None else None,
                 keyed=keyed or None,
+                **({"signature": signature} if signature is not None else {}),
             )
         except OSError as exc:  # the worker died or is unreachable: nothing is lost, re-run elsewhere
-            self._worker_lost(slot, reqs, exc)
+            self._worker_lost(slot, reqs, exc, sent=True)
             return
-        except Exception as exc:
-            self._fail(reqs, exc)
-            slot.inflight -= 1
-            slot.inflight_samples -= len(reqs)
-            self._wake()
+        finally:
+            pool.reuse(slot.address, comm)
+        if not isinstance(reply, dict):  # no dynbatch_run handler: the worker is closing (plugin torn down)
+            self._worker_lost(slot, reqs, RuntimeError(f"the worker answered {reply!r}: it is closing"), sent=False)
             return
         done = time.monotonic()
-        slot.inflight -= 1
-        slot.inflight_samples -= len(reqs)
         if reply.get("batch_error") is not None:
-            _, exc, tb = clean_exception(**reply["batch_error"])
-            self._fail(reqs, exc.with_traceback(tb) if tb is not None else exc)
-            self._wake()
+            self._fail(reqs, _remote_exception(reply["batch_error"]))
             return
         self._deliver(reqs, reply, done)
         n = len(reqs)
@@ -519,11 +706,15 @@ class Batcher:
         proposed_before = slot.controller.size
         slot.controller.observe(n, latency, service_s)
         self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed_before))
-        self._wake()
 
     def _deliver(self, reqs: list[Request], reply: dict, done: float) -> None:
-        delivered = failed = 0
+        self._latencies.extend(done - r.enqueued for r in reqs)
+        for row, err in reply["errors"]:
+            self._fail([reqs[row]], _remote_exception(err))
         for rows, outputs in reply["pieces"]:
+            if isinstance(outputs, Serialize):  # the in-process transport does not serialise
+                outputs = outputs.data
+            delivered = 0
             for row, value in zip(rows, split_rows(outputs, len(rows))):
                 req = reqs[row]
                 if getattr(req.future, "_as_torch", False):
@@ -533,41 +724,43 @@ class Batcher:
                     delivered += 1
                 except concurrent.futures.InvalidStateError:
                     pass
-        for row, err in reply["errors"]:
-            _, exc, tb = clean_exception(**err)
-            try:
-                reqs[row].future.set_exception(exc.with_traceback(tb) if tb is not None else exc)
-                failed += 1
-            except concurrent.futures.InvalidStateError:
-                pass
-        self._counts["delivered"] += delivered
-        self._counts["failed"] += failed
-        self._latencies.extend(done - r.enqueued for r in reqs)
+            self._count("delivered", delivered)
 
-    def _worker_lost(self, slot: _WorkerSlot, reqs: list[Request], exc: BaseException) -> None:
-        slot.inflight -= 1
-        slot.inflight_samples -= len(reqs)
+    def _worker_lost(self, slot: _WorkerSlot, reqs: list[Request], exc: BaseException, *, sent: bool) -> None:
+        """The batch's worker died or could not be reached: its requests go back to the front of
+        the queue (``sent``: it may have run there; a request lost this way ``MAX_ATTEMPTS`` times
+        fails, in case it is what kills workers)."""
         slot.alive = False
+        slot.lost_until = time.monotonic() + LOST_COOLDOWN
+        if self._closed:
+            self._fail(reqs, _closed_error(self.spec.name, f"its worker {slot.address} was lost ({exc}) after the close"))
+            return
         logger.warning("dynbatch: lost contact with %s (%s); re-queuing %d requests", slot.address, exc, len(reqs))
         retry, give_up = [], []
         for req in reqs:
-            req.attempts += 1
+            if sent:
+                req.attempts += 1
             (retry if req.attempts < MAX_ATTEMPTS else give_up).append(req)
         if give_up:
-            self._fail(give_up, RuntimeError(f"the worker running this request died {MAX_ATTEMPTS} times ({exc})"))
+            self._fail(give_up, RuntimeError(
+                f"model {self.spec.name!r}: the worker running this request died {MAX_ATTEMPTS} times "
+                f"(last: {slot.address}, {exc}); it is not tried again"))
         self._queue.push(retry, front=True)
-        self._counts["requeued"] += len(retry)
-        self._wake()
+        self._count("requeued", len(retry))
 
     async def _refresh_workers(self) -> None:
         try:
-            views = await self.client.scheduler.dynbatch_workers(model=self.spec.name)
+            try:
+                views = await self.client.scheduler.dynbatch_workers(model=self.spec.name)
+            except UnknownModelError:
+                views = await self._register()
         except Exception as exc:  # scheduler unreachable for now (or the client closing): keep the last view
             logger.debug("dynbatch: cluster view not refreshed: %r", exc)
             return
         self._update_workers(views)
 
     def _update_workers(self, views: dict[str, dict]) -> None:
+        now = time.monotonic()
         for address, view in views.items():
             slot = self._slots.get(address)
             if slot is None:
@@ -575,7 +768,7 @@ class Batcher:
             else:
                 slot.view = view
                 slot.device = view.get("device", slot.device)
-                slot.alive = True
+                slot.alive = now >= slot.lost_until
         for address in list(self._slots):
             if address not in views:
                 slot = self._slots[address]
@@ -604,18 +797,25 @@ class Batcher:
         except Exception:  # the dashboard view is best effort; the next report repeats it
             logger.debug("dynbatch: report failed", exc_info=True)
 
+
     # -- introspection ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Counts, queue depth, latency percentiles and, per worker, the controller's state."""
-        lat = np.fromiter(self._latencies, dtype=float) if self._latencies else None
+        # deque.copy() runs in C under the GIL: a consistent snapshot while the event loop appends
+        lat = np.fromiter(self._latencies.copy(), dtype=float) if self._latencies else None
+        with self._counts_lock:
+            counts = dict(self._counts)
+        counts["cancelled"] += self._queue.cancelled
         return {
             "model": self.spec.name,
             "batcher": self.id,
             "latency_target": self.spec.latency_target,
             "queued": len(self._queue),
             "waiting_for_inputs": self._waiting_for_inputs,
+            "in_flight": sum(len(reqs) for reqs in list(self._inflight.values())),
+            "no_worker": self._no_worker_since is not None,
             "closed": self._closed,
-            **self._counts,
+            **counts,
             "latency_p50": float(np.percentile(lat, 50)) if lat is not None else None,
             "latency_p95": float(np.percentile(lat, 95)) if lat is not None else None,
             "latency_p99": float(np.percentile(lat, 99)) if lat is not None else None,
@@ -625,7 +825,7 @@ class Batcher:
     def history(self) -> list[dict[str, Any]]:
         """Recent batches: time, worker, size, latency, memory cap, controller size."""
         keys = ("time", "worker", "size", "latency", "cap", "controller_size")
-        return [dict(zip(keys, row)) for row in self._history]
+        return [dict(zip(keys, row)) for row in self._history.copy()]
 
 
 # One topic handler per client (a client keeps one handler per topic), fanned out to its batchers.
@@ -645,6 +845,35 @@ def _listen_for_advice(batcher: Batcher) -> None:
 
         client.subscribe_topic(ADVICE_TOPIC, on_event)
     listeners.add(batcher)
+
+
+#: dtype kinds a learned input signature accepts: booleans, integers, floats, complex numbers
+_NUMERIC_KINDS = "biufc"
+
+
+def _closed_error(model: str, detail: str) -> BatcherClosedError:
+    error = BatcherClosedError(model)
+    error.args = (f"{error.args[0]} ({detail})",)
+    return error
+
+
+def _remote_exception(err: dict) -> BaseException:
+    """The exception a worker sent (``error_message``), with its traceback; an exception that
+    cannot be rebuilt on the client becomes an ``Exception`` carrying its text and the worker's
+    traceback text."""
+    # the in-process transport leaves the pickled exception in its Serialize wrapper
+    err = {k: (v.data if isinstance(v, Serialize) else v) for k, v in err.items()}
+    try:
+        _, exc, tb = clean_exception(**err)
+    except Exception:
+        exc, tb = None, None
+    if exc is None or (type(exc) is Exception and exc.args and isinstance(exc.args[0], (bytes, bytearray))):
+        exc = Exception(err.get("exception_text") or "the worker sent an exception that could not be read")
+        tb = None
+        tb_text = err.get("traceback_text")
+        if tb_text and hasattr(exc, "add_note"):
+            exc.add_note(f"traceback on the worker:\n{tb_text}")
+    return exc.with_traceback(tb) if tb is not None else exc
 
 
 def _benchmark_score(view: dict) -> float | None:

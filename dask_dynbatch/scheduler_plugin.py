@@ -10,6 +10,7 @@ and future worker. Registering twice is harmless (the plugin is idempotent: the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,7 @@ class DynBatchPlugin(SchedulerPlugin):
         self.scheduler: Scheduler | None = None
         self.models: dict[str, dict[str, Any]] = {}
         self.batchers: dict[str, dict[str, Any]] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -76,8 +78,38 @@ class DynBatchPlugin(SchedulerPlugin):
         )
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        """A client left: drop its batchers' reports, and every model that no connected client
+        uses any more (from the registry, and from the workers that loaded it)."""
         for batcher_id in [b for b, info in self.batchers.items() if info.get("client") == client]:
             del self.batchers[batcher_id]
+        unused = []
+        for name, model in self.models.items():
+            users = model["clients"]
+            if client in users:
+                users.discard(client)
+                if not users:
+                    unused.append(name)
+        for name in unused:
+            del self.models[name]
+        if unused:
+            task = asyncio.ensure_future(self._unload(unused))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _unload(self, names: list[str]) -> None:
+        names = [n for n in names if n not in self.models]  # not registered again meanwhile
+        workers = [a for a, ws in self.scheduler.workers.items() if ws.status.name == "running"]
+        if not names or not workers or self.scheduler.status.name != "running":
+            return
+        logger.info("dynbatch: no client left for models %s; unloading them from the workers", names)
+
+        async def unload(address: str) -> None:
+            try:
+                await self.scheduler.rpc(address).dynbatch_unload(names=names)
+            except Exception as exc:  # the worker left meanwhile: nothing to free there
+                logger.debug("dynbatch: unloading %s from %s failed: %r", names, address, exc)
+
+        await asyncio.gather(*(unload(a) for a in workers))
 
     # -- handlers --------------------------------------------------------------------------------
     def register_model(
@@ -86,6 +118,9 @@ class DynBatchPlugin(SchedulerPlugin):
         previous = self.models.get(name)
         if previous is not None and previous["token"] != token:
             logger.info("dynbatch: model %r re-registered with a new spec; workers will reload it", name)
+        clients = set(previous["clients"]) if previous is not None else set()
+        if client is not None:
+            clients.add(client)
         self.models[name] = {
             "payload": payload,
             "token": token,
@@ -93,6 +128,7 @@ class DynBatchPlugin(SchedulerPlugin):
             "device": device,
             "registered": time.time(),
             "client": client,
+            "clients": clients,  # connected clients with a Batcher of it; the model is unloaded with the last
         }
         return {"status": "OK", "workers": self.workers_for(name)}
 
@@ -108,7 +144,11 @@ class DynBatchPlugin(SchedulerPlugin):
         ws = self.scheduler.workers[address]
         metrics = ws.metrics or {}
         ours = metrics.get("dynbatch") or {}
-        has_gpu = bool(ours.get("device") == "cuda" or "gpu_utilization" in metrics or "gpu" in metrics)
+        # the worker half's own finding wins: NVML may list a GPU that CUDA_VISIBLE_DEVICES hides
+        if ours.get("device"):
+            has_gpu = ours["device"] == "cuda"
+        else:
+            has_gpu = "gpu_utilization" in metrics or "gpu" in metrics
         gpu = metrics.get("gpu") or {}
         memory_total = metrics.get("gpu-memory-total") or gpu.get("memory-total")
         memory_used = metrics.get("gpu_memory_used") or gpu.get("memory-used")
@@ -151,7 +191,10 @@ class DynBatchPlugin(SchedulerPlugin):
     def state(self) -> dict[str, Any]:
         """The whole cluster view, JSON-able (models without their payloads)."""
         return {
-            "models": {n: {k: v for k, v in m.items() if k != "payload"} for n, m in self.models.items()},
+            "models": {
+                n: {k: (sorted(v) if k == "clients" else v) for k, v in m.items() if k != "payload"}
+                for n, m in self.models.items()
+            },
             "workers": {a: self.worker_view(a) for a in self.scheduler.workers},
             "batchers": dict(self.batchers),
         }

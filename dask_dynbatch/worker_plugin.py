@@ -10,7 +10,7 @@ import asyncio
 import logging
 import pickle
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from distributed.worker import _worker_cvar
 from tornado.ioloop import PeriodicCallback
 
 from .benchmark import LazyModelTable, benchmark_device
+from .errors import InputSignatureError
 from .runtime import LoadedModel, bisect_poison, choose_device, tune_malloc_for_inference, visible_gpu_count
 from .sizing import MemorySizer, run_split_on_oom
 from .telemetry import detect_memory_source, device_telemetry
@@ -104,6 +105,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             self.executor.submit(self._run_benchmark)
         worker.handlers["dynbatch_run"] = self.run_batch
         worker.handlers["dynbatch_benchmark"] = self.rerun_benchmark
+        worker.handlers["dynbatch_unload"] = self.unload_models
         worker.metrics["dynbatch"] = self.heartbeat_metrics
         worker.extensions["dynbatch"] = self
 
@@ -111,6 +113,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self._poller.stop()
         worker.handlers.pop("dynbatch_run", None)
         worker.handlers.pop("dynbatch_benchmark", None)
+        worker.handlers.pop("dynbatch_unload", None)
         worker.metrics.pop("dynbatch", None)
         worker.extensions.pop("dynbatch", None)
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -205,6 +208,27 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             logger.info("dynbatch: loaded model %r on %s in %.2fs", name, device, loaded.load_seconds)
             return loaded
 
+    def unload_models(self, names: list[str]) -> list[str]:
+        """Handler ``dynbatch_unload``: forget models no client uses any more (their weights,
+        statistics, memory profiles). A batch still running keeps its own reference. Returns the
+        names that were loaded here."""
+        unloaded = []
+        for name in names:
+            loaded = self.models.pop(name, None)
+            self.stats.pop(name, None)
+            self.model_tables.pop(name, None)
+            self._load_locks.pop(name, None)
+            if loaded is None:
+                continue
+            sizer = self.sizers.get(loaded.device)
+            if sizer is not None:
+                sizer.forget(name)
+            loaded.free_cache()
+            unloaded.append(name)
+        if unloaded:
+            logger.info("dynbatch: unloaded models %s (no client uses them)", unloaded)
+        return unloaded
+
     async def _fetch_keys(self, keys: list) -> dict:
         """Data of Dask Futures given as inputs, from this worker or its peers."""
         data = {k: self.worker.data[k] for k in keys if k in self.worker.data}
@@ -225,15 +249,17 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         n: int,
         batch: Any = None,
         keyed: list[tuple[int, Any]] | None = None,
+        signature: tuple[tuple[int, ...], str] | None = None,
     ) -> dict[str, Any]:
         """Run one batch of ``n`` requests; ``batch`` holds the stacked inline rows, ``keyed`` the
-        ``(row, key)`` pairs of rows given as Dask Futures."""
+        ``(row, key)`` pairs of rows given as Dask Futures, ``signature`` the client's
+        ``(shape, dtype)`` of one sample that those must match."""
         received = time.perf_counter()
         try:
             loaded = await self.get_model(model, token)
             row_errors: dict[int, BaseException] = {}
             if keyed:
-                batch, row_errors = await self._assemble(n, batch, keyed)
+                batch, row_errors = await self._assemble(n, batch, keyed, signature)
             loop = asyncio.get_running_loop()
             pieces, errors, compute_s = await loop.run_in_executor(
                 self.executor, self._as_worker, self._execute, loaded, batch, row_errors
@@ -247,10 +273,11 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         stats.failed_samples += len(errors)
         stats.compute_seconds += compute_s
         stats.recent.append((time.time(), n, compute_s))
-        table = self.model_tables.get(model)
-        if table is None:
-            table = self.model_tables[model] = LazyModelTable(model, loaded.device)
-        table.observe(n - len(errors), compute_s)  # the model's own load-performance table, from use
+        if n > len(errors):  # some rows ran (a batch of inputs that all failed to arrive did not)
+            table = self.model_tables.get(model)
+            if table is None:
+                table = self.model_tables[model] = LazyModelTable(model, loaded.device)
+            table.observe(n - len(errors), compute_s)  # the model's own load-performance table, from use
         return {
             "status": "OK",
             "pieces": [(rows, to_serialize(out)) for rows, out in pieces],
@@ -261,22 +288,48 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             "cap": self.sizers[loaded.device].cap(model),
         }
 
-    async def _assemble(self, n: int, inline: np.ndarray | None, keyed: list[tuple[int, Any]]):
-        """Full batch from inline rows plus rows fetched by key; a row that cannot be placed fails alone."""
+    async def _assemble(self, n: int, inline: np.ndarray | None, keyed: list[tuple[int, Any]],
+                        signature: tuple[tuple[int, ...], str] | None = None):
+        """Full batch from inline rows plus rows fetched by key; a row that cannot be placed fails alone.
+
+        Rows must match ``signature`` (the client's), else the inline rows, else the most common
+        shape and dtype among the fetched rows."""
         data = await self._fetch_keys([k for _, k in keyed])
-        keyed_rows = {row for row, _ in keyed}
-        template = inline[0] if inline is not None and len(inline) else np.asarray(data[keyed[0][1]])
-        full = np.empty((n,) + template.shape, dtype=template.dtype)
         errors: dict[int, BaseException] = {}
+        values: dict[int, np.ndarray] = {}
+        not_arrays: dict[int, str] = {}
+        for row, key in keyed:
+            try:
+                values[row] = np.asarray(data[key])
+            except Exception as exc:  # e.g. a ragged list
+                not_arrays[row] = str(exc)
+        if signature is not None:
+            shape, dtype = tuple(signature[0]), np.dtype(signature[1])
+        elif inline is not None and len(inline):  # a stacked array, or a list of samples
+            shape, dtype = inline[0].shape, inline[0].dtype
+        elif values:
+            shape, dtype = Counter((v.shape, v.dtype) for v in values.values()).most_common(1)[0][0]
+        else:
+            shape, dtype = (), np.dtype(float)  # every row failed
+        full = np.zeros((n,) + shape, dtype=dtype)
+        for row, key in keyed:
+            if row in not_arrays:
+                errors[row] = InputSignatureError(
+                    f"input from Dask Future {key!r} is not an array ({not_arrays[row]}); "
+                    f"the model expects shape {shape} and dtype {dtype}"
+                )
+        keyed_rows = {row for row, _ in keyed}
         inline_rows = [r for r in range(n) if r not in keyed_rows]
         if inline_rows:
             full[inline_rows] = inline
         for row, key in keyed:
-            value = np.asarray(data[key])
-            if value.shape != template.shape or value.dtype != template.dtype:
-                errors[row] = ValueError(
+            value = values.get(row)
+            if value is None:
+                continue
+            if value.shape != shape or value.dtype != dtype:
+                errors[row] = InputSignatureError(
                     f"input from Dask Future {key!r} has shape {value.shape} and dtype {value.dtype}; "
-                    f"the batch expects shape {template.shape} and dtype {template.dtype}"
+                    f"the model expects shape {shape} and dtype {dtype}"
                 )
             else:
                 full[row] = value
