@@ -57,8 +57,14 @@ LOST_COOLDOWN = 2.0
 #: how often the dispatcher refreshes the cluster view and reports its state (seconds)
 REFRESH_INTERVAL = 0.5
 REPORT_INTERVAL = 1.0
-#: stack batches larger than this in a thread, off the event loop
-STACK_IN_THREAD_BYTES = 1 << 20
+#: partial batches (fewer requests than the worker's batch size) are sent only while the worker
+#: has fewer batches than this in flight; full batches go up to ModelSpec.max_inflight
+PARTIAL_INFLIGHT = 2
+#: where a worker's controller starts when the spec does not say (by device kind)
+DEFAULT_INITIAL_BATCH = {"cpu": 8, "cuda": 64}
+#: samples at least this large are not stacked on the client: each travels as its own frame
+#: (no copy here) and the worker stacks them straight into the buffer the device copies from
+SEND_SAMPLES_BYTES = 64 * 1024
 
 
 class _WorkerSlot:
@@ -582,12 +588,20 @@ class Batcher:
             return REFRESH_INTERVAL
         # busy workers stay in the plan (free_slots=0): the split keeps their share for them
         loads = [self._load(s, rates.get(s.address)) for s in live]
+        full_size = {load.address: min(load.batch_size, load.cap or load.batch_size) for load in loads}
+        retry_in = REFRESH_INTERVAL
         for address, size in plan(len(self._queue), loads):
             slot = self._slots[address]
-            if len(self._queue) < size and slot.inflight > 0:
+            if size < full_size[address] and slot.inflight > 0:
+                # A partial batch for a busy worker would only wait there: keep filling it here.
+                # One batch may wait behind the running one (its transfer overlaps that compute)
+                # once the oldest request has waited max_delay; more than that must be full.
+                if slot.inflight >= PARTIAL_INFLIGHT:
+                    continue
                 oldest = self._queue.oldest_enqueued()
                 if oldest is not None and now - oldest < max_delay:
-                    return oldest + max_delay - now  # wait a little for the batch to fill
+                    retry_in = min(retry_in, oldest + max_delay - now)
+                    continue
             batch, expired = self._queue.pop(size, now)
             if expired:
                 self._fail(expired, self._timeout_error(now), "timed_out")
@@ -595,10 +609,10 @@ class Batcher:
                 slot.inflight += 1
                 slot.inflight_samples += len(batch)
                 self._inflight[id(batch)] = batch
-                asyncio.ensure_future(self._send(slot, batch, now, slot.inflight))
+                asyncio.ensure_future(self._send(slot, batch, now, slot.inflight, slot.controller.size))
         with self._room:
             self._room.notify_all()
-        return REFRESH_INTERVAL
+        return retry_in
 
     def _load(self, slot: _WorkerSlot, throughput: float | None) -> WorkerLoad:
         """The placement inputs for one worker. Memory use is what our worker half reads for its
@@ -628,12 +642,14 @@ class Batcher:
             batch_size=max(1, size),
         )
 
-    async def _send(self, slot: _WorkerSlot, reqs: list[Request], formed: float, depth: int) -> None:
-        """Send one batch and deliver its results; ``depth`` = batches in flight on that worker
-        when this one was sent, itself included. Whatever happens, every request of the batch is
+    async def _send(self, slot: _WorkerSlot, reqs: list[Request], formed: float, depth: int, proposed: int) -> None:
+        """Send one batch and deliver its results.
+
+        ``depth``: batches in flight on that worker when this one was sent, itself included;
+        ``proposed``: the controller's size then. Whatever happens, every request of the batch is
         resolved or back in the queue when this returns."""
         try:
-            await self._run_batch(slot, reqs, depth)
+            await self._run_batch(slot, reqs, depth, proposed)
         except Exception as exc:  # a reply we cannot read, a model output we cannot split...
             logger.warning("dynbatch: batch of %d for model %r failed on the client: %r", len(reqs), self.spec.name, exc)
             self._fail(reqs, exc)  # the requests not resolved yet
@@ -643,15 +659,14 @@ class Batcher:
             slot.inflight_samples -= len(reqs)
             self._wake()
 
-    async def _run_batch(self, slot: _WorkerSlot, reqs: list[Request], depth: int) -> None:
+    async def _run_batch(self, slot: _WorkerSlot, reqs: list[Request], depth: int, proposed: int) -> None:
         oldest = min(r.enqueued for r in reqs)
         inline = [r.sample for r in reqs if r.dask_future is None]
         keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
         batch = None
         if inline:
-            nbytes = inline[0].nbytes * len(inline)
-            if nbytes > STACK_IN_THREAD_BYTES:
-                batch = await asyncio.get_running_loop().run_in_executor(None, stack_samples, inline)
+            if inline[0].nbytes >= SEND_SAMPLES_BYTES:
+                batch = inline  # large samples travel as they are; the worker stacks them
             else:
                 batch = stack_samples(inline)
         signature = None
@@ -702,10 +717,14 @@ class Batcher:
         if "cap" in reply:
             slot.cap = reply["cap"]
             slot.controller.set_cap(slot.cap)
-        latency = (done - sent) + min(sent - oldest, self.spec.max_delay)
-        proposed_before = slot.controller.size
-        slot.controller.observe(n, latency, service_s)
-        self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed_before))
+        formation_wait = min(sent - oldest, self.spec.max_delay)
+        latency = (done - sent) + formation_wait  # what its requests saw (after leaving the queue)
+        # The controller is held to the batch's own latency (formation wait + its share of the
+        # pipeline), not to the wait behind the other batches in flight with it: that wait comes
+        # from the load, and shrinking batches would only lower throughput and lengthen it.
+        if not reply.get("cold"):
+            slot.controller.observe(n, formation_wait + service_s, service_s, proposed=proposed)
+        self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed))
 
     def _deliver(self, reqs: list[Request], reply: dict, done: float) -> None:
         self._latencies.extend(done - r.enqueued for r in reqs)
@@ -788,7 +807,9 @@ class Batcher:
 
     def _new_controller(self, device: str) -> BatchSizeController:
         limit = self.spec.batch_limit(device)
-        initial = min(self.spec.initial_batch_size, limit) if limit else self.spec.initial_batch_size
+        initial = self.spec.initial_batch_size or DEFAULT_INITIAL_BATCH.get(device, 8)
+        if limit:
+            initial = min(initial, limit)
         return BatchSizeController(self.spec.latency_target, initial_size=initial, max_size=limit)
 
     async def _report(self) -> None:

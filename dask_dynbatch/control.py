@@ -393,6 +393,7 @@ class BatchSizeController:
         self._run_length = 0  # steps taken in the current run
         self._holds_under_target = 0  # consecutive full batches under target since the last move
         self._probe_origin: int | None = None  # size a probing growth run started from
+        self._size_before_cap: int | None = None  # size chosen before a memory cap squeezed it
         self._size_before_step = self._size  # proposal before the last change of size
         self._size_trend = mann_kendall(self._recent_sizes, alpha=self._alpha)
         self._latency_trend = mann_kendall([], alpha=self._alpha)
@@ -416,7 +417,7 @@ class BatchSizeController:
         """Current memory cap (None: none)."""
         return self._cap
 
-    def observe(self, size: int, latency: float, service_time: float) -> int:
+    def observe(self, size: int, latency: float, service_time: float, proposed: int | None = None) -> int:
         """Learn from one finished batch and return the next proposal.
 
         Parameters
@@ -428,6 +429,11 @@ class BatchSizeController:
         service_time : float
             Seconds the worker was busy with it; ``size / service_time`` is its throughput.  A value
             <= 0 or not finite is ignored for throughput.
+        proposed : int, optional
+            The proposal in force when the batch was formed (default: the current one).  With
+            several batches in flight, results arrive for batches formed under earlier proposals:
+            a batch is *short* only when it is smaller than the proposal it was formed under, and a
+            full batch formed before the last change says nothing about the current proposal.
 
         Returns
         -------
@@ -448,10 +454,14 @@ class BatchSizeController:
         self._size_trend = mann_kendall(self._recent_sizes, alpha=self._alpha)
         self._latency_trend = mann_kendall(self._latency_residuals(), alpha=self._alpha)
 
+        formed_under = proposal if proposed is None else int(proposed)
         if latency > self._target:
             decision = self._on_late_batch(size, latency, proposal)
-        elif size < proposal:
-            reason = f"batch ran short ({size} of {proposal}): no evidence about {proposal}, hold"
+        elif size < min(formed_under, proposal):
+            reason = f"batch ran short ({size} of {formed_under}): no evidence about {proposal}, hold"
+            decision = _Decision(proposal, "hold", reason, "neutral")
+        elif formed_under < proposal:
+            reason = f"batch of {size} was formed before the proposal grew to {proposal}: wait for its evidence"
             decision = _Decision(proposal, "hold", reason, "neutral")
         else:
             decision = self._on_target_met(size, latency, proposal)
@@ -474,6 +484,8 @@ class BatchSizeController:
         bounded = self._bounded(self._size)
         if bounded < self._size:
             self._reason = f"memory cap {cap} lowered the size from {self._size} to {bounded}"
+            # remember what the controller had chosen, to return to it when memory comes back
+            self._size_before_cap = max(self._size, self._size_before_cap or 0)
             self._size = bounded
             # An outside clamp is no trend of ours: restart the window, and let growth resume as a
             # fresh run as soon as the cap lifts.
@@ -483,6 +495,16 @@ class BatchSizeController:
         elif was_binding and (cap is None or cap > self._size):
             self._patience = self._base_patience
             self._run_direction, self._run_length = +1, 0
+            before = self._size_before_cap
+            if before is not None and before > self._size:
+                # memory came back: return at once to the size chosen before the squeeze (within
+                # the new cap), instead of climbing back from the cap by additive steps
+                restored = self._bounded(before)
+                self._reason = f"memory cap lifted to {cap}: back from {self._size} to {restored}"
+                self._size = restored
+                self._recent_sizes = deque([restored], maxlen=self._window)
+                if cap is None or cap >= before:
+                    self._size_before_cap = None
 
     def set_target(self, latency_target: float) -> None:
         """Change the latency target.

@@ -88,3 +88,41 @@ def build_numpy_mlp(device: str = "cpu", features: int = 256, hidden: int = 1024
         return h @ b
 
     return mlp
+
+
+def build_resnet50(device: str = "cpu") -> Any:
+    """ResNet-50 (torchvision, random weights: nothing is downloaded) for uint8 224x224x3 images.
+
+    The S10 variant per device: fp16 and channels-last on CUDA, fp32 on CPU. Inputs arrive as the
+    client sent them (uint8, NHWC); the conversion runs on the device inside ``forward``.
+    """
+    import torch
+    import torchvision
+    from torch import nn
+
+    cuda = str(device).startswith("cuda")
+    dtype = torch.float16 if cuda else torch.float32
+
+    class ResNet50FromUint8(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torchvision.models.resnet50(weights=None)
+            self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255)
+            self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            x = images.permute(0, 3, 1, 2).to(dtype)
+            x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            return self.net(x)
+
+    model = ResNet50FromUint8().eval()
+    _deterministic_init(model)
+    model = model.to(dtype=dtype)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def resnet_images(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` random uint8 images of shape (224, 224, 3)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 224, 224, 3), dtype=np.uint8)

@@ -86,6 +86,32 @@ class LoadedModel:
 
         self.model = self.model.to(self.device).eval()
         self._torch_device = torch.device(self.device)
+        self._copy_stream = torch.cuda.Stream(self._torch_device) if self._torch_device.type == "cuda" else None
+
+    @property
+    def stages_on_device(self) -> bool:
+        """Whether :meth:`stage` moves batches to the device (torch module on CUDA, default predict)."""
+        return self.is_torch and self.spec.predict is None and self._copy_stream is not None
+
+    def stage(self, batch: np.ndarray | list[np.ndarray]) -> Any:
+        """Prepare a batch ahead of its turn, in a transfer thread, so that it overlaps the compute
+        of the batch before: stack samples that arrived one by one (into pinned memory when the
+        batch goes to a GPU) and copy the batch to the device on a side stream. Returns what
+        :meth:`__call__` takes: a device tensor, or a stacked host array."""
+        if not self.stages_on_device:
+            return np.stack(batch) if isinstance(batch, list) else batch
+        import torch
+
+        if isinstance(batch, list):
+            rows = [torch.from_numpy(sample) for sample in batch]
+            host = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, pin_memory=True)
+            torch.stack(rows, out=host)  # torch copies without holding the GIL; numpy would hold it
+        else:
+            host = torch.from_numpy(batch).pin_memory()
+        with torch.cuda.stream(self._copy_stream):
+            x = host.to(self._torch_device, non_blocking=True)
+        self._copy_stream.synchronize()  # blocks this transfer thread only
+        return x
 
     def __call__(self, batch: np.ndarray) -> Any:
         """Run one stacked batch; returns host NumPy outputs."""
@@ -95,8 +121,8 @@ class LoadedModel:
             import torch
 
             with torch.inference_mode():
-                x = torch.from_numpy(batch)
-                if self._torch_device.type != "cpu":
+                x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
+                if x.device != self._torch_device:
                     x = x.to(self._torch_device, non_blocking=True)
                 return to_numpy(self.model(x))
         if self.device.startswith("cuda"):
@@ -132,8 +158,9 @@ class LoadedModel:
         from .sizing import estimate_bytes_per_sample
 
         n = max(1, len(batch))
-        out_nbytes = sum(a.nbytes for a in _leaves(outputs))
-        return int(n * estimate_bytes_per_sample(batch.nbytes / n, out_nbytes / n))
+        in_nbytes = sum(_nbytes(a) for a in _leaves(batch))
+        out_nbytes = sum(_nbytes(a) for a in _leaves(outputs))
+        return int(n * estimate_bytes_per_sample(in_nbytes / n, out_nbytes / n))
 
     def free_cache(self) -> None:
         """Return cached device memory after an out-of-memory error."""
@@ -152,7 +179,14 @@ def _leaves(value: Any) -> list:
         return [x for v in value.values() for x in _leaves(v)]
     if isinstance(value, (tuple, list)):
         return [x for v in value for x in _leaves(v)]
-    return [value] if hasattr(value, "nbytes") else []
+    return [value] if hasattr(value, "nbytes") or hasattr(value, "element_size") else []
+
+
+def _nbytes(array: Any) -> int:
+    nbytes = getattr(array, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    return array.numel() * array.element_size()  # torch tensors
 
 
 # glibc mallopt parameters

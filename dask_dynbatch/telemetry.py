@@ -31,9 +31,11 @@ so this module imports on a CPU-only machine without them.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -619,3 +621,28 @@ def device_telemetry(source: MemorySource) -> dict[str, Any]:
         min(1.0, max(0.0, 1.0 - reading.effective_free / capacity)) if capacity > 0 else None
     )
     return out
+
+
+class CachedMemorySource:
+    """A source whose readings are reused for ``max_age`` seconds.
+
+    A batch asks for free memory several times (its cap, its reservation, the cap sent back);
+    torch's allocator statistics cost about a millisecond a reading, so one reading serves them all.
+    """
+
+    def __init__(self, source: MemorySource, max_age: float = 0.005, clock=time.monotonic):
+        self.source = source
+        self.max_age = max_age
+        self._clock = clock
+        self._reading: DeviceMemory | None = None
+        self._read_at = -math.inf
+        self._lock = threading.Lock()
+        self.name = getattr(source, "name", type(source).__name__)
+
+    def read(self) -> DeviceMemory:
+        with self._lock:
+            now = self._clock()
+            if self._reading is None or now - self._read_at > self.max_age:
+                self._reading = self.source.read()
+                self._read_at = now
+            return self._reading

@@ -18,7 +18,7 @@ import dask
 import numpy as np
 from distributed import WorkerPlugin
 from distributed.core import error_message
-from distributed.protocol import to_serialize
+from distributed.protocol import Serialize, to_serialize
 from distributed.utils_comm import gather_from_workers
 from distributed.worker import _worker_cvar
 from tornado.ioloop import PeriodicCallback
@@ -27,7 +27,7 @@ from .benchmark import LazyModelTable, benchmark_device
 from .errors import InputSignatureError
 from .runtime import LoadedModel, bisect_poison, choose_device, tune_malloc_for_inference, visible_gpu_count
 from .sizing import MemorySizer, run_split_on_oom
-from .telemetry import detect_memory_source, device_telemetry
+from .telemetry import CachedMemorySource, detect_memory_source, device_telemetry
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -88,6 +88,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         # one thread per device: batches on a device run one after another, while the event loop
         # receives the next batch (transfer overlaps compute)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="dynbatch")
+        # copies to the device happen here, so that the next batch's transfer overlaps this one's compute
+        self.stager = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-stage")
         self.gpu_count = visible_gpu_count()
         self.malloc_tuned = tune_malloc_for_inference() if self.tune_malloc else False
         self.sizers: dict[str, MemorySizer] = {}
@@ -117,6 +119,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         worker.metrics.pop("dynbatch", None)
         worker.extensions.pop("dynbatch", None)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.stager.shutdown(wait=False, cancel_futures=True)
 
     # -- telemetry -----------------------------------------------------------------------------
     def heartbeat_metrics(self, worker: Worker) -> dict[str, Any]:
@@ -169,7 +172,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         """The memory sizer of a device, shared by every model on it."""
         sizer = self.sizers.get(device)
         if sizer is None:
-            source = detect_memory_source(device, memory_limit=self.worker.memory_manager.memory_limit)
+            source = CachedMemorySource(detect_memory_source(device, memory_limit=self.worker.memory_manager.memory_limit))
             sizer = self.sizers[device] = MemorySizer(
                 source, safety_margin=self.safety_margin, budget=self.budget, min_change=self.min_change
             )
@@ -255,12 +258,17 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         ``(row, key)`` pairs of rows given as Dask Futures, ``signature`` the client's
         ``(shape, dtype)`` of one sample that those must match."""
         received = time.perf_counter()
+        if isinstance(batch, Serialize):  # the in-process transport does not serialise
+            batch = batch.data
         try:
+            cold = model not in self.models or self.models[model].token != token
             loaded = await self.get_model(model, token)
             row_errors: dict[int, BaseException] = {}
             if keyed:
                 batch, row_errors = await self._assemble(n, batch, keyed, signature)
             loop = asyncio.get_running_loop()
+            if not row_errors and (loaded.stages_on_device or isinstance(batch, list)):
+                batch = await loop.run_in_executor(self.stager, loaded.stage, batch)
             pieces, errors, compute_s = await loop.run_in_executor(
                 self.executor, self._as_worker, self._execute, loaded, batch, row_errors
             )
@@ -283,6 +291,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             "pieces": [(rows, to_serialize(out)) for rows, out in pieces],
             "errors": [(row, error_message(exc)) for row, exc in errors.items()],
             "compute_s": compute_s,
+            "cold": cold,  # the model was loaded for this batch: its latency says nothing about size
             "worker_s": time.perf_counter() - received,
             "device": loaded.device,
             "cap": self.sizers[loaded.device].cap(model),

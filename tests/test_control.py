@@ -615,3 +615,16 @@ def test_size_bucket():
     buckets = [size_bucket(s) for s in range(1, 2000)]
     assert buckets == sorted(buckets)
     assert all(abs(size_bucket(s) - s) / s <= 0.06 for s in range(17, 2000))
+
+
+def test_size_returns_after_memory_squeeze():
+    """A cap that squeezed the size down and then lifts gives the size chosen before it back."""
+    from dask_dynbatch.control import BatchSizeController
+
+    c = BatchSizeController(1.0, initial_size=300)
+    c.set_cap(1)
+    assert c.size == 1
+    c.set_cap(50)
+    assert c.size == 50  # within the new cap
+    c.set_cap(None)
+    assert c.size == 300

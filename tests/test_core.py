@@ -210,3 +210,16 @@ def test_multiprocess_cluster_end_to_end():
             state = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.extensions["dynbatch"].state())
             assert "tiny-cnn" in state["models"]
             batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_large_samples_are_stacked_on_the_worker(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine, max_batch_size=16))
+    xs = [np.full((160, 160, 3), float(i), dtype=np.float32) for i in range(40)]  # 300 KB each
+    remote = c.submit(np.full, (160, 160, 3), 99.0, dtype=np.float32, pure=False)
+    results = await asyncio.gather(*batcher.map(xs + [remote]))
+    for i, r in enumerate(results[:40]):
+        np.testing.assert_array_equal(r, xs[i] * 2 + 1)
+    np.testing.assert_array_equal(results[40], np.full((160, 160, 3), 199.0, dtype=np.float32))
+    batcher.close()
