@@ -1,0 +1,353 @@
+"""The GPU case of MISSION.md on the lent GPU machine: ResNet-50 fp16 channels-last on uint8
+224x224 images sent from the client, every contender on the same cluster in one run.
+
+Sections (``--sections``, comma separated; each writes into one JSON as it finishes):
+  raw       the model alone, inputs already on the GPU, batch 1..512 (the ceiling)
+  plain     plain Dask: one task per request; hand-chunked 32/128/512
+  dynbatch  dask-dynbatch with default settings, closed loop
+  open      open loop, Poisson arrivals at 30/70/100 % of the measured capacity
+  cupy      a CuPy MLP: batched results against NumPy, throughput
+  pressure  another process takes most free GPU memory mid-run, then releases it
+  hetero    one GPU worker plus two CPU workers (placement)
+  shared    two workers on the one GPU, one with a much smaller memory budget
+  daskcuda  the dynbatch closed loop again on dask-cuda's LocalCUDACluster
+
+    python benchmarks/gpu_case.py --out DIR --sections raw,plain,dynbatch,open,cupy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_stamp, open_loop, rate  # noqa: E402
+
+import dask_dynbatch as ddb  # noqa: E402
+from dask_dynbatch import baselines  # noqa: E402
+from dask_dynbatch.examples import build_numpy_mlp, build_resnet50, resnet_images  # noqa: E402
+
+POOL = 1024  # distinct images; requests reuse them
+
+if os.environ.get("DYNBATCH_SMOKE"):  # a CPU smoke test of this script: the tiny CNN instead
+    from dask_dynbatch.examples import build_tiny_cnn as build_resnet50  # noqa: F811
+    from dask_dynbatch.examples import tiny_cnn_images as resnet_images  # noqa: F811
+
+
+def start_cluster(**kw):
+    from distributed import Client, LocalCluster
+
+    kw.setdefault("n_workers", 1)
+    kw.setdefault("threads_per_worker", 1)
+    cluster = LocalCluster(processes=True, dashboard_address=":0", **kw)
+    client = Client(cluster)
+    return cluster, client
+
+
+def sec_raw(client, images, res, args):
+    ((_, table),) = client.run(baselines.raw_loop, build_resnet50, images[0], [1, 64, 128, 256, 512], 3.0).items()
+    res["raw"] = {str(k): v for k, v in table.items()}
+    res["ceiling"] = max(table.values())
+
+
+def sec_plain(client, images, res, args):
+    out = {}
+    load = build_resnet50
+    n1 = 400
+    client.gather(client.map(baselines.predict_one, [load] * 8, list(images[:8]), pure=False))
+    out["one_task_per_request"], _ = rate(n1, lambda: client.gather(
+        client.map(baselines.predict_one, [load] * n1, list(images[:n1]), pure=False)))
+    many = np.concatenate([images] * 4)  # 4096 images
+    for chunk in (32, 128, 512):
+        chunks = [many[i: i + chunk] for i in range(0, len(many), chunk)]
+        client.gather(client.map(baselines.predict_chunk, [load] * 2, chunks[:2], pure=False))
+        out[f"chunked_{chunk}"], _ = rate(len(many), lambda: client.gather(
+            client.map(baselines.predict_chunk, [load] * len(chunks), chunks, pure=False)))
+    res["plain"] = out
+
+
+def closed_loop(client, images, name, n, profile_dir=None, **spec_kw):
+    spec = ddb.ModelSpec(name, load=build_resnet50, **spec_kw)
+    samples = [images[i % len(images)] for i in range(n)]
+    with ddb.Batcher(client, spec) as batcher:
+        [f.result() for f in batcher.map(samples[: n // 5])]  # load + let the controller climb
+        profilers = []
+        if profile_dir:  # py-spy of the worker and this client while the timed run goes on
+            pids = {"worker": next(iter(client.run(os.getpid).values())), "client": os.getpid()}
+            profilers = [subprocess.Popen(["py-spy", "record", "--format", "raw", "-d", "4", "-r", "200", "--threads",
+                                           "-o", str(Path(profile_dir) / f"{who}.txt"), "--pid", str(pid)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for who, pid in pids.items()]
+        throughput, seconds = rate(n, lambda: [f.result() for f in batcher.map(samples)])
+        for p in profilers:
+            p.wait(timeout=30)
+        stats = batcher.stats()
+        hist = batcher.history()
+    return {
+        "throughput": throughput,
+        "seconds": seconds,
+        "requests": n,
+        "latency_p50_ms": stats["latency_p50"] * 1e3,
+        "latency_p99_ms": stats["latency_p99"] * 1e3,
+        "workers": {a: {k: w[k] for k in ("device", "samples", "batches", "memory_cap", "throughput")}
+                    | {"controller_size": w["controller"]["size"], "reason": w["controller"]["reason"]}
+                    for a, w in stats["workers"].items()},
+        "history": [(h["time"], h["worker"], h["size"], h["latency"], h["cap"]) for h in hist[-3000:]],
+    }
+
+
+def sec_dynbatch(client, images, res, args):
+    res["dynbatch"] = closed_loop(client, images, "resnet50", args.requests, profile_dir=args.profile and args.out)
+    if res.get("ceiling"):
+        res["dynbatch"]["ratio_to_ceiling"] = res["dynbatch"]["throughput"] / res["ceiling"]
+
+
+def sec_open(client, images, res, args):
+    capacity = res.get("dynbatch", {}).get("throughput") or 10_000
+    spec = ddb.ModelSpec("resnet50-open", load=build_resnet50)
+    out = []
+    with ddb.Batcher(client, spec) as batcher:
+        [f.result() for f in batcher.map([images[i % POOL] for i in range(8000)])]
+        for frac in (0.3, 0.7, 1.0):
+            out.append(open_loop(batcher, images, frac * capacity, 6.0) | {"load": frac})
+            print(out[-1], flush=True)
+    res["open_loop"] = out
+    res["latency_target_ms"] = spec.latency_target * 1e3
+
+
+def sec_cupy(client, images, res, args):
+    import cupy  # noqa: F401  (fails the section clearly if absent)
+
+    xs = np.random.default_rng(1).standard_normal((20_000, 256), dtype=np.float32)
+    spec = ddb.ModelSpec("cupy-mlp", load=build_numpy_mlp)
+    with ddb.Batcher(client, spec) as batcher:
+        got = np.stack([f.result() for f in batcher.map(xs[:2000])])
+        expected = build_numpy_mlp("cpu")(xs[:2000])
+        err = float(np.max(np.abs(got - expected)))
+        throughput, _ = rate(len(xs), lambda: [f.result() for f in batcher.map(xs)])
+        devices = {a: w["device"] for a, w in batcher.stats()["workers"].items()}
+    res["cupy"] = {"max_abs_error_vs_numpy": err, "throughput": throughput, "devices": devices}
+
+
+HOG = r"""
+import sys, time, torch
+keep = int(float(sys.argv[1]) * 2**30); hold = float(sys.argv[2])
+free, total = torch.cuda.mem_get_info()
+blocks = []
+deadline = time.time() + hold
+while time.time() < deadline:          # greedy neighbour: take whatever frees up, down to `keep`
+    free, total = torch.cuda.mem_get_info()
+    grab = free - keep
+    if grab > 256 * 2**20:
+        try:
+            blocks.append(torch.empty(grab, dtype=torch.uint8, device="cuda"))
+            print("hog holds", sum(b.numel() for b in blocks) / 2**30, "GiB", flush=True)
+        except torch.cuda.OutOfMemoryError:
+            pass
+    time.sleep(0.05)
+print("hog releases", flush=True)
+"""
+
+
+def sec_pressure(client, images, res, args):
+    """Memory taken mid-run by another process: dynbatch keeps serving; a fixed batch of 512 fails."""
+    spec = ddb.ModelSpec("resnet50-pressure", load=build_resnet50)
+    samples = [images[i % POOL] for i in range(args.pressure_requests)]
+    timeline = []
+    stop = threading.Event()
+
+    def sample_memory():
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        while not stop.is_set():
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            timeline.append((time.time(), info.free / 2**30))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    sampler.start()
+    hog_path = Path(args.out) / "hog.py"
+    hog_path.write_text(HOG)
+    with ddb.Batcher(client, spec) as batcher:
+        [f.result() for f in batcher.map(samples[:8000])]
+        started = time.time()
+        futures = batcher.map(samples)
+        time.sleep(1.5)
+        hog = subprocess.Popen([sys.executable, str(hog_path), str(args.hog_keep_gib), "6"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        hog_started = time.time()
+        failures = 0
+        for f in futures:
+            try:
+                f.result()
+            except Exception:
+                failures += 1
+        hog_out = hog.communicate(timeout=60)[0]
+        # keep going after the release so the batch size can be seen recovering
+        more = batcher.map(samples[: len(samples) // 2])
+        failures += sum(1 for f in more if f.exception() is not None)
+        finished = time.time()
+        hist = batcher.history()
+        stats = batcher.stats()
+    stop.set()
+    # the same workload at a fixed batch of 512 (hand-chunked Dask) while the hog holds memory
+    hog = subprocess.Popen([sys.executable, str(hog_path), str(args.hog_keep_gib), "8"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)
+    many = np.stack(samples[:4096])
+    chunks = [many[i: i + 512] for i in range(0, len(many), 512)]
+    fixed = client.map(baselines.predict_chunk, [build_resnet50] * len(chunks), chunks, pure=False)
+    fixed_failed, fixed_errors = 0, set()
+    for f in fixed:
+        try:
+            f.result()
+        except Exception as e:
+            fixed_failed += 1
+            fixed_errors.add(f"{type(e).__name__}: {str(e)[:120]}")
+    hog.communicate(timeout=60)
+    res["pressure"] = {
+        "requests": len(samples) + len(samples) // 2,
+        "failed": failures,
+        "delivered": stats["delivered"],
+        "hog_started_s": hog_started - started,
+        "hog_output": hog_out[-2000:],
+        "history": [(h["time"] - started, h["size"], h["cap"], h["latency"]) for h in hist],
+        "free_gib": [(t - started, f) for t, f in timeline],
+        "seconds": finished - started,
+        "fixed_512_chunks": len(chunks),
+        "fixed_512_failed_chunks": fixed_failed,
+        "fixed_512_errors": sorted(fixed_errors),
+        "workers": {a: {"ooms_seen_cap": w["memory_cap"], "controller": w["controller"]["size"]}
+                    for a, w in stats["workers"].items()},
+    }
+
+
+def sec_hetero(images, res, args):
+    """One GPU worker and two CPU workers serving ResNet-50."""
+    from distributed import Client, LocalCluster, Nanny
+
+    cluster = LocalCluster(n_workers=0, processes=True, dashboard_address=":0")
+    client = Client(cluster)
+    try:
+        client.register_plugin(ddb.DynBatchPlugin())
+        loop_nannies = []
+        for i, env in enumerate([{}, {"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": ""}]):
+            loop_nannies.append(cluster.sync(Nanny, cluster.scheduler_address, nthreads=4 if i else 1,
+                                             env=env, name=f"{'gpu' if i == 0 else 'cpu'}-{i}"))
+        client.wait_for_workers(3)
+        time.sleep(4)  # reference benchmarks (scores) reach the scheduler
+        gpu_only = closed_loop(client, images, "resnet50-gpu-only", args.requests // 2, resources=None, device="cuda")
+        both = closed_loop(client, images, "resnet50-hetero", args.requests // 2)
+        res["hetero"] = both | {"gpu_only_throughput": gpu_only["throughput"],
+                                "ratio_to_gpu_only": both["throughput"] / gpu_only["throughput"]}
+    finally:
+        for n in locals().get("loop_nannies", []):
+            cluster.sync(n.close)
+        client.close()
+        cluster.close()
+
+
+def sec_shared(images, res, args):
+    """Two workers on one GPU, with memory budgets 0.5 and 0.05 (issue 10's one-GPU variant)."""
+    from distributed import Client, LocalCluster, Nanny
+
+    cluster = LocalCluster(n_workers=0, processes=True, dashboard_address=":0")
+    client = Client(cluster)
+    nannies = []
+    try:
+        client.register_plugin(ddb.DynBatchPlugin())
+        for name, budget in (("big", "0.5"), ("small", "0.05")):
+            nannies.append(cluster.sync(Nanny, cluster.scheduler_address, nthreads=1, name=name,
+                                        env={"DASK_DYNBATCH__MEMORY_BUDGET": budget}))
+        client.wait_for_workers(2)
+        res["shared_gpu"] = closed_loop(client, images, "resnet50-shared", args.requests // 2)
+    finally:
+        for n in nannies:
+            cluster.sync(n.close)
+        client.close()
+        cluster.close()
+
+
+def sec_daskcuda(images, res, args):
+    from dask_cuda import LocalCUDACluster
+    from distributed import Client
+
+    with LocalCUDACluster(dashboard_address=":0") as cluster, Client(cluster) as client:
+        client.register_plugin(ddb.DynBatchPlugin())
+        out = closed_loop(client, images, "resnet50-cuda", args.requests)
+        state = client.run_on_scheduler(lambda dask_scheduler: {
+            a: {k: v for k, v in ws.metrics.items() if k.startswith("gpu")} for a, ws in dask_scheduler.workers.items()})
+        out["scheduler_gpu_metrics"] = state
+        res["dask_cuda"] = out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--sections", default="raw,plain,dynbatch,open,cupy")
+    parser.add_argument("--requests", type=int, default=40_000)
+    parser.add_argument("--pressure-requests", type=int, default=60_000)
+    parser.add_argument("--hog-keep-gib", type=float, default=2.0)
+    parser.add_argument("--name", default="gpu_case")
+    parser.add_argument("--profile", action="store_true", help="py-spy profiles of the dynbatch closed loop")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.name}.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    res["machine"] = machine_stamp()
+    images = resnet_images(POOL)
+    sections = args.sections.split(",")
+
+    def save():
+        path.write_text(json.dumps(res, indent=1, default=float))
+
+    in_cluster = [s for s in sections if s in ("raw", "plain", "dynbatch", "open", "cupy", "pressure")]
+    if in_cluster:
+        cluster, client = start_cluster()
+        try:
+            # every contender runs on the same worker, under the same worker settings
+            client.register_plugin(ddb.DynBatchPlugin())
+            for s in in_cluster:
+                t0 = time.time()
+                try:
+                    globals()[f"sec_{s}"](client, images, res, args)
+                except Exception:
+                    res.setdefault("errors", {})[s] = traceback.format_exc()[-3000:]
+                res.setdefault("section_seconds", {})[s] = time.time() - t0
+                print(s, "done in", round(time.time() - t0, 1), "s", {k: v for k, v in res.items() if k == s and not isinstance(v, dict)}, flush=True)
+                save()
+        finally:
+            client.close()
+            cluster.close()
+    for s in ("hetero", "shared", "daskcuda"):
+        if s in sections:
+            t0 = time.time()
+            try:
+                globals()[f"sec_{s}"](images, res, args)
+            except Exception:
+                res.setdefault("errors", {})[s] = traceback.format_exc()[-3000:]
+            res.setdefault("section_seconds", {})[s] = time.time() - t0
+            print(s, "done in", round(time.time() - t0, 1), "s", flush=True)
+            save()
+    save()
+    summary = {k: res.get(k) for k in ("ceiling",)}
+    summary["dynbatch"] = res.get("dynbatch", {}).get("throughput")
+    summary["ratio"] = res.get("dynbatch", {}).get("ratio_to_ceiling")
+    summary["plain"] = res.get("plain")
+    summary["errors"] = list(res.get("errors", {}))
+    print(json.dumps(summary, indent=1, default=float), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Plots of the GPU case: ``python benchmarks/plot_gpu.py`` reads benchmarks/results/gpu_case*.json
+and writes a PNG beside each."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def plot_main(r: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    ax = axes[0]
+    labels, values = [], []
+    for k, v in sorted(r.get("raw", {}).items(), key=lambda kv: int(kv[0])):
+        labels.append(f"raw {k}")
+        values.append(v)
+    for k, v in (r.get("plain") or {}).items():
+        labels.append(k.replace("_", " "))
+        values.append(v)
+    for key, label in (("dynbatch", "dynbatch default"), ("dask_cuda", "dynbatch on dask-cuda"),
+                       ("shared_gpu", "2 workers on 1 GPU"), ("hetero", "GPU + 2 CPU workers")):
+        if r.get(key):
+            labels.append(label)
+            values.append(r[key]["throughput"])
+    ax.bar(range(len(values)), values, color=["#999"] * len(r.get("raw", {})) + ["#c66"] * len(r.get("plain") or {}) + ["#36c"] * 4)
+    ax.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("images/s")
+    ax.set_title("ResNet-50 fp16, uint8 224x224 from the client")
+    ol = r.get("open_loop") or []
+    ax = axes[1]
+    if ol:
+        ax.plot([o["load"] for o in ol], [o["p50_ms"] for o in ol], "o-", label="p50")
+        ax.plot([o["load"] for o in ol], [o["p99_ms"] for o in ol], "o-", label="p99")
+        ax.axhline(r["latency_target_ms"], color="k", ls="--", label="latency target")
+        ax.axhline(2 * r["latency_target_ms"], color="k", ls=":", label="2x target")
+        ax.set_xlabel("offered load / closed-loop capacity")
+        ax.set_ylabel("request latency ms")
+        ax.set_title("open loop (Poisson)")
+        ax.legend(fontsize=8)
+    plot_pressure(r.get("pressure"), axes[2])
+    m = r["machine"]
+    fig.suptitle(f"{m.get('gpu')} | torch {m.get('torch')} | dask {m.get('dask')} | {m.get('date')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def plot_pressure(p: dict | None, ax) -> None:
+    if not p:
+        return
+    hist = p["history"]
+    ax.plot([h[0] for h in hist], [h[1] for h in hist], ".", ms=3, label="batch size")
+    ax.set_xlabel("s since the run started")
+    ax.set_ylabel("batch size")
+    ax2 = ax.twinx()
+    ax2.plot([f[0] for f in p["free_gib"]], [f[1] for f in p["free_gib"]], "r-", lw=1, label="free GPU memory (NVML)")
+    ax2.set_ylabel("free GiB", color="r")
+    ax.set_title(f"another process takes memory: {p['failed']} of {p['requests']} requests failed;\n"
+                 f"fixed batch 512 meanwhile: {p['fixed_512_failed_chunks']} of {p['fixed_512_chunks']} chunks failed", fontsize=9)
+
+
+def main() -> None:
+    for path in sorted(RESULTS.glob("gpu_case*.json")):
+        r = json.loads(path.read_text())
+        if "raw" in r:
+            plot_main(r, path.with_suffix(".png"))
+        elif r.get("pressure"):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            plot_pressure(r["pressure"], ax)
+            fig.tight_layout()
+            fig.savefig(path.with_suffix(".png"), dpi=90)
+        print("wrote", path.with_suffix(".png"), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
