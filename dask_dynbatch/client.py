@@ -330,18 +330,16 @@ class Batcher:
             raise InputSignatureError(
                 f"{takes}; could not make an array of the {type(x).__name__} given ({exc})"
             ) from None
-        received = f"received shape {sample.shape} and dtype {sample.dtype}"
-        if not isinstance(x, np.ndarray):
-            received += f" (from a {type(x).__name__})"
         signature = self._signature
-        if signature is not None:
+        if signature is not None:  # the hot path: one comparison per request, no string formatting
             shape, dtype = signature
-            if sample.shape != shape or sample.dtype != dtype:
-                raise InputSignatureError(
-                    f"model {name!r} expects one sample of shape {shape} and dtype {dtype} "
-                    f"(no batch dimension); {received}"
-                )
-            return sample
+            if sample.shape == shape and sample.dtype == dtype:
+                return sample
+            raise InputSignatureError(
+                f"model {name!r} expects one sample of shape {shape} and dtype {dtype} "
+                f"(no batch dimension); {_received(x, sample)}"
+            )
+        received = _received(x, sample)
         # no signature yet: this sample sets it, if it can be one
         if sample.dtype.kind not in _NUMERIC_KINDS:
             raise InputSignatureError(
@@ -895,6 +893,11 @@ def _remote_exception(err: dict) -> BaseException:
         if tb_text and hasattr(exc, "add_note"):
             exc.add_note(f"traceback on the worker:\n{tb_text}")
     return exc.with_traceback(tb) if tb is not None else exc
+
+
+def _received(x: Any, sample: np.ndarray) -> str:
+    text = f"received shape {sample.shape} and dtype {sample.dtype}"
+    return text if isinstance(x, np.ndarray) else f"{text} (from a {type(x).__name__})"
 
 
 def _benchmark_score(view: dict) -> float | None:

@@ -172,7 +172,11 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         """The memory sizer of a device, shared by every model on it."""
         sizer = self.sizers.get(device)
         if sizer is None:
-            source = CachedMemorySource(detect_memory_source(device, memory_limit=self.worker.memory_manager.memory_limit))
+            # readings serve every question a batch asks; host RAM (psutil reads /proc) changes slowly
+            max_age = 0.005 if device.startswith("cuda") else 0.05
+            source = CachedMemorySource(
+                detect_memory_source(device, memory_limit=self.worker.memory_manager.memory_limit), max_age=max_age
+            )
             sizer = self.sizers[device] = MemorySizer(
                 source, safety_margin=self.safety_margin, budget=self.budget, min_change=self.min_change
             )
