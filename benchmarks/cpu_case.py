@@ -152,7 +152,7 @@ def plot(result: dict, path: Path) -> None:
     ax = axes[0]
     ax.bar(x - 0.2, vals_def, 0.4, label="Dask default worker settings")
     ax.bar(x + 0.2, vals_same, 0.4, label="same settings as dask-dynbatch")
-    ax.set_xticks(x, labels + ["dynbatch max64", "dynbatch default", "fixed 8", "fixed 32", "fixed 128", "fixed 512"], rotation=45, ha="right")
+    ax.set_xticks(x, labels + ["dynbatch max64", "dynbatch default", "max_batch 8", "max_batch 32", "max_batch 128", "max_batch 512"], rotation=45, ha="right")
     ax.set_ylabel("images/s")
     ax.set_title("closed loop throughput")
     ax.legend(fontsize=8)
