@@ -10,11 +10,9 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from distributed import Client, LocalCluster
 from distributed.protocol import to_serialize
 

@@ -32,7 +32,6 @@ from .control import BatchSizeController
 from .errors import (
     BatcherClosedError,
     InputSignatureError,
-    NoWorkerError,
     PluginNotRegisteredError,
     QueueFullError,
     RequestTimeoutError,

@@ -41,10 +41,6 @@ class BatcherClosedError(DynBatchError, RuntimeError):
         super().__init__(f"Batcher for model {name!r} is closed; create a new Batcher to submit more requests.")
 
 
-class NoWorkerError(DynBatchError, RuntimeError):
-    """No worker can run the model (none has the plugin, the resources or the device it needs)."""
-
-
 class RequestTimeoutError(DynBatchError, TimeoutError):
     """A request's deadline passed before its batch started; it was not run."""
 
