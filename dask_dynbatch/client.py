@@ -39,7 +39,7 @@ from .errors import (
 )
 from .placement import WorkerLoad, fill_unknown_throughputs, plan
 from .spec import ModelSpec, parse_seconds, spec_token
-from .worker_plugin import ADVICE_TOPIC
+from .worker_plugin import ADVICE_TOPIC, CLUSTER_TOPIC
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -167,6 +167,7 @@ class Batcher:
         self._loop = client.loop.asyncio_loop
         self._started_at = time.time()
         self._no_worker_since: float | None = None
+        self._refresh_requested = False  # a worker joined or left: refresh the cluster view now
         self._main_task: asyncio.Task | None = None
         if client.asynchronous:
             self._started = asyncio.ensure_future(self._start())
@@ -519,7 +520,8 @@ class Batcher:
                 await self._report()
                 return
             try:
-                if now >= next_refresh:
+                if now >= next_refresh or self._refresh_requested:
+                    self._refresh_requested = False
                     next_refresh = now + REFRESH_INTERVAL
                     await self._refresh_workers()
                 if now >= next_report:
@@ -792,6 +794,11 @@ class Batcher:
                 if not slot.inflight:
                     del self._slots[address]
 
+    def _refresh_soon(self) -> None:
+        """Re-plan event: a worker joined or left (pushed by the scheduler plugin, on the client loop)."""
+        self._refresh_requested = True
+        self._wake()
+
     def _on_advice(self, message: dict) -> None:
         """Memory advice pushed by a worker whose free memory changed (on the client loop)."""
         slot = self._slots.get(message.get("worker"))
@@ -856,12 +863,17 @@ def _listen_for_advice(batcher: Batcher) -> None:
     if listeners is None:
         listeners = _advice_listeners[client.id] = weakref.WeakSet()
 
-        def on_event(event, listeners=listeners) -> None:
+        def on_advice(event, listeners=listeners) -> None:
             _, message = event
             for b in list(listeners):
                 b._on_advice(message)
 
-        client.subscribe_topic(ADVICE_TOPIC, on_event)
+        def on_cluster_change(event, listeners=listeners) -> None:
+            for b in list(listeners):
+                b._refresh_soon()
+
+        client.subscribe_topic(ADVICE_TOPIC, on_advice)
+        client.subscribe_topic(CLUSTER_TOPIC, on_cluster_change)
     listeners.add(batcher)
 
 

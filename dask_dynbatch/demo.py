@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import numpy as np
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: 1 with a GPU, else 2)")
     args = parser.parse_args(argv)
 
+    # the plain-Dask baseline ships its images inside the task graph, as hand-written code would
+    warnings.filterwarnings("ignore", message="Sending large graph")
     gpu = torch.cuda.is_available()
     n_workers = args.workers or (1 if gpu else 2)
     print(f"starting a local cluster: {n_workers} worker(s), {'GPU' if gpu else 'CPU'}", flush=True)

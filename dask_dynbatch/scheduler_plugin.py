@@ -19,7 +19,7 @@ from distributed import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from .errors import UnknownModelError
-from .worker_plugin import PLUGIN_NAME, DynBatchWorkerPlugin
+from .worker_plugin import CLUSTER_TOPIC, PLUGIN_NAME, DynBatchWorkerPlugin
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -76,6 +76,13 @@ class DynBatchPlugin(SchedulerPlugin):
         await scheduler.register_worker_plugin(
             None, dumps(DynBatchWorkerPlugin(**self.worker_options)), name=PLUGIN_NAME, idempotent=True
         )
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        # re-plan event: batchers refresh their view now instead of at their next periodic refresh
+        scheduler.log_event(CLUSTER_TOPIC, {"action": "add", "worker": worker})
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        scheduler.log_event(CLUSTER_TOPIC, {"action": "remove", "worker": worker})
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         """A client left: drop its batchers' reports, and every model that no connected client

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 PLUGIN_NAME = "dynbatch"
 #: topic on which workers publish memory advice when free memory changes (re-plan event)
 ADVICE_TOPIC = "dynbatch-advice"
+#: topic on which the scheduler plugin announces workers joining and leaving (re-plan event)
+CLUSTER_TOPIC = "dynbatch-cluster"
 #: how often the worker reads free device memory to detect changes (seconds)
 MEMORY_POLL_INTERVAL = 0.1
 

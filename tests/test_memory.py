@@ -104,3 +104,35 @@ async def test_memory_budget_from_plugin_reaches_workers(c, s, a):
     metrics = plugin.heartbeat_metrics(a)
     assert "cpu" in metrics["devices"] and "ident" in metrics["models"]
     batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=60)
+async def test_replanning_is_event_driven(c, s, a):
+    """Each re-plan event wakes the batcher by itself: the periodic refresh is switched off here
+    (an hour), so a test that passes saw every event act at once."""
+    from distributed import Worker
+
+    import dask_dynbatch.client as dclient
+
+    periodic = dclient.REFRESH_INTERVAL
+    dclient.REFRESH_INTERVAL = 3600.0
+    try:
+        await c.register_plugin(ddb.DynBatchPlugin())
+        batcher = await ddb.Batcher(
+            c, ddb.ModelSpec("ident", load=build_identity, max_batch_size=1, max_inflight=1)
+        )
+        # a request arriving at an idle batcher
+        assert (await batcher.submit(np.ones(2))).tolist() == [1.0, 1.0]
+        # a batch finishing: one batch of one at a time, each next one sent when the last returns
+        results = await asyncio.gather(*batcher.map([np.full(2, float(i)) for i in range(5)]))
+        assert [r[0] for r in results] == [0.0, 1.0, 2.0, 3.0, 4.0]
+        # a worker joining, then leaving
+        async with Worker(s.address, nthreads=1) as w:
+            while w.address not in batcher._slots:
+                await asyncio.sleep(0.01)
+        while w.address in batcher._slots and batcher._slots[w.address].alive:
+            await asyncio.sleep(0.01)
+        # free memory changing: test_cap_follows_free_memory_and_reaches_the_batcher_as_an_event
+        batcher.close()
+    finally:
+        dclient.REFRESH_INTERVAL = periodic
