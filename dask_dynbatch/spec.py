@@ -92,7 +92,7 @@ class ModelSpec:
     resources: Mapping[str, float] | None = None
     device: str | None = None
     variants: Mapping[str, DeviceVariant] = field(default_factory=dict)
-    max_inflight: int = 4
+    max_inflight: int = 3
     max_queue: int | None = 1_000_000
     overload: str = "block"
     input_shape: tuple[int, ...] | None = None
