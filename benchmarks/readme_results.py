@@ -84,8 +84,17 @@ ResNet-50 fp16 channels-last, random weights, uint8 224x224 images sent from the
         x = h["hetero"]
         out += (f"- GPU + 2 CPU workers (same file): {x['ratio_to_gpu_only']:.2f}x the GPU worker alone; the GPU worker served "
                 f"{max(w['samples'] for w in x['workers'].values()) / sum(w['samples'] for w in x['workers'].values()):.1%} of the samples.\n")
-    out += ("- This GPU run predates the last two defaults changed on the CPU case (`max_inflight` 4 -> 3, the "
-            "controller's throughput tolerance 10 % -> 20 %); it was not rerun: the session's device time was spent.\n")
+    current = RESULTS / "gpu_case_current.json"
+    if current.exists():
+        cur = json.loads(current.read_text())
+        best_chunked = max(cur["plain"][k] for k in cur["plain"] if k.startswith("chunked"))
+        p99 = next(o["p99_ms"] for o in cur["open_loop"] if o["load"] == 0.7)
+        out += (f"- The full run above predates two defaults changed since (`max_inflight` 4 -> 3, the controller's "
+                f"throughput tolerance 10 % -> 20 %). Rerun of raw/plain/dynbatch/open with the current defaults "
+                f"(`gpu_case_current.json`, {cur['machine']['date']}): dask-dynbatch {cur['dynbatch']['throughput']:,.0f} images/s = "
+                f"{cur['dynbatch']['ratio_to_ceiling']:.0%} of the ceiling ({cur['ceiling']:,.0f}), "
+                f"{cur['dynbatch']['throughput'] / best_chunked:.2f}x the best hand-chunked ({best_chunked:,.0f}); "
+                f"open-loop p99 at 70 % load {p99:.0f} ms.\n")
     return out + "\n![GPU case](benchmarks/results/gpu_case.png)\n"
 
 
