@@ -83,10 +83,10 @@ class _WorkerSlot:
         self.throughput: float | None = None  # samples/s end to end, EWMA
         self.device = view.get("device", "cpu")
 
-    def observe_throughput(self, n: int, compute_s: float) -> None:
-        if compute_s <= 0:
+    def observe_throughput(self, n: int, service_s: float) -> None:
+        if service_s <= 0:
             return
-        rate = n / compute_s
+        rate = n / service_s
         self.throughput = rate if self.throughput is None else 0.8 * self.throughput + 0.2 * rate
 
     def to_dict(self) -> dict[str, Any]:
