@@ -98,6 +98,18 @@ ResNet-50 fp16 channels-last, random weights, uint8 224x224 images sent from the
     return out + "\n![GPU case](benchmarks/results/gpu_case.png)\n"
 
 
+def placement_section() -> str:
+    path = RESULTS / "placement_case.json"
+    if not path.exists():
+        return ""
+    p = json.loads(path.read_text())
+    return (f"**Heterogeneous placement** (`placement_case.json`, `python benchmarks/placement_case.py`): two CPU "
+            f"workers, one 3x slower for the same model, {p['requests']:,} requests: the fast worker served "
+            f"{p['fast_share']:.1%} against its throughput share of {p['fast_throughput_share']:.1%} (floor: within 15 %: "
+            f"{met(p['share_error'] <= 0.15)}); makespan {p['makespan_vs_ideal']:.2f}x the proportional ideal "
+            f"(floor 1.15x: {met(p['makespan_vs_ideal'] <= 1.15)}; 1.09 and 1.12 in the two runs before).\n")
+
+
 def main() -> None:
     c = json.loads((RESULTS / "cpu_case.json").read_text())
     g = json.loads((RESULTS / "gpu_case.json").read_text())
@@ -110,6 +122,7 @@ here) and, on a GPU machine, `python benchmarks/gpu_case.py --sections
 raw,plain,dynbatch,open,cupy,pressure,hetero,shared,daskcuda` (then `python benchmarks/plot_gpu.py`).
 
 {cpu_section(c)}
+{placement_section()}
 {gpu_section(g, h)}
 """
     readme = ROOT / "README.md"
