@@ -260,9 +260,10 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         keyed: list[tuple[int, Any]] | None = None,
         signature: tuple[tuple[int, ...], str] | None = None,
     ) -> dict[str, Any]:
-        """Run one batch of ``n`` requests; ``batch`` holds the stacked inline rows, ``keyed`` the
-        ``(row, key)`` pairs of rows given as Dask Futures, ``signature`` the client's
-        ``(shape, dtype)`` of one sample that those must match."""
+        """Run one batch of ``n`` requests; ``batch`` holds the inline rows (stacked, or a list of
+        large samples that the transfer thread stacks here), ``keyed`` the ``(row, key)`` pairs of
+        rows given as Dask Futures, ``signature`` the client's ``(shape, dtype)`` of one sample that
+        those must match."""
         received = time.perf_counter()
         if isinstance(batch, Serialize):  # the in-process transport does not serialise
             batch = batch.data
