@@ -191,6 +191,7 @@ async def test_cancel_while_queued(c, s, a):
             assert f.result() == pytest.approx(2 * i + 1)
     stats = batcher.stats()
     assert stats["delivered"] + len(cancelled) == 400
+    assert stats["cancelled"] == len(cancelled)
     batcher.close()
 
 
