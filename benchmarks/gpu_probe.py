@@ -42,7 +42,7 @@ def echo_handler_setup(dask_worker):
         if stage:
             import torch
 
-            x = torch.from_numpy(batch).pin_memory().to("cuda", non_blocking=True)
+            torch.from_numpy(batch).pin_memory().to("cuda", non_blocking=True)
             torch.cuda.synchronize()
         return {"n": len(batch)}
 

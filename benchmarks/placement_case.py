@@ -20,25 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_stamp, save  # noqa: E402
 
 import dask_dynbatch as ddb  # noqa: E402
+from dask_dynbatch.examples import timed_model  # noqa: E402
 
 SECONDS_PER_SAMPLE = {"fast": 0.0001, "slow": 0.0003}
 N = 10_000
 
 
-def build_timed(device="cpu"):
-    from distributed import get_worker
-
-    per_sample = SECONDS_PER_SAMPLE[get_worker().name]
-
-    def model(batch):
-        time.sleep(0.0005 + per_sample * len(batch))
-        return batch
-
-    return model
-
-
 def run(client, name, **spec_kw):
-    spec = ddb.ModelSpec(name, load=build_timed, latency_target="200ms", max_batch_size=128, **spec_kw)
+    spec = ddb.ModelSpec(name, load=timed_model(SECONDS_PER_SAMPLE), latency_target="200ms", max_batch_size=128, **spec_kw)
     xs = [np.full(1, float(i)) for i in range(N)]
     with ddb.Batcher(client, spec) as batcher:
         [f.result() for f in batcher.map(xs[:2000])]  # load, settle the controllers

@@ -6,6 +6,7 @@ direct call in the client) computes the same outputs.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -126,3 +127,25 @@ def build_resnet50(device: str = "cpu") -> Any:
 def resnet_images(n: int, seed: int = 0) -> np.ndarray:
     """``n`` random uint8 images of shape (224, 224, 3)."""
     return np.random.default_rng(seed).integers(0, 256, size=(n, 224, 224, 3), dtype=np.uint8)
+
+
+def timed_model(seconds_per_sample: dict, overhead: float = 0.0005):
+    """A ``load`` for heterogeneous-placement runs: the model returns its input after sleeping
+    ``overhead + seconds_per_sample[worker name] * rows`` (sleeping releases the GIL, so the speeds
+    hold however busy the machine is). It calls ``distributed.get_worker()`` to pick its speed, as a
+    per-worker variant would."""
+    return functools.partial(_build_timed, dict(seconds_per_sample), overhead)
+
+
+def _build_timed(seconds_per_sample: dict, overhead: float, device: str = "cpu"):
+    import time
+
+    from distributed import get_worker
+
+    per_sample = seconds_per_sample[get_worker().name]
+
+    def model(batch):
+        time.sleep(overhead + per_sample * len(batch))
+        return batch
+
+    return model

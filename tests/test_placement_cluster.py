@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
-from distributed import get_worker
 from distributed.utils_test import gen_cluster
 
 import dask_dynbatch as ddb
+from dask_dynbatch.examples import timed_model
 
 # seconds per sample; the model sleeps (releasing the GIL) so that speeds do not depend on how
 # busy this machine's cores are
 SECONDS_PER_SAMPLE = {0: 0.0003, 1: 0.0009}  # by worker name: gen_cluster names them 0, 1
-
-
-def build_timed(device="cpu"):
-    """S10-style per-worker variant: worker 1 gets a 3x slower model."""
-    per_sample = SECONDS_PER_SAMPLE[get_worker().name]
-
-    def model(batch):
-        time.sleep(0.0005 + per_sample * len(batch))
-        return batch
-
-    return model
 
 
 @gen_cluster(
@@ -34,7 +22,7 @@ def build_timed(device="cpu"):
 )
 async def test_shares_follow_throughput(c, s, fast, slow):
     await c.register_plugin(ddb.DynBatchPlugin())
-    batcher = await ddb.Batcher(c, ddb.ModelSpec("timed", load=build_timed, latency_target="200ms", max_batch_size=128))
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("timed", load=timed_model(SECONDS_PER_SAMPLE), latency_target="200ms", max_batch_size=128))
     await asyncio.gather(*batcher.map([np.zeros(1)] * 200))  # warm up: both workers measured
     workers = {fast.address: fast, slow.address: slow}
 
