@@ -126,6 +126,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
     # -- telemetry -----------------------------------------------------------------------------
     def heartbeat_metrics(self, worker: Worker) -> dict[str, Any]:
         """Sent to the scheduler with every heartbeat (``ws.metrics["dynbatch"]``)."""
+        caps = self.memory_caps()
         return {
             "device": "cuda" if self.gpu_count else "cpu",
             "malloc_tuned": self.malloc_tuned,
@@ -136,7 +137,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                 name: {
                     "device": m.device,
                     "load_seconds": m.load_seconds,
-                    "memory_cap": self.sizers[m.device].cap(name) if m.device in self.sizers else None,
+                    "memory_cap": caps.get(name),
                     "table": self.model_tables[name].to_dict() if name in self.model_tables else None,
                     **self.stats[name].to_dict(),
                 }
@@ -355,8 +356,11 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         """Runs in the device thread: the batch cut to the memory cap, split on OOM, bisected
         around poison requests. Rows in ``bad_rows`` (inputs that could not be placed) fail alone."""
         started = time.perf_counter()
-        rows = np.array([r for r in range(len(batch)) if r not in bad_rows], dtype=np.intp)
-        good = batch[rows] if bad_rows else batch
+        if bad_rows:  # rows that could not be placed are left out; pieces map back through ``rows``
+            rows = np.array([r for r in range(len(batch)) if r not in bad_rows], dtype=np.intp)
+            good = batch[rows]
+        else:
+            good = batch
         name = loaded.spec.name
         sizer = self.sizers[loaded.device]
 
