@@ -334,6 +334,30 @@ def stack_samples(samples: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(samples)
 
 
+def stack_in_chunks(samples: Sequence[np.ndarray], chunk_bytes: int) -> np.ndarray | list[np.ndarray]:
+    """The batch as one stacked array when it fits in ``chunk_bytes``, else as a list of stacked
+    chunks of at most ``chunk_bytes`` each (at least one sample per chunk).
+
+    Why chunks: a receiving Dask comm allocates one buffer per frame, and glibc serves a buffer
+    above 32 MiB (its largest mmap threshold) with a fresh mmap that is page-faulted on every
+    message; buffers below it are reused from the heap. One frame per sample would cost a read
+    call per sample instead. :func:`join_chunks` undoes this on the worker."""
+    if not samples:
+        return stack_samples(samples)
+    per_sample = max(1, samples[0].nbytes)
+    rows = max(1, int(chunk_bytes) // per_sample)
+    if rows >= len(samples):
+        return stack_samples(samples)
+    return [stack_samples(samples[i : i + rows]) for i in range(0, len(samples), rows)]
+
+
+def join_chunks(batch: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """One stacked array from what :func:`stack_in_chunks` made."""
+    if isinstance(batch, list):
+        return batch[0] if len(batch) == 1 else np.concatenate(batch)
+    return batch
+
+
 def split_rows(outputs: Any, n: int) -> list[Any]:
     """Per-row results of a batched output: array rows, or tuples/dicts of rows."""
     if isinstance(outputs, dict):

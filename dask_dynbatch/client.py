@@ -27,7 +27,7 @@ from distributed.core import clean_exception, send_recv
 from distributed.protocol import Serialize, to_serialize
 from distributed.protocol.pickle import dumps as pickle_dumps
 
-from .batching import Request, RequestFuture, RequestQueue, as_numpy_sample, split_rows, stack_samples
+from .batching import Request, RequestFuture, RequestQueue, as_numpy_sample, split_rows, stack_in_chunks
 from .control import BatchSizeController
 from .errors import (
     BatcherClosedError,
@@ -61,9 +61,21 @@ REPORT_INTERVAL = 1.0
 PARTIAL_INFLIGHT = 2
 #: where a worker's controller starts when the spec does not say (by device kind)
 DEFAULT_INITIAL_BATCH = {"cpu": 8, "cuda": 64}
-#: samples at least this large are not stacked on the client: each travels as its own frame
-#: (no copy here) and the worker stacks them straight into the buffer the device copies from
-SEND_SAMPLES_BYTES = 64 * 1024
+#: a batch larger than this travels as stacked chunks of at most this many bytes, one Dask frame
+#: each (see :func:`~dask_dynbatch.batching.stack_in_chunks`); the worker joins them straight into
+#: the buffer the device copies from
+SEND_CHUNK_BYTES = 16 * 2**20
+#: batches at least this large are stacked in a helper thread (NumPy copies without holding the
+#: GIL), so that the event loop goes on sending and receiving other batches meanwhile
+STACK_IN_THREAD_BYTES = 4 * 2**20
+_stacker: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _stack_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _stacker
+    if _stacker is None:
+        _stacker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dynbatch-stack")
+    return _stacker
 
 
 class _WorkerSlot:
@@ -664,10 +676,11 @@ class Batcher:
         keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
         batch = None
         if inline:
-            if inline[0].nbytes >= SEND_SAMPLES_BYTES:
-                batch = inline  # large samples travel as they are; the worker stacks them
+            if inline[0].nbytes * len(inline) >= STACK_IN_THREAD_BYTES:
+                loop = asyncio.get_running_loop()
+                batch = await loop.run_in_executor(_stack_pool(), stack_in_chunks, inline, SEND_CHUNK_BYTES)
             else:
-                batch = stack_samples(inline)
+                batch = stack_in_chunks(inline, SEND_CHUNK_BYTES)
         signature = None
         if keyed and self._signature is not None:  # lets the worker check inputs from Dask Futures
             signature = (self._signature[0], self._signature[1].str)

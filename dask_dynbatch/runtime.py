@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .batching import join_chunks
 from .spec import ModelSpec, call_load
 
 logger = logging.getLogger(__name__)
@@ -95,17 +96,18 @@ class LoadedModel:
 
     def stage(self, batch: np.ndarray | list[np.ndarray]) -> Any:
         """Prepare a batch ahead of its turn, in a transfer thread, so that it overlaps the compute
-        of the batch before: stack samples that arrived one by one (into pinned memory when the
+        of the batch before: join the chunks a large batch travels in (into pinned memory when the
         batch goes to a GPU) and copy the batch to the device on a side stream. Returns what
         :meth:`__call__` takes: a device tensor, or a stacked host array."""
         if not self.stages_on_device:
-            return np.stack(batch) if isinstance(batch, list) else batch
+            return join_chunks(batch)
         import torch
 
         if isinstance(batch, list):
-            rows = [torch.from_numpy(sample) for sample in batch]
-            host = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, pin_memory=True)
-            torch.stack(rows, out=host)  # torch copies without holding the GIL; numpy would hold it
+            chunks = [torch.from_numpy(chunk) for chunk in batch]
+            rows = sum(len(c) for c in chunks)
+            host = torch.empty((rows, *chunks[0].shape[1:]), dtype=chunks[0].dtype, pin_memory=True)
+            torch.cat(chunks, out=host)  # torch copies without holding the GIL
         else:
             host = torch.from_numpy(batch).pin_memory()
         with torch.cuda.stream(self._copy_stream):

@@ -23,6 +23,7 @@ from distributed.utils_comm import gather_from_workers
 from distributed.worker import _worker_cvar
 from tornado.ioloop import PeriodicCallback
 
+from .batching import join_chunks
 from .benchmark import LazyModelTable, benchmark_device
 from .errors import InputSignatureError
 from .runtime import LoadedModel, bisect_poison, choose_device, tune_malloc_for_inference, visible_gpu_count
@@ -262,7 +263,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         signature: tuple[tuple[int, ...], str] | None = None,
     ) -> dict[str, Any]:
         """Run one batch of ``n`` requests; ``batch`` holds the inline rows (stacked, or a list of
-        large samples that the transfer thread stacks here), ``keyed`` the ``(row, key)`` pairs of
+        stacked chunks that the transfer thread joins here), ``keyed`` the ``(row, key)`` pairs of
         rows given as Dask Futures, ``signature`` the client's ``(shape, dtype)`` of one sample that
         those must match."""
         received = time.perf_counter()
@@ -312,6 +313,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         Rows must match ``signature`` (the client's), else the inline rows, else the most common
         shape and dtype among the fetched rows."""
         data = await self._fetch_keys([k for _, k in keyed])
+        if inline is not None:
+            inline = join_chunks(inline)
         errors: dict[int, BaseException] = {}
         values: dict[int, np.ndarray] = {}
         not_arrays: dict[int, str] = {}
@@ -322,7 +325,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                 not_arrays[row] = str(exc)
         if signature is not None:
             shape, dtype = tuple(signature[0]), np.dtype(signature[1])
-        elif inline is not None and len(inline):  # a stacked array, or a list of samples
+        elif inline is not None and len(inline):
             shape, dtype = inline[0].shape, inline[0].dtype
         elif values:
             shape, dtype = Counter((v.shape, v.dtype) for v in values.values()).most_common(1)[0][0]

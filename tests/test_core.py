@@ -214,13 +214,33 @@ def test_multiprocess_cluster_end_to_end():
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
-async def test_large_samples_are_stacked_on_the_worker(c, s, a):
+async def test_large_batches_travel_in_chunks_and_are_joined_on_the_worker(c, s, a):
+    import dask_dynbatch.client as dclient
+
     await c.register_plugin(ddb.DynBatchPlugin())
     batcher = await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine, max_batch_size=16))
     xs = [np.full((160, 160, 3), float(i), dtype=np.float32) for i in range(40)]  # 300 KB each
     remote = c.submit(np.full, (160, 160, 3), 99.0, dtype=np.float32, pure=False)
-    results = await asyncio.gather(*batcher.map(xs + [remote]))
+    chunk_bytes = dclient.SEND_CHUNK_BYTES
+    dclient.SEND_CHUNK_BYTES = 1_000_000  # 3 samples a chunk: batches of 16 go as 6 chunks
+    try:
+        results = await asyncio.gather(*batcher.map(xs + [remote]))
+    finally:
+        dclient.SEND_CHUNK_BYTES = chunk_bytes
     for i, r in enumerate(results[:40]):
         np.testing.assert_array_equal(r, xs[i] * 2 + 1)
     np.testing.assert_array_equal(results[40], np.full((160, 160, 3), 199.0, dtype=np.float32))
+    assert max(h["size"] for h in batcher.history()) > 3  # batches were larger than one chunk
     batcher.close()
+
+
+def test_stack_in_chunks_round_trip():
+    from dask_dynbatch.batching import join_chunks, stack_in_chunks
+
+    xs = [np.full((10,), i, dtype=np.float64) for i in range(7)]  # 80 bytes each
+    whole = stack_in_chunks(xs, 10_000)
+    assert isinstance(whole, np.ndarray) and whole.shape == (7, 10)
+    chunks = stack_in_chunks(xs, 250)  # 3 samples a chunk
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    np.testing.assert_array_equal(join_chunks(chunks), whole)
+    assert [len(c) for c in stack_in_chunks(xs, 10)] == [1] * 7  # a sample larger than a chunk travels alone
