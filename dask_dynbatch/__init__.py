@@ -12,6 +12,7 @@ from .batching import RequestFuture
 from .client import Batcher
 from .errors import (
     BatcherClosedError,
+    CompileWarning,
     DynBatchError,
     InputSignatureError,
     PluginNotRegisteredError,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Batcher",
     "BatcherClosedError",
+    "CompileWarning",
     "DeviceVariant",
     "DynBatchError",
     "DynBatchPlugin",

@@ -16,6 +16,7 @@ import pickle
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ from .batching import Request, RequestFuture, RequestQueue, as_numpy_sample, spl
 from .control import BatchSizeController
 from .errors import (
     BatcherClosedError,
+    CompileWarning,
     InputSignatureError,
     PluginNotRegisteredError,
     QueueFullError,
@@ -59,8 +61,6 @@ REPORT_INTERVAL = 1.0
 #: partial batches (fewer requests than the worker's batch size) are sent only while the worker
 #: has fewer batches than this in flight; full batches go up to ModelSpec.max_inflight
 PARTIAL_INFLIGHT = 2
-#: where a worker's controller starts when the spec does not say (by device kind)
-DEFAULT_INITIAL_BATCH = {"cpu": 8, "cuda": 64}
 #: a batch larger than this travels as stacked chunks of at most this many bytes, one Dask frame
 #: each (see :func:`~dask_dynbatch.batching.stack_in_chunks`); the worker joins them straight into
 #: the buffer the device copies from
@@ -94,6 +94,7 @@ class _WorkerSlot:
         self.cap: int | None = None
         self.throughput: float | None = None  # samples/s end to end, EWMA
         self.device = view.get("device", "cpu")
+        self.compile: dict[str, Any] | None = None  # the worker's compile state (compiled models)
 
     def observe_throughput(self, n: int, service_s: float) -> None:
         if service_s <= 0:
@@ -113,6 +114,7 @@ class _WorkerSlot:
             "memory_cap": self.cap,
             "throughput": self.throughput,
             "controller": self.controller.state(),
+            "compile": self.compile,
         }
 
 
@@ -729,6 +731,8 @@ class Batcher:
         if "cap" in reply:
             slot.cap = reply["cap"]
             slot.controller.set_cap(slot.cap)
+        if "compile" in reply:
+            self._on_compile_state(slot, reply["compile"])
         formation_wait = min(sent - oldest, self.spec.max_delay)
         latency = (done - sent) + formation_wait  # what its requests saw (after leaving the queue)
         # The controller is held to the batch's own latency (formation wait + its share of the
@@ -737,6 +741,17 @@ class Batcher:
         if not reply.get("cold"):
             slot.controller.observe(n, formation_wait + service_s, service_s, proposed=proposed)
         self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed))
+
+    def _on_compile_state(self, slot: _WorkerSlot, state: dict[str, Any] | None) -> None:
+        error = (state or {}).get("error")
+        if error and not (slot.compile or {}).get("error"):
+            warnings.warn(
+                f"dask-dynbatch: model {self.spec.name!r} could not be compiled on worker {slot.address} "
+                f"and is served eagerly there: {error}",
+                CompileWarning,
+                stacklevel=2,
+            )
+        slot.compile = state
 
     def _deliver(self, reqs: list[Request], reply: dict, done: float) -> None:
         self._latencies.extend(done - r.enqueued for r in reqs)
@@ -823,11 +838,12 @@ class Batcher:
         self._wake()
 
     def _new_controller(self, device: str) -> BatchSizeController:
-        limit = self.spec.batch_limit(device)
-        initial = self.spec.initial_batch_size or DEFAULT_INITIAL_BATCH.get(device, 8)
-        if limit:
-            initial = min(initial, limit)
-        return BatchSizeController(self.spec.latency_target, initial_size=initial, max_size=limit)
+        return BatchSizeController(
+            self.spec.latency_target,
+            initial_size=self.spec.initial_size(device),
+            max_size=self.spec.batch_limit(device),
+            ladder=self.spec.ladder(device),
+        )
 
     async def _report(self) -> None:
         try:

@@ -57,6 +57,11 @@ throughput is recorded under its own size, so a short, slow batch never makes th
 proposal by one step (never straight down to the short size): smaller batches only ever lower
 latency, and under light load a smaller batch also fills sooner.
 
+*Ladder.*  For compiled models (:mod:`dask_dynbatch.compiled`) the proposal lives on a ladder of
+bucket sizes: a step goes to the next rung up or down (the doubling ladder makes each step a
+doubling, which the throughput rule and a late batch undo as usual), and bounds are rounded down to
+a rung, so every full batch fills a compiled bucket exactly.
+
 *Memory cap.*  :meth:`~BatchSizeController.set_cap` bounds the proposal at once; the proposal stays
 within ``[min_size, min(cap, max_size)]`` (the cap wins over ``min_size``; the size is never below 1).
 
@@ -329,6 +334,10 @@ class BatchSizeController:
         Growth stops when throughput falls this fraction below the best seen at a smaller size.
     clock : callable, default time.monotonic
         Time source, only used to stamp ``state()["observed_at"]``.
+    ladder : sequence of int, optional
+        Bucket sizes the proposal must be one of (compiled models, see
+        :mod:`dask_dynbatch.compiled`): a step moves to the next rung up or down instead of by
+        ``b_delta``, and bounds (cap, ``max_size``) are rounded down to a rung.
 
     Examples
     --------
@@ -351,6 +360,7 @@ class BatchSizeController:
         b_delta: int | None = None,
         throughput_tolerance: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
+        ladder: Iterable[int] | None = None,
     ) -> None:
         _check_target(latency_target)
         if int(min_size) < 1:
@@ -375,6 +385,9 @@ class BatchSizeController:
         self._b_delta = None if b_delta is None else int(b_delta)
         self._throughput_tolerance = float(throughput_tolerance)
         self._clock = clock
+        self._ladder = tuple(sorted({int(r) for r in ladder})) if ladder is not None else None
+        if self._ladder is not None and (not self._ladder or self._ladder[0] < 1):
+            raise ValueError(f"ladder must hold positive sizes, got {ladder!r}")
 
         self._base_patience = max(2, self._window // 2)
         self._max_patience = 4 * self._window
@@ -532,7 +545,7 @@ class BatchSizeController:
             seconds), ``sizes`` (recent proposals), ``z``, ``p``, ``s``, ``trend`` (of the sizes),
             ``latency_trend`` (z, p and trend of the latency residuals), ``decision`` (``"grow"``,
             ``"shrink"`` or ``"hold"``), ``reason``, ``best_size``, ``best_throughput``,
-            ``throughput`` (``{size bucket: samples/s}``), ``patience``, ``observations`` and
+            ``throughput`` (``{size bucket: samples/s}``), ``patience``, ``ladder`` (bucket sizes, or None), ``observations`` and
             ``observed_at`` (clock reading of the last observation, or None).
         """
         best_size, best_throughput = self._best()
@@ -563,6 +576,7 @@ class BatchSizeController:
                 if stats.throughput is not None
             },
             "patience": self._patience,
+            "ladder": list(self._ladder) if self._ladder is not None else None,
             "observations": self._observations,
             "observed_at": self._observed_at,
         }
@@ -581,7 +595,7 @@ class BatchSizeController:
             return _Decision(proposal, "hold", reason, "neutral")
         if proposal <= self._lower():
             return _Decision(proposal, "hold", f"{late} but already at the smallest size {proposal}")
-        new_size = proposal - self._step(proposal)
+        new_size = self._down(proposal)
         if self._run_direction > 0 and self._run_length > 0 and self._size_before_step < proposal:
             # Late right after a growth step: undo exactly that step (the size before it met the
             # target), rather than shrinking by the larger step of the larger size and drifting down.
@@ -608,13 +622,13 @@ class BatchSizeController:
                 f"below the best, {best_throughput:.4g}/s at {best_size}: settle at {new_size}"
             )
             return _Decision(new_size, "shrink" if new_size < proposal else "hold", reason)
-        if proposal >= self._upper():
+        if proposal >= self._top():
             bound = "memory cap" if self._cap is not None and self._cap == self._upper() else "max_size"
             return _Decision(proposal, "hold", f"{met}, but at the {bound} ({proposal})", "at_bound")
 
         sizes = self._size_trend
         trend_text = f"size trend z={sizes.z:.2f} p={sizes.p:.2g}"
-        grown = self._bounded(proposal + self._step(proposal))
+        grown = self._bounded(self._up(proposal))
         if self._run_direction > 0:
             if self._run_length < _UNCONFIRMED_RUN_STEPS:
                 reason = f"{met}: grow {proposal} -> {grown} (run step {self._run_length + 1}, too early to test)"
@@ -721,16 +735,46 @@ class BatchSizeController:
     def _step(self, size: int) -> int:
         return self._b_delta if self._b_delta is not None else max(1, size // 8)
 
+    def _up(self, size: int) -> int:
+        """One step of growth: ``b_delta`` more, or the next rung of the ladder."""
+        if self._ladder is None:
+            return size + self._step(size)
+        bigger = [r for r in self._ladder if r > size]
+        return bigger[0] if bigger else size
+
+    def _down(self, size: int) -> int:
+        """One step of shrinking: ``b_delta`` less, or the rung below."""
+        if self._ladder is None:
+            return size - self._step(size)
+        smaller = [r for r in self._ladder if r < size]
+        return smaller[-1] if smaller else size
+
     def _upper(self) -> int | float:
         bounds = [b for b in (self._max_size, self._cap) if b is not None]
         return min(bounds) if bounds else math.inf
+
+    def _top(self) -> int | float:
+        """Largest size a proposal may take: the upper bound, rounded down to a rung with a ladder."""
+        upper = self._upper()
+        if self._ladder is not None and math.isfinite(upper):
+            rungs = [r for r in self._ladder if r <= upper]
+            return rungs[-1] if rungs else upper
+        if self._ladder is not None:
+            return self._ladder[-1]
+        return upper
 
     def _lower(self) -> int:
         return int(min(self._min_size, self._upper()))
 
     def _bounded(self, size: int) -> int:
-        """``size`` clipped to ``[min_size, min(cap, max_size)]``; the upper bound wins, never below 1."""
-        return max(1, int(min(max(size, self._min_size), self._upper())))
+        """``size`` clipped to ``[min_size, min(cap, max_size)]``; the upper bound wins, never below 1.
+        With a ladder, rounded down to a rung (a bound below the lowest rung is kept as it is)."""
+        size = max(1, int(min(max(size, self._min_size), self._upper())))
+        if self._ladder is not None:
+            rungs = [r for r in self._ladder if r <= size]
+            if rungs:
+                size = rungs[-1]
+        return size
 
 
 def _check_target(latency_target: float) -> None:

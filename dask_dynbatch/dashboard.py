@@ -191,6 +191,7 @@ class DynBatchRecorder:
                     "memory_cap": cap if cap is not None else ran.get("memory_cap"),
                     "batches": ran.get("batches") or 0,
                     "samples": ran.get("samples") or 0,
+                    "compiled": compile_text(slot.get("compile") or ran.get("compile")),
                     "color": self.color(address),
                 }
             )
@@ -198,6 +199,24 @@ class DynBatchRecorder:
         for r in rows:
             r["share"] = r["samples"] / total if total else 0.0
         return rows
+
+
+def compile_text(state: dict[str, Any] | None) -> str:
+    """One cell for a worker's compile state: ready buckets and compile time, what compiles now,
+    or the error that made it serve eagerly ("" for a model that does not compile)."""
+    if not state:
+        return ""
+    if state.get("error"):
+        return f"eager (compile failed: {state['error'][:80]})"
+    ready = state.get("ready") or []
+    text = ",".join(str(b) for b in ready) if ready else "none yet"
+    busy = [str(b) for b, info in (state.get("buckets") or {}).items() if info.get("state") == "compiling"]
+    if busy:
+        text += f"; compiling {','.join(busy)}"
+    seconds = state.get("compile_seconds")
+    if seconds:
+        text += f" ({seconds:.1f} s)"
+    return text
 
 
 def _rate(history: deque[dict[str, Any]], now: float, delivered: int) -> float:
@@ -472,6 +491,7 @@ class DynBatchWorkers(DashboardComponent):
         "memory_cap": "memory cap",
         "batches": "batches",
         "samples": "samples",
+        "compiled": "compiled buckets",
         "share_text": "share",
     }
 
@@ -525,6 +545,7 @@ class DynBatchWorkers(DashboardComponent):
             "memory_cap": [_fmt(r["memory_cap"], "{}") for r in rows],
             "batches": [r["batches"] for r in rows],
             "samples": [r["samples"] for r in rows],
+            "compiled": [r["compiled"] for r in rows],
             "share_text": [_percent(r["share"]) for r in rows],
             "share": [r["share"] for r in rows],
             "color": [r["color"] for r in rows],

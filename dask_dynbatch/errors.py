@@ -55,3 +55,9 @@ class QueueFullError(DynBatchError, RuntimeError):
 
 class SampleTooLargeError(DynBatchError, MemoryError):
     """A single sample does not fit in the device memory available to the model."""
+
+
+class CompileWarning(UserWarning):
+    """A model with ``ModelSpec(compile=...)`` could not be compiled on a worker: it is served
+    eagerly there (results are unaffected; ``Batcher.stats()["workers"][...]["compile"]["error"]``
+    says why)."""

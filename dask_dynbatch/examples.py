@@ -91,6 +91,15 @@ def build_numpy_mlp(device: str = "cpu", features: int = 256, hidden: int = 1024
     return mlp
 
 
+def build_torch_mlp(device: str = "cpu", features: int = 16, hidden: int = 32, classes: int = 4) -> Any:
+    """A small torch MLP on float32 vectors (compiles in about a second on a CPU: for compile tests)."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes)).eval()
+    _deterministic_init(model)
+    return model
+
+
 def build_resnet50(device: str = "cpu") -> Any:
     """ResNet-50 (torchvision, random weights: nothing is downloaded) for uint8 224x224x3 images.
 

@@ -10,11 +10,13 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .batching import join_chunks
+from .compiled import BucketCompiler, bucket_for, floor_rung, pad_rows, trim_rows
 from .spec import ModelSpec, call_load
 
 logger = logging.getLogger(__name__)
@@ -69,9 +71,16 @@ def to_numpy(value: Any) -> Any:
 
 
 class LoadedModel:
-    """A model loaded on one worker device, ready to run batches."""
+    """A model loaded on one worker device, ready to run batches.
 
-    def __init__(self, spec: ModelSpec, device: str, token: str = ""):
+    With ``ModelSpec.compile``, ``compile_submit`` (runs a callable in the worker's compile thread)
+    and ``compile_reserve`` (``rows -> context manager or None``: device memory for a warm-up
+    batch) let a :class:`~dask_dynbatch.compiled.BucketCompiler` compile buckets in the background.
+    """
+
+    def __init__(self, spec: ModelSpec, device: str, token: str = "",
+                 compile_submit: Callable[[Callable[[], None]], Any] | None = None,
+                 compile_reserve: Callable[[int], Any] | None = None):
         self.spec = spec.for_device(device)
         self.device = device
         self.token = token
@@ -81,6 +90,30 @@ class LoadedModel:
         if self.is_torch:
             self._prepare_torch()
         self.load_seconds = time.perf_counter() - started
+        self.ladder = self.spec.ladder()
+        self.compiler: BucketCompiler | None = None
+        self.compile_error: str | None = None
+        self._template: Any = None  # one input row, the model of warm-up batches
+        mode = self.spec.compile_mode()
+        if mode is not None:
+            if not self.is_torch:
+                self.compile_error = (
+                    f"compile={self.spec.compile!r} needs load() to return a torch.nn.Module, "
+                    f"not {type(self.model).__name__}; the model is served eagerly"
+                )
+                logger.warning("dynbatch: model %r: %s", self.spec.name, self.compile_error)
+            elif compile_submit is not None:
+                self.compiler = BucketCompiler(
+                    self.model, mode, self.ladder, run=self._forward, example=self._example,
+                    submit=compile_submit, reserve=compile_reserve,
+                )
+                if self.spec.input_shape is not None and self.spec.input_dtype is not None:
+                    # the signature is declared: compile the first bucket before the first batch
+                    row = np.zeros((1, *self.spec.input_shape), dtype=np.dtype(self.spec.input_dtype))
+                    self._template = self._as_input(row)
+                    first = bucket_for(self.ladder, self.spec.initial_size(device))
+                    if first is not None:
+                        self.compiler.want(first)
 
     def _prepare_torch(self) -> None:
         import torch
@@ -115,25 +148,113 @@ class LoadedModel:
         self._copy_stream.synchronize()  # blocks this transfer thread only
         return x
 
-    def __call__(self, batch: np.ndarray) -> Any:
-        """Run one stacked batch; returns host NumPy outputs."""
-        if self.spec.predict is not None:
-            return to_numpy(self.spec.predict(self.model, batch))
-        if self.is_torch:
+    # -- running ------------------------------------------------------------------------------
+    def rows_for(self, n: int) -> int:
+        """Rows a batch of ``n`` occupies on the device (its bucket, when it is padded)."""
+        bucket = bucket_for(self.ladder, n) if self.ladder else None
+        if bucket is None or not self._pads(bucket):
+            return n
+        return bucket
+
+    def max_rows(self, cap: int | None) -> int | None:
+        """Longest piece a batch may be cut into under the memory ``cap`` (a rung, with a ladder)."""
+        if cap is None or not self.ladder:
+            return cap
+        return floor_rung(self.ladder, cap)
+
+    def _pads(self, bucket: int) -> bool:
+        if self.compiler is not None:
+            return self.compiler.ready(bucket) is not None
+        return self.spec.buckets is not None and self.compile_error is None  # static shapes asked for
+
+    def __call__(self, batch: Any) -> Any:
+        """Run one stacked batch (host array or device tensor); returns host NumPy outputs."""
+        n = len(batch)
+        bucket = bucket_for(self.ladder, n) if self.ladder else None
+        if bucket is None:
+            return to_numpy(self._eager(batch))
+        compiler = self.compiler
+        if compiler is None:
+            if self._pads(bucket):
+                return to_numpy(trim_rows(self._eager(pad_rows(batch, bucket)), n))
+            return to_numpy(self._eager(batch))
+        if self._template is None:
+            self._template = batch[:1].clone() if hasattr(batch, "clone") else batch[:1].copy()
+        compiled = compiler.ready(bucket)
+        if compiled is None:
+            compiler.want(bucket)
+            compiler.eager_batches += 1
+            return to_numpy(self._eager(batch))
+        import torch
+
+        from .sizing import is_oom_error
+
+        try:
+            with torch.inference_mode():
+                outputs = trim_rows(self._forward(compiled, pad_rows(batch, bucket)), n)
+                result = to_numpy(outputs)
+        except Exception as exc:
+            if is_oom_error(exc):
+                raise
+            # eager decides whether the data (a poison request: it raises again) or the compiled
+            # graph is at fault
+            result = to_numpy(self._eager(batch))
+            compiler.fail(exc)
+            compiler.eager_batches += 1
+            return result
+        compiler.compiled_batches += 1
+        compiler.padded_rows += bucket - n
+        return result
+
+    def _eager(self, batch: Any) -> Any:
+        if self.is_torch and self.spec.predict is None:
             import torch
 
             with torch.inference_mode():
-                x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
-                if x.device != self._torch_device:
-                    x = x.to(self._torch_device, non_blocking=True)
-                return to_numpy(self.model(x))
+                return self._forward(self.model, batch)
+        return self._forward(self.model, batch)
+
+    def _forward(self, model: Any, batch: Any) -> Any:
+        """``model`` (eager or compiled) on one batch; outputs as the model returns them."""
+        if self.spec.predict is not None:
+            return self.spec.predict(model, batch)
+        if self.is_torch:
+            import torch
+
+            x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch)
+            if x.device != self._torch_device:
+                x = x.to(self._torch_device, non_blocking=True)
+            return model(x)
         if self.device.startswith("cuda"):
             try:
                 import cupy
             except ImportError:
-                return to_numpy(self.model(batch))
-            return to_numpy(self.model(cupy.asarray(batch)))
-        return to_numpy(self.model(batch))
+                return self.model(batch)
+            return self.model(cupy.asarray(batch))
+        return self.model(batch)
+
+    def _as_input(self, rows: np.ndarray) -> Any:
+        """Host rows as :meth:`__call__` receives them (on the device when batches are staged)."""
+        if self.stages_on_device:
+            import torch
+
+            return torch.from_numpy(rows).to(self._torch_device)
+        return rows
+
+    def _example(self, rows: int) -> Any:
+        """A warm-up batch of ``rows`` rows: the first row served (or a zero row), repeated."""
+        template = self._template
+        if hasattr(template, "repeat") and not isinstance(template, np.ndarray):
+            return template.repeat(rows, *([1] * (template.dim() - 1)))
+        return np.repeat(template, rows, axis=0)
+
+    def compile_summary(self) -> dict[str, Any] | None:
+        """Compile state for stats and the dashboard (None when the model does not compile)."""
+        if self.compiler is not None:
+            return self.compiler.summary()
+        if self.compile_error is not None:
+            return {"mode": self.spec.compile_mode(), "error": self.compile_error, "buckets": {}, "ready": []}
+        return None
 
     def memory_mark(self) -> int:
         """Start measuring the peak device memory of one batch; returns the baseline."""

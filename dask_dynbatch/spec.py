@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dask.utils import parse_timedelta
 
+from .compiled import bucket_ladder, compile_mode
+
 OVERLOAD_POLICIES = ("block", "reject")
+#: where a worker's controller starts when the spec does not say (by device kind)
+DEFAULT_INITIAL_BATCH = {"cpu": 8, "cuda": 64}
 
 
 def parse_seconds(value: float | int | str, what: str) -> float:
@@ -36,6 +40,7 @@ class DeviceVariant:
     load: Callable[..., Any] | None = None
     predict: Callable[[Any, Any], Any] | None = None
     max_batch_size: int | None = None
+    compile: bool | str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,18 @@ class ModelSpec:
         ``"block"`` (``submit`` waits for room) or ``"reject"`` (raise :class:`QueueFullError`).
     input_shape, input_dtype
         Declared per-sample input signature (optional; learned from the first request otherwise).
+        With ``compile``, a declared signature lets workers compile the first bucket at load time.
+    compile
+        ``True`` or a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``,
+        ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``): each worker compiles the torch
+        module once per bucket size, in the background, and serves a bucket compiled once it is
+        ready (eagerly until then, and for good if compiling fails). Batches are then formed in
+        ``buckets``. Off by default.
+    buckets
+        Batch sizes batches are formed in (the controller steps between them; a partial batch is
+        padded to its bucket on the worker and the padding cut from the outputs). Default with
+        ``compile``: powers of two up to ``max_batch_size``. Given without ``compile``, batches
+        are padded to them for the eager model too (for models that want static shapes).
     """
 
     name: str
@@ -97,6 +114,8 @@ class ModelSpec:
     overload: str = "block"
     input_shape: tuple[int, ...] | None = None
     input_dtype: Any = None
+    compile: bool | str = False
+    buckets: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -122,6 +141,15 @@ class ModelSpec:
                 raise ValueError("ModelSpec.variants maps 'cpu'/'cuda' to DeviceVariant(...)")
         if self.input_shape is not None:
             object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        compile_mode(self.compile)  # raises on a bad value
+        for kind, variant in self.variants.items():
+            compile_mode(variant.compile)
+        if self.buckets is not None:
+            if isinstance(self.buckets, (str, bytes)) or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.buckets
+            ) or not len(self.buckets):
+                raise ValueError(f"ModelSpec.buckets must be a sequence of positive batch sizes, not {self.buckets!r}")
+            object.__setattr__(self, "buckets", tuple(sorted(set(self.buckets))))
         object.__setattr__(self, "resources", dict(self.resources or {}))
         object.__setattr__(self, "variants", dict(self.variants))
 
@@ -130,12 +158,31 @@ class ModelSpec:
         variant = self.variants.get(device.split(":")[0])
         if variant is None:
             return self
-        changes = {k: getattr(variant, k) for k in ("load", "predict", "max_batch_size")}
+        changes = {k: getattr(variant, k) for k in ("load", "predict", "max_batch_size", "compile")}
         return replace(self, variants={}, **{k: v for k, v in changes.items() if v is not None})
 
     def batch_limit(self, device: str | None = None) -> int | None:
         """Hard batch-size limit on ``device`` (the variant's if it sets one)."""
         return self.for_device(device).max_batch_size if device else self.max_batch_size
+
+    def initial_size(self, device: str) -> int:
+        """Where the batch-size controller of a worker with ``device`` starts."""
+        kind = device.split(":")[0]
+        initial = self.initial_batch_size or DEFAULT_INITIAL_BATCH.get(kind, 8)
+        limit = self.batch_limit(device)
+        return min(initial, limit) if limit else initial
+
+    def compile_mode(self, device: str | None = None) -> str | None:
+        """The ``torch.compile`` mode on ``device`` (the variant's if it sets one), or None."""
+        return compile_mode((self.for_device(device) if device else self).compile)
+
+    def ladder(self, device: str | None = None) -> tuple[int, ...] | None:
+        """Bucket sizes batches are formed in on ``device``, or None when batches are free-sized
+        (no ``compile`` and no ``buckets``)."""
+        spec = self.for_device(device) if device else self
+        if spec.buckets is None and compile_mode(spec.compile) is None:
+            return None
+        return bucket_ladder(spec.buckets, spec.max_batch_size)
 
 
 def call_load(load: Callable[..., Any], device: str) -> Any:

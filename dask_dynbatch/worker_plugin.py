@@ -7,6 +7,7 @@ arrive by direct RPC from the client (``dynbatch_run``); no Dask task is created
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import pickle
 import time
@@ -93,6 +94,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="dynbatch")
         # copies to the device happen here, so that the next batch's transfer overlaps this one's compute
         self.stager = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-stage")
+        # ModelSpec(compile=...): buckets compile here, one at a time, while the device thread serves
+        self.compile_pool = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-compile")
         self.gpu_count = visible_gpu_count()
         self.malloc_tuned = tune_malloc_for_inference() if self.tune_malloc else False
         self.sizers: dict[str, MemorySizer] = {}
@@ -123,6 +126,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         worker.extensions.pop("dynbatch", None)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.stager.shutdown(wait=False, cancel_futures=True)
+        self.compile_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- telemetry -----------------------------------------------------------------------------
     def heartbeat_metrics(self, worker: Worker) -> dict[str, Any]:
@@ -140,6 +144,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                     "load_seconds": m.load_seconds,
                     "memory_cap": caps.get(name),
                     "table": self.model_tables[name].to_dict() if name in self.model_tables else None,
+                    "compile": m.compile_summary(),
                     **self.stats[name].to_dict(),
                 }
                 for name, m in self.models.items()
@@ -213,11 +218,22 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             spec = pickle.loads(reply["payload"])
             device = choose_device(spec, self.gpu_count)
             loop = asyncio.get_running_loop()
-            loaded = await loop.run_in_executor(self.executor, self._as_worker, LoadedModel, spec, device, reply["token"])
+            loaded = await loop.run_in_executor(
+                self.executor, self._as_worker, LoadedModel, spec, device, reply["token"],
+                self._compile_submit, functools.partial(self._compile_reserve, name, device),
+            )
             self.sizer_for(device)
             self.models[name] = loaded
             logger.info("dynbatch: loaded model %r on %s in %.2fs", name, device, loaded.load_seconds)
             return loaded
+
+    def _compile_submit(self, fn) -> None:
+        self.compile_pool.submit(self._as_worker, fn)
+
+    def _compile_reserve(self, name: str, device: str, rows: int):
+        """Device memory for a warm-up batch of ``rows`` (None: no room now, try later)."""
+        sizer = self.sizers.get(device)
+        return sizer.try_reserve(name, rows) if sizer is not None else None
 
     def unload_models(self, names: list[str]) -> list[str]:
         """Handler ``dynbatch_unload``: forget models no client uses any more (their weights,
@@ -304,6 +320,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             "worker_s": time.perf_counter() - received,
             "device": loaded.device,
             "cap": self.sizers[loaded.device].cap(model),
+            **({"compile": loaded.compile_summary()} if loaded.spec.compile else {}),
         }
 
     async def _assemble(self, n: int, inline: np.ndarray | None, keyed: list[tuple[int, Any]],
@@ -368,7 +385,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         sizer = self.sizers[loaded.device]
 
         def run_reserved(part: np.ndarray):
-            with sizer.reserve(name, len(part)) as reservation:
+            with sizer.reserve(name, loaded.rows_for(len(part))) as reservation:
                 baseline = loaded.memory_mark()
                 outputs = loaded(part)
                 reservation.record(loaded.memory_peak(baseline, part, outputs))
@@ -380,7 +397,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                 stop - start,
                 on_oom=lambda k: self._on_oom(sizer, name, k),
                 free_cache=loaded.free_cache,
-                max_rows=lambda: sizer.cap(name),
+                max_rows=lambda: loaded.max_rows(sizer.cap(name)),
                 on_sample_too_large="collect",
             )
             return [(start + c.start, start + c.stop, c.output, c.error) for c in chunks]

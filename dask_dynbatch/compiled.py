@@ -1,0 +1,296 @@
+"""Compiled execution with batch-size buckets (``ModelSpec(compile=...)``).
+
+A compiled graph (``torch.compile`` with static shapes) serves one batch size. So batches are
+formed on a *ladder* of bucket sizes (powers of two up to ``max_batch_size`` by default): the
+client's controller steps from rung to rung and the memory cap is rounded down to a rung, so full
+batches fill a bucket exactly; a partial batch is padded to its bucket on the worker (with copies
+of its last row) and the padding is cut from the outputs before they leave the device.
+
+Compilation never blocks a request. :class:`BucketCompiler` compiles one bucket at a time in a
+background thread (the bucket a batch asked for first, then the rung above, where the controller
+goes next); until a bucket is ready its batches run eagerly, unpadded. A model that fails to
+compile is served eagerly for good, with a warning; the error shows in ``Batcher.stats()``.
+
+The ladder helpers are pure; torch is imported only by :class:`BucketCompiler`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: ``ModelSpec(compile=...)`` values, as ``torch.compile(mode=...)`` takes them (True: "default")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: the default ladder stops here when the spec sets no max_batch_size (the memory cap binds first)
+LADDER_TOP = 2**16
+
+
+# ------------------------------------------------------------------------------------------------
+# The ladder (pure)
+# ------------------------------------------------------------------------------------------------
+def compile_mode(value: bool | str | None) -> str | None:
+    """``ModelSpec.compile`` as a ``torch.compile`` mode, or None when off; raise on a bad value."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ValueError(f"ModelSpec.compile must be True, False or one of {COMPILE_MODES}, not {value!r}")
+
+
+def bucket_ladder(buckets: Sequence[int] | None, max_batch_size: int | None) -> tuple[int, ...]:
+    """The batch sizes batches are formed in.
+
+    ``buckets`` given: those sizes, sorted (sizes above ``max_batch_size`` are dropped). Otherwise
+    powers of two from 1 up to ``max_batch_size`` (plus ``max_batch_size`` itself when it is not a
+    power of two), or up to :data:`LADDER_TOP` without a ``max_batch_size``.
+    """
+    if buckets is not None:
+        rungs = sorted({int(b) for b in buckets})
+        if not rungs or rungs[0] < 1:
+            raise ValueError(f"ModelSpec.buckets must be positive batch sizes, not {buckets!r}")
+        if max_batch_size is not None:
+            rungs = [b for b in rungs if b <= max_batch_size] or [min(rungs[0], max_batch_size)]
+        return tuple(rungs)
+    top = LADDER_TOP if max_batch_size is None else int(max_batch_size)
+    rungs = []
+    size = 1
+    while size <= top:
+        rungs.append(size)
+        size *= 2
+    if rungs[-1] != top:
+        rungs.append(top)
+    return tuple(rungs)
+
+
+def bucket_for(ladder: Sequence[int], n: int) -> int | None:
+    """Smallest rung that holds ``n`` rows, or None when ``n`` is above the ladder."""
+    i = bisect.bisect_left(ladder, n)
+    return ladder[i] if i < len(ladder) else None
+
+
+def floor_rung(ladder: Sequence[int], n: int) -> int:
+    """Largest rung not above ``n`` (``n`` itself when it is below the ladder)."""
+    i = bisect.bisect_right(ladder, n)
+    return ladder[i - 1] if i > 0 else n
+
+
+def next_rung(ladder: Sequence[int], n: int) -> int | None:
+    """Smallest rung above ``n``, or None at the top."""
+    i = bisect.bisect_right(ladder, n)
+    return ladder[i] if i < len(ladder) else None
+
+
+def pad_rows(batch: Any, rows: int) -> Any:
+    """``batch`` (NumPy array or torch tensor) grown to ``rows`` rows with copies of its last row."""
+    n = len(batch)
+    if n >= rows:
+        return batch
+    if isinstance(batch, np.ndarray):
+        return np.concatenate([batch, np.repeat(batch[-1:], rows - n, axis=0)])
+    import torch
+
+    return torch.cat([batch, batch[-1:].expand(rows - n, *batch.shape[1:])])
+
+
+def trim_rows(outputs: Any, n: int) -> Any:
+    """The first ``n`` rows of every output (arrays, tensors; tuples, lists and dicts of them)."""
+    if isinstance(outputs, dict):
+        return {k: trim_rows(v, n) for k, v in outputs.items()}
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(trim_rows(v, n) for v in outputs)
+    if getattr(outputs, "ndim", 0) > 0:
+        return outputs[:n]
+    return outputs
+
+
+# ------------------------------------------------------------------------------------------------
+# Background compilation
+# ------------------------------------------------------------------------------------------------
+class BucketCompiler:
+    """``torch.compile`` of one module, warmed bucket by bucket in the background.
+
+    Parameters
+    ----------
+    module
+        The loaded ``torch.nn.Module`` (already on its device, in eval mode).
+    mode
+        ``torch.compile`` mode.
+    ladder
+        Bucket sizes (see :func:`bucket_ladder`).
+    run
+        ``run(model, batch) -> outputs``: how a batch is run (the same call for eager and compiled,
+        e.g. the user's ``predict``), called under ``torch.inference_mode``.
+    example
+        ``example(rows) -> batch``: a batch of ``rows`` rows shaped as the served ones, for warm-up.
+    submit
+        Runs a callable in the background (the worker's compile thread).
+    reserve
+        ``reserve(rows)``: a context manager holding device memory for a warm-up batch, or None
+        when there is no room now (the bucket is tried again when a batch next asks for it).
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        mode: str,
+        ladder: Sequence[int],
+        run: Callable[[Any, Any], Any],
+        example: Callable[[int], Any],
+        submit: Callable[[Callable[[], None]], Any],
+        reserve: Callable[[int], Any] | None = None,
+    ):
+        self.mode = mode
+        self.ladder = tuple(ladder)
+        self._module = module
+        self._run = run
+        self._example = example
+        self._submit = submit
+        self._reserve = reserve
+        self.compiled: Any = None  # made in the background thread (importing the compiler takes seconds)
+        self._lock = threading.Lock()
+        self._ready: set[int] = set()
+        self._state: dict[int, str] = {}  # bucket -> "queued", "compiling", "ready", "no-memory"
+        self._seconds: dict[int, float] = {}
+        self._pending: list[int] = []  # buckets to compile, first first
+        self._running = False
+        self.error: str | None = None
+        self.compiled_batches = 0
+        self.eager_batches = 0
+        self.padded_rows = 0
+
+    # -- serving side (device thread) -----------------------------------------------------------
+    def ready(self, bucket: int) -> Any | None:
+        """The compiled module when ``bucket`` is warmed, else None (serve eagerly)."""
+        return self.compiled if bucket in self._ready and self.error is None else None
+
+    def want(self, bucket: int) -> None:
+        """A batch of ``bucket`` rows ran eagerly: compile that bucket next, and the rung above it
+        after that (the controller's next step). Never waits."""
+        if self.error is not None:
+            return
+        with self._lock:
+            changed = False
+            above = next_rung(self.ladder, bucket)
+            for i, b in enumerate((bucket, above)):
+                if b is None or self._state.get(b) in ("queued", "compiling", "ready"):
+                    continue
+                self._state[b] = "queued"
+                if i == 0:
+                    self._pending.insert(0, b)
+                else:
+                    self._pending.append(b)
+                changed = True
+            start = changed and not self._running and bool(self._pending)
+            if start:
+                self._running = True
+        if start:
+            self._submit(self._drain)
+
+    def fail(self, exc: BaseException) -> None:
+        """The compiled module raised where the eager one did not: serve eagerly from now on."""
+        self._give_up(exc, "running")
+
+    # -- background side ----------------------------------------------------------------------
+    def _drain(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if not self._pending or self.error is not None:
+                        return
+                    bucket = self._pending.pop(0)
+                    self._state[bucket] = "compiling"
+                self._compile(bucket)
+        except BaseException as exc:  # a bug here must not leave compiling stuck "running"
+            self._give_up(exc, "compiling")
+            raise
+        finally:
+            with self._lock:
+                self._running = False
+
+    def _make_compiled(self) -> None:
+        import torch
+
+        # every bucket is a recompile of the same code object: let all of them in
+        dynamo_config = torch._dynamo.config
+        limit = len(self.ladder) + 8
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if getattr(dynamo_config, knob, limit) < limit:
+                setattr(dynamo_config, knob, limit)
+        self.compiled = torch.compile(self._module, mode=self.mode, dynamic=False)
+
+    def _compile(self, bucket: int) -> None:
+        import torch
+
+        from .sizing import is_oom_error
+
+        started = time.perf_counter()
+        held = self._reserve(bucket) if self._reserve is not None else None
+        if self._reserve is not None and held is None:
+            with self._lock:
+                self._state[bucket] = "no-memory"  # asked again by the next batch of this bucket
+            return
+        with held if held is not None else contextlib.nullcontext():
+            try:
+                if self.compiled is None:
+                    self._make_compiled()
+                batch = self._example(bucket)
+                with torch.inference_mode():
+                    self._run(self.compiled, batch)  # traces and compiles this shape
+                    self._run(self.compiled, batch)  # and runs it once compiled (CUDA graphs record here)
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    torch.cuda.synchronize()
+            except Exception as exc:
+                if is_oom_error(exc):
+                    with self._lock:
+                        self._state[bucket] = "no-memory"
+                    return
+                self._give_up(exc, f"compiling bucket {bucket}")
+                return
+        seconds = time.perf_counter() - started
+        with self._lock:
+            self._seconds[bucket] = seconds
+            self._state[bucket] = "ready"
+            self._ready.add(bucket)
+        logger.info("dynbatch: compiled bucket %d (%s) in %.1f s", bucket, self.mode, seconds)
+
+    def _give_up(self, exc: BaseException, when: str) -> None:
+        with self._lock:
+            if self.error is not None:
+                return
+            self.error = f"{type(exc).__name__} while {when}: {exc}"[:2000]
+            self._ready.clear()
+            self._pending.clear()
+        logger.warning(
+            "dynbatch: torch.compile(mode=%r) failed (%s); the model is served eagerly from now on",
+            self.mode, self.error,
+        )
+
+    # -- reporting --------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """JSON-able: mode, per-bucket state and compile seconds, batches served each way."""
+        with self._lock:
+            buckets = {
+                str(b): {"state": state, "seconds": self._seconds.get(b)} for b, state in sorted(self._state.items())
+            }
+        return {
+            "mode": self.mode,
+            "error": self.error,
+            "buckets": buckets,
+            "ready": sorted(self._ready),
+            "compile_seconds": float(sum(self._seconds.values())),
+            "compiled_batches": self.compiled_batches,
+            "eager_batches": self.eager_batches,
+            "padded_rows": self.padded_rows,
+        }
+

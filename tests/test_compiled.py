@@ -1,0 +1,280 @@
+"""Compiled execution with batch-size buckets (issue 11): the ladder, padding, the controller on a
+ladder, background compilation with eager serving meanwhile, and the fallback when compiling fails.
+
+Compilation runs for real (``torch.compile``, inductor on this CPU) on a small MLP. Where a test must
+know when a bucket compiles, the compile thread is replaced by a list of jobs that the test runs
+itself, so nothing depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+
+import numpy as np
+import pytest
+from distributed.utils_test import gen_cluster
+
+import dask_dynbatch as ddb
+from dask_dynbatch.compiled import (
+    bucket_for,
+    bucket_ladder,
+    compile_mode,
+    floor_rung,
+    next_rung,
+    pad_rows,
+    trim_rows,
+)
+from dask_dynbatch.control import BatchSizeController
+from dask_dynbatch.dashboard import compile_text
+from dask_dynbatch.examples import build_affine, build_torch_mlp
+from dask_dynbatch.runtime import LoadedModel
+
+torch = pytest.importorskip("torch")
+
+
+def eager_mlp(xs: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return build_torch_mlp()(torch.from_numpy(xs)).numpy()
+
+
+def vectors(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The ladder (pure)
+# ------------------------------------------------------------------------------------------------
+def test_default_ladder_is_powers_of_two_up_to_the_limit():
+    assert bucket_ladder(None, 64) == (1, 2, 4, 8, 16, 32, 64)
+    assert bucket_ladder(None, 100) == (1, 2, 4, 8, 16, 32, 64, 100)
+    assert bucket_ladder(None, None)[-1] == 2**16
+    assert bucket_ladder([48, 8, 16, 8], None) == (8, 16, 48)
+    assert bucket_ladder([8, 16, 512], 100) == (8, 16)
+
+
+def test_rung_lookups():
+    ladder = (4, 8, 16)
+    assert [bucket_for(ladder, n) for n in (1, 4, 5, 16, 17)] == [4, 4, 8, 16, None]
+    assert [floor_rung(ladder, n) for n in (2, 4, 9, 100)] == [2, 4, 8, 16]
+    assert [next_rung(ladder, n) for n in (1, 4, 15, 16)] == [4, 8, 16, None]
+
+
+def test_padding_repeats_the_last_row_and_trimming_removes_it():
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    padded = pad_rows(x, 8)
+    assert padded.shape == (8, 2)
+    np.testing.assert_array_equal(padded[:3], x)
+    np.testing.assert_array_equal(padded[3:], np.repeat(x[-1:], 5, axis=0))
+    t = pad_rows(torch.from_numpy(x), 4)
+    assert tuple(t.shape) == (4, 2) and torch.equal(t[3], t[2])
+    outputs = {"a": padded, "b": (padded * 2, [padded + 1])}
+    trimmed = trim_rows(outputs, 3)
+    np.testing.assert_array_equal(trimmed["a"], x)
+    np.testing.assert_array_equal(trimmed["b"][0], x * 2)
+    np.testing.assert_array_equal(trimmed["b"][1][0], x + 1)
+
+
+def test_spec_validates_compile_and_buckets():
+    load = build_torch_mlp
+    assert compile_mode(True) == "default" and compile_mode(False) is None
+    assert ddb.ModelSpec("m", load=load, compile="reduce-overhead").compile_mode() == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile must be"):
+        ddb.ModelSpec("m", load=load, compile="fastest")
+    with pytest.raises(ValueError, match="compile must be"):
+        ddb.ModelSpec("m", load=load, variants={"cuda": ddb.DeviceVariant(compile="nope")})
+    for bad in ([], [0, 4], "8", [2.5]):
+        with pytest.raises(ValueError, match="buckets"):
+            ddb.ModelSpec("m", load=load, buckets=bad)
+    plain = ddb.ModelSpec("m", load=load)
+    assert plain.ladder() is None  # no compile, no buckets: batches of any size
+    spec = ddb.ModelSpec("m", load=load, compile=True, max_batch_size=32,
+                         variants={"cpu": ddb.DeviceVariant(compile=False)})
+    assert spec.ladder("cuda:0") == (1, 2, 4, 8, 16, 32)
+    assert spec.ladder("cpu") is None and spec.compile_mode("cpu") is None
+
+
+# ------------------------------------------------------------------------------------------------
+# The controller on a ladder
+# ------------------------------------------------------------------------------------------------
+def test_controller_steps_between_rungs_and_rounds_bounds_down():
+    ladder = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    c = BatchSizeController(0.11, initial_size=8, ladder=ladder)
+    seen = []
+    for _ in range(200):  # latency 10 ms + 1 ms per sample: 64 (74 ms) is the largest rung on time
+        size = c.size
+        latency = 0.01 + 0.001 * size
+        c.observe(size, latency, latency)
+        seen.append(c.size)
+    assert set(seen) <= set(ladder)
+    assert seen[-50:].count(64) >= 45  # settles on the best rung; late probes to 128 are undone
+    c.set_cap(100)
+    assert c.size == 64
+    c.set_cap(40)
+    assert c.size == 32  # a memory cap is rounded down to a rung
+    assert c.state()["ladder"] == list(ladder)
+
+
+# ------------------------------------------------------------------------------------------------
+# LoadedModel with a compile thread the test drives
+# ------------------------------------------------------------------------------------------------
+class Jobs(list):
+    """Stands in for the worker's compile thread: holds jobs until the test runs them."""
+
+    def run_all(self):
+        while self:
+            self.pop(0)()
+
+
+def test_no_batch_waits_for_a_compile_and_every_bucket_agrees_with_eager():
+    jobs = Jobs()
+    spec = ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=16)
+    loaded = LoadedModel(spec, "cpu", compile_submit=jobs.append)
+    xs = vectors(16)
+    # the first batch runs eagerly at once; the compile of its bucket is only queued
+    np.testing.assert_array_equal(loaded(xs[:8]), eager_mlp(xs[:8]))
+    assert len(jobs) == 1 and loaded.compiler.summary()["buckets"]["8"]["state"] == "queued"
+    assert loaded.compiler.eager_batches == 1 and loaded.compiler.compiled_batches == 0
+    jobs.run_all()  # compiles 8, then the rung above (16)
+    assert loaded.compiler.summary()["ready"] == [8, 16]
+    for n in range(1, 17):  # every size, so every bucket and every amount of padding
+        loaded(xs[:n])  # the first batch of a bucket not compiled yet queues it
+        jobs.run_all()
+        out = loaded(xs[:n])
+        assert out.shape == (n, 4)  # padding never leaks into results
+        np.testing.assert_allclose(out, eager_mlp(xs[:n]), rtol=1e-4, atol=1e-5)
+    summary = loaded.compiler.summary()
+    assert summary["ready"] == [1, 2, 4, 8, 16] and summary["error"] is None
+    assert summary["compiled_batches"] >= 16 and summary["padded_rows"] > 0
+    assert all(info["seconds"] > 0 for info in summary["buckets"].values())
+
+
+def test_padded_rows_do_not_change_the_real_rows():
+    """A model whose rows depend on the whole batch would show padding: here each row is scaled by
+    the batch's row count, so a leak of padding into the model's view changes the results."""
+
+    def load():
+        class CountsRows(torch.nn.Module):
+            def forward(self, x):
+                return x * x.shape[0]
+
+        return CountsRows()
+
+    jobs = Jobs()
+    loaded = LoadedModel(ddb.ModelSpec("rows", load=load, compile=True, max_batch_size=8), "cpu",
+                         compile_submit=jobs.append)
+    xs = vectors(5)
+    loaded(xs)  # eager: rows scaled by 5
+    jobs.run_all()
+    out = loaded(xs)  # compiled bucket 8: padded to 8 rows, trimmed back to 5
+    assert out.shape == (5, 16)
+    np.testing.assert_allclose(out, xs * 8)  # the model saw the padded batch...
+    assert loaded.compiler.padded_rows == 3  # ...and the 3 padding rows never left the worker
+
+
+def test_buckets_without_compile_pad_for_the_eager_model():
+    seen = []
+
+    def load():
+        def model(batch):
+            seen.append(len(batch))
+            return batch * 2
+
+        return model
+
+    loaded = LoadedModel(ddb.ModelSpec("static", load=load, buckets=(4, 8)), "cpu")
+    out = loaded(np.ones((3, 2), dtype=np.float32))
+    assert seen == [4] and out.shape == (3, 2)
+    assert loaded.rows_for(3) == 4 and loaded.max_rows(7) == 4
+
+
+def test_a_model_that_is_not_a_torch_module_is_served_eagerly():
+    loaded = LoadedModel(ddb.ModelSpec("affine", load=build_affine, compile=True), "cpu", compile_submit=list().append)
+    out = loaded(np.ones((3, 2)))
+    np.testing.assert_array_equal(out, np.full((3, 2), 3.0))
+    assert loaded.compiler is None and "torch.nn.Module" in loaded.compile_summary()["error"]
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken_compile(module, **kwargs):
+        def compiled(x):
+            raise RuntimeError("inductor: no C compiler")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    jobs = Jobs()
+    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=8), "cpu",
+                         compile_submit=jobs.append)
+    xs = vectors(8)
+    loaded(xs)
+    jobs.run_all()
+    summary = loaded.compiler.summary()
+    assert "no C compiler" in summary["error"] and summary["ready"] == []
+    np.testing.assert_array_equal(loaded(xs), eager_mlp(xs))  # served eagerly from now on
+    loaded(xs[:3])
+    assert not jobs  # nothing more is queued for compiling
+    assert compile_text(summary).startswith("eager (compile failed")
+
+
+def test_compiled_graph_failing_at_run_time_falls_back_to_eager_and_poison_still_fails_alone():
+    jobs = Jobs()
+    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=4), "cpu",
+                         compile_submit=jobs.append)
+    xs = vectors(4)
+    loaded(xs)
+    jobs.run_all()
+    # a poison batch (wrong width) fails in the compiled graph and in the eager model alike: the
+    # error is the model's, and the compiled graph stays in service
+    with pytest.raises(RuntimeError):
+        loaded(np.ones((4, 3), dtype=np.float32))
+    assert loaded.compiler.error is None
+
+    def fails_only_compiled(x):
+        raise RuntimeError("graph broke")
+
+    loaded.compiler.compiled = fails_only_compiled
+    np.testing.assert_array_equal(loaded(xs), eager_mlp(xs))
+    assert "graph broke" in loaded.compiler.error
+
+
+# ------------------------------------------------------------------------------------------------
+# On a cluster
+# ------------------------------------------------------------------------------------------------
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=300)
+async def test_compiled_model_on_a_cluster(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    spec = ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=16, initial_batch_size=8)
+    batcher = await ddb.Batcher(c, spec)
+    xs = vectors(1_000)
+    expected = eager_mlp(xs)
+    state = None
+    for _ in range(600):  # until a bucket has compiled in the background and served batches
+        results = await asyncio.gather(*batcher.map(list(xs)))
+        np.testing.assert_allclose(np.stack(results), expected, rtol=1e-4, atol=1e-5)
+        (state,) = [w["compile"] for w in batcher.stats()["workers"].values()]
+        if state and state["compiled_batches"] > 0:
+            break
+        await asyncio.sleep(0.1)
+    assert state["error"] is None and state["ready"], state
+    assert state["eager_batches"] > 0  # batches ran eagerly while the first bucket compiled
+    sizes = {h["controller_size"] for h in batcher.history()}
+    assert sizes <= {1, 2, 4, 8, 16}  # the controller proposes rungs only
+    # the worker's heartbeat carries it too (the dashboard's source)
+    await a.heartbeat()
+    metrics = s.workers[a.address].metrics["dynbatch"]["models"]["mlp"]["compile"]
+    assert metrics["mode"] == "default" and metrics["ready"]
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_client_warns_once_when_a_worker_cannot_compile(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine, compile=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = await asyncio.gather(*batcher.map([np.ones(3)] * 50))
+    np.testing.assert_array_equal(results[0], np.full(3, 3.0))
+    compile_warnings = [w for w in caught if issubclass(w.category, ddb.CompileWarning)]
+    assert len(compile_warnings) == 1 and "served eagerly" in str(compile_warnings[0].message)
+    batcher.close()
