@@ -3,6 +3,8 @@
 
 Sections (``--sections``, comma separated; each writes into one JSON as it finishes):
   raw       the model alone, inputs already on the GPU, batch 1..512 (the ceiling)
+  rawcompiled  the same under torch.compile (default mode), batch 64..512 (the compiled ceiling)
+  compiled  dask-dynbatch with ModelSpec(compile=True), closed loop, once its buckets are compiled
   plain     plain Dask: one task per request; hand-chunked 32/128/512
   dynbatch  dask-dynbatch with default settings, closed loop
   open      open loop, Poisson arrivals at 30/70/100 % of the measured capacity
@@ -11,6 +13,8 @@ Sections (``--sections``, comma separated; each writes into one JSON as it finis
   hetero    one GPU worker plus two CPU workers (placement)
   shared    two workers on the one GPU, one with a much smaller memory budget
   daskcuda  the dynbatch closed loop again on dask-cuda's LocalCUDACluster
+  multigpu  LocalCUDACluster on 1 GPU vs all visible GPUs (scaling), then the GPUs made unequal:
+            another process holds most of the last GPU's memory (issue 10)
 
     python benchmarks/gpu_case.py --out DIR --sections raw,plain,dynbatch,open,cupy
 """
@@ -59,6 +63,54 @@ def sec_raw(client, images, res, args):
     res["ceiling"] = max(table.values())
 
 
+def sec_rawcompiled(client, images, res, args):
+    ((_, table),) = client.run(baselines.raw_compiled_loop, build_resnet50, images[0], [64, 128, 256, 512], 3.0).items()
+    res["raw_compiled"] = {str(k): v for k, v in table["throughput"].items()}
+    res["raw_compiled_compile_seconds"] = {str(k): v for k, v in table["compile_seconds"].items()}
+    res["compiled_ceiling"] = max(table["throughput"].values())
+
+
+def sec_compiled(client, images, res, args):
+    """ModelSpec(compile=True): serve until the controller's bucket is compiled, then time."""
+    spec = ddb.ModelSpec("resnet50-compiled", load=build_resnet50, compile=True)
+    samples = [images[i % len(images)] for i in range(args.requests)]
+    warmup = []
+    with ddb.Batcher(client, spec) as batcher:
+        started = time.time()
+        while time.time() - started < args.compile_wait:
+            [f.result() for f in batcher.map(samples[:8000])]
+            (worker,) = batcher.stats()["workers"].values()
+            state = worker["compile"] or {}
+            size = worker["controller"]["size"]
+            buckets = state.get("buckets") or {}
+            warmup.append({"t": time.time() - started, "size": size, "ready": state.get("ready"),
+                           "compiled_batches": state.get("compiled_batches"), "eager_batches": state.get("eager_batches")})
+            print("compile warm-up", warmup[-1], flush=True)
+            settled = len(warmup) >= 3 and warmup[-3]["size"] == warmup[-2]["size"] == size
+            if state.get("error") or (buckets.get(str(size), {}).get("state") == "ready" and settled):
+                break
+        throughput, seconds = rate(len(samples), lambda: [f.result() for f in batcher.map(samples)])
+        stats = batcher.stats()
+        hist = batcher.history()
+    (worker,) = stats["workers"].values()
+    out = {
+        "throughput": throughput,
+        "seconds": seconds,
+        "requests": len(samples),
+        "latency_p50_ms": stats["latency_p50"] * 1e3,
+        "latency_p99_ms": stats["latency_p99"] * 1e3,
+        "controller_size": worker["controller"]["size"],
+        "compile": worker["compile"],
+        "warmup": warmup,
+        "history": [(h["time"], h["size"], h["latency"]) for h in hist[-2000:]],
+    }
+    if res.get("ceiling"):
+        out["ratio_to_eager_ceiling"] = throughput / res["ceiling"]
+    if res.get("compiled_ceiling"):
+        out["ratio_to_compiled_ceiling"] = throughput / res["compiled_ceiling"]
+    res["compiled"] = out
+
+
 def sec_plain(client, images, res, args):
     out = {}
     load = build_resnet50
@@ -86,7 +138,8 @@ def closed_loop(client, images, name, n, profile_dir=None, **spec_kw):
             profilers = [subprocess.Popen(["py-spy", "record", "--format", "raw", "-d", "4", "-r", "200", "--threads",
                                            "-o", str(Path(profile_dir) / f"{who}.txt"), "--pid", str(pid)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for who, pid in pids.items()]
-        throughput, seconds = rate(n, lambda: [f.result() for f in batcher.map(samples)])
+        failed = []
+        throughput, seconds = rate(n, lambda: failed.extend(f for f in batcher.map(samples) if f.exception() is not None))
         for p in profilers:
             p.wait(timeout=30)
         stats = batcher.stats()
@@ -95,10 +148,12 @@ def closed_loop(client, images, name, n, profile_dir=None, **spec_kw):
         "throughput": throughput,
         "seconds": seconds,
         "requests": n,
+        "failed": len(failed),
         "latency_p50_ms": stats["latency_p50"] * 1e3,
         "latency_p99_ms": stats["latency_p99"] * 1e3,
         "workers": {a: {k: w[k] for k in ("device", "samples", "batches", "memory_cap", "throughput")}
-                    | {"controller_size": w["controller"]["size"], "reason": w["controller"]["reason"]}
+                    | {"controller_size": w["controller"]["size"], "reason": w["controller"]["reason"],
+                       "mean_batch": w["samples"] / max(1, w["batches"])}
                     for a, w in stats["workers"].items()},
         "history": [(h["time"], h["worker"], h["size"], h["latency"], h["cap"]) for h in hist[-3000:]],
     }
@@ -291,6 +346,54 @@ def sec_daskcuda(images, res, args):
         res["dask_cuda"] = out
 
 
+def sec_multigpu(images, res, args):
+    """Issue 10: scaling from 1 GPU to every visible GPU, then the GPUs made unequal."""
+    from dask_cuda import LocalCUDACluster
+    from distributed import Client
+    from distributed.diagnostics import nvml
+
+    gpus = nvml.device_get_count()
+    out = {"gpus": gpus}
+    res["multigpu"] = out
+    if gpus < 2:
+        out["error"] = "fewer than 2 GPUs visible"
+        return
+    all_gpus = ",".join(str(i) for i in range(gpus))
+
+    def shares(run):
+        total = sum(w["samples"] for w in run["workers"].values()) or 1
+        return {a: w["samples"] / total for a, w in run["workers"].items()}
+
+    with LocalCUDACluster(CUDA_VISIBLE_DEVICES="0", dashboard_address=":0") as cluster, Client(cluster) as client:
+        client.register_plugin(ddb.DynBatchPlugin())
+        out["one_gpu"] = closed_loop(client, images, "resnet50-1gpu", args.requests)
+    print("1 GPU", out["one_gpu"]["throughput"], flush=True)
+    with LocalCUDACluster(CUDA_VISIBLE_DEVICES=all_gpus, dashboard_address=":0") as cluster, Client(cluster) as client:
+        client.register_plugin(ddb.DynBatchPlugin())
+        two = closed_loop(client, images, "resnet50-allgpu", args.requests * gpus)
+        out["all_gpus"] = two | {"shares": shares(two)}
+        out["scaling"] = two["throughput"] / out["one_gpu"]["throughput"]
+        print("all GPUs", two["throughput"], "scaling", out["scaling"], flush=True)
+        # unequal GPUs: a neighbour takes all but `hog_keep_gib` of the last GPU, for the whole run
+        hog_path = Path(args.out) / "hog.py"
+        hog_path.write_text(HOG)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpus - 1))
+        hog = subprocess.Popen([sys.executable, str(hog_path), str(args.hog_keep_gib), "60"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(6)  # the hog takes the memory; the worker's poll publishes the new cap
+        worker_gpu = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0])
+        unequal = closed_loop(client, images, "resnet50-unequal", args.requests * gpus)
+        hog.kill()
+        hog_out = hog.communicate(timeout=30)[0]
+        memory = client.run(lambda dask_worker: {
+            d: {k: r.get(k) for k in ("effective_free", "used_fraction", "capacity")}
+            for d, r in ((dask_worker.extensions["dynbatch"].heartbeat_metrics(dask_worker) or {}).get("devices") or {}).items()})
+        out["unequal"] = unequal | {"shares": shares(unequal), "worker_gpu": worker_gpu,
+                                    "memory_after": memory, "hog_output": hog_out[-1500:],
+                                    "hog_gpu": gpus - 1, "hog_keep_gib": args.hog_keep_gib}
+        print("unequal", unequal["throughput"], shares(unequal), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -299,6 +402,7 @@ def main():
     parser.add_argument("--pressure-requests", type=int, default=60_000)
     parser.add_argument("--hog-keep-gib", type=float, default=2.0)
     parser.add_argument("--name", default="gpu_case")
+    parser.add_argument("--compile-wait", type=float, default=240.0, help="longest warm-up of the compiled section (s)")
     parser.add_argument("--profile", action="store_true", help="py-spy profiles of the dynbatch closed loop")
     args = parser.parse_args()
     out = Path(args.out)
@@ -312,7 +416,7 @@ def main():
     def save():
         path.write_text(json.dumps(res, indent=1, default=float))
 
-    in_cluster = [s for s in sections if s in ("raw", "plain", "dynbatch", "open", "cupy", "pressure")]
+    in_cluster = [s for s in sections if s in ("raw", "rawcompiled", "plain", "dynbatch", "compiled", "open", "cupy", "pressure")]
     if in_cluster:
         cluster, client = start_cluster()
         try:
@@ -330,7 +434,7 @@ def main():
         finally:
             client.close()
             cluster.close()
-    for s in ("hetero", "shared", "daskcuda"):
+    for s in ("hetero", "shared", "daskcuda", "multigpu"):
         if s in sections:
             t0 = time.time()
             try:
@@ -345,6 +449,9 @@ def main():
     summary["dynbatch"] = res.get("dynbatch", {}).get("throughput")
     summary["ratio"] = res.get("dynbatch", {}).get("ratio_to_ceiling")
     summary["plain"] = res.get("plain")
+    summary["compiled_ceiling"] = res.get("compiled_ceiling")
+    summary["compiled"] = {k: res.get("compiled", {}).get(k) for k in ("throughput", "ratio_to_eager_ceiling", "controller_size")}
+    summary["multigpu"] = {k: (v.get("throughput") if isinstance(v, dict) else v) for k, v in res.get("multigpu", {}).items()}
     summary["errors"] = list(res.get("errors", {}))
     print(json.dumps(summary, indent=1, default=float), flush=True)
 

@@ -69,3 +69,32 @@ def raw_loop(load: Callable[..., Any], sample: np.ndarray, batch_sizes: list[int
             sync()
             out[n] = done / (time.perf_counter() - started)
     return out
+
+
+def raw_compiled_loop(load: Callable[..., Any], sample: np.ndarray, batch_sizes: list[int], seconds: float = 2.0,
+                      mode: str = "default", device: str | None = None) -> dict[str, dict[int, float]]:
+    """The compiled ceiling: ``torch.compile(model, mode=mode, dynamic=False)`` alone, inputs already
+    in place, at each batch size. Returns ``{"throughput": {size: samples/s}, "compile_seconds":
+    {size: s}}`` (compile time: the first two calls at that size)."""
+    import torch
+
+    device = device or default_device()
+    model = _model(load, device)
+    compiled = torch.compile(model.model, mode=mode, dynamic=False)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(batch_sizes) + 8)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    throughput, compile_seconds = {}, {}
+    for n in batch_sizes:
+        batch = np.ascontiguousarray(np.broadcast_to(sample, (n,) + sample.shape))
+        xb = torch.from_numpy(batch).to(device)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            compiled(xb); compiled(xb); sync()  # compile, then warm up
+            compile_seconds[n] = time.perf_counter() - started
+            done, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                compiled(xb)
+                done += n
+            sync()
+            throughput[n] = done / (time.perf_counter() - started)
+    return {"throughput": throughput, "compile_seconds": compile_seconds}
