@@ -159,6 +159,11 @@ class BucketCompiler:
         self._reserve = reserve
         self.compiled: Any = None  # made in the background thread (importing the compiler takes seconds)
         self._lock = threading.Lock()
+        # Held while a bucket compiles, and by a batch running compiled. Tracing sets process-wide
+        # state (torch.fx's "is tracing" flag) that makes a compiled module called from another
+        # thread raise, so a batch that finds a compile going on runs eagerly instead of waiting.
+        self._exclusive = threading.Lock()
+        self._demand: dict[int, int] = {}  # bucket -> rows served eagerly while it was not ready
         self._ready: set[int] = set()
         self._state: dict[int, str] = {}  # bucket -> "queued", "compiling", "ready", "no-memory"
         self._seconds: dict[int, float] = {}
@@ -174,24 +179,33 @@ class BucketCompiler:
         """The compiled module when ``bucket`` is warmed, else None (serve eagerly)."""
         return self.compiled if bucket in self._ready and self.error is None else None
 
-    def want(self, bucket: int) -> None:
-        """A batch of ``bucket`` rows ran eagerly: compile that bucket next, and the rung above it
-        after that (the controller's next step). Never waits."""
+    @contextlib.contextmanager
+    def use(self, bucket: int):
+        """The compiled module for a batch of ``bucket`` rows, held for the duration of the
+        ``with`` block; None (run eagerly) when the bucket is not ready or a compile is running."""
+        compiled = self.ready(bucket)
+        if compiled is None or not self._exclusive.acquire(blocking=False):
+            yield None
+            return
+        try:
+            yield compiled
+        finally:
+            self._exclusive.release()
+
+    def want(self, bucket: int, rows: int = 0) -> None:
+        """A batch of ``rows`` rows in ``bucket`` ran eagerly because the bucket is not compiled:
+        queue that bucket, and the rung above it (the controller's next step). The compile thread
+        takes the queued bucket that has served the most rows eagerly first. Never waits."""
         if self.error is not None:
             return
         with self._lock:
-            changed = False
-            above = next_rung(self.ladder, bucket)
-            for i, b in enumerate((bucket, above)):
+            self._demand[bucket] = self._demand.get(bucket, 0) + rows
+            for b in (bucket, next_rung(self.ladder, bucket)):
                 if b is None or self._state.get(b) in ("queued", "compiling", "ready"):
                     continue
                 self._state[b] = "queued"
-                if i == 0:
-                    self._pending.insert(0, b)
-                else:
-                    self._pending.append(b)
-                changed = True
-            start = changed and not self._running and bool(self._pending)
+                self._pending.append(b)
+            start = bool(self._pending) and not self._running
             if start:
                 self._running = True
         if start:
@@ -208,7 +222,9 @@ class BucketCompiler:
                 with self._lock:
                     if not self._pending or self.error is not None:
                         return
-                    bucket = self._pending.pop(0)
+                    # most rows served eagerly first; among equals (prefetched rungs), the smallest
+                    bucket = max(self._pending, key=lambda b: (self._demand.get(b, 0), -b))
+                    self._pending.remove(bucket)
                     self._state[bucket] = "compiling"
                 self._compile(bucket)
         except BaseException as exc:  # a bug here must not leave compiling stuck "running"
@@ -240,7 +256,7 @@ class BucketCompiler:
             with self._lock:
                 self._state[bucket] = "no-memory"  # asked again by the next batch of this bucket
             return
-        with held if held is not None else contextlib.nullcontext():
+        with held if held is not None else contextlib.nullcontext(), self._exclusive:
             try:
                 if self.compiled is None:
                     self._make_compiled()

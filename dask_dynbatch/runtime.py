@@ -180,30 +180,34 @@ class LoadedModel:
             return to_numpy(self._eager(batch))
         if self._template is None:
             self._template = batch[:1].clone() if hasattr(batch, "clone") else batch[:1].copy()
-        compiled = compiler.ready(bucket)
-        if compiled is None:
-            compiler.want(bucket)
+        if compiler.ready(bucket) is None:
+            compiler.want(bucket, n)
             compiler.eager_batches += 1
             return to_numpy(self._eager(batch))
         import torch
 
         from .sizing import is_oom_error
 
-        try:
-            with torch.inference_mode():
-                outputs = trim_rows(self._forward(compiled, pad_rows(batch, bucket)), n)
-                result = to_numpy(outputs)
-        except Exception as exc:
-            if is_oom_error(exc):
-                raise
-            # eager decides whether the data (a poison request: it raises again) or the compiled
-            # graph is at fault
-            result = to_numpy(self._eager(batch))
-            compiler.fail(exc)
-            compiler.eager_batches += 1
-            return result
-        compiler.compiled_batches += 1
-        compiler.padded_rows += bucket - n
+        with compiler.use(bucket) as compiled:
+            if compiled is None:  # another bucket is compiling right now
+                compiler.eager_batches += 1
+                return to_numpy(self._eager(batch))
+            try:
+                with torch.inference_mode():
+                    result = to_numpy(trim_rows(self._forward(compiled, pad_rows(batch, bucket)), n))
+            except Exception as exc:
+                if is_oom_error(exc):
+                    raise
+                failure = exc
+            else:
+                compiler.compiled_batches += 1
+                compiler.padded_rows += bucket - n
+                return result
+        # eager decides whether the data (a poison request: it raises again) or the compiled graph
+        # is at fault
+        result = to_numpy(self._eager(batch))
+        compiler.fail(failure)
+        compiler.eager_batches += 1
         return result
 
     def _eager(self, batch: Any) -> Any:

@@ -278,3 +278,37 @@ async def test_client_warns_once_when_a_worker_cannot_compile(c, s, a):
     compile_warnings = [w for w in caught if issubclass(w.category, ddb.CompileWarning)]
     assert len(compile_warnings) == 1 and "served eagerly" in str(compile_warnings[0].message)
     batcher.close()
+
+
+def test_buckets_that_served_most_rows_eagerly_compile_first():
+    jobs = Jobs()
+    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=16), "cpu",
+                         compile_submit=jobs.append)
+    compiler = loaded.compiler
+    order = []
+    compile_one = compiler._compile
+    compiler._compile = lambda bucket: (order.append(bucket), compile_one(bucket))
+    xs = vectors(16)
+    loaded(xs[:1])  # a short tail batch first...
+    for _ in range(3):
+        loaded(xs[:16])  # ...then the batches the controller forms
+    jobs.run_all()
+    assert order[0] == 16  # 48 rows served eagerly in bucket 16, 1 row in bucket 1
+    assert set(order) == {1, 2, 16}  # and the rung above the tail's bucket, prefetched
+
+
+def test_a_batch_never_waits_for_a_compile_in_progress():
+    jobs = Jobs()
+    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=8), "cpu",
+                         compile_submit=jobs.append)
+    xs = vectors(8)
+    loaded(xs)
+    jobs.run_all()
+    compiler = loaded.compiler
+    assert compiler.ready(8) is not None
+    with compiler._exclusive:  # as the compile thread holds it while it traces another bucket
+        out = loaded(xs)  # runs eagerly at once instead of waiting
+    np.testing.assert_array_equal(out, eager_mlp(xs))
+    before = compiler.compiled_batches
+    loaded(xs)
+    assert compiler.compiled_batches == before + 1
