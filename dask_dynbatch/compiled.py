@@ -159,10 +159,6 @@ class BucketCompiler:
         self._reserve = reserve
         self.compiled: Any = None  # made in the background thread (importing the compiler takes seconds)
         self._lock = threading.Lock()
-        # Held while a bucket compiles, and by a batch running compiled. Tracing sets process-wide
-        # state (torch.fx's "is tracing" flag) that makes a compiled module called from another
-        # thread raise, so a batch that finds a compile going on runs eagerly instead of waiting.
-        self._exclusive = threading.Lock()
         self._demand: dict[int, int] = {}  # bucket -> rows served eagerly while it was not ready
         self._ready: set[int] = set()
         self._state: dict[int, str] = {}  # bucket -> "queued", "compiling", "ready", "no-memory"
@@ -178,19 +174,6 @@ class BucketCompiler:
     def ready(self, bucket: int) -> Any | None:
         """The compiled module when ``bucket`` is warmed, else None (serve eagerly)."""
         return self.compiled if bucket in self._ready and self.error is None else None
-
-    @contextlib.contextmanager
-    def use(self, bucket: int):
-        """The compiled module for a batch of ``bucket`` rows, held for the duration of the
-        ``with`` block; None (run eagerly) when the bucket is not ready or a compile is running."""
-        compiled = self.ready(bucket)
-        if compiled is None or not self._exclusive.acquire(blocking=False):
-            yield None
-            return
-        try:
-            yield compiled
-        finally:
-            self._exclusive.release()
 
     def want(self, bucket: int, rows: int = 0) -> None:
         """A batch of ``rows`` rows in ``bucket`` ran eagerly because the bucket is not compiled:
@@ -243,6 +226,11 @@ class BucketCompiler:
         for knob in ("recompile_limit", "cache_size_limit"):
             if getattr(dynamo_config, knob, limit) < limit:
                 setattr(dynamo_config, knob, limit)
+        # While this thread traces a bucket, torch.fx's process-wide "tracing" flag is set, and a
+        # compiled module called from the device thread would raise ("Detected that you are using
+        # FX to symbolically trace a dynamo-optimized function"); with this off it runs its eager
+        # code for that moment instead. Compiled buckets keep serving while others compile.
+        dynamo_config.error_on_nested_fx_trace = False
         self.compiled = torch.compile(self._module, mode=self.mode, dynamic=False)
 
     def _compile(self, bucket: int) -> None:
@@ -256,7 +244,7 @@ class BucketCompiler:
             with self._lock:
                 self._state[bucket] = "no-memory"  # asked again by the next batch of this bucket
             return
-        with held if held is not None else contextlib.nullcontext(), self._exclusive:
+        with held if held is not None else contextlib.nullcontext():
             try:
                 if self.compiled is None:
                     self._make_compiled()

@@ -188,21 +188,18 @@ class LoadedModel:
 
         from .sizing import is_oom_error
 
-        with compiler.use(bucket) as compiled:
-            if compiled is None:  # another bucket is compiling right now
-                compiler.eager_batches += 1
-                return to_numpy(self._eager(batch))
-            try:
-                with torch.inference_mode():
-                    result = to_numpy(trim_rows(self._forward(compiled, pad_rows(batch, bucket)), n))
-            except Exception as exc:
-                if is_oom_error(exc):
-                    raise
-                failure = exc
-            else:
-                compiler.compiled_batches += 1
-                compiler.padded_rows += bucket - n
-                return result
+        compiled = compiler.ready(bucket)
+        try:
+            with torch.inference_mode():
+                result = to_numpy(trim_rows(self._forward(compiled, pad_rows(batch, bucket)), n))
+        except Exception as exc:
+            if is_oom_error(exc):
+                raise
+            failure = exc
+        else:
+            compiler.compiled_batches += 1
+            compiler.padded_rows += bucket - n
+            return result
         # eager decides whether the data (a poison request: it raises again) or the compiled graph
         # is at fault
         result = to_numpy(self._eager(batch))

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import pickle
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -94,8 +95,6 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="dynbatch")
         # copies to the device happen here, so that the next batch's transfer overlaps this one's compute
         self.stager = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-stage")
-        # ModelSpec(compile=...): buckets compile here, one at a time, while the device thread serves
-        self.compile_pool = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-compile")
         self.gpu_count = visible_gpu_count()
         self.malloc_tuned = tune_malloc_for_inference() if self.tune_malloc else False
         self.sizers: dict[str, MemorySizer] = {}
@@ -126,7 +125,6 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         worker.extensions.pop("dynbatch", None)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.stager.shutdown(wait=False, cancel_futures=True)
-        self.compile_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- telemetry -----------------------------------------------------------------------------
     def heartbeat_metrics(self, worker: Worker) -> dict[str, Any]:
@@ -228,7 +226,10 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             return loaded
 
     def _compile_submit(self, fn) -> None:
-        self.compile_pool.submit(self._as_worker, fn)
+        """ModelSpec(compile=...): buckets compile in a background thread (one at a time: the
+        compiler runs one drain at once) while the device thread serves. A daemon thread, so that
+        a compile in progress never holds up the worker's exit."""
+        threading.Thread(target=self._as_worker, args=(fn,), name="dynbatch-compile", daemon=True).start()
 
     def _compile_reserve(self, name: str, device: str, rows: int):
         """Device memory for a warm-up batch of ``rows`` (None: no room now, try later)."""
