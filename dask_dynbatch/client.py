@@ -89,6 +89,7 @@ class _WorkerSlot:
         self.inflight_samples = 0
         self.alive = True
         self.lost_until = 0.0  # monotonic time before which the worker counts as dead
+        self.last_done = 0.0  # monotonic time the worker's last batch came back
         self.batches = 0
         self.samples = 0
         self.cap: int | None = None
@@ -721,10 +722,19 @@ class Batcher:
         self._deliver(reqs, reply, done)
         n = len(reqs)
         compute_s = reply.get("compute_s") or (done - sent)
-        # what this batch cost the pipeline, overheads included: its round trip shared with the
-        # batches that were in flight with it. Compute time alone would hide per-batch overheads
-        # (transfer, serialisation, the event loops) and favour batches that are too small.
-        service_s = max(compute_s, (done - sent) / depth)
+        # What this batch cost the pipeline, overheads included. When the worker's previous batch
+        # came back after this one was sent, the worker was busy with our batches all along, and
+        # the time between the two replies is exactly this batch's share: what a steady stream of
+        # batches of this size delivers. Otherwise (the pipeline ran dry) its round trip shared
+        # with the batches in flight with it. Compute time alone would hide per-batch overheads
+        # (transfer, serialisation, the event loops) and favour batches that are too small; the
+        # round trip divided by the batches in flight swings with that number, which made the
+        # throughput rule stop growth on noise (measured on the GPU).
+        previous_done, slot.last_done = slot.last_done, max(slot.last_done, done)
+        if depth > 1 and sent < previous_done < done:
+            service_s = max(compute_s, done - previous_done)
+        else:
+            service_s = max(compute_s, (done - sent) / depth)
         slot.batches += 1
         slot.samples += n
         slot.observe_throughput(n, service_s)

@@ -7,9 +7,13 @@ batches fill a bucket exactly; a partial batch is padded to its bucket on the wo
 of its last row) and the padding is cut from the outputs before they leave the device.
 
 Compilation never blocks a request. :class:`BucketCompiler` compiles one bucket at a time in a
-background thread (the bucket a batch asked for first, then the rung above, where the controller
-goes next); until a bucket is ready its batches run eagerly, unpadded. A model that fails to
-compile is served eagerly for good, with a warning; the error shows in ``Batcher.stats()``.
+background thread: a bucket once two batches of its size have run eagerly (the one that served the
+most rows first), then the rung above it, where the controller goes next. Until a bucket is ready
+its batches run eagerly, unpadded. torch.compile is not thread-safe, so while a bucket compiles
+every batch runs eagerly (measured on the GPU: compiled calls during another thread's trace failed);
+once the controller settles, nothing compiles any more and every full batch runs compiled. A model
+that fails to compile is served eagerly for good, with a warning; the error shows in
+``Batcher.stats()``.
 
 The ladder helpers are pure; torch is imported only by :class:`BucketCompiler`.
 """
@@ -30,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: ``ModelSpec(compile=...)`` values, as ``torch.compile(mode=...)`` takes them (True: "default")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: a bucket is compiled once this many batches of its size have run eagerly
+MIN_EAGER_BATCHES = 2
 #: the default ladder stops here when the spec sets no max_batch_size (the memory cap binds first)
 LADDER_TOP = 2**16
 
@@ -159,6 +165,11 @@ class BucketCompiler:
         self._reserve = reserve
         self.compiled: Any = None  # made in the background thread (importing the compiler takes seconds)
         self._lock = threading.Lock()
+        # Held while a bucket compiles, and by a batch running compiled: torch.compile is not
+        # thread-safe (a compiled call during another thread's trace raised on the GPU, in two
+        # different ways), so a batch that finds a compile going on runs eagerly, never waits.
+        self._exclusive = threading.Lock()
+        self._eager_seen: dict[int, int] = {}  # bucket -> batches served eagerly while it was not ready
         self._demand: dict[int, int] = {}  # bucket -> rows served eagerly while it was not ready
         self._ready: set[int] = set()
         self._state: dict[int, str] = {}  # bucket -> "queued", "compiling", "ready", "no-memory"
@@ -175,14 +186,33 @@ class BucketCompiler:
         """The compiled module when ``bucket`` is warmed, else None (serve eagerly)."""
         return self.compiled if bucket in self._ready and self.error is None else None
 
-    def want(self, bucket: int, rows: int = 0) -> None:
-        """A batch of ``rows`` rows in ``bucket`` ran eagerly because the bucket is not compiled:
-        queue that bucket, and the rung above it (the controller's next step). The compile thread
-        takes the queued bucket that has served the most rows eagerly first. Never waits."""
+    @contextlib.contextmanager
+    def use(self, bucket: int):
+        """The compiled module for a batch of ``bucket`` rows, held for the ``with`` block; None
+        (run eagerly) when the bucket is not ready or a compile is running now."""
+        compiled = self.ready(bucket)
+        if compiled is None or not self._exclusive.acquire(blocking=False):
+            yield None
+            return
+        try:
+            yield compiled
+        finally:
+            self._exclusive.release()
+
+    def want(self, bucket: int, rows: int = 0, force: bool = False) -> None:
+        """A batch of ``rows`` rows in ``bucket`` ran eagerly because the bucket is not compiled.
+        From the :data:`MIN_EAGER_BATCHES`-th such batch on, queue that bucket and the rung above
+        it (the controller's next step), so that a one-off short batch (the tail of a burst) costs
+        no compile. The compile thread takes the queued bucket that has served the most rows
+        eagerly first. ``force``: queue it now (a declared input signature, before any batch).
+        Never waits."""
         if self.error is not None:
             return
         with self._lock:
             self._demand[bucket] = self._demand.get(bucket, 0) + rows
+            self._eager_seen[bucket] = seen = self._eager_seen.get(bucket, 0) + 1
+            if seen < MIN_EAGER_BATCHES and not force:
+                return
             for b in (bucket, next_rung(self.ladder, bucket)):
                 if b is None or self._state.get(b) in ("queued", "compiling", "ready"):
                     continue
@@ -226,10 +256,8 @@ class BucketCompiler:
         for knob in ("recompile_limit", "cache_size_limit"):
             if getattr(dynamo_config, knob, limit) < limit:
                 setattr(dynamo_config, knob, limit)
-        # While this thread traces a bucket, torch.fx's process-wide "tracing" flag is set, and a
-        # compiled module called from the device thread would raise ("Detected that you are using
-        # FX to symbolically trace a dynamo-optimized function"); with this off it runs its eager
-        # code for that moment instead. Compiled buckets keep serving while others compile.
+        # belt and braces beside the exclusive lock: a compiled call that meets torch.fx's
+        # process-wide "tracing" flag runs its eager code instead of raising
         dynamo_config.error_on_nested_fx_trace = False
         self.compiled = torch.compile(self._module, mode=self.mode, dynamic=False)
 
@@ -244,7 +272,7 @@ class BucketCompiler:
             with self._lock:
                 self._state[bucket] = "no-memory"  # asked again by the next batch of this bucket
             return
-        with held if held is not None else contextlib.nullcontext():
+        with held if held is not None else contextlib.nullcontext(), self._exclusive:
             try:
                 if self.compiled is None:
                     self._make_compiled()

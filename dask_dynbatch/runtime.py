@@ -113,7 +113,7 @@ class LoadedModel:
                     self._template = self._as_input(row)
                     first = bucket_for(self.ladder, self.spec.initial_size(device))
                     if first is not None:
-                        self.compiler.want(first)
+                        self.compiler.want(first, force=True)
 
     def _prepare_torch(self) -> None:
         import torch
@@ -188,18 +188,21 @@ class LoadedModel:
 
         from .sizing import is_oom_error
 
-        compiled = compiler.ready(bucket)
-        try:
-            with torch.inference_mode():
-                result = to_numpy(trim_rows(self._forward(compiled, pad_rows(batch, bucket)), n))
-        except Exception as exc:
-            if is_oom_error(exc):
-                raise
-            failure = exc
-        else:
-            compiler.compiled_batches += 1
-            compiler.padded_rows += bucket - n
-            return result
+        with compiler.use(bucket) as compiled:
+            if compiled is None:  # a bucket is compiling right now: torch.compile is not thread-safe
+                compiler.eager_batches += 1
+                return to_numpy(self._eager(batch))
+            try:
+                with torch.inference_mode():
+                    result = to_numpy(trim_rows(self._forward(compiled, pad_rows(batch, bucket)), n))
+            except Exception as exc:
+                if is_oom_error(exc):
+                    raise
+                failure = exc
+            else:
+                compiler.compiled_batches += 1
+                compiler.padded_rows += bucket - n
+                return result
         # eager decides whether the data (a poison request: it raises again) or the compiled graph
         # is at fault
         result = to_numpy(self._eager(batch))
