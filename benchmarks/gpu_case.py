@@ -87,7 +87,8 @@ def sec_compiled(client, images, res, args):
                            "compiled_batches": state.get("compiled_batches"), "eager_batches": state.get("eager_batches")})
             print("compile warm-up", warmup[-1], flush=True)
             settled = len(warmup) >= 3 and warmup[-3]["size"] == warmup[-2]["size"] == size
-            if state.get("error") or (buckets.get(str(size), {}).get("state") == "ready" and settled):
+            idle = not any(b.get("state") in ("queued", "compiling") for b in buckets.values())
+            if state.get("error") or (buckets.get(str(size), {}).get("state") == "ready" and settled and idle):
                 break
         throughput, seconds = rate(len(samples), lambda: [f.result() for f in batcher.map(samples)])
         stats = batcher.stats()

@@ -623,7 +623,8 @@ class Batcher:
                 slot.inflight += 1
                 slot.inflight_samples += len(batch)
                 self._inflight[id(batch)] = batch
-                asyncio.ensure_future(self._send(slot, batch, now, slot.inflight, slot.controller.size))
+                full = len(batch) >= full_size[address]
+                asyncio.ensure_future(self._send(slot, batch, now, slot.inflight, slot.controller.size, full))
         with self._room:
             self._room.notify_all()
         return retry_in
@@ -656,14 +657,16 @@ class Batcher:
             batch_size=max(1, size),
         )
 
-    async def _send(self, slot: _WorkerSlot, reqs: list[Request], formed: float, depth: int, proposed: int) -> None:
+    async def _send(self, slot: _WorkerSlot, reqs: list[Request], formed: float, depth: int, proposed: int,
+                    full: bool = True) -> None:
         """Send one batch and deliver its results.
 
         ``depth``: batches in flight on that worker when this one was sent, itself included;
-        ``proposed``: the controller's size then. Whatever happens, every request of the batch is
+        ``proposed``: the controller's size then; ``full``: whether the batch is as large as the
+        worker's size (not the short tail of a backlog). Whatever happens, every request of the batch is
         resolved or back in the queue when this returns."""
         try:
-            await self._run_batch(slot, reqs, depth, proposed)
+            await self._run_batch(slot, reqs, depth, proposed, full)
         except Exception as exc:  # a reply we cannot read, a model output we cannot split...
             logger.warning("dynbatch: batch of %d for model %r failed on the client: %r", len(reqs), self.spec.name, exc)
             self._fail(reqs, exc)  # the requests not resolved yet
@@ -673,7 +676,8 @@ class Batcher:
             slot.inflight_samples -= len(reqs)
             self._wake()
 
-    async def _run_batch(self, slot: _WorkerSlot, reqs: list[Request], depth: int, proposed: int) -> None:
+    async def _run_batch(self, slot: _WorkerSlot, reqs: list[Request], depth: int, proposed: int,
+                         full: bool = True) -> None:
         oldest = min(r.enqueued for r in reqs)
         inline = [r.sample for r in reqs if r.dask_future is None]
         keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
@@ -705,6 +709,7 @@ class Batcher:
                 n=len(reqs),
                 batch=to_serialize(batch) if batch is not None else None,
                 keyed=keyed or None,
+                **({} if full else {"full": False}),
                 **({"signature": signature} if signature is not None else {}),
             )
         except OSError as exc:  # the worker died or is unreachable: nothing is lost, re-run elsewhere

@@ -7,8 +7,9 @@ batches fill a bucket exactly; a partial batch is padded to its bucket on the wo
 of its last row) and the padding is cut from the outputs before they leave the device.
 
 Compilation never blocks a request. :class:`BucketCompiler` compiles one bucket at a time in a
-background thread: a bucket once two batches of its size have run eagerly (the one that served the
-most rows first), then the rung above it, where the controller goes next. Until a bucket is ready
+background thread: a bucket once two full batches of its size have run eagerly (sixteen short
+ones: the tail of every burst is short), the one that served the most rows first, then the rung
+above it, where the controller goes next. Until a bucket is ready
 its batches run eagerly, unpadded. torch.compile is not thread-safe, so while a bucket compiles
 every batch runs eagerly (measured on the GPU: compiled calls during another thread's trace failed);
 once the controller settles, nothing compiles any more and every full batch runs compiled. A model
@@ -34,8 +35,11 @@ logger = logging.getLogger(__name__)
 
 #: ``ModelSpec(compile=...)`` values, as ``torch.compile(mode=...)`` takes them (True: "default")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-#: a bucket is compiled once this many batches of its size have run eagerly
+#: a bucket is compiled once this many full batches of its size have run eagerly...
 MIN_EAGER_BATCHES = 2
+#: ...or this many short ones (the tail of each burst is short: compiling its bucket would keep
+#: the compile thread, and so every batch, off the compiled path for seconds after every burst)
+MIN_SHORT_BATCHES = 16
 #: the default ladder stops here when the spec sets no max_batch_size (the memory cap binds first)
 LADDER_TOP = 2**16
 
@@ -169,7 +173,7 @@ class BucketCompiler:
         # thread-safe (a compiled call during another thread's trace raised on the GPU, in two
         # different ways), so a batch that finds a compile going on runs eagerly, never waits.
         self._exclusive = threading.Lock()
-        self._eager_seen: dict[int, int] = {}  # bucket -> batches served eagerly while it was not ready
+        self._eager_seen: dict[tuple[int, bool], int] = {}  # (bucket, full) -> eager batches while not ready
         self._demand: dict[int, int] = {}  # bucket -> rows served eagerly while it was not ready
         self._ready: set[int] = set()
         self._state: dict[int, str] = {}  # bucket -> "queued", "compiling", "ready", "no-memory"
@@ -199,21 +203,23 @@ class BucketCompiler:
         finally:
             self._exclusive.release()
 
-    def want(self, bucket: int, rows: int = 0, force: bool = False) -> None:
+    def want(self, bucket: int, rows: int = 0, force: bool = False, full: bool = True) -> None:
         """A batch of ``rows`` rows in ``bucket`` ran eagerly because the bucket is not compiled.
-        From the :data:`MIN_EAGER_BATCHES`-th such batch on, queue that bucket and the rung above
-        it (the controller's next step), so that a one-off short batch (the tail of a burst) costs
-        no compile. The compile thread takes the queued bucket that has served the most rows
-        eagerly first. ``force``: queue it now (a declared input signature, before any batch).
+        From the :data:`MIN_EAGER_BATCHES`-th such ``full`` batch on (:data:`MIN_SHORT_BATCHES`-th
+        short one), queue that bucket, and after full batches the rung above it too (the
+        controller's next step), so that one-off short batches (the tail of a burst) cost no
+        compile. The compile thread takes the queued bucket that has served the most rows eagerly
+        first. ``force``: queue it now (a declared input signature, before any batch).
         Never waits."""
         if self.error is not None:
             return
         with self._lock:
             self._demand[bucket] = self._demand.get(bucket, 0) + rows
-            self._eager_seen[bucket] = seen = self._eager_seen.get(bucket, 0) + 1
-            if seen < MIN_EAGER_BATCHES and not force:
+            key = (bucket, full)
+            self._eager_seen[key] = seen = self._eager_seen.get(key, 0) + 1
+            if seen < (MIN_EAGER_BATCHES if full else MIN_SHORT_BATCHES) and not force:
                 return
-            for b in (bucket, next_rung(self.ladder, bucket)):
+            for b in (bucket, next_rung(self.ladder, bucket) if full else None):
                 if b is None or self._state.get(b) in ("queued", "compiling", "ready"):
                     continue
                 self._state[b] = "queued"

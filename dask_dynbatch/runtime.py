@@ -167,8 +167,9 @@ class LoadedModel:
             return self.compiler.ready(bucket) is not None
         return self.spec.buckets is not None and self.compile_error is None  # static shapes asked for
 
-    def __call__(self, batch: Any) -> Any:
-        """Run one stacked batch (host array or device tensor); returns host NumPy outputs."""
+    def __call__(self, batch: Any, full: bool = True) -> Any:
+        """Run one stacked batch (host array or device tensor); returns host NumPy outputs.
+        ``full``: the batch is as large as the client's size (not the short tail of a backlog)."""
         n = len(batch)
         bucket = bucket_for(self.ladder, n) if self.ladder else None
         if bucket is None:
@@ -181,7 +182,7 @@ class LoadedModel:
         if self._template is None:
             self._template = batch[:1].clone() if hasattr(batch, "clone") else batch[:1].copy()
         if compiler.ready(bucket) is None:
-            compiler.want(bucket, n)
+            compiler.want(bucket, n, full=full)
             compiler.eager_batches += 1
             return to_numpy(self._eager(batch))
         import torch

@@ -278,11 +278,13 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         batch: Any = None,
         keyed: list[tuple[int, Any]] | None = None,
         signature: tuple[tuple[int, ...], str] | None = None,
+        full: bool = True,
     ) -> dict[str, Any]:
         """Run one batch of ``n`` requests; ``batch`` holds the inline rows (stacked, or a list of
         stacked chunks that the transfer thread joins here), ``keyed`` the ``(row, key)`` pairs of
         rows given as Dask Futures, ``signature`` the client's ``(shape, dtype)`` of one sample that
-        those must match."""
+        those must match; ``full`` whether the batch is as large as the client's size for this
+        worker (a compiled model compiles the buckets of full batches sooner)."""
         received = time.perf_counter()
         if isinstance(batch, Serialize):  # the in-process transport does not serialise
             batch = batch.data
@@ -296,7 +298,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             if not row_errors and (loaded.stages_on_device or isinstance(batch, list)):
                 batch = await loop.run_in_executor(self.stager, loaded.stage, batch)
             pieces, errors, compute_s = await loop.run_in_executor(
-                self.executor, self._as_worker, self._execute, loaded, batch, row_errors
+                self.executor, self._as_worker, self._execute, loaded, batch, row_errors, full
             )
         except Exception as exc:  # the batch could not run at all (model failed to load, inputs lost)
             logger.warning("dynbatch: batch of %d for model %r failed: %r", n, model, exc)
@@ -373,7 +375,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                 full[row] = value
         return full, errors
 
-    def _execute(self, loaded: LoadedModel, batch: np.ndarray, bad_rows: dict[int, BaseException]):
+    def _execute(self, loaded: LoadedModel, batch: np.ndarray, bad_rows: dict[int, BaseException], full: bool = True):
         """Runs in the device thread: the batch cut to the memory cap, split on OOM, bisected
         around poison requests. Rows in ``bad_rows`` (inputs that could not be placed) fail alone."""
         started = time.perf_counter()
@@ -388,7 +390,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         def run_reserved(part: np.ndarray):
             with sizer.reserve(name, loaded.rows_for(len(part))) as reservation:
                 baseline = loaded.memory_mark()
-                outputs = loaded(part)
+                outputs = loaded(part, full=full)
                 reservation.record(loaded.memory_peak(baseline, part, outputs))
             return outputs
 

@@ -358,3 +358,17 @@ def test_a_compiled_call_during_another_threads_tracing_runs_eagerly(monkeypatch
     monkeypatch.setattr(symbolic_trace, "_is_fx_tracing_flag", True)
     np.testing.assert_allclose(loaded(xs), eager_mlp(xs), rtol=1e-4, atol=1e-5)
     assert loaded.compiler.error is None
+
+
+def test_short_batches_compile_their_bucket_only_when_they_keep_coming():
+    from dask_dynbatch.compiled import MIN_SHORT_BATCHES
+
+    jobs = Jobs()
+    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=16), "cpu",
+                         compile_submit=jobs.append)
+    xs = vectors(16)
+    for _ in range(MIN_SHORT_BATCHES - 1):
+        loaded(xs[:3], full=False)  # tails of bursts: bucket 4
+    assert not jobs and loaded.compiler.summary()["buckets"] == {}
+    loaded(xs[:3], full=False)
+    assert loaded.compiler.summary()["buckets"] == {"4": {"state": "queued", "seconds": None}}  # no prefetch
