@@ -230,6 +230,11 @@ class BucketCompiler:
         if start:
             self._submit(self._drain)
 
+    @property
+    def busy(self) -> bool:
+        """Whether the compile thread is at work (batches run eagerly, and slower, meanwhile)."""
+        return self._running
+
     def fail(self, exc: BaseException) -> None:
         """The compiled module raised where the eager one did not: serve eagerly from now on."""
         self._give_up(exc, "running")

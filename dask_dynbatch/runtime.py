@@ -253,6 +253,11 @@ class LoadedModel:
             return template.repeat(rows, *([1] * (template.dim() - 1)))
         return np.repeat(template, rows, axis=0)
 
+    @property
+    def compiling(self) -> bool:
+        """Whether a bucket of this model is compiling now (its batches then say little about size)."""
+        return self.compiler is not None and self.compiler.busy
+
     def compile_summary(self) -> dict[str, Any] | None:
         """Compile state for stats and the dashboard (None when the model does not compile)."""
         if self.compiler is not None:

@@ -297,6 +297,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             loop = asyncio.get_running_loop()
             if not row_errors and (loaded.stages_on_device or isinstance(batch, list)):
                 batch = await loop.run_in_executor(self.stager, loaded.stage, batch)
+            compiling = loaded.compiling
             pieces, errors, compute_s = await loop.run_in_executor(
                 self.executor, self._as_worker, self._execute, loaded, batch, row_errors, full
             )
@@ -320,6 +321,9 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             "errors": [(row, error_message(exc)) for row, exc in errors.items()],
             "compute_s": compute_s,
             "cold": cold,  # the model was loaded for this batch: its latency says nothing about size
+            # a bucket compiled while this batch ran: it ran eagerly beside a busy compiler, so its
+            # latency says little about its size either
+            "compiling": compiling or loaded.compiling,
             "worker_s": time.perf_counter() - received,
             "device": loaded.device,
             "cap": self.sizers[loaded.device].cap(model),

@@ -138,7 +138,9 @@ def test_no_batch_waits_for_a_compile_and_every_bucket_agrees_with_eager():
     np.testing.assert_array_equal(loaded(xs[:8]), eager_mlp(xs[:8]))
     assert len(jobs) == 1 and loaded.compiler.summary()["buckets"]["8"]["state"] == "queued"
     assert loaded.compiler.eager_batches == 2 and loaded.compiler.compiled_batches == 0
+    assert loaded.compiling  # the worker tells the client: these batches say little about size
     jobs.run_all()  # compiles 8, then the rung above (16)
+    assert not loaded.compiling
     assert loaded.compiler.summary()["ready"] == [8, 16]
     for n in range(1, 17):  # every size, so every bucket and every amount of padding
         loaded(xs[:n])  # the batches of a bucket not compiled yet queue it
