@@ -110,6 +110,44 @@ def placement_section() -> str:
             f"(floor 1.15x: {met(p['makespan_vs_ideal'] <= 1.15)}; a 1-second run, noisy from run to run).\n")
 
 
+def compile_section() -> str:
+    path = RESULTS / "gpu_compile.json"
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    c, m = r["compiled"], r["machine"]
+    eager, compiled = r["ceiling"], r["compiled_ceiling"]
+    state = c.get("compile") or {}
+    return (f"**Compiled execution** (`gpu_compile.json`, {m.get('gpu')}, torch {m.get('torch')}, {m['date']}; "
+            f"`python benchmarks/gpu_case.py --sections raw,rawcompiled,dynbatch,compiled`): raw ceilings of the "
+            f"same run, eager {eager:,.0f} and `torch.compile` {compiled:,.0f} images/s ({compiled / eager:.2f}x); "
+            f"dask-dynbatch with `compile=True` {c['throughput']:,.0f} images/s end to end = "
+            f"{c['ratio_to_eager_ceiling']:.2f}x the eager ceiling (target 1.4x: {met(c['ratio_to_eager_ceiling'] >= 1.4)}); "
+            f"default eager dask-dynbatch in the same run {r['dynbatch']['throughput']:,.0f}. Of all its batches "
+            f"{state.get('compiled_batches', 0):,} ran compiled and {state.get('eager_batches', 0):,} eagerly: buckets kept "
+            f"compiling ({state.get('compile_seconds', 0):.0f} s in all, {len(state.get('ready') or [])} buckets), and while one "
+            f"compiles every batch runs eagerly. Not met: see issue 11's notes.\n")
+
+
+def multigpu_section() -> str:
+    path = RESULTS / "gpu_multigpu.json"
+    if not path.exists():
+        return ""
+    r = json.loads(path.read_text())
+    g, m = r["multigpu"], r["machine"]
+    u = g["unequal"]
+    workers = u["workers"]
+    hog_worker = next(a for a, gpu in u["worker_gpu"].items() if gpu == str(u["hog_gpu"]))
+    other = next(a for a in workers if a != hog_worker)
+    return (f"**Several GPUs** (`gpu_multigpu.json`, {m.get('gpu', '').replace(chr(10), ' + ')}, {m['date']}; `--sections multigpu`, "
+            f"LocalCUDACluster): 1 GPU {g['one_gpu']['throughput']:,.0f}, {g['gpus']} GPUs {g['all_gpus']['throughput']:,.0f} "
+            f"images/s = {g['scaling']:.2f}x (target 1.8x: {met(g['scaling'] >= 1.8)}). GPUs made unequal (another process "
+            f"holds all but {u['hog_keep_gib']:.0f} GiB of GPU {u['hog_gpu']}): memory cap {workers[hog_worker]['memory_cap']} "
+            f"vs {workers[other]['memory_cap']} rows, mean batch {workers[hog_worker]['mean_batch']:.0f} vs "
+            f"{workers[other]['mean_batch']:.0f}, share of work {u['shares'][hog_worker]:.0%} vs {u['shares'][other]:.0%}, "
+            f"{u['failed']} of {u['requests']:,} requests failed, {u['throughput']:,.0f} images/s.\n")
+
+
 def main() -> None:
     c = json.loads((RESULTS / "cpu_case.json").read_text())
     g = json.loads((RESULTS / "gpu_case.json").read_text())
@@ -124,6 +162,8 @@ raw,plain,dynbatch,open,cupy,pressure,hetero,shared,daskcuda` (then `python benc
 {cpu_section(c)}
 {placement_section()}
 {gpu_section(g, h)}
+{compile_section()}
+{multigpu_section()}
 """
     readme = ROOT / "README.md"
     text = readme.read_text()

@@ -75,6 +75,14 @@ def test_padding_repeats_the_last_row_and_trimming_removes_it():
     np.testing.assert_array_equal(trimmed["b"][1][0], x + 1)
 
 
+def test_dashboard_cell_for_the_compile_state():
+    state = {"ready": [64, 128], "buckets": {"64": {"state": "ready"}, "256": {"state": "compiling"}},
+             "compile_seconds": 12.34, "error": None}
+    assert compile_text(state) == "64,128; compiling 256 (12.3 s)"
+    assert compile_text(None) == ""  # a model that does not compile
+    assert compile_text({"ready": [], "buckets": {}}) == "none yet"
+
+
 def test_spec_validates_compile_and_buckets():
     load = build_torch_mlp
     assert compile_mode(True) == "default" and compile_mode(False) is None
