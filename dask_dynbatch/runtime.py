@@ -75,12 +75,14 @@ class LoadedModel:
 
     With ``ModelSpec.compile``, ``compile_submit`` (runs a callable in the worker's compile thread)
     and ``compile_reserve`` (``rows -> context manager or None``: device memory for a warm-up
-    batch) let a :class:`~dask_dynbatch.compiled.BucketCompiler` compile buckets in the background.
+    batch) let a :class:`~dask_dynbatch.compiled.BucketCompiler` compile buckets in the background;
+    ``compile_warm(rows, template_row, stop=event)`` warms the compile caches in a child process first.
     """
 
     def __init__(self, spec: ModelSpec, device: str, token: str = "",
                  compile_submit: Callable[[Callable[[], None]], Any] | None = None,
-                 compile_reserve: Callable[[int], Any] | None = None):
+                 compile_reserve: Callable[[int], Any] | None = None,
+                 compile_warm: Callable[[int, np.ndarray], Any] | None = None):
         self.spec = spec.for_device(device)
         self.device = device
         self.token = token
@@ -106,6 +108,7 @@ class LoadedModel:
                 self.compiler = BucketCompiler(
                     self.model, mode, self.ladder, run=self._forward, example=self._example,
                     submit=compile_submit, reserve=compile_reserve,
+                    warm=(lambda rows, stop: compile_warm(rows, self._host_template(), stop=stop)) if compile_warm else None,
                 )
                 if self.spec.input_shape is not None and self.spec.input_dtype is not None:
                     # the signature is declared: compile the first bucket before the first batch
@@ -246,6 +249,13 @@ class LoadedModel:
             return torch.from_numpy(rows).to(self._torch_device)
         return rows
 
+    def _host_template(self) -> np.ndarray:
+        """The warm-up row as a host NumPy array (for a child process)."""
+        template = self._template
+        if not isinstance(template, np.ndarray):
+            template = template.detach().cpu().numpy()
+        return template
+
     def _example(self, rows: int) -> Any:
         """A warm-up batch of ``rows`` rows: the first row served (or a zero row), repeated."""
         template = self._template
@@ -294,6 +304,11 @@ class LoadedModel:
         in_nbytes = sum(_nbytes(a) for a in _leaves(batch))
         out_nbytes = sum(_nbytes(a) for a in _leaves(outputs))
         return int(n * estimate_bytes_per_sample(in_nbytes / n, out_nbytes / n))
+
+    def close(self) -> None:
+        """The model is unloaded: compile nothing more for it."""
+        if self.compiler is not None:
+            self.compiler.close()
 
     def free_cache(self) -> None:
         """Return cached device memory after an out-of-memory error."""

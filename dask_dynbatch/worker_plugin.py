@@ -27,6 +27,7 @@ from tornado.ioloop import PeriodicCallback
 
 from .batching import join_chunks
 from .benchmark import LazyModelTable, benchmark_device
+from .compiled import warm_in_subprocess
 from .errors import InputSignatureError
 from .runtime import LoadedModel, bisect_poison, choose_device, tune_malloc_for_inference, visible_gpu_count
 from .sizing import MemorySizer, run_split_on_oom
@@ -118,6 +119,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
 
     def teardown(self, worker: Worker) -> None:
         self._poller.stop()
+        for loaded in self.models.values():
+            loaded.close()
         worker.handlers.pop("dynbatch_run", None)
         worker.handlers.pop("dynbatch_benchmark", None)
         worker.handlers.pop("dynbatch_unload", None)
@@ -216,9 +219,12 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             spec = pickle.loads(reply["payload"])
             device = choose_device(spec, self.gpu_count)
             loop = asyncio.get_running_loop()
+            warm = None
+            if dask.config.get("dynbatch.compile.warm-in-subprocess", True):
+                warm = functools.partial(warm_in_subprocess, reply["payload"], device)
             loaded = await loop.run_in_executor(
                 self.executor, self._as_worker, LoadedModel, spec, device, reply["token"],
-                self._compile_submit, functools.partial(self._compile_reserve, name, device),
+                self._compile_submit, functools.partial(self._compile_reserve, name, device), warm,
             )
             self.sizer_for(device)
             self.models[name] = loaded
@@ -248,6 +254,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             self._load_locks.pop(name, None)
             if loaded is None:
                 continue
+            loaded.close()
             sizer = self.sizers.get(loaded.device)
             if sizer is not None:
                 sizer.forget(name)

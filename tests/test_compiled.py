@@ -146,9 +146,13 @@ def test_no_batch_waits_for_a_compile_and_every_bucket_agrees_with_eager():
     np.testing.assert_array_equal(loaded(xs[:8]), eager_mlp(xs[:8]))
     assert len(jobs) == 1 and loaded.compiler.summary()["buckets"]["8"]["state"] == "queued"
     assert loaded.compiler.eager_batches == 2 and loaded.compiler.compiled_batches == 0
-    assert loaded.compiling  # the worker tells the client: these batches say little about size
+    assert not loaded.compiling  # queued: nothing compiles in this process yet
+    during = []
+    run = loaded.compiler._run
+    loaded.compiler._run = lambda model, batch: (during.append(loaded.compiling), run(model, batch))[1]
     jobs.run_all()  # compiles 8, then the rung above (16)
-    assert not loaded.compiling
+    # while it compiled, the worker would have told the client: these batches say little about size
+    assert during and all(during) and not loaded.compiling
     assert loaded.compiler.summary()["ready"] == [8, 16]
     for n in range(1, 17):  # every size, so every bucket and every amount of padding
         loaded(xs[:n])  # the batches of a bucket not compiled yet queue it
@@ -381,4 +385,59 @@ def test_short_batches_compile_their_bucket_only_when_they_keep_coming():
         loaded(xs[:3], full=False)  # tails of bursts: bucket 4
     assert not jobs and loaded.compiler.summary()["buckets"] == {}
     loaded(xs[:3], full=False)
-    assert loaded.compiler.summary()["buckets"] == {"4": {"state": "queued", "seconds": None}}  # no prefetch
+    buckets = loaded.compiler.summary()["buckets"]
+    assert list(buckets) == ["4"] and buckets["4"]["state"] == "queued"  # and no prefetch
+
+
+def test_warming_the_compile_caches_in_a_child_process():
+    """The long part of a compile runs in a child process; the worker's own compile of the bucket
+    then finds inductor's caches warm. A child that fails only costs the warm-up."""
+    import functools
+
+    from distributed.protocol.pickle import dumps
+
+    from dask_dynbatch.compiled import warm_in_subprocess
+
+    spec = ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=8)
+    xs = vectors(8)
+    for payload, warmed in ((dumps(spec), True), (b"not a pickle", False)):
+        jobs = Jobs()
+        loaded = LoadedModel(spec, "cpu", compile_submit=jobs.append,
+                             compile_warm=functools.partial(warm_in_subprocess, payload, "cpu", timeout=600))
+        loaded(xs)
+        loaded(xs)
+        jobs.run_all()
+        summary = loaded.compiler.summary()
+        assert summary["error"] is None and 8 in summary["ready"]
+        assert (summary["buckets"]["8"]["warm_seconds"] is not None) == warmed
+        np.testing.assert_allclose(loaded(xs), eager_mlp(xs), rtol=1e-4, atol=1e-5)
+        assert not loaded.compiling
+
+
+def test_unloading_stops_compiling():
+    import threading
+
+    started = threading.Event()
+
+    def warm(rows, template, stop):  # a child process that would take long
+        started.set()
+        stop.wait(120)
+        return None
+
+    jobs = Jobs()
+    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=8), "cpu",
+                         compile_submit=jobs.append, compile_warm=warm)
+    xs = vectors(8)
+    loaded(xs)
+    loaded(xs)  # queues 8 (and nothing above: 8 is the top)
+    loaded(xs[:2])
+    loaded(xs[:2])  # queues 2 and 4
+    thread = threading.Thread(target=jobs.run_all)
+    thread.start()
+    assert started.wait(60)
+    loaded.close()
+    thread.join(60)
+    assert not thread.is_alive()
+    summary = loaded.compiler.summary()
+    assert summary["ready"] == [] and summary["buckets"] == {}  # nothing compiled, nothing left queued
+    np.testing.assert_array_equal(loaded(xs), eager_mlp(xs))  # still serves, eagerly
