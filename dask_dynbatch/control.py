@@ -42,7 +42,7 @@ moved, and a *reversal* (or a start from rest) otherwise:
 *Throughput (S406).*  Throughput ``size / service_time`` is kept per size bucket (exact up to 16,
 then 8 buckets per doubling, so 8, 16, 32, 64 ... are bucket centres) as an exponentially weighted
 moving average, together with that bucket's latency.  The controller stops growing when the
-throughput at the current size has fallen more than ``throughput_tolerance`` (20 %: end-to-end throughput measured per batch swings by 10-15 % on a busy machine) below the best
+throughput at the current size has fallen, on two full batches in a row, more than ``throughput_tolerance`` (20 %: end-to-end throughput measured per batch swings by 10-15 % on a busy machine) below the best
 throughput seen at a smaller size whose latency meets the target, and settles back at that best
 size.  So on a model whose throughput peaks at an interior size (our CPU case: 4,373 img/s at 8,
 2,883 at 64) it settles at the peak, not at the largest size under the latency target; on a
@@ -401,6 +401,7 @@ class BatchSizeController:
         self._buckets: dict[int, _BucketStats] = {}
 
         self._observations = 0
+        self._below_best = False  # the last full batch under target ran more than the tolerance below the best
         # A fresh controller is a growth run that has not taken its first step yet.
         self._run_direction = +1  # +1 growing, -1 shrinking, 0 at rest (the last decision was a hold)
         self._run_length = 0  # steps taken in the current run
@@ -608,14 +609,19 @@ class BatchSizeController:
         met = f"latency {latency:.4g}s <= target {self._target:.4g}s"
         best_size, best_throughput = self._best()
         current = self._buckets.get(size_bucket(size))
-        if (
+        below = (
             best_size is not None
             and best_throughput is not None
             and current is not None
             and current.throughput is not None
             and size_bucket(best_size) < size_bucket(size)
             and current.throughput < (1.0 - self._throughput_tolerance) * best_throughput
-        ):
+        )
+        # one batch below the best is not enough: a single slow batch (a busy neighbour, a GC
+        # pause) would otherwise settle the size back, which measured end-to-end throughput on a
+        # shared machine does often; two in a row above the best size are
+        confirmed, self._below_best = below and self._below_best, below
+        if confirmed:
             new_size = self._bounded(min(best_size, proposal))
             reason = (
                 f"throughput at {size} ({current.throughput:.4g}/s) is more than {self._throughput_tolerance:.0%} "
