@@ -169,7 +169,7 @@ class BucketCompiler:
         example: Callable[[int], Any],
         submit: Callable[[Callable[[], None]], Any],
         reserve: Callable[[int], Any] | None = None,
-        warm: Callable[[int], Any] | None = None,
+        warm: Callable[[int, threading.Event], Any] | None = None,
     ):
         self.mode = mode
         self.ladder = tuple(ladder)
@@ -302,25 +302,25 @@ class BucketCompiler:
         from .sizing import is_oom_error
 
         started = time.perf_counter()
+        if self._warm is not None:
+            # the long part (code generation, kernel compiles, autotuning) in a child process, while
+            # the compiled buckets go on serving here; the child's memory shows in the device's free
+            # memory, which the sizer reads, so nothing is reserved for it here
+            try:
+                if self._warm(bucket, self._stop) is not None:
+                    self._warm_seconds[bucket] = time.perf_counter() - started
+            except Exception:  # only makes the compile below slower
+                logger.info("dynbatch: warming the compile caches for bucket %d failed", bucket, exc_info=True)
+            if self._stop.is_set():
+                with self._lock:
+                    self._state.pop(bucket, None)
+                return
         held = self._reserve(bucket) if self._reserve is not None else None
         if self._reserve is not None and held is None:
             with self._lock:
                 self._state[bucket] = "no-memory"  # asked again by the next batch of this bucket
             return
         with held if held is not None else contextlib.nullcontext():
-            if self._warm is not None:
-                # the long part (code generation, kernel compiles, autotuning) in a child process,
-                # while the compiled buckets go on serving here
-                warm_started = time.perf_counter()
-                try:
-                    if self._warm(bucket, self._stop) is not None:
-                        self._warm_seconds[bucket] = time.perf_counter() - warm_started
-                except Exception:  # only makes the compile below slower
-                    logger.info("dynbatch: warming the compile caches for bucket %d failed", bucket, exc_info=True)
-                if self._stop.is_set():
-                    with self._lock:
-                        self._state.pop(bucket, None)
-                    return
             with self._exclusive:
                 self._in_process = True
                 try:
