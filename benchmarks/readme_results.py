@@ -13,6 +13,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 START, END = "## Latest benchmark results", "## Configuration"
 
 
+def load_result(name: str, required: bool = False) -> dict | None:
+    """``benchmarks/results/<name>.json``, or None when that benchmark was not recorded (an error
+    when it is ``required``)."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists() and not required:
+        return None
+    return json.loads(path.read_text())
+
+
 def met(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
@@ -84,9 +93,8 @@ ResNet-50 fp16 channels-last, random weights, uint8 224x224 images sent from the
         x = h["hetero"]
         out += (f"- GPU + 2 CPU workers (same file): {x['ratio_to_gpu_only']:.2f}x the GPU worker alone; the GPU worker served "
                 f"{max(w['samples'] for w in x['workers'].values()) / sum(w['samples'] for w in x['workers'].values()):.1%} of the samples.\n")
-    current = RESULTS / "gpu_case_current.json"
-    if current.exists():
-        cur = json.loads(current.read_text())
+    cur = load_result("gpu_case_current")
+    if cur is not None:
         best_chunked = max(cur["plain"][k] for k in cur["plain"] if k.startswith("chunked"))
         p99 = next(o["p99_ms"] for o in cur["open_loop"] if o["load"] == 0.7)
         out += (f"- The full run above predates two defaults changed since (`max_inflight` 4 -> 3, the controller's "
@@ -99,10 +107,9 @@ ResNet-50 fp16 channels-last, random weights, uint8 224x224 images sent from the
 
 
 def placement_section() -> str:
-    path = RESULTS / "placement_case.json"
-    if not path.exists():
+    p = load_result("placement_case")
+    if p is None:
         return ""
-    p = json.loads(path.read_text())
     return (f"**Heterogeneous placement** (`placement_case.json`, `python benchmarks/placement_case.py`): two CPU "
             f"workers, one 3x slower for the same model, {p['requests']:,} requests: the fast worker served "
             f"{p['fast_share']:.1%} against its throughput share of {p['fast_throughput_share']:.1%} (floor: within 15 %: "
@@ -111,10 +118,9 @@ def placement_section() -> str:
 
 
 def compile_section() -> str:
-    path = RESULTS / "gpu_compile.json"
-    if not path.exists():
+    r = load_result("gpu_compile")
+    if r is None:
         return ""
-    r = json.loads(path.read_text())
     c, m = r["compiled"], r["machine"]
     eager, compiled = r["ceiling"], r["compiled_ceiling"]
     state = c.get("compile") or {}
@@ -131,10 +137,9 @@ def compile_section() -> str:
 
 
 def cpu_compile_section() -> str:
-    path = RESULTS / "cpu_compile.json"
-    if not path.exists():
+    r = load_result("cpu_compile")
+    if r is None:
         return ""
-    r = json.loads(path.read_text())
     c = r["compiled"]
     buckets = (c.get("compile") or {}).get("buckets") or {}
     child = [b["warm_seconds"] for b in buckets.values() if b.get("warm_seconds")]
@@ -152,10 +157,9 @@ def cpu_compile_section() -> str:
 
 
 def multigpu_section() -> str:
-    path = RESULTS / "gpu_multigpu.json"
-    if not path.exists():
+    r = load_result("gpu_multigpu")
+    if r is None:
         return ""
-    r = json.loads(path.read_text())
     g, m = r["multigpu"], r["machine"]
     u = g["unequal"]
     workers = u["workers"]
@@ -171,10 +175,8 @@ def multigpu_section() -> str:
 
 
 def main() -> None:
-    c = json.loads((RESULTS / "cpu_case.json").read_text())
-    g = json.loads((RESULTS / "gpu_case.json").read_text())
-    hp = RESULTS / "gpu_case_pressure_hetero.json"
-    h = json.loads(hp.read_text()) if hp.exists() else None
+    c, g = load_result("cpu_case", required=True), load_result("gpu_case", required=True)
+    h = load_result("gpu_case_pressure_hetero")
     section = f"""{START}
 Recorded under `benchmarks/results/` (JSON with the machine stamp, plus PNG); this section is written
 by `python benchmarks/readme_results.py`. Rerun with `python benchmarks/cpu_case.py` (about 7 minutes

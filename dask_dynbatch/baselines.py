@@ -78,10 +78,11 @@ def raw_compiled_loop(load: Callable[..., Any], sample: np.ndarray, batch_sizes:
     {size: s}}`` (compile time: the first two calls at that size)."""
     import torch
 
+    from .compiled import compile_shape, compile_static
+
     device = device or default_device()
     model = _model(load, device)
-    compiled = torch.compile(model.model, mode=mode, dynamic=False)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(batch_sizes) + 8)
+    compiled = compile_static(model.model, mode, len(batch_sizes))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     throughput, compile_seconds = {}, {}
     for n in batch_sizes:
@@ -89,7 +90,7 @@ def raw_compiled_loop(load: Callable[..., Any], sample: np.ndarray, batch_sizes:
         xb = torch.from_numpy(batch).to(device)
         with torch.inference_mode():
             started = time.perf_counter()
-            compiled(xb); compiled(xb); sync()  # compile, then warm up
+            compile_shape(lambda m, x: m(x), compiled, xb)
             compile_seconds[n] = time.perf_counter() - started
             done, started = 0, time.perf_counter()
             while time.perf_counter() - started < seconds:

@@ -132,6 +132,32 @@ def trim_rows(outputs: Any, n: int) -> Any:
 # ------------------------------------------------------------------------------------------------
 # Background compilation
 # ------------------------------------------------------------------------------------------------
+def compile_static(module: Any, mode: str, shapes: int) -> Any:
+    """``torch.compile(module, mode=mode, dynamic=False)``, with dynamo's recompile limit raised so
+    that ``shapes`` batch sizes (a recompile of the same code object each) all compile."""
+    import torch
+
+    dynamo_config = torch._dynamo.config
+    limit = shapes + 8
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if getattr(dynamo_config, knob, limit) < limit:
+            setattr(dynamo_config, knob, limit)
+    return torch.compile(module, mode=mode, dynamic=False)
+
+
+def compile_shape(run: Callable[[Any, Any], Any], compiled: Any, batch: Any) -> None:
+    """Compile ``compiled`` for the shape of ``batch`` and warm it: ``run(compiled, batch)`` twice
+    under ``torch.inference_mode`` (the first call traces and compiles, the second runs compiled;
+    CUDA graphs record there), then wait for the device."""
+    import torch
+
+    with torch.inference_mode():
+        run(compiled, batch)
+        run(compiled, batch)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class BucketCompiler:
     """``torch.compile`` of one module, warmed bucket by bucket in the background.
 
@@ -285,20 +311,12 @@ class BucketCompiler:
     def _make_compiled(self) -> None:
         import torch
 
-        # every bucket is a recompile of the same code object: let all of them in
-        dynamo_config = torch._dynamo.config
-        limit = len(self.ladder) + 8
-        for knob in ("recompile_limit", "cache_size_limit"):
-            if getattr(dynamo_config, knob, limit) < limit:
-                setattr(dynamo_config, knob, limit)
         # belt and braces beside the exclusive lock: a compiled call that meets torch.fx's
         # process-wide "tracing" flag runs its eager code instead of raising
-        dynamo_config.error_on_nested_fx_trace = False
-        self.compiled = torch.compile(self._module, mode=self.mode, dynamic=False)
+        torch._dynamo.config.error_on_nested_fx_trace = False
+        self.compiled = compile_static(self._module, self.mode, len(self.ladder))
 
     def _compile(self, bucket: int) -> None:
-        import torch
-
         from .sizing import is_oom_error
 
         started = time.perf_counter()
@@ -326,12 +344,7 @@ class BucketCompiler:
                 try:
                     if self.compiled is None:
                         self._make_compiled()
-                    batch = self._example(bucket)
-                    with torch.inference_mode():
-                        self._run(self.compiled, batch)  # traces and compiles this shape
-                        self._run(self.compiled, batch)  # and runs it once compiled (CUDA graphs record here)
-                    if torch.cuda.is_available() and torch.cuda.is_initialized():
-                        torch.cuda.synchronize()
+                    compile_shape(self._run, self.compiled, self._example(bucket))
                 except Exception as exc:
                     if is_oom_error(exc):
                         with self._lock:
@@ -421,21 +434,14 @@ def warm_in_subprocess(payload: bytes, device: str, bucket: int, template: np.nd
 
 
 def _warm_child(job_path: str) -> None:
-    import torch
-
     from .runtime import LoadedModel
 
     job = pickle.loads(Path(job_path).read_bytes())
     spec = pickle.loads(job["payload"])
     loaded = LoadedModel(spec, job["device"])  # the eager model, as the worker has it
-    compiled = torch.compile(loaded.model, mode=loaded.spec.compile_mode() or "default", dynamic=False)
+    compiled = compile_static(loaded.model, loaded.spec.compile_mode() or "default", 1)
     rows = np.repeat(job["template"], job["bucket"], axis=0)
-    batch = loaded._as_input(rows)
-    with torch.inference_mode():
-        loaded._forward(compiled, batch)
-        loaded._forward(compiled, batch)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+    compile_shape(loaded._forward, compiled, loaded._as_input(rows))
 
 
 if __name__ == "__main__":

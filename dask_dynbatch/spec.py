@@ -142,7 +142,7 @@ class ModelSpec:
         if self.input_shape is not None:
             object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
         compile_mode(self.compile)  # raises on a bad value
-        for kind, variant in self.variants.items():
+        for variant in self.variants.values():
             compile_mode(variant.compile)
         if self.buckets is not None:
             if isinstance(self.buckets, (str, bytes)) or not all(
