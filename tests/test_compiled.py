@@ -134,10 +134,22 @@ class Jobs(list):
             self.pop(0)()
 
 
-def test_no_batch_waits_for_a_compile_and_every_bucket_agrees_with_eager():
+def compiled_mlp(max_batch_size: int, **kwargs) -> tuple[LoadedModel, Jobs]:
+    """The MLP loaded with ``compile=True`` on this CPU; its compile thread is a :class:`Jobs`."""
     jobs = Jobs()
-    spec = ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=16)
-    loaded = LoadedModel(spec, "cpu", compile_submit=jobs.append)
+    spec = ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=max_batch_size)
+    return LoadedModel(spec, "cpu", compile_submit=jobs.append, **kwargs), jobs
+
+
+def compile_bucket_of(loaded: LoadedModel, jobs: Jobs, batch: np.ndarray) -> None:
+    """Two eager batches queue the batch's bucket (and the rung above); then compile them."""
+    loaded(batch)
+    loaded(batch)
+    jobs.run_all()
+
+
+def test_no_batch_waits_for_a_compile_and_every_bucket_agrees_with_eager():
+    loaded, jobs = compiled_mlp(16)
     xs = vectors(16)
     # batches run eagerly at once; a one-off batch of a size queues nothing, the second queues
     # the compile of its bucket (and of the rung above), and does not wait for it
@@ -182,9 +194,7 @@ def test_padded_rows_do_not_change_the_real_rows():
     loaded = LoadedModel(ddb.ModelSpec("rows", load=load, compile=True, max_batch_size=8), "cpu",
                          compile_submit=jobs.append)
     xs = vectors(5)
-    loaded(xs)  # eager: rows scaled by 5
-    loaded(xs)
-    jobs.run_all()
+    compile_bucket_of(loaded, jobs, xs)  # two eager batches (rows scaled by 5), then bucket 8 compiles
     out = loaded(xs)  # compiled bucket 8: padded to 8 rows, trimmed back to 5
     assert out.shape == (5, 16)
     np.testing.assert_allclose(out, xs * 8)  # the model saw the padded batch...
@@ -222,13 +232,9 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    jobs = Jobs()
-    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=8), "cpu",
-                         compile_submit=jobs.append)
+    loaded, jobs = compiled_mlp(8)
     xs = vectors(8)
-    loaded(xs)
-    loaded(xs)
-    jobs.run_all()
+    compile_bucket_of(loaded, jobs, xs)
     summary = loaded.compiler.summary()
     assert "no C compiler" in summary["error"] and summary["ready"] == []
     np.testing.assert_array_equal(loaded(xs), eager_mlp(xs))  # served eagerly from now on
@@ -238,13 +244,9 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
 
 
 def test_compiled_graph_failing_at_run_time_falls_back_to_eager_and_poison_still_fails_alone():
-    jobs = Jobs()
-    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=4), "cpu",
-                         compile_submit=jobs.append)
+    loaded, jobs = compiled_mlp(4)
     xs = vectors(4)
-    loaded(xs)
-    loaded(xs)
-    jobs.run_all()
+    compile_bucket_of(loaded, jobs, xs)
     # a poison batch (wrong width) fails in the compiled graph and in the eager model alike: the
     # error is the model's, and the compiled graph stays in service
     with pytest.raises(RuntimeError):
@@ -302,9 +304,7 @@ async def test_client_warns_once_when_a_worker_cannot_compile(c, s, a):
 
 
 def test_buckets_that_served_most_rows_eagerly_compile_first():
-    jobs = Jobs()
-    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=16), "cpu",
-                         compile_submit=jobs.append)
+    loaded, jobs = compiled_mlp(16)
     compiler = loaded.compiler
     order = []
     compile_one = compiler._compile
@@ -323,13 +323,9 @@ def test_buckets_that_served_most_rows_eagerly_compile_first():
 def test_a_batch_never_waits_for_a_compile_in_progress():
     import threading
 
-    jobs = Jobs()
-    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=8), "cpu",
-                         compile_submit=jobs.append)
+    loaded, jobs = compiled_mlp(8)
     xs = vectors(8)
-    loaded(xs)
-    loaded(xs)
-    jobs.run_all()  # 8 ready
+    compile_bucket_of(loaded, jobs, xs)  # 8 ready
     compiler = loaded.compiler
     tracing, release = threading.Event(), threading.Event()
     compile_one = compiler._compile
@@ -362,13 +358,9 @@ def test_a_compiled_call_during_another_threads_tracing_runs_eagerly(monkeypatch
     process-wide tracing flag is set. The call must not fail (it did on the GPU before the fix)."""
     import torch.fx._symbolic_trace as symbolic_trace
 
-    jobs = Jobs()
-    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=8), "cpu",
-                         compile_submit=jobs.append)
+    loaded, jobs = compiled_mlp(8)
     xs = vectors(8)
-    loaded(xs)
-    loaded(xs)
-    jobs.run_all()
+    compile_bucket_of(loaded, jobs, xs)
     monkeypatch.setattr(symbolic_trace, "_is_fx_tracing_flag", True)
     np.testing.assert_allclose(loaded(xs), eager_mlp(xs), rtol=1e-4, atol=1e-5)
     assert loaded.compiler.error is None
@@ -377,9 +369,7 @@ def test_a_compiled_call_during_another_threads_tracing_runs_eagerly(monkeypatch
 def test_short_batches_compile_their_bucket_only_when_they_keep_coming():
     from dask_dynbatch.compiled import MIN_SHORT_BATCHES
 
-    jobs = Jobs()
-    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=16), "cpu",
-                         compile_submit=jobs.append)
+    loaded, jobs = compiled_mlp(16)
     xs = vectors(16)
     for _ in range(MIN_SHORT_BATCHES - 1):
         loaded(xs[:3], full=False)  # tails of bursts: bucket 4
@@ -401,12 +391,8 @@ def test_warming_the_compile_caches_in_a_child_process():
     spec = ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=8)
     xs = vectors(8)
     for payload, warmed in ((dumps(spec), True), (b"not a pickle", False)):
-        jobs = Jobs()
-        loaded = LoadedModel(spec, "cpu", compile_submit=jobs.append,
-                             compile_warm=functools.partial(warm_in_subprocess, payload, "cpu", timeout=600))
-        loaded(xs)
-        loaded(xs)
-        jobs.run_all()
+        loaded, jobs = compiled_mlp(8, compile_warm=functools.partial(warm_in_subprocess, payload, "cpu", timeout=600))
+        compile_bucket_of(loaded, jobs, xs)
         summary = loaded.compiler.summary()
         assert summary["error"] is None and 8 in summary["ready"]
         assert (summary["buckets"]["8"]["warm_seconds"] is not None) == warmed
@@ -424,9 +410,7 @@ def test_unloading_stops_compiling():
         stop.wait(120)
         return None
 
-    jobs = Jobs()
-    loaded = LoadedModel(ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=8), "cpu",
-                         compile_submit=jobs.append, compile_warm=warm)
+    loaded, jobs = compiled_mlp(8, compile_warm=warm)
     xs = vectors(8)
     loaded(xs)
     loaded(xs)  # queues 8 (and nothing above: 8 is the top)
