@@ -7,6 +7,9 @@ Sections (``--sections``, comma separated; each writes into one JSON as it finis
   compiled  dask-dynbatch with ModelSpec(compile=True), closed loop, once its buckets are compiled
   plain     plain Dask: one task per request; hand-chunked 32/128/512
   dynbatch  dask-dynbatch with default settings, closed loop
+  dynbatchcomm  the same with the shared-memory transport off: every batch over the Dask comm (TCP)
+  rawprobe  is the ceiling the model's or the setting's? torchvision's ResNet-50 alone on fp16 input,
+            and our wrapper with cudnn.benchmark on, batch 256 and 512
   open      open loop, Poisson arrivals at 30/70/100 % of the measured capacity
   cupy      a CuPy MLP: batched results against NumPy, throughput
   pressure  another process takes most free GPU memory mid-run, then releases it
@@ -61,6 +64,45 @@ def sec_raw(client, images, res, args):
     ((_, table),) = client.run(baselines.raw_loop, build_resnet50, images[0], [1, 64, 128, 256, 512], 3.0).items()
     res["raw"] = {str(k): v for k, v in table.items()}
     res["ceiling"] = max(table.values())
+
+
+def _raw_variants(images_row, seconds=3.0):
+    """In the worker: the plain torchvision ResNet-50 (fp16, channels-last, on normalised fp16 input)
+    and our uint8 wrapper with and without cudnn.benchmark, at batch 256 and 512."""
+    import time as _time
+
+    import torch
+    import torchvision
+
+    out = {}
+    dev = "cuda:0"
+    plain = torchvision.models.resnet50(weights=None).eval().half().to(dev, memory_format=torch.channels_last)
+    ours = build_resnet50(dev).to(dev)
+
+    def measure(fn, x):
+        with torch.inference_mode():
+            fn(x); fn(x); torch.cuda.synchronize()
+            done, t0 = 0, _time.perf_counter()
+            while _time.perf_counter() - t0 < seconds:
+                fn(x)
+                done += len(x)
+            torch.cuda.synchronize()
+            return done / (_time.perf_counter() - t0)
+
+    for n in (256, 512):
+        u8 = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(images_row, (n, *images_row.shape)))).to(dev)
+        f16 = torch.randn(n, 3, 224, 224, device=dev).half().contiguous(memory_format=torch.channels_last)
+        for bench in (False, True):
+            torch.backends.cudnn.benchmark = bench
+            out[f"torchvision_fp16_cl_{n}_cudnn_benchmark_{bench}"] = measure(plain, f16)
+            out[f"ours_uint8_{n}_cudnn_benchmark_{bench}"] = measure(ours, u8)
+        torch.backends.cudnn.benchmark = False
+    return out
+
+
+def sec_rawprobe(client, images, res, args):
+    ((_, table),) = client.run(_raw_variants, images[0]).items()
+    res["rawprobe"] = table
 
 
 def sec_rawcompiled(client, images, res, args):
@@ -152,7 +194,7 @@ def closed_loop(client, images, name, n, profile_dir=None, **spec_kw):
         "failed": len(failed),
         "latency_p50_ms": stats["latency_p50"] * 1e3,
         "latency_p99_ms": stats["latency_p99"] * 1e3,
-        "workers": {a: {k: w[k] for k in ("device", "samples", "batches", "memory_cap", "throughput")}
+        "workers": {a: {k: w[k] for k in ("device", "samples", "batches", "memory_cap", "throughput", "transport")}
                     | {"controller_size": w["controller"]["size"], "reason": w["controller"]["reason"],
                        "mean_batch": w["samples"] / max(1, w["batches"])}
                     for a, w in stats["workers"].items()},
@@ -164,6 +206,15 @@ def sec_dynbatch(client, images, res, args):
     res["dynbatch"] = closed_loop(client, images, "resnet50", args.requests, profile_dir=args.profile and args.out)
     if res.get("ceiling"):
         res["dynbatch"]["ratio_to_ceiling"] = res["dynbatch"]["throughput"] / res["ceiling"]
+
+
+def sec_dynbatchcomm(client, images, res, args):
+    import dask
+
+    with dask.config.set({"dynbatch.transport.shared-memory": False}):
+        res["dynbatch_comm"] = closed_loop(client, images, "resnet50-comm", args.requests)
+    if res.get("ceiling"):
+        res["dynbatch_comm"]["ratio_to_ceiling"] = res["dynbatch_comm"]["throughput"] / res["ceiling"]
 
 
 def sec_open(client, images, res, args):
@@ -417,7 +468,8 @@ def main():
     def save():
         path.write_text(json.dumps(res, indent=1, default=float))
 
-    in_cluster = [s for s in sections if s in ("raw", "rawcompiled", "plain", "dynbatch", "compiled", "open", "cupy", "pressure")]
+    in_cluster = [s for s in sections if s in ("raw", "rawprobe", "rawcompiled", "plain", "dynbatch", "dynbatchcomm",
+                                               "compiled", "open", "cupy", "pressure")]
     if in_cluster:
         cluster, client = start_cluster()
         try:
@@ -448,6 +500,10 @@ def main():
     save()
     summary = {k: res.get(k) for k in ("ceiling",)}
     summary["dynbatch"] = res.get("dynbatch", {}).get("throughput")
+    summary["dynbatch_comm"] = res.get("dynbatch_comm", {}).get("throughput")
+    summary["rawprobe"] = res.get("rawprobe")
+    summary["open"] = [(o.get("load"), o.get("p50_ms"), o.get("p99_ms")) for o in res.get("open_loop", [])]
+    summary["dynbatch_workers"] = res.get("dynbatch", {}).get("workers")
     summary["ratio"] = res.get("dynbatch", {}).get("ratio_to_ceiling")
     summary["plain"] = res.get("plain")
     summary["compiled_ceiling"] = res.get("compiled_ceiling")

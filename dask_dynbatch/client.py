@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import dask.config
 import numpy as np
 from distributed import Future as DaskFuture
 from distributed.core import clean_exception, send_recv
@@ -40,6 +41,7 @@ from .errors import (
     UnknownModelError,
 )
 from .placement import WorkerLoad, fill_unknown_throughputs, plan
+from .shm import ShmRing, ShmSlot, shm_supported
 from .spec import ModelSpec, parse_seconds, spec_token
 from .worker_plugin import ADVICE_TOPIC, CLUSTER_TOPIC
 
@@ -71,6 +73,22 @@ STACK_IN_THREAD_BYTES = 4 * 2**20
 _stacker: concurrent.futures.ThreadPoolExecutor | None = None
 
 
+def _stack_into(samples: list[np.ndarray], out: np.ndarray) -> None:
+    """Stack samples into ``out`` (a shared-memory view); NumPy copies without holding the GIL."""
+    np.stack(samples, out=out)
+
+
+def _shm_min_bytes() -> int:
+    return int(dask.config.get("dynbatch.transport.shared-memory-min-bytes", 65536))
+
+
+def _shm_wanted(address: str) -> bool:
+    """Whether to try shared memory for batches to ``address`` (the worker says if it cannot map it).
+    Not for in-process workers: their comm passes the batch without copying it at all."""
+    return (bool(dask.config.get("dynbatch.transport.shared-memory", True)) and not address.startswith("inproc://")
+            and shm_supported())
+
+
 def _stack_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _stacker
     if _stacker is None:
@@ -96,6 +114,12 @@ class _WorkerSlot:
         self.throughput: float | None = None  # samples/s end to end, EWMA
         self.device = view.get("device", "cpu")
         self.compile: dict[str, Any] | None = None  # the worker's compile state (compiled models)
+        self.shm: ShmRing | None = None  # shared-memory slots for this worker (same host), see shm.py
+
+    def close_shm(self) -> list[str]:
+        """Stop sending through shared memory; returns the slot names the worker still maps."""
+        ring, self.shm = self.shm, None
+        return ring.close() if ring is not None else []
 
     def observe_throughput(self, n: int, service_s: float) -> None:
         if service_s <= 0:
@@ -116,6 +140,7 @@ class _WorkerSlot:
             "throughput": self.throughput,
             "controller": self.controller.state(),
             "compile": self.compile,
+            "transport": "shared-memory" if self.shm is not None else "comm",
         }
 
 
@@ -529,10 +554,13 @@ class Batcher:
             if self._client_gone():
                 if not self._closed or self._inflight:
                     self._abandon(f"its client is {self.client.status}")
+                for slot in self._slots.values():  # the scheduler drops the workers' mappings
+                    slot.close_shm()
                 return
             now = time.monotonic()
             if self._closed and not self._inflight:
                 await self._report()
+                await self._release_shm()
                 return
             try:
                 if now >= next_refresh or self._refresh_requested:
@@ -681,42 +709,81 @@ class Batcher:
         oldest = min(r.enqueued for r in reqs)
         inline = [r.sample for r in reqs if r.dask_future is None]
         keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
+        ring = slot.shm
+        shm_slot: ShmSlot | None = None
+        shm_ref: dict[str, Any] | None = None
         batch = None
         if inline:
-            if inline[0].nbytes * len(inline) >= STACK_IN_THREAD_BYTES:
-                loop = asyncio.get_running_loop()
+            nbytes = inline[0].nbytes * len(inline)
+            loop = asyncio.get_running_loop()
+            if ring is not None and nbytes >= _shm_min_bytes():
+                shm_slot = ring.acquire(nbytes)
+            if shm_slot is not None:  # same host: stack straight into shared memory, send its name
+                shape = (len(inline), *inline[0].shape)
+                view = shm_slot.array(shape, inline[0].dtype)
+                if nbytes >= STACK_IN_THREAD_BYTES:
+                    await loop.run_in_executor(_stack_pool(), _stack_into, inline, view)
+                else:
+                    _stack_into(inline, view)
+                del view
+                shm_ref = {"name": shm_slot.name, "shape": shape, "dtype": inline[0].dtype.str}
+            elif nbytes >= STACK_IN_THREAD_BYTES:
                 batch = await loop.run_in_executor(_stack_pool(), stack_in_chunks, inline, SEND_CHUNK_BYTES)
             else:
                 batch = stack_in_chunks(inline, SEND_CHUNK_BYTES)
         signature = None
         if keyed and self._signature is not None:  # lets the worker check inputs from Dask Futures
             signature = (self._signature[0], self._signature[1].str)
+        extra: dict[str, Any] = {}
+        if not full:
+            extra["full"] = False
+        if signature is not None:
+            extra["signature"] = signature
+        if shm_ref is not None:
+            extra["shm"] = shm_ref
+        if ring is not None:
+            dropped = ring.take_retired()
+            if dropped:
+                extra["shm_drop"] = dropped
         pool = self.client.rpc
         try:
-            comm = await pool.connect(slot.address, timeout=CONNECT_TIMEOUT)
-        except OSError as exc:  # not sent: nothing ran, no attempt used
-            self._worker_lost(slot, reqs, exc, sent=False)
-            return
-        sent = time.monotonic()
-        try:
-            reply = await send_recv(
-                comm=comm,
-                op="dynbatch_run",
-                serializers=pool.serializers,
-                deserializers=pool.deserializers,
-                model=self.spec.name,
-                token=self._token,
-                n=len(reqs),
-                batch=to_serialize(batch) if batch is not None else None,
-                keyed=keyed or None,
-                **({} if full else {"full": False}),
-                **({"signature": signature} if signature is not None else {}),
-            )
-        except OSError as exc:  # the worker died or is unreachable: nothing is lost, re-run elsewhere
-            self._worker_lost(slot, reqs, exc, sent=True)
-            return
+            try:
+                comm = await pool.connect(slot.address, timeout=CONNECT_TIMEOUT)
+            except OSError as exc:  # not sent: nothing ran, no attempt used
+                self._worker_lost(slot, reqs, exc, sent=False)
+                return
+            sent = time.monotonic()
+            try:
+                reply = await send_recv(
+                    comm=comm,
+                    op="dynbatch_run",
+                    serializers=pool.serializers,
+                    deserializers=pool.deserializers,
+                    model=self.spec.name,
+                    token=self._token,
+                    n=len(reqs),
+                    batch=to_serialize(batch) if batch is not None else None,
+                    keyed=keyed or None,
+                    client=self.client.id,
+                    **extra,
+                )
+            except OSError as exc:  # the worker died or is unreachable: nothing is lost, re-run elsewhere
+                self._worker_lost(slot, reqs, exc, sent=True)
+                return
+            finally:
+                pool.reuse(slot.address, comm)
+            if shm_slot is not None and isinstance(reply, dict):
+                if reply.get("shm_error") is not None:
+                    # nothing ran: send this batch (and, unless the slot was just stale, every
+                    # later one to this worker) over the comm
+                    self._on_shm_error(slot, ring, shm_slot, reply["shm_error"])
+                    shm_slot = None
+                    await self._run_batch(slot, reqs, depth, proposed, full)
+                    return
+                shm_slot.mark_attached()  # the worker maps it: unlink the name, nothing can leak
         finally:
-            pool.reuse(slot.address, comm)
+            if shm_slot is not None:
+                ring.release(shm_slot)
         if not isinstance(reply, dict):  # no dynbatch_run handler: the worker is closing (plugin torn down)
             self._worker_lost(slot, reqs, RuntimeError(f"the worker answered {reply!r}: it is closing"), sent=False)
             return
@@ -756,6 +823,21 @@ class Batcher:
         if not reply.get("cold") and not reply.get("compiling"):
             slot.controller.observe(n, formation_wait + service_s, service_s, proposed=proposed)
         self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed))
+
+    def _on_shm_error(self, slot: _WorkerSlot, ring: ShmRing, shm_slot: ShmSlot, error: str) -> None:
+        """The worker could not map a shared-memory slot. A slot it had mapped before is stale (the
+        worker restarted at the same address, or dropped it): retire it and keep the ring; a new one
+        it cannot open means another host or container: the comm from now on."""
+        if shm_slot.attached:
+            ring.retire(shm_slot)
+            logger.info("dynbatch: worker %s lost shared-memory slot %s (%s); a new one is made", slot.address,
+                        shm_slot.name, error)
+            return
+        ring.retire(shm_slot)
+        if slot.shm is ring:
+            slot.close_shm()
+        logger.info("dynbatch: worker %s cannot map this client's shared memory (%s); batches to it travel "
+                    "over the comm", slot.address, error)
 
     def _on_compile_state(self, slot: _WorkerSlot, state: dict[str, Any] | None) -> None:
         error = (state or {}).get("error")
@@ -809,6 +891,18 @@ class Batcher:
         self._queue.push(retry, front=True)
         self._count("requeued", len(retry))
 
+    async def _release_shm(self) -> None:
+        """Closed: free this Batcher's shared-memory slots, and the workers' mappings of them."""
+
+        async def drop(address: str, names: list[str]) -> None:
+            try:
+                await self.client.rpc(address).dynbatch_shm_drop(client=self.client.id, names=names)
+            except Exception as exc:  # the worker left: its mappings went with it
+                logger.debug("dynbatch: shared-memory drop on %s failed: %r", address, exc)
+
+        drops = [(a, s.close_shm()) for a, s in self._slots.items()]
+        await asyncio.gather(*(drop(a, names) for a, names in drops if names))
+
     async def _refresh_workers(self) -> None:
         try:
             try:
@@ -825,7 +919,9 @@ class Batcher:
         for address, view in views.items():
             slot = self._slots.get(address)
             if slot is None:
-                self._slots[address] = _WorkerSlot(address, view, self._new_controller(view.get("device", "cpu")))
+                slot = self._slots[address] = _WorkerSlot(address, view, self._new_controller(view.get("device", "cpu")))
+                if _shm_wanted(address):
+                    slot.shm = ShmRing(keep=self.spec.max_inflight + 1)
             else:
                 slot.view = view
                 slot.device = view.get("device", slot.device)
@@ -835,6 +931,7 @@ class Batcher:
                 slot = self._slots[address]
                 slot.alive = False
                 if not slot.inflight:
+                    slot.close_shm()  # the worker is gone, and its mappings with it
                     del self._slots[address]
 
     def _refresh_soon(self) -> None:

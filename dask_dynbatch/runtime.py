@@ -130,13 +130,15 @@ class LoadedModel:
         """Whether :meth:`stage` moves batches to the device (torch module on CUDA, default predict)."""
         return self.is_torch and self.spec.predict is None and self._copy_stream is not None
 
-    def stage(self, batch: np.ndarray | list[np.ndarray]) -> Any:
+    def stage(self, batch: np.ndarray | list[np.ndarray], copy: bool = False) -> Any:
         """Prepare a batch ahead of its turn, in a transfer thread, so that it overlaps the compute
         of the batch before: join the chunks a large batch travels in (into pinned memory when the
         batch goes to a GPU) and copy the batch to the device on a side stream. Returns what
-        :meth:`__call__` takes: a device tensor, or a stacked host array."""
+        :meth:`__call__` takes: a device tensor, or a stacked host array. ``copy``: the batch is a
+        view of memory that is not ours (a client's shared-memory slot): the result never aliases it."""
         if not self.stages_on_device:
-            return join_chunks(batch)
+            joined = join_chunks(batch)
+            return np.array(joined) if copy and joined is batch else joined
         import torch
 
         if isinstance(batch, list):

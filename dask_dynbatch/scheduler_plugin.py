@@ -87,8 +87,10 @@ class DynBatchPlugin(SchedulerPlugin):
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         """A client left: drop its batchers' reports, and every model that no connected client
         uses any more (from the registry, and from the workers that loaded it)."""
-        for batcher_id in [b for b, info in self.batchers.items() if info.get("client") == client]:
+        theirs = [b for b, info in self.batchers.items() if info.get("client") == client]
+        for batcher_id in theirs:
             del self.batchers[batcher_id]
+        had_batchers = bool(theirs) or any(client in m["clients"] for m in self.models.values())
         unused = []
         for name, model in self.models.items():
             users = model["clients"]
@@ -99,24 +101,36 @@ class DynBatchPlugin(SchedulerPlugin):
         for name in unused:
             del self.models[name]
         if unused:
-            task = asyncio.ensure_future(self._unload(unused))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._in_background(self._unload(unused))
+        if had_batchers:
+            # its shared-memory slots (same-host batches) are mapped on the workers it used
+            self._in_background(self._on_workers("dynbatch_shm_drop", client=client))
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_workers(self, op: str, **kwargs: Any) -> None:
+        """Call handler ``op`` on every running worker (best effort: a worker that left freed it all)."""
+        workers = [a for a, ws in self.scheduler.workers.items() if ws.status.name == "running"]
+        if not workers or self.scheduler.status.name != "running":
+            return
+
+        async def call(address: str) -> None:
+            try:
+                await getattr(self.scheduler.rpc(address), op)(**kwargs)
+            except Exception as exc:  # the worker left meanwhile: nothing to free there
+                logger.debug("dynbatch: %s on %s failed: %r", op, address, exc)
+
+        await asyncio.gather(*(call(a) for a in workers))
 
     async def _unload(self, names: list[str]) -> None:
         names = [n for n in names if n not in self.models]  # not registered again meanwhile
-        workers = [a for a, ws in self.scheduler.workers.items() if ws.status.name == "running"]
-        if not names or not workers or self.scheduler.status.name != "running":
+        if not names:
             return
         logger.info("dynbatch: no client left for models %s; unloading them from the workers", names)
-
-        async def unload(address: str) -> None:
-            try:
-                await self.scheduler.rpc(address).dynbatch_unload(names=names)
-            except Exception as exc:  # the worker left meanwhile: nothing to free there
-                logger.debug("dynbatch: unloading %s from %s failed: %r", names, address, exc)
-
-        await asyncio.gather(*(unload(a) for a in workers))
+        await self._on_workers("dynbatch_unload", names=names)
 
     # -- handlers --------------------------------------------------------------------------------
     def register_model(

@@ -30,6 +30,7 @@ from .benchmark import LazyModelTable, benchmark_device
 from .compiled import warm_in_subprocess
 from .errors import InputSignatureError
 from .runtime import LoadedModel, bisect_poison, choose_device, tune_malloc_for_inference, visible_gpu_count
+from .shm import ShmAttachments, ShmUnavailable
 from .sizing import MemorySizer, run_split_on_oom
 from .telemetry import CachedMemorySource, detect_memory_source, device_telemetry
 
@@ -96,6 +97,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="dynbatch")
         # copies to the device happen here, so that the next batch's transfer overlaps this one's compute
         self.stager = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-stage")
+        # shared-memory slots of clients on this host (see shm.py)
+        self.shm = ShmAttachments()
         self.gpu_count = visible_gpu_count()
         self.malloc_tuned = tune_malloc_for_inference() if self.tune_malloc else False
         self.sizers: dict[str, MemorySizer] = {}
@@ -114,6 +117,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         worker.handlers["dynbatch_run"] = self.run_batch
         worker.handlers["dynbatch_benchmark"] = self.rerun_benchmark
         worker.handlers["dynbatch_unload"] = self.unload_models
+        worker.handlers["dynbatch_shm_drop"] = self.drop_shm
         worker.metrics["dynbatch"] = self.heartbeat_metrics
         worker.extensions["dynbatch"] = self
 
@@ -124,10 +128,12 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         worker.handlers.pop("dynbatch_run", None)
         worker.handlers.pop("dynbatch_benchmark", None)
         worker.handlers.pop("dynbatch_unload", None)
+        worker.handlers.pop("dynbatch_shm_drop", None)
         worker.metrics.pop("dynbatch", None)
         worker.extensions.pop("dynbatch", None)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.stager.shutdown(wait=False, cancel_futures=True)
+        self.shm.close()
 
     # -- telemetry -----------------------------------------------------------------------------
     def heartbeat_metrics(self, worker: Worker) -> dict[str, Any]:
@@ -139,6 +145,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             "memory_budget": self.budget,
             "benchmark": self.benchmark,
             "devices": {d: device_telemetry(sizer.source) for d, sizer in self.sizers.items()},
+            "shared_memory": self.shm.summary(),
             "models": {
                 name: {
                     "device": m.device,
@@ -264,6 +271,11 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             logger.info("dynbatch: unloaded models %s (no client uses them)", unloaded)
         return unloaded
 
+    def drop_shm(self, client: str, names: list[str] | None = None) -> int:
+        """Handler ``dynbatch_shm_drop``: unmap a client's shared-memory slots (``names``, or all:
+        the client left). Returns how many were mapped."""
+        return self.shm.drop(client, names)
+
     async def _fetch_keys(self, keys: list) -> dict:
         """Data of Dask Futures given as inputs, from this worker or its peers."""
         data = {k: self.worker.data[k] for k in keys if k in self.worker.data}
@@ -286,15 +298,31 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         keyed: list[tuple[int, Any]] | None = None,
         signature: tuple[tuple[int, ...], str] | None = None,
         full: bool = True,
+        client: str | None = None,
+        shm: dict[str, Any] | None = None,
+        shm_drop: list[str] | None = None,
     ) -> dict[str, Any]:
         """Run one batch of ``n`` requests; ``batch`` holds the inline rows (stacked, or a list of
         stacked chunks that the transfer thread joins here), ``keyed`` the ``(row, key)`` pairs of
         rows given as Dask Futures, ``signature`` the client's ``(shape, dtype)`` of one sample that
         those must match; ``full`` whether the batch is as large as the client's size for this
-        worker (a compiled model compiles the buckets of full batches sooner)."""
+        worker (a compiled model compiles the buckets of full batches sooner).
+
+        ``shm`` (``name``, ``shape``, ``dtype``) says that the inline rows are in a shared-memory
+        slot of ``client`` instead (same host, see :mod:`dask_dynbatch.shm`): they are copied out
+        before the reply, which the client waits for before reusing the slot. A slot that cannot be
+        mapped is answered with ``shm_error`` and nothing runs. ``shm_drop``: slots the client
+        retired."""
         received = time.perf_counter()
+        if shm_drop:
+            self.shm.drop(client, shm_drop)
         if isinstance(batch, Serialize):  # the in-process transport does not serialise
             batch = batch.data
+        if shm is not None:
+            try:
+                batch = self.shm.array(client, shm["name"], shm["shape"], shm["dtype"])
+            except ShmUnavailable as exc:
+                return {"status": "OK", "shm_error": str(exc)}
         try:
             cold = model not in self.models or self.models[model].token != token
             loaded = await self.get_model(model, token)
@@ -302,8 +330,10 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             if keyed:
                 batch, row_errors = await self._assemble(n, batch, keyed, signature)
             loop = asyncio.get_running_loop()
-            if not row_errors and (loaded.stages_on_device or isinstance(batch, list)):
-                batch = await loop.run_in_executor(self.stager, loaded.stage, batch)
+            # rows in shared memory are copied out here (_assemble copied them already if keyed)
+            shared = shm is not None and not keyed
+            if not row_errors and (loaded.stages_on_device or isinstance(batch, list) or shared):
+                batch = await loop.run_in_executor(self.stager, loaded.stage, batch, shared)
             compiling = loaded.compiling
             pieces, errors, compute_s = await loop.run_in_executor(
                 self.executor, self._as_worker, self._execute, loaded, batch, row_errors, full

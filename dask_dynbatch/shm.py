@@ -1,0 +1,284 @@
+"""Same-host transport of batches through shared memory (``/dev/shm``).
+
+A batch of ResNet-sized images is tens of megabytes. Sent through a Dask comm (TCP, even on
+localhost), it is copied by the kernel twice and received into a fresh buffer per frame, and on the
+GPU machine that capped the whole data path at 4-10k images/s, about half of what the model runs
+(``benchmarks/results/gpu_probe.json``). When the client and the worker share a host, dask-dynbatch
+instead stacks the batch straight into a shared-memory slot and sends only the slot's name, shape
+and dtype over the comm; the worker maps the slot once and copies the batch out of it (into pinned
+memory and on to the GPU, or into a private array on a CPU). Triton's "system shared memory" and
+Ray's object store do the same for clients on the same host.
+
+How a slot lives (nothing leaks, whatever dies):
+
+- The client creates a file ``/dev/shm/dynbatch-<pid>-<random>`` and reserves its space with
+  ``posix_fallocate`` (a tmpfs that is full would otherwise kill the writer with SIGBUS); no room
+  means the batch goes over the comm as before.
+- The worker maps the file by name on the first batch that uses it, and keeps the mapping.
+- Once a reply shows that the worker has it mapped, the client unlinks the file: from then on the
+  memory lives exactly as long as the two mappings, so a client or worker that dies frees it.
+- A slot is reused for the next batch to the same worker once the reply to its batch arrived (the
+  worker copied the batch out before replying). A slot too small for a larger batch is retired:
+  the client closes it and tells the worker to drop its mapping with the next batch
+  (``shm_drop``); a client that leaves has its mappings dropped by the scheduler plugin.
+- A worker that cannot open the name (another host, another container, no ``/dev/shm``) says so
+  in its reply, and the client sends that batch, and every later one to that worker, over the comm.
+
+Off with ``dynbatch.transport.shared-memory: false``; batches smaller than
+``dynbatch.transport.shared-memory-min-bytes`` always travel over the comm.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import threading
+import uuid
+from collections import OrderedDict
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+PREFIX = "dynbatch-"
+#: slots are created in multiples of this (and with some headroom), so that batches growing a
+#: little do not each retire the slot before
+GRANULE = 1 << 20
+#: names a worker accepts: ours, nothing with a path in it
+_NAME = re.compile(r"^dynbatch-[0-9]+-[0-9a-f]{16}$")
+
+
+class ShmUnavailable(Exception):
+    """The worker could not map the shared-memory slot a batch names."""
+
+
+def shm_supported(directory: str = SHM_DIR) -> bool:
+    """Whether this process can create shared-memory slots (a writable ``/dev/shm``)."""
+    return os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)
+
+
+class ShmSlot:
+    """One shared-memory region the client stacks batches into (client side)."""
+
+    __slots__ = ("name", "path", "capacity", "_mm", "attached")
+
+    def __init__(self, capacity: int, directory: str = SHM_DIR):
+        self.name = f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:16]}"
+        self.path = os.path.join(directory, self.name)
+        self.capacity = int(capacity)
+        self.attached = False  # the worker has mapped it and the file is unlinked
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, self.capacity)
+            except OSError:
+                os.unlink(self.path)
+                raise
+            self._mm = mmap.mmap(fd, self.capacity)
+        finally:
+            os.close(fd)
+
+    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A writable view of the slot's first bytes as an array of ``shape`` and ``dtype``."""
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(self._mm, dtype=dtype, count=count).reshape(shape)
+
+    def mark_attached(self) -> None:
+        """The worker has it mapped: unlink the name (the memory lives on in the two mappings)."""
+        if not self.attached:
+            self.attached = True
+            _unlink(self.path)
+
+    def close(self) -> None:
+        if not self.attached:
+            _unlink(self.path)
+            self.attached = True
+        try:
+            self._mm.close()
+        except BufferError:  # a view is still alive somewhere: the mapping goes with it
+            pass
+
+    def __repr__(self) -> str:
+        return f"<ShmSlot {self.name} {self.capacity} bytes{' attached' if self.attached else ''}>"
+
+
+class ShmRing:
+    """The shared-memory slots of one client for one worker on its host.
+
+    ``acquire(nbytes)`` gives a free slot of at least ``nbytes`` (creating one when needed) or
+    ``None`` when ``/dev/shm`` has no room; ``release(slot)`` returns it once its batch's reply
+    arrived. At most ``keep`` slots stay around; a smaller one is retired for a larger batch, and
+    :meth:`take_retired` hands the names of retired, attached slots to the next message to the
+    worker, which drops its mappings.
+    """
+
+    def __init__(self, keep: int = 4, directory: str = SHM_DIR):
+        self.keep = max(1, int(keep))
+        self.directory = directory
+        self._free: list[ShmSlot] = []
+        self._busy: set[ShmSlot] = set()
+        self._retired: list[str] = []
+        self._lock = threading.Lock()
+        self._no_room_at: int | None = None  # smallest size creation failed for
+        self.closed = False
+
+    def acquire(self, nbytes: int) -> ShmSlot | None:
+        with self._lock:
+            if self.closed:
+                return None
+            fitting = [s for s in self._free if s.capacity >= nbytes]
+            if fitting:
+                slot = min(fitting, key=lambda s: s.capacity)
+                self._free.remove(slot)
+                self._busy.add(slot)
+                return slot
+            if self._no_room_at is not None and nbytes >= self._no_room_at:
+                return None
+            # make room first: a smaller free slot goes when the ring is full
+            while self._free and len(self._free) + len(self._busy) >= self.keep:
+                self._retire(min(self._free, key=lambda s: s.capacity))
+            capacity = -(-int(nbytes * 1.25) // GRANULE) * GRANULE
+            try:
+                slot = ShmSlot(capacity, self.directory)
+            except OSError as exc:
+                self._no_room_at = nbytes if self._no_room_at is None else min(self._no_room_at, nbytes)
+                logger.info("dynbatch: no shared-memory slot of %d bytes (%s); this batch travels over the comm",
+                            capacity, exc)
+                return None
+            self._busy.add(slot)
+            return slot
+
+    def release(self, slot: ShmSlot) -> None:
+        with self._lock:
+            self._busy.discard(slot)
+            if self.closed:
+                slot.close()
+            else:
+                self._free.append(slot)
+
+    def retire(self, slot: ShmSlot) -> None:
+        """Stop using ``slot`` (its batch is done with it): the worker lost or never had its mapping."""
+        with self._lock:
+            self._busy.discard(slot)
+            self._free = [s for s in self._free if s is not slot]
+            slot.close()
+
+    def _retire(self, slot: ShmSlot) -> None:
+        self._free.remove(slot)
+        if slot.attached:
+            self._retired.append(slot.name)
+        slot.close()
+
+    def take_retired(self) -> list[str]:
+        """Names of retired slots the worker still maps (each is handed out once)."""
+        with self._lock:
+            names, self._retired = self._retired, []
+            return names
+
+    def close(self) -> list[str]:
+        """Close every slot (busy ones when released); returns the names the worker maps."""
+        with self._lock:
+            self.closed = True
+            names = list(self._retired)
+            self._retired = []
+            for slot in self._free:
+                if slot.attached:
+                    names.append(slot.name)
+                slot.close()
+            self._free = []
+            names.extend(s.name for s in self._busy if s.attached)
+            return names
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(s.capacity for s in self._free) + sum(s.capacity for s in self._busy)
+
+
+class ShmAttachments:
+    """The shared-memory slots a worker has mapped, per client (worker side).
+
+    At most ``max_mappings`` are kept; the least recently used goes first (a client that names it
+    again is told it is unavailable, and sends over the comm).
+    """
+
+    def __init__(self, directory: str = SHM_DIR, max_mappings: int = 64):
+        self.directory = directory
+        self.max_mappings = int(max_mappings)
+        self._maps: OrderedDict[tuple[str, str], mmap.mmap] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def array(self, client: str, name: str, shape, dtype) -> np.ndarray:
+        """The batch a client stacked into slot ``name`` (a view: copy it out before replying)."""
+        key = (str(client), str(name))
+        with self._lock:
+            mm = self._maps.get(key)
+            if mm is not None:
+                self._maps.move_to_end(key)
+        if mm is None:
+            mm = self._open(name)
+            with self._lock:
+                self._maps[key] = mm
+                while len(self._maps) > self.max_mappings:
+                    _, old = self._maps.popitem(last=False)
+                    _close_map(old)
+        shape = tuple(int(s) for s in shape)
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        if count * dtype.itemsize > len(mm):
+            raise ShmUnavailable(f"shared-memory slot {name} holds {len(mm)} bytes, less than the batch's "
+                                 f"{count * dtype.itemsize}")
+        return np.frombuffer(mm, dtype=dtype, count=count).reshape(shape)
+
+    def _open(self, name: str) -> mmap.mmap:
+        if not _NAME.match(str(name)):
+            raise ShmUnavailable(f"not a dask-dynbatch shared-memory slot name: {name!r}")
+        path = os.path.join(self.directory, name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise ShmUnavailable(f"cannot open {path} ({exc.strerror}): the client is on another host or "
+                                 "in another container, or the slot is gone") from None
+        try:
+            return mmap.mmap(fd, 0)
+        except (OSError, ValueError) as exc:
+            raise ShmUnavailable(f"cannot map {path}: {exc}") from None
+        finally:
+            os.close(fd)
+
+    def drop(self, client: str, names: list[str] | None = None) -> int:
+        """Unmap a client's slots (``names``, or all of them); returns how many."""
+        with self._lock:
+            keys = [k for k in self._maps if k[0] == client and (names is None or k[1] in names)]
+            maps = [self._maps.pop(k) for k in keys]
+        for mm in maps:
+            _close_map(mm)
+        return len(maps)
+
+    def summary(self) -> dict:
+        with self._lock:
+            return {"mappings": len(self._maps), "bytes": int(sum(len(m) for m in self._maps.values())),
+                    "clients": len({c for c, _ in self._maps})}
+
+    def close(self) -> None:
+        with self._lock:
+            maps = list(self._maps.values())
+            self._maps.clear()
+        for mm in maps:
+            _close_map(mm)
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a batch still holds a view: the mapping goes when it does
+        pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

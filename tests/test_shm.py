@@ -1,0 +1,184 @@
+"""Same-host shared-memory transport of batches (dask_dynbatch/shm.py): slots, fallbacks, no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import dask
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from distributed.utils_test import gen_cluster
+
+import dask_dynbatch as ddb
+from dask_dynbatch.examples import build_affine
+from dask_dynbatch.shm import SHM_DIR, ShmAttachments, ShmRing, ShmUnavailable, shm_supported
+
+pytestmark = pytest.mark.skipif(not shm_supported(), reason="no writable /dev/shm")
+
+# 24 KiB per sample: a batch of 4 or more crosses the 64 KiB shared-memory threshold
+SAMPLE = (32, 32, 6)
+
+
+def samples(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *SAMPLE)).astype(np.float32)
+
+
+def our_files() -> set[str]:
+    return {f for f in os.listdir(SHM_DIR) if f.startswith(f"dynbatch-{os.getpid()}-")}
+
+
+def test_ring_reuses_grows_and_retires(tmp_path):
+    ring = ShmRing(keep=2, directory=str(tmp_path))
+    a = ring.acquire(1000)
+    a.array((10, 100), np.uint8)[:] = 7
+    ring.release(a)
+    assert ring.acquire(500) is a  # reused: big enough
+    b = ring.acquire(800)  # a is busy: a second slot
+    assert b is not a
+    a.mark_attached()  # the worker maps it: the name is gone, the memory stays
+    assert not (tmp_path / a.name).exists()
+    assert a.array((10, 100), np.uint8)[3, 5] == 7
+    ring.release(a)
+    ring.release(b)
+    big = ring.acquire(5 * 2**20)  # larger than both: the smaller free slot is retired to make room
+    assert big.capacity >= 5 * 2**20
+    assert ring.take_retired() in ([], [a.name])  # only attached slots need the worker to drop them
+    assert ring.take_retired() == []  # handed out once
+    names = ring.close()
+    ring.release(big)  # busy at close: closed on release
+    assert set(os.listdir(tmp_path)) == set()
+    assert all(isinstance(n, str) for n in names)
+    assert ring.acquire(10) is None  # closed
+
+
+def test_ring_without_room_falls_back(tmp_path, monkeypatch):
+    ring = ShmRing(directory=str(tmp_path))
+
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    assert ring.acquire(1 << 20) is None
+    assert os.listdir(tmp_path) == []  # the failed file is removed
+    monkeypatch.undo()
+    assert ring.acquire(2 << 20) is None  # no retry at that size or larger
+    assert ring.acquire(1 << 10) is not None  # smaller batches still may
+    ring.close()
+
+
+def test_attachments_map_validate_and_drop(tmp_path):
+    ring = ShmRing(directory=str(tmp_path))
+    slot = ring.acquire(4096)
+    slot.array((4, 8), np.float64)[:] = np.arange(32).reshape(4, 8)
+    worker = ShmAttachments(directory=str(tmp_path), max_mappings=2)
+    got = worker.array("client-1", slot.name, (4, 8), "<f8")
+    assert np.array_equal(got, np.arange(32).reshape(4, 8))
+    del got
+    slot.mark_attached()
+    assert worker.array("client-1", slot.name, (2, 8), "<f8").shape == (2, 8)  # mapped: no file needed
+    with pytest.raises(ShmUnavailable, match="less than the batch"):
+        worker.array("client-1", slot.name, (200_000, 8), "<f8")
+    with pytest.raises(ShmUnavailable, match="not a dask-dynbatch"):
+        worker.array("client-1", "../../etc/passwd", (1,), "u1")
+    with pytest.raises(ShmUnavailable, match="another host"):
+        worker.array("client-2", "dynbatch-1-0123456789abcdef", (1,), "u1")
+    assert worker.summary()["mappings"] == 1
+    assert worker.drop("client-1") == 1
+    with pytest.raises(ShmUnavailable):  # unlinked and unmapped: gone for good
+        worker.array("client-1", slot.name, (4, 8), "<f8")
+    ring.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_large_batches_travel_through_shared_memory(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    xs = samples(500)
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine-shm", load=build_affine, max_batch_size=64))
+    results = await asyncio.gather(*batcher.map(list(xs)))
+    np.testing.assert_array_equal(np.stack(results), xs * 2 + 1)
+    (worker,) = batcher.stats()["workers"].values()
+    assert worker["transport"] == "shared-memory"
+    plugin = a.extensions["dynbatch"]
+    assert plugin.shm.summary()["mappings"] >= 1  # the worker mapped the client's slots
+    assert not our_files()  # mapped on both sides: the names are unlinked already
+    batcher.close()
+    while plugin.shm.summary()["mappings"]:  # closing the Batcher drops the worker's mappings
+        await asyncio.sleep(0.01)
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_worker_that_cannot_map_gets_batches_over_the_comm(c, s, a, tmp_path_factory):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    # the worker looks for slots elsewhere: as if the client were on another host
+    a.extensions["dynbatch"].shm.directory = str(tmp_path_factory.mktemp("elsewhere"))
+    xs = samples(300, seed=1)
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine-far", load=build_affine, max_batch_size=32))
+    results = await asyncio.gather(*batcher.map(list(xs)))
+    np.testing.assert_array_equal(np.stack(results), xs * 2 + 1)
+    stats = batcher.stats()
+    assert stats["delivered"] == 300 and stats["failed"] == 0 and stats["requeued"] == 0
+    (worker,) = stats["workers"].values()
+    assert worker["transport"] == "comm"
+    assert sum(w["samples"] for w in stats["workers"].values()) == 300  # nothing ran twice
+    assert not our_files()
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_slot_the_worker_lost_is_replaced(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine-stale", load=build_affine, max_batch_size=16))
+    xs = samples(64, seed=2)
+    await asyncio.gather(*batcher.map(list(xs)))
+    a.extensions["dynbatch"].drop_shm(c.id)  # e.g. the worker restarted at the same address
+    ys = samples(64, seed=3)
+    results = await asyncio.gather(*batcher.map(list(ys)))
+    np.testing.assert_array_equal(np.stack(results), ys * 2 + 1)
+    (worker,) = batcher.stats()["workers"].values()
+    assert worker["transport"] == "shared-memory"  # a stale slot is no reason to give up
+    assert batcher.stats()["failed"] == 0
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_shared_memory_can_be_turned_off(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    with dask.config.set({"dynbatch.transport.shared-memory": False}):
+        batcher = await ddb.Batcher(c, ddb.ModelSpec("affine-off", load=build_affine, max_batch_size=32))
+    xs = samples(100, seed=4)
+    results = await asyncio.gather(*batcher.map(list(xs)))
+    np.testing.assert_array_equal(np.stack(results), xs * 2 + 1)
+    (worker,) = batcher.stats()["workers"].values()
+    assert worker["transport"] == "comm"
+    assert a.extensions["dynbatch"].shm.summary()["mappings"] == 0
+    batcher.close()
+
+
+@pytest.mark.slow
+def test_client_that_leaves_frees_its_slots_on_worker_processes():
+    """Process workers: batches through shared memory are correct, and a client that disconnects
+    without closing its Batcher leaves nothing mapped or on /dev/shm."""
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            client.register_plugin(ddb.DynBatchPlugin())
+            xs = samples(400, seed=5)
+            batcher = ddb.Batcher(client, ddb.ModelSpec("affine-proc", load=build_affine, max_batch_size=64))
+            results = [f.result(timeout=60) for f in batcher.map(list(xs))]
+            np.testing.assert_array_equal(np.stack(results), xs * 2 + 1)
+            assert next(iter(batcher.stats()["workers"].values()))["transport"] == "shared-memory"
+            mapped = client.run(lambda dask_worker: dask_worker.extensions["dynbatch"].shm.summary()["mappings"])
+            assert list(mapped.values())[0] >= 1
+        # that client is gone (its Batcher never closed): the scheduler plugin drops its mappings
+        with Client(cluster) as other:
+            def mappings():
+                return list(other.run(lambda dask_worker: dask_worker.extensions["dynbatch"].shm.summary()["mappings"]).values())[0]
+
+            for _ in range(200):
+                if mappings() == 0:
+                    break
+                time.sleep(0.05)
+            assert mappings() == 0
+    assert not our_files()
