@@ -50,6 +50,21 @@ def machine_stamp() -> dict:
     return stamp
 
 
+def _benchmark_done(dask_worker=None) -> bool:
+    plugin = dask_worker.extensions.get("dynbatch")
+    return plugin is None or plugin.benchmark is not None
+
+
+def wait_for_reference_benchmark(client, timeout: float = 180.0) -> None:
+    """Wait until every worker's start-up reference benchmark (run when the plugin is registered,
+    in the device thread) is done: a raw loop measured meanwhile shares the device with it."""
+    deadline = time.monotonic() + timeout
+    while not all(client.run(_benchmark_done).values()):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the workers' reference benchmark did not finish")
+        time.sleep(0.2)
+
+
 def rate(n: int, fn) -> tuple[float, float]:
     """Run ``fn()``; return (items per second, seconds)."""
     started = time.perf_counter()

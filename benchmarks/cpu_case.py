@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_stamp, open_loop, rate, save  # noqa: E402
+from common import RESULTS, machine_stamp, open_loop, rate, save, wait_for_reference_benchmark  # noqa: E402
 
 import dask_dynbatch as ddb  # noqa: E402
 from dask_dynbatch import baselines  # noqa: E402
@@ -90,7 +89,7 @@ def main(argv=None) -> dict:
         print(result["dask_default"], flush=True)
 
         client.register_plugin(ddb.DynBatchPlugin())
-        time.sleep(0.5)
+        wait_for_reference_benchmark(client)
         print("baselines under dask-dynbatch's worker settings", flush=True)
         result["same_settings"] = {"raw": raw(client, images), **plain_dask(client, images, args.single)}
         print(result["same_settings"], flush=True)

@@ -8,6 +8,8 @@ Sections (``--sections``, comma separated; each writes into one JSON as it finis
   plain     plain Dask: one task per request; hand-chunked 32/128/512
   dynbatch  dask-dynbatch with default settings, closed loop
   dynbatchcomm  the same with the shared-memory transport off: every batch over the Dask comm (TCP)
+  frontend  the data path alone: the same images through a model that returns 8 values per image
+            (on the worker's CPU), shared-memory transport, batches of up to 512
   rawprobe  is the ceiling the model's or the setting's? torchvision's ResNet-50 alone on fp16 input,
             and our wrapper with cudnn.benchmark on, batch 256 and 512
   open      open loop, Poisson arrivals at 30/70/100 % of the measured capacity
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_stamp, open_loop, rate  # noqa: E402
+from common import machine_stamp, open_loop, rate, wait_for_reference_benchmark  # noqa: E402
 
 import dask_dynbatch as ddb  # noqa: E402
 from dask_dynbatch import baselines  # noqa: E402
@@ -61,6 +63,7 @@ def start_cluster(**kw):
 
 
 def sec_raw(client, images, res, args):
+    wait_for_reference_benchmark(client)
     ((_, table),) = client.run(baselines.raw_loop, build_resnet50, images[0], [1, 64, 128, 256, 512], 3.0).items()
     res["raw"] = {str(k): v for k, v in table.items()}
     res["ceiling"] = max(table.values())
@@ -206,6 +209,27 @@ def sec_dynbatch(client, images, res, args):
     res["dynbatch"] = closed_loop(client, images, "resnet50", args.requests, profile_dir=args.profile and args.out)
     if res.get("ceiling"):
         res["dynbatch"]["ratio_to_ceiling"] = res["dynbatch"]["throughput"] / res["ceiling"]
+
+
+def build_head(device="cpu"):
+    """Returns each image's first 8 bytes as float32: the data path without a model."""
+    return _head
+
+
+def _head(batch):
+    return batch.reshape(len(batch), -1)[:, :8].astype(np.float32)
+
+
+def sec_frontend(client, images, res, args):
+    spec = ddb.ModelSpec("head", load=build_head, device="cpu", max_batch_size=512)
+    samples = [images[i % len(images)] for i in range(args.requests)]
+    with ddb.Batcher(client, spec) as batcher:
+        got = [f.result() for f in batcher.map(samples[:8000])]
+        assert np.array_equal(got[7], images[7].reshape(-1)[:8].astype(np.float32))
+        throughput, seconds = rate(len(samples), lambda: [f.result() for f in batcher.map(samples)])
+        (worker,) = batcher.stats()["workers"].values()
+    res["frontend"] = {"throughput": throughput, "seconds": seconds, "transport": worker["transport"],
+                       "mean_batch": worker["samples"] / max(1, worker["batches"])}
 
 
 def sec_dynbatchcomm(client, images, res, args):
@@ -468,7 +492,7 @@ def main():
     def save():
         path.write_text(json.dumps(res, indent=1, default=float))
 
-    in_cluster = [s for s in sections if s in ("raw", "rawprobe", "rawcompiled", "plain", "dynbatch", "dynbatchcomm",
+    in_cluster = [s for s in sections if s in ("raw", "rawprobe", "rawcompiled", "plain", "frontend", "dynbatch", "dynbatchcomm",
                                                "compiled", "open", "cupy", "pressure")]
     if in_cluster:
         cluster, client = start_cluster()
@@ -502,6 +526,7 @@ def main():
     summary["dynbatch"] = res.get("dynbatch", {}).get("throughput")
     summary["dynbatch_comm"] = res.get("dynbatch_comm", {}).get("throughput")
     summary["rawprobe"] = res.get("rawprobe")
+    summary["frontend"] = res.get("frontend")
     summary["open"] = [(o.get("load"), o.get("p50_ms"), o.get("p99_ms")) for o in res.get("open_loop", [])]
     summary["dynbatch_workers"] = res.get("dynbatch", {}).get("workers")
     summary["ratio"] = res.get("dynbatch", {}).get("ratio_to_ceiling")

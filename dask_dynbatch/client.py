@@ -820,7 +820,7 @@ class Batcher:
         # The controller is held to the batch's own latency (formation wait + its share of the
         # pipeline), not to the wait behind the other batches in flight with it: that wait comes
         # from the load, and shrinking batches would only lower throughput and lengthen it.
-        if not reply.get("cold") and not reply.get("compiling"):
+        if not (reply.get("cold") or reply.get("compiling") or reply.get("new_shape")):
             slot.controller.observe(n, formation_wait + service_s, service_s, proposed=proposed)
         self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed))
 

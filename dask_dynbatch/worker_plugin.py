@@ -335,6 +335,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             if not row_errors and (loaded.stages_on_device or isinstance(batch, list) or shared):
                 batch = await loop.run_in_executor(self.stager, loaded.stage, batch, shared)
             compiling = loaded.compiling
+            new_shape = loaded.first_at_size(n)
             pieces, errors, compute_s = await loop.run_in_executor(
                 self.executor, self._as_worker, self._execute, loaded, batch, row_errors, full
             )
@@ -358,6 +359,9 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             "errors": [(row, error_message(exc)) for row, exc in errors.items()],
             "compute_s": compute_s,
             "cold": cold,  # the model was loaded for this batch: its latency says nothing about size
+            # the first batch of this size: one-time set-up (cuDNN plans, allocator growth: ~40 ms
+            # for ResNet-50 on an H200) made it slower than its size is
+            "new_shape": new_shape,
             # a bucket compiled while this batch ran: it ran eagerly beside a busy compiler, so its
             # latency says little about its size either
             "compiling": compiling or loaded.compiling,
