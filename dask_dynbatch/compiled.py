@@ -88,6 +88,29 @@ def bucket_ladder(buckets: Sequence[int] | None, max_batch_size: int | None) -> 
     return tuple(rungs)
 
 
+def shape_ladder(max_batch_size: int | None, per_doubling: int = 4) -> tuple[int, ...]:
+    """Batch sizes of eager models on CUDA (``ModelSpec.shape_buckets``): 1, 2, 4, then multiples
+    of 8 up to 64, then ``per_doubling`` evenly spaced sizes per doubling (80, 96, 112, 128, 160,
+    ...), up to ``max_batch_size`` (included) or :data:`LADDER_TOP`.
+
+    Few distinct shapes, because the first batch of each shape pays a one-time set-up on the GPU
+    (cuDNN builds its convolution plans per input shape: ~40 ms for ResNet-50 on an H200), while a
+    batch padded to its rung wastes at most ``1 / per_doubling`` of its rows (25 % from 65 to 80;
+    full batches sit on rungs and waste nothing). Multiples of 8 also suit tensor cores.
+    """
+    top = LADDER_TOP if max_batch_size is None else int(max_batch_size)
+    rungs = [1, 2, 4] + list(range(8, 65, 8))
+    base = 64
+    while rungs[-1] < top:
+        step = base // per_doubling
+        rungs.extend(base + step * k for k in range(1, per_doubling + 1))
+        base *= 2
+    rungs = [r for r in rungs if r <= top]
+    if rungs[-1] != top:
+        rungs.append(top)
+    return tuple(rungs)
+
+
 def bucket_for(ladder: Sequence[int], n: int) -> int | None:
     """Smallest rung that holds ``n`` rows, or None when ``n`` is above the ladder."""
     i = bisect.bisect_left(ladder, n)

@@ -93,7 +93,7 @@ class LoadedModel:
             self._prepare_torch()
         self.load_seconds = time.perf_counter() - started
         self._sizes_seen: set[int] = set()
-        self.ladder = self.spec.ladder()
+        self.ladder = self.spec.ladder(device)
         self.compiler: BucketCompiler | None = None
         self.compile_error: str | None = None
         self._template: Any = None  # one input row, the model of warm-up batches
@@ -189,6 +189,8 @@ class LoadedModel:
     def _pads(self, bucket: int) -> bool:
         if self.compiler is not None:
             return self.compiler.ready(bucket) is not None
+        if self.spec.pads_shapes(self.device):  # few shapes for cuDNN; only where rows are independent
+            return self.is_torch
         return self.spec.buckets is not None and self.compile_error is None  # static shapes asked for
 
     def __call__(self, batch: Any, full: bool = True) -> Any:

@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 PREFIX = "dynbatch-"
-#: slots are created in multiples of this (and with some headroom), so that batches growing a
-#: little do not each retire the slot before
+#: the smallest slot; a slot is created at the next power of two above the batch, so that a batch
+#: size that grows step by step retires (and re-maps) a slot once per doubling, not at every step
 GRANULE = 1 << 20
 #: names a worker accepts: ours, nothing with a path in it
 _NAME = re.compile(r"^dynbatch-[0-9]+-[0-9a-f]{16}$")
@@ -140,7 +140,7 @@ class ShmRing:
             # make room first: a smaller free slot goes when the ring is full
             while self._free and len(self._free) + len(self._busy) >= self.keep:
                 self._retire(min(self._free, key=lambda s: s.capacity))
-            capacity = -(-int(nbytes * 1.25) // GRANULE) * GRANULE
+            capacity = max(GRANULE, 1 << (max(1, int(nbytes)) - 1).bit_length())
             try:
                 slot = ShmSlot(capacity, self.directory)
             except OSError as exc:

@@ -10,7 +10,7 @@ from typing import Any
 
 from dask.utils import parse_timedelta
 
-from .compiled import bucket_ladder, compile_mode
+from .compiled import bucket_ladder, compile_mode, shape_ladder
 
 OVERLOAD_POLICIES = ("block", "reject")
 #: where a worker's controller starts when the spec does not say (by device kind)
@@ -97,6 +97,14 @@ class ModelSpec:
         padded to its bucket on the worker and the padding cut from the outputs). Default with
         ``compile``: powers of two up to ``max_batch_size``. Given without ``compile``, batches
         are padded to them for the eager model too (for models that want static shapes).
+    shape_buckets
+        On CUDA workers, for a torch module with the default ``predict`` (and no ``compile`` or
+        ``buckets``): form batches in a ladder of sizes, four per doubling above 64
+        (:func:`~dask_dynbatch.compiled.shape_ladder`), and pad a partial batch to its rung (the
+        padding is cut from the outputs). The first batch of every new shape pays a one-time
+        set-up on the GPU (~40 ms for ResNet-50: cuDNN builds its convolution plans per shape),
+        which free batch sizes would pay again and again. Default ``True``; ``False`` for a module
+        whose rows affect each other's outputs.
     """
 
     name: str
@@ -116,6 +124,7 @@ class ModelSpec:
     input_dtype: Any = None
     compile: bool | str = False
     buckets: Sequence[int] | None = None
+    shape_buckets: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -181,21 +190,35 @@ class ModelSpec:
         (no ``compile`` and no ``buckets``)."""
         spec = self.for_device(device) if device else self
         if spec.buckets is None and compile_mode(spec.compile) is None:
+            if spec.pads_shapes(device):
+                return shape_ladder(spec.max_batch_size)
             return None
         return bucket_ladder(spec.buckets, spec.max_batch_size)
 
+    def pads_shapes(self, device: str | None) -> bool:
+        """Whether eager batches on ``device`` are formed in the shape ladder (``shape_buckets``)."""
+        return (bool(self.shape_buckets) and device is not None and device.split(":")[0] == "cuda"
+                and self.predict is None and self.buckets is None and compile_mode(self.compile) is None)
+
 
 def call_load(load: Callable[..., Any], device: str) -> Any:
-    """Call ``load()`` or ``load(device)``, whichever its signature takes."""
+    """Call ``load(device)`` or ``load()``, whichever its signature takes.
+
+    The device string (``"cuda:0"``, ``"cpu"``) is passed when the first positional parameter is
+    required or is named ``device`` (``def build(device="cpu")`` gets it too: a default there is
+    for calling it by hand), or as a keyword to a keyword-only ``device`` parameter; otherwise
+    ``load()`` is called.
+    """
     try:
-        params = [
-            p
-            for p in inspect.signature(load).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-        ]
+        parameters = list(inspect.signature(load).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature
-        params = []
-    return load(device) if params else load()
+        return load()
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if positional and (positional[0].default is positional[0].empty or positional[0].name == "device"):
+        return load(device)
+    if any(p.kind is p.KEYWORD_ONLY and p.name == "device" for p in parameters):
+        return load(device=device)
+    return load()
 
 
 def spec_token(payload: bytes) -> str:

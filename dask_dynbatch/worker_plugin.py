@@ -128,11 +128,12 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         worker.handlers.pop("dynbatch_run", None)
         worker.handlers.pop("dynbatch_benchmark", None)
         worker.handlers.pop("dynbatch_unload", None)
-        worker.handlers.pop("dynbatch_shm_drop", None)
         worker.metrics.pop("dynbatch", None)
         worker.extensions.pop("dynbatch", None)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.stager.shutdown(wait=False, cancel_futures=True)
+        # dynbatch_shm_drop stays: the scheduler asks every worker to drop a leaving client's
+        # slots, also one that is closing; with the mappings closed here it drops nothing
         self.shm.close()
 
     # -- telemetry -----------------------------------------------------------------------------

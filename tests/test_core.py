@@ -37,6 +37,32 @@ def build_broken(device="cpu"):
     raise RuntimeError("weights file is missing")
 
 
+def test_load_gets_the_device_when_its_signature_asks_for_it():
+    from dask_dynbatch.spec import call_load
+
+    def by_default(device="cpu"):  # e.g. examples.build_resnet50: fp16 on CUDA, fp32 on CPU
+        return device
+
+    def required(dev):
+        return dev
+
+    def keyword_only(*, device="cpu"):
+        return device
+
+    def no_device():
+        return "none"
+
+    def other_default(path="weights.pt"):  # not about the device: left alone
+        return path
+
+    assert call_load(by_default, "cuda:0") == "cuda:0"
+    assert call_load(required, "cuda:0") == "cuda:0"
+    assert call_load(keyword_only, "cuda:0") == "cuda:0"
+    assert call_load(no_device, "cuda:0") == "none"
+    assert call_load(other_default, "cuda:0") == "weights.pt"
+    assert call_load(lambda: "lambda", "cuda:0") == "lambda"
+
+
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)])
 async def test_results_correct_and_in_order(c, s, a, b):
     await c.register_plugin(ddb.DynBatchPlugin())
