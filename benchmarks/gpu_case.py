@@ -203,7 +203,8 @@ def closed_loop(client, images, name, n, profile_dir=None, **spec_kw):
                     | {"controller_size": w["controller"]["size"], "reason": w["controller"]["reason"],
                        "mean_batch": w["samples"] / max(1, w["batches"])}
                     for a, w in stats["workers"].items()},
-        "history": [(h["time"], h["worker"], h["size"], h["latency"], h["cap"]) for h in hist[-3000:]],
+        "history": [(h["time"], h["worker"], h["size"], h["latency"], h["cap"], h["compute_s"], h["wait_s"], h["stage_s"])
+                    for h in hist[-3000:]],
     }
 
 

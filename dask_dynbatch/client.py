@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: map() queues requests in chunks of this many (the dispatcher starts on the first chunk)
+MAP_CHUNK = 1024
 #: a request is re-queued at most this many times after its worker died under its batch
 MAX_ATTEMPTS = 3
 #: seconds to connect to a worker before its batch goes back to the queue (it was not sent)
@@ -208,7 +210,7 @@ class Batcher:
         self._counts = {"submitted": 0, "delivered": 0, "failed": 0, "cancelled": 0, "timed_out": 0, "requeued": 0}
         self._counts_lock = threading.Lock()  # user threads and the event loop both count
         self._latencies: deque[float] = deque(maxlen=20_000)  # per request, seconds
-        self._history: deque[tuple] = deque(maxlen=5_000)  # (time, worker, size, latency, cap, controller size)
+        self._history: deque[tuple] = deque(maxlen=5_000)  # rows of history(), see there
         self._wake_pending = False
         self._wake_lock = threading.Lock()
         self._loop = client.loop.asyncio_loop
@@ -403,16 +405,14 @@ class Batcher:
         self._signature = (sample.shape, sample.dtype)
         return sample
 
-    def _make_request(self, x: Any, priority: int, deadline: float | None, now: float) -> Request:
+    def _make_request(self, x: Any, sample: np.ndarray | None, priority: int, deadline: float | None,
+                      now: float) -> Request:
         future = RequestFuture()
-        if isinstance(x, DaskFuture):
-            req = Request(None, future, priority=priority, deadline=deadline, enqueued=now, dask_future=x)
-        else:
-            is_torch = type(x).__module__.startswith("torch")
-            sample = self._as_sample(x)
-            req = Request(sample, future, priority=priority, deadline=deadline, enqueued=now)
-            if is_torch:
-                future._as_torch = True
+        if sample is None:  # a Dask Future
+            return Request(None, future, priority=priority, deadline=deadline, enqueued=now, dask_future=x)
+        req = Request(sample, future, priority=priority, deadline=deadline, enqueued=now)
+        if type(x).__module__.startswith("torch"):
+            future._as_torch = True
         return req
 
     def submit(self, x: Any, *, priority: int = 0, timeout: float | str | None = None) -> RequestFuture:
@@ -434,19 +434,30 @@ class Batcher:
         """Submit many samples; one future per sample, in order.
 
         Every sample is checked before any is queued: one that does not match raises and none is
-        submitted.
+        submitted. Then requests join the queue in chunks of :data:`MAP_CHUNK`, so that the first
+        batches are on their way while the rest are still being made.
         """
         self._check_open()
         now = time.monotonic()
         deadline = None if timeout is None else now + parse_seconds(timeout, "timeout")
-        requests = [self._make_request(x, priority, deadline, now) for x in xs]
-        ready = [req for req in requests if req.dask_future is None]
-        self._enqueue(ready, deadline)
-        for req in requests:
-            if req.dask_future is not None:
-                self._wait_for_input(req)
-        self._count("submitted", len(requests))
-        return [r.future for r in requests]
+        xs = xs if isinstance(xs, (list, tuple)) else list(xs)
+        samples = [None if isinstance(x, DaskFuture) else self._as_sample(x) for x in xs]
+        limit = self.spec.max_queue
+        if self.spec.overload == "reject" and limit is not None:
+            inline = sum(1 for sample in samples if sample is not None)
+            if len(self._queue) + inline > limit:  # all or nothing
+                raise self._queue_full_error()
+        futures: list[RequestFuture] = []
+        for start in range(0, len(xs), MAP_CHUNK):
+            requests = [self._make_request(x, sample, priority, deadline, now)
+                        for x, sample in zip(xs[start:start + MAP_CHUNK], samples[start:start + MAP_CHUNK])]
+            self._count("submitted", len(requests))
+            self._enqueue([req for req in requests if req.dask_future is None], deadline)
+            for req in requests:
+                if req.dask_future is not None:
+                    self._wait_for_input(req)
+            futures.extend(r.future for r in requests)
+        return futures
 
     def _enqueue(self, requests: list[Request], deadline: float | None = None) -> None:
         if not requests:
@@ -454,10 +465,7 @@ class Batcher:
         limit = self.spec.max_queue
         if limit is not None and len(self._queue) + len(requests) > limit:
             if self.spec.overload == "reject":
-                raise QueueFullError(
-                    f"model {self.spec.name!r}: the queue holds {len(self._queue)} requests (max_queue={limit}); "
-                    "retry later, or raise ModelSpec.max_queue / use overload='block'"
-                )
+                raise self._queue_full_error()
             if self._on_loop_thread():
                 raise QueueFullError(
                     f"model {self.spec.name!r}: the queue is full (max_queue={limit}) and submit() was called on the "
@@ -483,6 +491,12 @@ class Batcher:
             return
         self._queue.push(requests)
         self._wake()
+
+    def _queue_full_error(self) -> QueueFullError:
+        return QueueFullError(
+            f"model {self.spec.name!r}: the queue holds {len(self._queue)} requests (max_queue={self.spec.max_queue}); "
+            "retry later, or raise ModelSpec.max_queue / use overload='block'"
+        )
 
     def _on_loop_thread(self) -> bool:
         try:
@@ -834,7 +848,8 @@ class Batcher:
         # from the load, and shrinking batches would only lower throughput and lengthen it.
         if not (reply.get("cold") or reply.get("compiling") or reply.get("new_shape")):
             slot.controller.observe(n, formation_wait + service_s, service_s, proposed=proposed)
-        self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed))
+        self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed, reply.get("compute_s"),
+                              reply.get("wait_s"), reply.get("stage_s")))
 
     def _on_shm_error(self, slot: _WorkerSlot, ring: ShmRing, shm_slot: ShmSlot, error: str) -> None:
         """The worker could not map a shared-memory slot. A slot it had mapped before is stale (the
@@ -1001,8 +1016,10 @@ class Batcher:
         }
 
     def history(self) -> list[dict[str, Any]]:
-        """Recent batches: time, worker, size, latency, memory cap, controller size."""
-        keys = ("time", "worker", "size", "latency", "cap", "controller_size")
+        """Recent batches: time, worker, size, latency, memory cap, controller size, and on the
+        worker: seconds running (``compute_s``), waiting for the device thread (``wait_s``) and
+        staging (``stage_s``: copying in, to the device)."""
+        keys = ("time", "worker", "size", "latency", "cap", "controller_size", "compute_s", "wait_s", "stage_s")
         return [dict(zip(keys, row)) for row in self._history.copy()]
 
 

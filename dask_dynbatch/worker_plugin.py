@@ -333,13 +333,27 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             loop = asyncio.get_running_loop()
             # rows in shared memory are copied out here (_assemble copied them already if keyed)
             shared = shm is not None and not keyed
-            if not row_errors and (loaded.stages_on_device or isinstance(batch, list) or shared):
-                batch = await loop.run_in_executor(self.stager, loaded.stage, batch, shared)
             compiling = loaded.compiling
             new_shape = loaded.first_at_size(n)
-            pieces, errors, compute_s = await loop.run_in_executor(
-                self.executor, self._as_worker, self._execute, loaded, batch, row_errors, full
-            )
+            timing: dict[str, float] = {}
+
+            def execute(rows):
+                timing["start"] = time.perf_counter()
+                return self._as_worker(self._execute, loaded, rows, row_errors, full)
+
+            def stage_then_execute(rows):
+                # the transfer thread hands the staged batch to the device thread itself: no turn of
+                # the event loop between the two (it may be busy with other batches' messages)
+                timing["staging"] = time.perf_counter()
+                staged = loaded.stage(rows, shared)
+                timing["staged"] = time.perf_counter()
+                return self.executor.submit(execute, staged)
+
+            if not row_errors and (loaded.stages_on_device or isinstance(batch, list) or shared):
+                running = await loop.run_in_executor(self.stager, stage_then_execute, batch)
+                pieces, errors, compute_s = await asyncio.wrap_future(running)
+            else:
+                pieces, errors, compute_s = await loop.run_in_executor(self.executor, execute, batch)
         except Exception as exc:  # the batch could not run at all (model failed to load, inputs lost)
             logger.warning("dynbatch: batch of %d for model %r failed: %r", n, model, exc)
             return {"status": "OK", "batch_error": error_message(exc)}
@@ -367,6 +381,10 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             # latency says little about its size either
             "compiling": compiling or loaded.compiling,
             "worker_s": time.perf_counter() - received,
+            # where the batch's time on the worker went: waiting for and copying in the transfer
+            # thread (stage_s), waiting for the device thread (wait_s), running (compute_s)
+            "stage_s": timing["staged"] - timing["staging"] if "staged" in timing else 0.0,
+            "wait_s": timing["start"] - timing.get("staged", received),
             "device": loaded.device,
             "cap": self.sizers[loaded.device].cap(model),
             **({"compile": loaded.compile_summary()} if loaded.spec.compile else {}),
