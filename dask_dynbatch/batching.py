@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import heapq
 import itertools
 import threading
@@ -43,10 +42,39 @@ class RequestFuture(concurrent.futures.Future):
         self._state = _PENDING
         self._result = None
         self._exception = None
-        self._waiters: list = []
-        self._done_callbacks: list = []
+        # The waiter and callback lists are made when first needed: a future that nobody waits on
+        # through concurrent.futures.wait() and that has no callback (most of them) holds no list.
+        # Fewer objects the cyclic garbage collector tracks per request: measured on the front end,
+        # collections triggered by request allocations took a third of the submitting thread.
+        self._w: list | None = None
+        self._callbacks: list | None = None
         self._cond: threading.Condition | None = None
         self._on_cancel: Callable[[], None] | None = None
+        self._queued: Request | None = None  # the request while it waits in a RequestQueue
+
+    @property
+    def _waiters(self) -> list:  # concurrent.futures.wait() and as_completed() append to it
+        w = self._w
+        if w is None:
+            with _LOCK:
+                if self._w is None:
+                    self._w = []
+                w = self._w
+        return w
+
+    @property
+    def _done_callbacks(self) -> list:
+        callbacks = self._callbacks
+        if callbacks is None:
+            with _LOCK:
+                if self._callbacks is None:
+                    self._callbacks = []
+                callbacks = self._callbacks
+        return callbacks
+
+    def _invoke_callbacks(self) -> None:
+        if self._callbacks:
+            super()._invoke_callbacks()
 
     @property
     def _condition(self) -> threading.Condition:  # used by the base class and concurrent.futures.wait
@@ -103,7 +131,7 @@ class RequestFuture(concurrent.futures.Future):
 
     def _notify_cancelled(self) -> None:
         self._state = _CANCELLED_AND_NOTIFIED
-        for waiter in self._waiters:
+        for waiter in self._w or ():
             waiter.add_cancelled(self)
 
     def _finish(self, result: Any, exception: BaseException | None) -> None:
@@ -113,7 +141,7 @@ class RequestFuture(concurrent.futures.Future):
             self._result = result
             self._exception = exception
             self._state = _FINISHED
-            for waiter in self._waiters:
+            for waiter in self._w or ():
                 if exception is None:
                     waiter.add_result(self)
                 else:
@@ -136,9 +164,13 @@ class RequestFuture(concurrent.futures.Future):
                     # no executor will ever pick it up to notify: do it now, or
                     # concurrent.futures.wait() and as_completed() would wait for it forever
                     self._notify_cancelled()
-        if cancelled and self._on_cancel is not None:
-            on_cancel, self._on_cancel = self._on_cancel, None
-            on_cancel()
+        if cancelled:
+            req, self._queued = self._queued, None
+            if req is not None:
+                req.owner._on_cancel(req)
+            if self._on_cancel is not None:
+                on_cancel, self._on_cancel = self._on_cancel, None
+                on_cancel()
         return cancelled
 
     def __repr__(self) -> str:
@@ -151,7 +183,8 @@ class RequestFuture(concurrent.futures.Future):
 class Request:
     """One sample waiting for its batch."""
 
-    __slots__ = ("sample", "future", "priority", "deadline", "enqueued", "dask_future", "attempts", "seq", "queued")
+    __slots__ = ("sample", "future", "priority", "deadline", "enqueued", "dask_future", "attempts", "seq", "queued",
+                 "owner")
 
     def __init__(
         self,
@@ -173,6 +206,7 @@ class Request:
         self.attempts = 0  # batches of this request lost with their worker
         self.seq = seq
         self.queued = False  # counted in its RequestQueue's length
+        self.owner: RequestQueue | None = None  # the queue it was pushed to
 
 
 class RequestQueue:
@@ -217,7 +251,7 @@ class RequestQueue:
     def _unqueue(self, req: Request) -> None:
         """Caller holds the lock: ``req`` leaves the count (it is being taken out)."""
         req.queued = False
-        req.future._on_cancel = None
+        req.future._queued = None
         self._live -= 1
 
     def push(self, requests: Iterable[Request], *, front: bool = False) -> int:
@@ -227,7 +261,8 @@ class RequestQueue:
                 if req.future.done() or req.queued:  # cancelled or failed meanwhile
                     continue
                 req.queued = True
-                req.future._on_cancel = functools.partial(self._on_cancel, req)
+                req.owner = self
+                req.future._queued = req  # cancel() finds its way back here, no closure per request
                 if not front:
                     req.seq = next(self._seq)
                 if req.deadline is not None:  # again when re-queued: it may wait for a worker

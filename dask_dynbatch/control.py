@@ -15,6 +15,14 @@ needs (512 on the H100 case of MISSION.md) or would be far too coarse at batch 4
 1/8 gets from 1 to 512 in about 45 batches and changes latency by at most ~12 % per step, which is
 fine-grained enough to sit just under a target.  A fixed ``b_delta`` can be given instead.
 
+*Slow start.*  Until its first late batch (or the throughput rule below settles it), a fresh
+controller with the default ``b_delta`` doubles the size at each step instead (on a ladder: the
+smallest rung at least twice the size), like TCP's slow start: the first late batch undoes that doubling and additive steps
+take over from the last size that met the target.  On our CPU case, additive steps from 8 took
+some 100 batches (several thousand requests) to reach the sizes where throughput levels off (128
+and up), and on the GPU from 64 to 1,024 as long; doubling gets there in 4-6 steps.  A looser
+target (:meth:`~BatchSizeController.set_target`) starts a slow start again.
+
 *Trend gate (S402-S405).*  The controller keeps its last ``window`` proposals and runs
 :func:`mann_kendall` on them.  A step is a *continuation* when it goes the way the controller last
 moved, and a *reversal* (or a start from rest) otherwise:
@@ -106,6 +114,7 @@ additive increase/decrease with the same step rule; 10-20 % late batches against
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import deque
@@ -166,9 +175,16 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+@functools.lru_cache(maxsize=64)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``i < j`` of ``n`` points (cached: the controller asks for the same few ``n``
+    after every batch)."""
+    return np.triu_indices(n, 1)
+
+
 def _theil_sen_slope_over_time(values: np.ndarray) -> float:
     """Median of ``(x[j] - x[i]) / (j - i)`` over all ``i < j`` (Sen's slope)."""
-    i, j = np.triu_indices(len(values), 1)
+    i, j = _pairs(len(values))
     return float(np.median((values[j] - values[i]) / (j - i)))
 
 
@@ -245,9 +261,8 @@ def mann_kendall(
     if n < 2:
         return MKResult(0.0, 0.0, 0.0, 1.0, n, "no trend")
 
-    s = 0.0
-    for k in range(n - 1):
-        s += float(np.sign(values[k + 1 :] - values[k]).sum())
+    i, j = _pairs(n)
+    s = float(np.sign(values[j] - values[i]).sum())
 
     _, tie_counts = np.unique(values, return_counts=True)
     var_s = float(n * (n - 1) * (2 * n + 5) - np.sum(tie_counts * (tie_counts - 1) * (2 * tie_counts + 5))) / 18.0
@@ -401,6 +416,8 @@ class BatchSizeController:
         self._buckets: dict[int, _BucketStats] = {}
 
         self._observations = 0
+        # doubling steps until the first late batch or throughput settle (not with a fixed b_delta)
+        self._slow_start = self._b_delta is None
         self._below_best = False  # the last full batch under target ran more than the tolerance below the best
         # A fresh controller is a growth run that has not taken its first step yet.
         self._run_direction = +1  # +1 growing, -1 shrinking, 0 at rest (the last decision was a hold)
@@ -531,6 +548,8 @@ class BatchSizeController:
         if latency_target == self._target:
             return
         self._reason = f"target changed from {self._target:.4g}s to {latency_target:.4g}s"
+        if latency_target > self._target and self._b_delta is None:
+            self._slow_start = True
         self._target = latency_target
         self._patience = self._base_patience
         self._run_direction, self._run_length = +1, 0
@@ -577,6 +596,7 @@ class BatchSizeController:
                 if stats.throughput is not None
             },
             "patience": self._patience,
+            "slow_start": self._slow_start,
             "ladder": list(self._ladder) if self._ladder is not None else None,
             "observations": self._observations,
             "observed_at": self._observed_at,
@@ -621,7 +641,15 @@ class BatchSizeController:
         # pause) would otherwise settle the size back, which measured end-to-end throughput on a
         # shared machine does often; two in a row above the best size are
         confirmed, self._below_best = below and self._below_best, below
+        if below and self._slow_start and not confirmed:
+            # doubling again before the second batch could confirm would overshoot twice as far
+            self._slow_start = False
+            reason = (f"{met}, but throughput at {size} ({current.throughput:.4g}/s) fell more than "
+                      f"{self._throughput_tolerance:.0%} below the best ({best_throughput:.4g}/s at {best_size}): "
+                      "slow start ends, hold")
+            return _Decision(proposal, "hold", reason)
         if confirmed:
+            self._slow_start = False
             new_size = self._bounded(min(best_size, proposal))
             reason = (
                 f"throughput at {size} ({current.throughput:.4g}/s) is more than {self._throughput_tolerance:.0%} "
@@ -677,6 +705,8 @@ class BatchSizeController:
             under_target = bool(self._recent_latencies) and self._recent_latencies[-1] <= self._target
             self._holds_under_target = self._holds_under_target + 1 if under_target else 0
         else:
+            if direction < 0:
+                self._slow_start = False
             if direction < 0 and self._probe_origin is not None:
                 if new_size <= self._probe_origin:  # the probe found nothing better: wait longer next time
                     self._patience = min(self._max_patience, 2 * self._patience)
@@ -719,7 +749,7 @@ class BatchSizeController:
         latencies = np.array([v for _, v in history], dtype=float)
         slope = 0.0
         if len(history) >= 2:
-            i, j = np.triu_indices(len(history), 1)
+            i, j = _pairs(len(history))
             distinct = sizes[j] != sizes[i]
             if distinct.any():
                 slope = float(np.median((latencies[j] - latencies[i])[distinct] / (sizes[j] - sizes[i])[distinct]))
@@ -742,10 +772,14 @@ class BatchSizeController:
         return self._b_delta if self._b_delta is not None else max(1, size // 8)
 
     def _up(self, size: int) -> int:
-        """One step of growth: ``b_delta`` more, or the next rung of the ladder."""
+        """One step of growth: ``b_delta`` more, or the next rung of the ladder; in slow start
+        twice the size (the smallest rung at least that)."""
         if self._ladder is None:
-            return size + self._step(size)
+            return 2 * size if self._slow_start else size + self._step(size)
         bigger = [r for r in self._ladder if r > size]
+        if self._slow_start:
+            doubled = [r for r in bigger if r >= 2 * size]
+            return doubled[0] if doubled else (bigger[-1] if bigger else size)
         return bigger[0] if bigger else size
 
     def _down(self, size: int) -> int:

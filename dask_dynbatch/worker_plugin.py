@@ -337,8 +337,10 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             new_shape = loaded.first_at_size(n)
             timing: dict[str, float] = {}
 
-            def execute(rows):
+            def execute(rows, copy_in=False):
                 timing["start"] = time.perf_counter()
+                if copy_in:  # host rows for a host model: copied in the device thread, no hop
+                    rows = loaded.stage(rows, shared)
                 return self._as_worker(self._execute, loaded, rows, row_errors, full)
 
             def stage_then_execute(rows):
@@ -349,11 +351,12 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                 timing["staged"] = time.perf_counter()
                 return self.executor.submit(execute, staged)
 
-            if not row_errors and (loaded.stages_on_device or isinstance(batch, list) or shared):
+            needs_stage = not row_errors and (loaded.stages_on_device or isinstance(batch, list) or shared)
+            if needs_stage and loaded.stages_on_device:  # to the GPU while the batch before computes
                 running = await loop.run_in_executor(self.stager, stage_then_execute, batch)
                 pieces, errors, compute_s = await asyncio.wrap_future(running)
             else:
-                pieces, errors, compute_s = await loop.run_in_executor(self.executor, execute, batch)
+                pieces, errors, compute_s = await loop.run_in_executor(self.executor, execute, batch, needs_stage)
         except Exception as exc:  # the batch could not run at all (model failed to load, inputs lost)
             logger.warning("dynbatch: batch of %d for model %r failed: %r", n, model, exc)
             return {"status": "OK", "batch_error": error_message(exc)}
