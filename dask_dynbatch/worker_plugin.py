@@ -44,6 +44,8 @@ PLUGIN_NAME = "dynbatch"
 ADVICE_TOPIC = "dynbatch-advice"
 #: topic on which the scheduler plugin announces workers joining and leaving (re-plan event)
 CLUSTER_TOPIC = "dynbatch-cluster"
+#: an eager CUDA model's shape-ladder rungs up to this many rows are warmed before its first batch
+SHAPE_WARMUP_ROWS = 1024
 #: how often the worker reads free device memory to detect changes (seconds)
 MEMORY_POLL_INTERVAL = 0.1
 
@@ -453,6 +455,9 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             good = batch
         name = loaded.spec.name
         sizer = self.sizers[loaded.device]
+        if loaded.wants_shape_warmup and len(good):
+            cap = sizer.cap(name)
+            loaded.warm_shapes(good, min(SHAPE_WARMUP_ROWS, cap if cap is not None else SHAPE_WARMUP_ROWS))
 
         def run_reserved(part: np.ndarray):
             with sizer.reserve(name, loaded.rows_for(len(part))) as reservation:

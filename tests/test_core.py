@@ -63,6 +63,30 @@ def test_load_gets_the_device_when_its_signature_asks_for_it():
     assert call_load(lambda: "lambda", "cuda:0") == "lambda"
 
 
+def test_shape_ladder_warms_each_rung_once_and_pads_without_changing_results(monkeypatch):
+    """On CUDA an eager torch module gets its batches on a shape ladder, padded to their rung, and
+    the rungs up to 1,024 are warmed before the first batch. Exercised here on the CPU by asking
+    for that behaviour on a CPU device."""
+    from dask_dynbatch.runtime import LoadedModel
+
+    monkeypatch.setattr(ddb.ModelSpec, "pads_shapes", lambda self, device: True)
+    loaded = LoadedModel(ddb.ModelSpec("cnn", load=build_tiny_cnn), "cpu")
+    assert loaded.ladder[:12] == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80)
+    ran = []
+    forward = loaded._forward
+    loaded._forward = lambda model, batch: ran.append(len(batch)) or forward(model, batch)
+    images = tiny_cnn_images(3)
+    assert loaded.wants_shape_warmup
+    assert loaded.warm_shapes(images, 64) == len(ran)
+    assert ran == [r for r in loaded.ladder if r <= 64]
+    assert not loaded.wants_shape_warmup
+    assert not loaded.first_at_size(48) and loaded.first_at_size(80)  # warmed, not warmed
+    ran.clear()
+    out = loaded(images)  # 3 rows run as 4 (the rung), the copy of the last row cut off
+    assert ran == [4]
+    np.testing.assert_allclose(out, expected_cnn(images), rtol=1e-4, atol=1e-5)
+
+
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)])
 async def test_results_correct_and_in_order(c, s, a, b):
     await c.register_plugin(ddb.DynBatchPlugin())
