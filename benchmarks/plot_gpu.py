@@ -18,19 +18,25 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def plot_main(r: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     ax = axes[0]
-    labels, values = [], []
-    for k, v in sorted(r.get("raw", {}).items(), key=lambda kv: int(kv[0])):
-        labels.append(f"raw {k}")
-        values.append(v)
-    for k, v in (r.get("plain") or {}).items():
-        labels.append(k.replace("_", " "))
-        values.append(v)
-    for key, label in (("dynbatch", "dynbatch default"), ("dask_cuda", "dynbatch on dask-cuda"),
-                       ("shared_gpu", "2 workers on 1 GPU"), ("hetero", "GPU + 2 CPU workers")):
-        if r.get(key):
+    labels, values, colors = [], [], []
+
+    def bar(label, value, color):
+        if value:
             labels.append(label)
-            values.append(r[key]["throughput"])
-    ax.bar(range(len(values)), values, color=["#999"] * len(r.get("raw", {})) + ["#c66"] * len(r.get("plain") or {}) + ["#36c"] * 4)
+            values.append(value)
+            colors.append(color)
+
+    for k, v in sorted(r.get("raw", {}).items(), key=lambda kv: int(kv[0])):
+        bar(f"raw {k}", v, "#999")
+    for k, v in sorted((r.get("raw_compiled") or {}).items(), key=lambda kv: int(kv[0])):
+        bar(f"raw compiled {k}", v, "#bbb")
+    for k, v in (r.get("plain") or {}).items():
+        bar(k.replace("_", " "), v, "#c66")
+    for key, label in (("dynbatch", "dynbatch default"), ("dynbatch_comm", "dynbatch, comm only"),
+                       ("compiled", "dynbatch compile=True"), ("dask_cuda", "dynbatch on dask-cuda"),
+                       ("hetero", "GPU + 2 CPU workers"), ("frontend", "data path alone (no model)")):
+        bar(label, (r.get(key) or {}).get("throughput"), "#36c")
+    ax.bar(range(len(values)), values, color=colors)
     ax.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("images/s")
     ax.set_title("ResNet-50 fp16, uint8 224x224 from the client")
@@ -45,9 +51,23 @@ def plot_main(r: dict, path: Path) -> None:
         ax.set_ylabel("request latency ms")
         ax.set_title("open loop (Poisson)")
         ax.legend(fontsize=8)
-    plot_pressure(r.get("pressure"), axes[2])
+    hist = (r.get("dynbatch") or {}).get("history") or []
+    if hist and len(hist[0]) >= 8:  # (time, worker, size, latency, cap, compute_s, wait_s, stage_s)
+        ax = axes[2]
+        t0 = hist[0][0]
+        t = [h[0] - t0 for h in hist]
+        ax.plot(t, [h[2] for h in hist], ".-", ms=3, lw=0.5, label="batch size")
+        ax.set_xlabel("s (warm-up, then the timed closed loop)")
+        ax.set_ylabel("batch size")
+        ax2 = ax.twinx()
+        ax2.plot(t, [h[5] * 1e3 for h in hist], "r.", ms=3, label="compute ms")
+        ax2.plot(t, [h[7] * 1e3 for h in hist], "g.", ms=3, label="staging ms")
+        ax2.set_ylabel("ms per batch on the worker")
+        ax2.legend(fontsize=8, loc="upper left")
+        ax.set_title("default settings: batch size and worker time per batch", fontsize=9)
     m = r["machine"]
-    fig.suptitle(f"{m.get('gpu')} | torch {m.get('torch')} | dask {m.get('dask')} | {m.get('date')}", fontsize=9)
+    fig.suptitle(f"{m.get('gpu')} | torch {m.get('torch')} | dask {m.get('dask')} | {m.get('date')} | code {m.get('commit', '?')}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
