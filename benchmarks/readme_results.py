@@ -38,9 +38,11 @@ def cpu_section(c: dict) -> str:
     rows += [f"| dask-dynbatch, `max_batch_size={k}` | | {d[f'fixed{k}']['throughput']:,.0f} |" for k in (8, 32, 128, 512)]
     ol = ", ".join(f"{o['load']:.0%}: p50 {o['p50_ms']:.0f} ms / p99 {o['p99_ms']:.0f} ms" for o in c["open_loop"])
     m = c["machine"]
+    rounds = len(next(iter(d.values())).get("throughputs") or [1])
     return f"""**CPU case** (`cpu_case.json`, {m.get('cpu')}, {m['cpu_count']} cores, {m['date']}; 1 worker x 1 thread,
-3-conv CNN on 64x64 uint8, {c['requests']:,} requests per contender after 4,000 to settle, all in one run;
-images/s; noisy from run to run on this machine, so read ratios):
+3-conv CNN on 64x64 uint8, {c['requests']:,} requests per contender after 4,000 to settle, all in one run: each
+dask-dynbatch contender {rounds} times in interleaved rounds, the plain-Dask baselines before and after them, figures
+the means; images/s; noisy from run to run on this machine, so read ratios):
 
 | contender | Dask default worker settings | same settings as dask-dynbatch |
 |---|---|---|
@@ -53,9 +55,23 @@ images/s; noisy from run to run on this machine, so read ratios):
 - Front end (no-op model): {c['front_end_requests_per_s']:,.0f} requests/s (target 20,000: {met(c['front_end_requests_per_s'] >= 20000)}).
 - Open loop at 30/70/100 % of capacity: {ol} (latency target {c['open_loop_latency_target_ms']:.0f} ms).
 - The worker allocator tuning lifts the raw model from {max(dd['raw'].values()):,.0f} to {max(same['raw'].values()):,.0f} images/s.
-
+{previous_cpu_runs()}
 ![CPU case](benchmarks/results/cpu_case.png)
 """
+
+
+def previous_cpu_runs() -> str:
+    """The same ratios from the runs kept in earlier/ with this session's code (two rounds each)."""
+    lines = []
+    for name in ("cpu_case_run7",):
+        r = load_result(f"earlier/{name}")
+        if r is None:
+            continue
+        x = r["ratios"]
+        lines.append(f"- The run before (`earlier/{name}.json`, {r['machine']['date']}, same code but for a refactor): "
+                     f"max64 / best chunked {x['max64_vs_best_chunked_same_settings']:.2f}x, default / best fixed "
+                     f"{x['default_vs_best_fixed']:.2f}, default / best chunked {x['default_vs_best_chunked_same_settings']:.2f}x.")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def gpu_section(g: dict, v: dict | None) -> str:
@@ -154,7 +170,17 @@ def placement_section() -> str:
             f"workers, one 3x slower for the same model, {p['requests']:,} requests: the fast worker served "
             f"{p['fast_share']:.1%} against its throughput share of {p['fast_throughput_share']:.1%} (floor: within 15 %: "
             f"{met(p['share_error'] <= 0.15)}); makespan {p['makespan_vs_ideal']:.2f}x the proportional ideal "
-            f"(floor 1.15x: {met(p['makespan_vs_ideal'] <= 1.15)}; a 1-second run, noisy from run to run).\n")
+            f"(floor 1.15x: {met(p['makespan_vs_ideal'] <= 1.15)}; a 1-second run){earlier_placement()}.\n")
+
+
+def earlier_placement() -> str:
+    runs = [load_result(f"earlier/placement_case_run{i}") for i in (1, 2)]
+    runs = [r for r in runs if r is not None]
+    if not runs:
+        return ""
+    return ("; the runs before it with the same code (`earlier/placement_case_run*.json`): makespan "
+            + ", ".join(f"{r['makespan_vs_ideal']:.2f}x" for r in runs) + ", share error "
+            + ", ".join(f"{r['share_error']:.1%}" for r in runs))
 
 
 def cpu_compile_section() -> str:
@@ -182,7 +208,7 @@ def main() -> None:
     v = load_result("gpu_case_verify")
     section = f"""{START}
 Recorded under `benchmarks/results/` (JSON with the machine stamp, plus PNG); this section is written
-by `python benchmarks/readme_results.py`. Rerun with `python benchmarks/cpu_case.py` (about 7 minutes
+by `python benchmarks/readme_results.py`. Rerun with `python benchmarks/cpu_case.py` (about 12 minutes
 here) and, on a GPU machine, `python benchmarks/gpu_case.py --sections
 raw,plain,frontend,dynbatch,dynbatchcomm,open,cupy,rawcompiled,compiled,hetero,daskcuda` (then
 `python benchmarks/plot_gpu.py`). Earlier runs are in `benchmarks/results/earlier/` (its README says what each shows).

@@ -52,25 +52,23 @@ class RequestFuture(concurrent.futures.Future):
         self._on_cancel: Callable[[], None] | None = None
         self._queued: Request | None = None  # the request while it waits in a RequestQueue
 
+    def _lazy_list(self, attr: str) -> list:
+        value = getattr(self, attr)
+        if value is None:
+            with _LOCK:
+                value = getattr(self, attr)
+                if value is None:
+                    value = []
+                    setattr(self, attr, value)
+        return value
+
     @property
     def _waiters(self) -> list:  # concurrent.futures.wait() and as_completed() append to it
-        w = self._w
-        if w is None:
-            with _LOCK:
-                if self._w is None:
-                    self._w = []
-                w = self._w
-        return w
+        return self._lazy_list("_w")
 
     @property
     def _done_callbacks(self) -> list:
-        callbacks = self._callbacks
-        if callbacks is None:
-            with _LOCK:
-                if self._callbacks is None:
-                    self._callbacks = []
-                callbacks = self._callbacks
-        return callbacks
+        return self._lazy_list("_callbacks")
 
     def _invoke_callbacks(self) -> None:
         if self._callbacks:

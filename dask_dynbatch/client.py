@@ -740,19 +740,11 @@ class Batcher:
             if ring is not None and nbytes >= _shm_min_bytes():
                 shm_slot = ring.acquire(nbytes)
             if shm_slot is not None:  # same host: stack straight into shared memory, send its name
-                shape = (len(inline), *inline[0].shape)
-                view = shm_slot.array(shape, inline[0].dtype)
-                if nbytes >= STACK_IN_THREAD_BYTES:
-                    parts = min(STACK_THREADS, max(1, nbytes // STACK_PART_BYTES), len(inline))
-                    bounds = np.linspace(0, len(inline), parts + 1).astype(int)
-                    await asyncio.gather(*(
-                        loop.run_in_executor(_stack_pool(), _stack_into, inline[a:b], view[a:b])
-                        for a, b in zip(bounds[:-1], bounds[1:])
-                    ))
-                else:
-                    _stack_into(inline, view)
-                del view
-                shm_ref = {"name": shm_slot.name, "shape": shape, "dtype": inline[0].dtype.str}
+                try:
+                    shm_ref = await self._stack_shared(inline, shm_slot, nbytes)
+                except BaseException:
+                    ring.release(shm_slot)
+                    raise
             elif nbytes >= STACK_IN_THREAD_BYTES:
                 batch = await loop.run_in_executor(_stack_pool(), stack_in_chunks, inline, SEND_CHUNK_BYTES)
             else:
@@ -850,6 +842,22 @@ class Batcher:
             slot.controller.observe(n, formation_wait + service_s, service_s, proposed=proposed)
         self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed, reply.get("compute_s"),
                               reply.get("wait_s"), reply.get("stage_s")))
+
+    async def _stack_shared(self, inline: list[np.ndarray], shm_slot: ShmSlot, nbytes: int) -> dict[str, Any]:
+        """Stack the rows into the slot (large batches in parallel parts); returns its reference."""
+        shape = (len(inline), *inline[0].shape)
+        view = shm_slot.array(shape, inline[0].dtype)
+        if nbytes >= STACK_IN_THREAD_BYTES:
+            loop = asyncio.get_running_loop()
+            parts = min(STACK_THREADS, max(1, nbytes // STACK_PART_BYTES), len(inline))
+            bounds = np.linspace(0, len(inline), parts + 1).astype(int)
+            await asyncio.gather(*(
+                loop.run_in_executor(_stack_pool(), _stack_into, inline[a:b], view[a:b])
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ))
+        else:
+            _stack_into(inline, view)
+        return {"name": shm_slot.name, "shape": shape, "dtype": inline[0].dtype.str}
 
     def _on_shm_error(self, slot: _WorkerSlot, ring: ShmRing, shm_slot: ShmSlot, error: str) -> None:
         """The worker could not map a shared-memory slot. A slot it had mapped before is stale (the

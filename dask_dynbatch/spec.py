@@ -52,8 +52,9 @@ class ModelSpec:
     name
         Unique name of the model on the cluster.
     load
-        Called once per worker and device, cached there. Takes no argument, or one: the device string
-        (``"cpu"``, ``"cuda:0"``). Returns a ``torch.nn.Module`` or a callable on batched arrays
+        Called once per worker and device, cached there. Takes no argument, or the device string
+        (``"cpu"``, ``"cuda:0"``): passed when its first parameter is required or is named
+        ``device`` (``def build(device="cpu")`` gets ``"cuda:0"`` on a GPU worker). Returns a ``torch.nn.Module`` or a callable on batched arrays
         (NumPy on CPU workers, CuPy on GPU workers when CuPy is installed).
     predict
         ``predict(model, batch) -> outputs`` with ``batch`` the stacked NumPy array. Default for a torch
