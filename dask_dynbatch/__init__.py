@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import config  # noqa: F401  (registers the dynbatch config defaults)
 from .batching import RequestFuture
-from .client import Batcher
+from .client import Batcher, rerun_benchmark
 from .errors import (
     BatcherClosedError,
     CompileWarning,
@@ -43,6 +43,7 @@ __all__ = [
     "RequestTimeoutError",
     "SampleTooLargeError",
     "UnknownModelError",
+    "rerun_benchmark",
 ]
 from .pipeline import JobFuture, Pipeline, cpu, fan_out, model  # noqa: E402
 __all__ += ["JobFuture", "Pipeline", "cpu", "fan_out", "model"]

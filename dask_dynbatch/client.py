@@ -1108,3 +1108,26 @@ def _to_torch(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_to_torch(v) for v in value)
     return value
+
+
+def rerun_benchmark(client: Client, workers: Iterable[str] | None = None):
+    """Measure the workers' devices with the reference model again (the load-performance table of
+    S1, which each worker also measures when the plugin starts there); placement uses the new
+    scores from the workers' next heartbeats.
+
+    Returns ``{worker address: table}`` (each table a dict with ``rows`` per batch size and
+    ``best_throughput``; ``error`` when the worker could not run it). The benchmark runs in each
+    worker's device thread, between batches. With an asynchronous client, ``await`` the result.
+    """
+
+    async def run() -> dict[str, Any]:
+        if not await client.run_on_scheduler(_scheduler_has_plugin):
+            raise PluginNotRegisteredError(client.scheduler.address)
+        addresses = list(workers) if workers is not None else list((await client.scheduler.identity())["workers"])
+
+        async def one(address: str) -> tuple[str, Any]:
+            return address, await client.rpc(address).dynbatch_benchmark()
+
+        return dict(await asyncio.gather(*(one(a) for a in addresses)))
+
+    return run() if client.asynchronous else client.sync(run)

@@ -322,3 +322,33 @@ def test_lazy_table_export_and_round_trip():
     restored = LazyModelTable.from_dict(data)
     assert restored.bucket_throughputs() == pytest.approx(table.bucket_throughputs())
     assert restored.alpha == 0.25 and restored.device == "cuda:0"
+
+
+def test_rerun_benchmark_on_request_from_a_client():
+    """The reference benchmark runs again on request, and the new table reaches the scheduler."""
+    import asyncio
+
+    from distributed.utils_test import gen_cluster
+
+    import dask_dynbatch as ddb
+
+    @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+    async def check(c, s, a):
+        with pytest.raises(ddb.PluginNotRegisteredError):
+            await ddb.rerun_benchmark(c)
+        await c.register_plugin(ddb.DynBatchPlugin())
+        plugin = a.extensions["dynbatch"]
+        while plugin.benchmark is None:  # the one measured when the plugin started
+            await asyncio.sleep(0.05)
+        first = plugin.benchmark
+        tables = await ddb.rerun_benchmark(c)
+        assert list(tables) == [a.address]
+        table = tables[a.address]
+        assert plugin.benchmark is not first  # measured again ...
+        assert table.get("best_throughput") == plugin.benchmark.get("best_throughput")  # ... and returned
+        assert ("rows" in table and table["best_throughput"] > 0) or "error" in table
+        await a.heartbeat()
+        sent = s.workers[a.address].metrics["dynbatch"]["benchmark"]
+        assert sent.get("best_throughput") == table.get("best_throughput")
+
+    check()
