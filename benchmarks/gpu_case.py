@@ -72,8 +72,6 @@ def sec_raw(client, images, res, args):
 def _raw_variants(images_row, seconds=3.0):
     """In the worker: the plain torchvision ResNet-50 (fp16, channels-last, on normalised fp16 input)
     and our uint8 wrapper with and without cudnn.benchmark, at batch 256 and 512."""
-    import time as _time
-
     import torch
     import torchvision
 
@@ -84,13 +82,8 @@ def _raw_variants(images_row, seconds=3.0):
 
     def measure(fn, x):
         with torch.inference_mode():
-            fn(x); fn(x); torch.cuda.synchronize()
-            done, t0 = 0, _time.perf_counter()
-            while _time.perf_counter() - t0 < seconds:
-                fn(x)
-                done += len(x)
-            torch.cuda.synchronize()
-            return done / (_time.perf_counter() - t0)
+            fn(x); fn(x); torch.cuda.synchronize()  # warm up
+            return baselines.samples_per_second(lambda: fn(x), len(x), seconds, torch.cuda.synchronize)
 
     for n in (256, 512):
         u8 = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(images_row, (n, *images_row.shape)))).to(dev)

@@ -62,13 +62,19 @@ def raw_loop(load: Callable[..., Any], sample: np.ndarray, batch_sizes: list[int
             ctx = contextlib.nullcontext
         with ctx():
             run(); run(); sync()  # warm up
-            done, started = 0, time.perf_counter()
-            while time.perf_counter() - started < seconds:
-                run()
-                done += n
-            sync()
-            out[n] = done / (time.perf_counter() - started)
+            out[n] = samples_per_second(run, n, seconds, sync)
     return out
+
+
+def samples_per_second(run: Callable[[], Any], rows: int, seconds: float, sync: Callable[[], Any] = lambda: None) -> float:
+    """Call ``run()`` (one batch of ``rows``) back to back for ``seconds``; samples/s, the device
+    synchronised (``sync``) before the clock stops. Warm up before calling this."""
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run()
+        done += rows
+    sync()
+    return done / (time.perf_counter() - started)
 
 
 def raw_compiled_loop(load: Callable[..., Any], sample: np.ndarray, batch_sizes: list[int], seconds: float = 2.0,
@@ -92,10 +98,5 @@ def raw_compiled_loop(load: Callable[..., Any], sample: np.ndarray, batch_sizes:
             started = time.perf_counter()
             compile_shape(lambda m, x: m(x), compiled, xb)
             compile_seconds[n] = time.perf_counter() - started
-            done, started = 0, time.perf_counter()
-            while time.perf_counter() - started < seconds:
-                compiled(xb)
-                done += n
-            sync()
-            throughput[n] = done / (time.perf_counter() - started)
+            throughput[n] = samples_per_second(lambda: compiled(xb), n, seconds, sync)
     return {"throughput": throughput, "compile_seconds": compile_seconds}

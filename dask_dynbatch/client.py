@@ -863,12 +863,12 @@ class Batcher:
         """The worker could not map a shared-memory slot. A slot it had mapped before is stale (the
         worker restarted at the same address, or dropped it): retire it and keep the ring; a new one
         it cannot open means another host or container: the comm from now on."""
-        if shm_slot.attached:
-            ring.retire(shm_slot)
+        stale = shm_slot.attached  # (retiring closes the slot, which marks it so)
+        ring.retire(shm_slot)
+        if stale:
             logger.info("dynbatch: worker %s lost shared-memory slot %s (%s); a new one is made", slot.address,
                         shm_slot.name, error)
             return
-        ring.retire(shm_slot)
         if slot.shm is ring:
             slot.close_shm()
         logger.info("dynbatch: worker %s cannot map this client's shared memory (%s); batches to it travel "

@@ -3,7 +3,7 @@
 A batch of ResNet-sized images is tens of megabytes. Sent through a Dask comm (TCP, even on
 localhost), it is copied by the kernel twice and received into a fresh buffer per frame, and on the
 GPU machine that capped the whole data path at 4-10k images/s, about half of what the model runs
-(``benchmarks/results/gpu_probe.json``). When the client and the worker share a host, dask-dynbatch
+(``benchmarks/results/earlier/gpu_probe_h100_fp32.json``). When the client and the worker share a host, dask-dynbatch
 instead stacks the batch straight into a shared-memory slot and sends only the slot's name, shape
 and dtype over the comm; the worker maps the slot once and copies the batch out of it (into pinned
 memory and on to the GPU, or into a private array on a CPU). Triton's "system shared memory" and
@@ -83,8 +83,7 @@ class ShmSlot:
 
     def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A writable view of the slot's first bytes as an array of ``shape`` and ``dtype``."""
-        count = int(np.prod(shape, dtype=np.int64))
-        return np.frombuffer(self._mm, dtype=dtype, count=count).reshape(shape)
+        return _view(self._mm, shape, dtype)
 
     def mark_attached(self) -> None:
         """The worker has it mapped: unlink the name (the memory lives on in the two mappings)."""
@@ -96,10 +95,7 @@ class ShmSlot:
         if not self.attached:
             _unlink(self.path)
             self.attached = True
-        try:
-            self._mm.close()
-        except BufferError:  # a view is still alive somewhere: the mapping goes with it
-            pass
+        _close_map(self._mm)
 
     def __repr__(self) -> str:
         return f"<ShmSlot {self.name} {self.capacity} bytes{' attached' if self.attached else ''}>"
@@ -192,10 +188,6 @@ class ShmRing:
             names.extend(s.name for s in self._busy if s.attached)
             return names
 
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(s.capacity for s in self._free) + sum(s.capacity for s in self._busy)
-
 
 class ShmAttachments:
     """The shared-memory slots a worker has mapped, per client (worker side).
@@ -226,11 +218,10 @@ class ShmAttachments:
                     _close_map(old)
         shape = tuple(int(s) for s in shape)
         dtype = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
-        if count * dtype.itemsize > len(mm):
-            raise ShmUnavailable(f"shared-memory slot {name} holds {len(mm)} bytes, less than the batch's "
-                                 f"{count * dtype.itemsize}")
-        return np.frombuffer(mm, dtype=dtype, count=count).reshape(shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes > len(mm):
+            raise ShmUnavailable(f"shared-memory slot {name} holds {len(mm)} bytes, less than the batch's {nbytes}")
+        return _view(mm, shape, dtype)
 
     def _open(self, name: str) -> mmap.mmap:
         if not _NAME.match(str(name)):
@@ -270,10 +261,15 @@ class ShmAttachments:
             _close_map(mm)
 
 
+def _view(mm: mmap.mmap, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """The first bytes of a mapping as an array of ``shape`` and ``dtype`` (no copy)."""
+    return np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape, dtype=np.int64))).reshape(shape)
+
+
 def _close_map(mm: mmap.mmap) -> None:
     try:
         mm.close()
-    except BufferError:  # a batch still holds a view: the mapping goes when it does
+    except BufferError:  # a view of it is still alive: the mapping goes when that does
         pass
 
 
