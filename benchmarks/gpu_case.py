@@ -8,6 +8,7 @@ Sections (``--sections``, comma separated; each writes into one JSON as it finis
   plain     plain Dask: one task per request; hand-chunked 32/128/512
   dynbatch  dask-dynbatch with default settings, closed loop
   dynbatchcomm  the same with the shared-memory transport off: every batch over the Dask comm (TCP)
+  frontendgpu  the data path to the GPU alone: a torch module that returns 8 values per image
   frontend  the data path alone: the same images through a model that returns 8 values per image
             (on the worker's CPU), shared-memory transport, batches of up to 512
   rawprobe  is the ceiling the model's or the setting's? torchvision's ResNet-50 alone on fp16 input,
@@ -110,9 +111,9 @@ def sec_rawcompiled(client, images, res, args):
 
 def sec_compiled(client, images, res, args):
     """ModelSpec(compile=True): serve until the controller's bucket is compiled, then time."""
-    # batches of 1024 run compiled at ~95 % of the compiled ceiling; larger buckets would only
-    # add cold compiles (tens of seconds each) to the warm-up
-    spec = ddb.ModelSpec("resnet50-compiled", load=build_resnet50, compile=True, max_batch_size=1024)
+    # the compiled ceiling is flat from 512 on (27,961 at 512 on the H200); larger buckets would
+    # only add cold compiles (tens of seconds each) to the warm-up
+    spec = ddb.ModelSpec("resnet50-compiled", load=build_resnet50, compile=True, max_batch_size=512)
     samples = [images[i % len(images)] for i in range(args.requests)]
     warmup = []
     with ddb.Batcher(client, spec) as batcher:
@@ -143,7 +144,7 @@ def sec_compiled(client, images, res, args):
         "controller_size": worker["controller"]["size"],
         "compile": worker["compile"],
         "warmup": warmup,
-        "history": [(h["time"], h["size"], h["latency"]) for h in hist[-2000:]],
+        "history": [(h["time"], h["size"], h["latency"], h["compute_s"], h["wait_s"], h["stage_s"]) for h in hist[-2000:]],
     }
     if res.get("ceiling"):
         out["ratio_to_eager_ceiling"] = throughput / res["ceiling"]
@@ -168,11 +169,20 @@ def sec_plain(client, images, res, args):
     res["plain"] = out
 
 
-def closed_loop(client, images, name, n, profile_dir=None, **spec_kw):
+def closed_loop(client, images, name, n, profile_dir=None, passes=3, **spec_kw):
+    """Closed loop (``n`` requests submitted at once), timed after ``passes`` untimed passes of the
+    same: the controller climbs and every shape it visits is set up once (cuDNN plans, pinned
+    buffers). The first pass's throughput (right after the model loaded) is reported beside it."""
     spec = ddb.ModelSpec(name, load=build_resnet50, **spec_kw)
     samples = [images[i % len(images)] for i in range(n)]
     with ddb.Batcher(client, spec) as batcher:
-        [f.result() for f in batcher.map(samples[: n // 5])]  # load + let the controller climb
+        [f.result() for f in batcher.map(samples[: n // 5])]  # load
+        warm = []
+        for _ in range(passes):
+            throughput, _ = rate(n, lambda: [f.result() for f in batcher.map(samples)])
+            warm.append({"throughput": throughput,
+                         "sizes": {a: w["controller"]["size"] for a, w in batcher.stats()["workers"].items()}})
+            print(name, "untimed pass", warm[-1], flush=True)
         profilers = []
         if profile_dir:  # py-spy of the worker and this client while the timed run goes on
             pids = {"worker": next(iter(client.run(os.getpid).values())), "client": os.getpid()}
@@ -180,18 +190,23 @@ def closed_loop(client, images, name, n, profile_dir=None, **spec_kw):
                                            "-o", str(Path(profile_dir) / f"{who}.txt"), "--pid", str(pid)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for who, pid in pids.items()]
         failed = []
+        t_timed = time.time()
         throughput, seconds = rate(n, lambda: failed.extend(f for f in batcher.map(samples) if f.exception() is not None))
         for p in profilers:
             p.wait(timeout=30)
         stats = batcher.stats()
         hist = batcher.history()
+    timed = [h for h in hist if h["time"] >= t_timed]
     return {
         "throughput": throughput,
         "seconds": seconds,
         "requests": n,
         "failed": len(failed),
+        "untimed_passes": warm,
+        "first_pass_throughput": warm[0]["throughput"] if warm else None,
         "latency_p50_ms": stats["latency_p50"] * 1e3,
         "latency_p99_ms": stats["latency_p99"] * 1e3,
+        "timed_mean_batch": sum(h["size"] for h in timed) / max(1, len(timed)),
         "workers": {a: {k: w[k] for k in ("device", "samples", "batches", "memory_cap", "throughput", "transport")}
                     | {"controller_size": w["controller"]["size"], "reason": w["controller"]["reason"],
                        "mean_batch": w["samples"] / max(1, w["batches"])}
@@ -228,6 +243,35 @@ def sec_frontend(client, images, res, args):
                        "mean_batch": worker["samples"] / max(1, worker["batches"])}
 
 
+def build_gpu_head(device="cpu"):
+    """A torch module returning each image's first 8 values as float32 on the worker's device: the
+    data path to the GPU (shared memory, page-locked, copied by DMA) without a model."""
+    import torch
+
+    class Head(torch.nn.Module):
+        def forward(self, images):
+            return images.reshape(len(images), -1)[:, :8].float()
+
+    return Head().to(device)
+
+
+def sec_frontendgpu(client, images, res, args):
+    spec = ddb.ModelSpec("gpu-head", load=build_gpu_head, max_batch_size=1024)
+    samples = [images[i % len(images)] for i in range(args.requests)]
+    with ddb.Batcher(client, spec) as batcher:
+        got = [f.result() for f in batcher.map(samples[:8000])]
+        assert np.array_equal(got[7], images[7].reshape(-1)[:8].astype(np.float32))
+        for _ in range(2):
+            [f.result() for f in batcher.map(samples)]
+        throughput, seconds = rate(len(samples), lambda: [f.result() for f in batcher.map(samples)])
+        (worker,) = batcher.stats()["workers"].values()
+        hist = batcher.history()[-200:]
+    res["frontend_gpu"] = {"throughput": throughput, "seconds": seconds, "transport": worker["transport"],
+                           "device": worker["device"], "mean_batch": worker["samples"] / max(1, worker["batches"]),
+                           "mean_stage_ms": 1e3 * sum(h["stage_s"] for h in hist) / max(1, len(hist)),
+                           "mean_rows": sum(h["size"] for h in hist) / max(1, len(hist))}
+
+
 def sec_dynbatchprof(client, images, res, args):
     """The dynbatch closed loop again, with py-spy profiles of the worker and the client (not a
     headline figure: sampling costs some throughput)."""
@@ -248,10 +292,18 @@ def sec_open(client, images, res, args):
     spec = ddb.ModelSpec("resnet50-open", load=build_resnet50)
     out = []
     with ddb.Batcher(client, spec) as batcher:
-        [f.result() for f in batcher.map([images[i % POOL] for i in range(8000)])]
+        for _ in range(3):  # as the closed loop: the controller climbs, shapes are set up once
+            [f.result() for f in batcher.map([images[i % POOL] for i in range(args.requests)])]
         for frac in (0.3, 0.7, 1.0):
-            out.append(open_loop(batcher, images, frac * capacity, 6.0) | {"load": frac})
-            print(out[-1], flush=True)
+            seen = len(batcher.history())
+            got = open_loop(batcher, images, frac * capacity, 6.0)
+            hist = batcher.history()[seen:]
+            got |= {"load": frac, "batches": len(hist),
+                    "mean_batch": sum(h["size"] for h in hist) / max(1, len(hist)),
+                    "history": [(h["time"], h["size"], h["latency"], h["controller_size"], h["compute_s"],
+                                 h["wait_s"], h["stage_s"]) for h in hist[-1500:]]}
+            out.append(got)
+            print({k: v for k, v in got.items() if k != "history"}, flush=True)
     res["open_loop"] = out
     res["latency_target_ms"] = spec.latency_target * 1e3
 
@@ -271,29 +323,56 @@ def sec_cupy(client, images, res, args):
 
 
 HOG = r"""
-import sys, time, torch
+import select, sys, time, torch
 keep = int(float(sys.argv[1]) * 2**30); hold = float(sys.argv[2])
-free, total = torch.cuda.mem_get_info()
+until_told = len(sys.argv) > 3 and sys.argv[3] == "stdin"   # also let go at a line or EOF on stdin
 blocks = []
 deadline = time.time() + hold
 while time.time() < deadline:          # greedy neighbour: take whatever frees up, down to `keep`
+    if until_told and select.select([sys.stdin], [], [], 0)[0]:
+        break
     free, total = torch.cuda.mem_get_info()
     grab = free - keep
     if grab > 256 * 2**20:
         try:
             blocks.append(torch.empty(grab, dtype=torch.uint8, device="cuda"))
-            print("hog holds", sum(b.numel() for b in blocks) / 2**30, "GiB", flush=True)
+            print(f"{time.time():.3f} hog holds", sum(b.numel() for b in blocks) / 2**30, "GiB", flush=True)
         except torch.cuda.OutOfMemoryError:
             pass
     time.sleep(0.05)
-print("hog releases", flush=True)
+print(f"{time.time():.3f} hog releases", flush=True)
 """
 
 
-def sec_pressure(client, images, res, args):
-    """Memory taken mid-run by another process: dynbatch keeps serving; a fixed batch of 512 fails."""
-    spec = ddb.ModelSpec("resnet50-pressure", load=build_resnet50)
-    samples = [images[i % POOL] for i in range(args.pressure_requests)]
+def start_hog(path, keep_gib, hold_s=600):
+    """The hog process; returns once it holds its memory (its first 'holds' line). It lets go
+    after ``hold_s`` or when :func:`release_hog` is called, whichever comes first."""
+    hog = subprocess.Popen([sys.executable, str(path), str(keep_gib), str(hold_s), "stdin"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in hog.stdout:
+        lines.append(line)
+        if "holds" in line:
+            break
+    return hog, lines
+
+
+def release_hog(hog):
+    """Tells the hog to let go; returns the rest of its output once it exited."""
+    hog.stdin.write("release\n")
+    hog.stdin.flush()
+    return hog.communicate(timeout=60)[0].splitlines(keepends=True)
+
+
+def sec_pressure(images, res, args):
+    """Another process holds most of the GPU's memory when the run starts (all but
+    ``--hog-keep-gib``), lets go of it mid-run, takes whatever is free again, and lets go again.
+    dask-dynbatch (default settings) serves every request; the same workload hand-chunked at fixed
+    large batches on plain Dask, started under the same neighbour, is shown beside it."""
+    from distributed import Client, LocalCluster
+
+    hog_path = Path(args.out) / "hog.py"
+    hog_path.write_text(HOG)
     timeline = []
     stop = threading.Event()
 
@@ -303,66 +382,75 @@ def sec_pressure(client, images, res, args):
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
         while not stop.is_set():
-            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            timeline.append((time.time(), info.free / 2**30))
+            timeline.append((time.time(), pynvml.nvmlDeviceGetMemoryInfo(handle).free / 2**30))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample_memory, daemon=True)
     sampler.start()
-    hog_path = Path(args.out) / "hog.py"
-    hog_path.write_text(HOG)
-    with ddb.Batcher(client, spec) as batcher:
-        [f.result() for f in batcher.map(samples[:8000])]
-        started = time.time()
-        futures = batcher.map(samples)
-        time.sleep(1.5)
-        hog = subprocess.Popen([sys.executable, str(hog_path), str(args.hog_keep_gib), "6"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        hog_started = time.time()
-        failures = 0
-        for f in futures:
-            try:
-                f.result()
-            except Exception:
-                failures += 1
-        hog_out = hog.communicate(timeout=60)[0]
-        # keep going after the release so the batch size can be seen recovering
-        more = batcher.map(samples[: len(samples) // 2])
-        failures += sum(1 for f in more if f.exception() is not None)
-        finished = time.time()
-        hist = batcher.history()
-        stats = batcher.stats()
+    origin = time.time()
+    out = {"hog_keep_gib": args.hog_keep_gib, "events": []}
+    res["pressure"] = out
+
+    def event(what):
+        out["events"].append((time.time() - origin, what))
+        print(f"pressure {time.time() - origin:.1f} s: {what}", flush=True)
+
+    samples = [images[i % POOL] for i in range(args.pressure_requests)]
+    hog_lines = []
+    # 1. dask-dynbatch, started while the neighbour holds the memory
+    hog, lines = start_hog(hog_path, args.hog_keep_gib)
+    hog_lines += lines
+    event("hog holds the GPU")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(ddb.DynBatchPlugin())
+        spec = ddb.ModelSpec("resnet50-pressure", load=build_resnet50)
+        with ddb.Batcher(client, spec) as batcher:
+            event("dynbatch starts")
+            futures = batcher.map(samples)
+            futures[0].exception()
+            event("first result")
+            time.sleep(args.pressure_phase)
+            hog_lines += release_hog(hog)
+            event("hog released")
+            time.sleep(args.pressure_phase)
+            hog, lines = start_hog(hog_path, args.hog_keep_gib)  # takes what is free now
+            hog_lines += lines
+            event("hog holds again")
+            time.sleep(args.pressure_phase)
+            hog_lines += release_hog(hog)
+            event("hog released again")
+            failed = [f for f in futures if f.exception() is not None]
+            event("dynbatch done")
+            stats = batcher.stats()
+            hist = batcher.history()
+    # 2. plain Dask, fixed chunks, started under the same neighbour (fresh worker: nothing cached)
+    many = np.stack(samples[:8192])
+    for chunk in (2048, 512):
+        hog, lines = start_hog(hog_path, args.hog_keep_gib)
+        hog_lines += lines
+        event(f"hog holds the GPU for fixed {chunk}")
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            chunks = [many[i: i + chunk] for i in range(0, len(many), chunk)]
+            t0 = time.perf_counter()
+            futs = client.map(baselines.predict_chunk, [build_resnet50] * len(chunks), chunks, pure=False)
+            failed, errs = 0, set()
+            for f in futs:
+                try:
+                    f.result()
+                except Exception as e:
+                    failed += 1
+                    errs.add(f"{type(e).__name__}: {str(e)[:160]}")
+            seconds = time.perf_counter() - t0
+        hog_lines += release_hog(hog)
+        out[f"fixed_{chunk}"] = {"chunks": len(chunks), "failed_chunks": failed, "errors": sorted(errs),
+                                 "seconds_incl_model_load": seconds, "samples": len(many)}
+        event(f"fixed {chunk}: {failed} of {len(chunks)} chunks failed")
     stop.set()
-    # the same workload at a fixed batch of 512 (hand-chunked Dask) while the hog holds memory
-    hog = subprocess.Popen([sys.executable, str(hog_path), str(args.hog_keep_gib), "8"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(3)
-    many = np.stack(samples[:4096])
-    chunks = [many[i: i + 512] for i in range(0, len(many), 512)]
-    fixed = client.map(baselines.predict_chunk, [build_resnet50] * len(chunks), chunks, pure=False)
-    fixed_failed, fixed_errors = 0, set()
-    for f in fixed:
-        try:
-            f.result()
-        except Exception as e:
-            fixed_failed += 1
-            fixed_errors.add(f"{type(e).__name__}: {str(e)[:120]}")
-    hog.communicate(timeout=60)
-    res["pressure"] = {
-        "requests": len(samples) + len(samples) // 2,
-        "failed": failures,
-        "delivered": stats["delivered"],
-        "hog_started_s": hog_started - started,
-        "hog_output": hog_out[-2000:],
-        "history": [(h["time"] - started, h["size"], h["cap"], h["latency"]) for h in hist],
-        "free_gib": [(t - started, f) for t, f in timeline],
-        "seconds": finished - started,
-        "fixed_512_chunks": len(chunks),
-        "fixed_512_failed_chunks": fixed_failed,
-        "fixed_512_errors": sorted(fixed_errors),
-        "workers": {a: {"ooms_seen_cap": w["memory_cap"], "controller": w["controller"]["size"]}
-                    for a, w in stats["workers"].items()},
-    }
+    out["free_gib"] = [(t - origin, f) for t, f in timeline]
+    out["hog_output"] = "".join(hog_lines)[-3000:]
+    out["origin_unix"] = origin
 
 
 def sec_hetero(images, res, args):
@@ -477,8 +565,9 @@ def main():
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--sections", default="raw,plain,dynbatch,open,cupy")
     parser.add_argument("--requests", type=int, default=40_000)
-    parser.add_argument("--pressure-requests", type=int, default=60_000)
-    parser.add_argument("--hog-keep-gib", type=float, default=2.0)
+    parser.add_argument("--pressure-requests", type=int, default=200_000)
+    parser.add_argument("--hog-keep-gib", type=float, default=3.0)
+    parser.add_argument("--pressure-phase", type=float, default=4.0, help="seconds of each phase of the pressure section")
     parser.add_argument("--name", default="gpu_case")
     parser.add_argument("--compile-wait", type=float, default=240.0, help="longest warm-up of the compiled section (s)")
     parser.add_argument("--profile", action="store_true", help="py-spy profiles of the dynbatch closed loop")
@@ -496,7 +585,7 @@ def main():
 
     in_cluster = [s for s in sections if s in ("raw", "rawprobe", "rawcompiled", "plain", "frontend", "dynbatch", "dynbatchcomm",
                                                "dynbatchprof",
-                                               "compiled", "open", "cupy", "pressure")]
+                                               "compiled", "open", "cupy", "frontendgpu")]
     if in_cluster:
         cluster, client = start_cluster()
         try:
@@ -514,7 +603,7 @@ def main():
         finally:
             client.close()
             cluster.close()
-    for s in ("hetero", "shared", "daskcuda", "multigpu"):
+    for s in ("pressure", "hetero", "shared", "daskcuda", "multigpu"):
         if s in sections:
             t0 = time.time()
             try:

@@ -73,17 +73,26 @@ def plot_main(r: dict, path: Path) -> None:
 
 
 def plot_pressure(p: dict | None, ax) -> None:
-    if not p:
+    if not p or "dynbatch" not in p:
         return
-    hist = p["history"]
-    ax.plot([h[0] for h in hist], [h[1] for h in hist], ".", ms=3, label="batch size")
-    ax.set_xlabel("s since the run started")
-    ax.set_ylabel("batch size")
+    d = p["dynbatch"]
+    hist = d["history"]
+    ax.plot([h[0] for h in hist], [h[1] for h in hist], "b.", ms=3, label="batch size")
+    ax.plot([h[0] for h in hist], [h[2] for h in hist], "k-", lw=0.8, label="memory cap (rows)")
+    ax.set_yscale("log")
+    ax.set_xlabel("s since the hog first took the memory")
+    ax.set_ylabel("rows")
+    ax.legend(fontsize=8, loc="lower right")
     ax2 = ax.twinx()
-    ax2.plot([f[0] for f in p["free_gib"]], [f[1] for f in p["free_gib"]], "r-", lw=1, label="free GPU memory (NVML)")
-    ax2.set_ylabel("free GiB", color="r")
-    ax.set_title(f"another process takes memory: {p['failed']} of {p['requests']} requests failed;\n"
-                 f"fixed batch 512 meanwhile: {p['fixed_512_failed_chunks']} of {p['fixed_512_chunks']} chunks failed", fontsize=9)
+    ax2.plot([f[0] for f in p["free_gib"]], [f[1] for f in p["free_gib"]], "r-", lw=1)
+    ax2.set_ylabel("free GPU memory, NVML (GiB)", color="r")
+    for t, what in p.get("events", []):
+        if "hog" in what and "fixed" not in what:
+            ax.axvline(t, color="grey", lw=0.6, ls=":")
+    fixed = "; ".join(f"fixed {k.split('_')[1]}: {v['failed_chunks']} of {v['chunks']} chunks failed"
+                      for k, v in p.items() if k.startswith("fixed_"))
+    ax.set_title(f"a neighbour holds all but {p.get('hog_keep_gib')} GiB, lets go, takes it again: dask-dynbatch "
+                 f"{d['failed']} of {d['requests']:,} failed\nplain Dask under the same neighbour: {fixed}", fontsize=8)
 
 
 def main() -> None:
@@ -91,12 +100,14 @@ def main() -> None:
         r = json.loads(path.read_text())
         if "raw" in r:
             plot_main(r, path.with_suffix(".png"))
-        elif r.get("pressure"):
-            fig, ax = plt.subplots(figsize=(7, 4.5))
+            print("wrote", path.with_suffix(".png"), file=sys.stderr)
+        if r.get("pressure", {}).get("dynbatch"):
+            fig, ax = plt.subplots(figsize=(8, 4.5))
             plot_pressure(r["pressure"], ax)
             fig.tight_layout()
-            fig.savefig(path.with_suffix(".png"), dpi=90)
-        print("wrote", path.with_suffix(".png"), file=sys.stderr)
+            out = path.with_name(path.stem + "_pressure.png")
+            fig.savefig(out, dpi=90)
+            print("wrote", out, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import dask
 from distributed import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
@@ -39,7 +40,9 @@ class DynBatchPlugin(SchedulerPlugin):
         Use at most this much of each device: a fraction (``0.6``) or bytes. A worker's own
         ``dynbatch.memory-budget`` config (``DASK_DYNBATCH__MEMORY_BUDGET``) overrides it.
     safety_margin
-        Fraction of device memory always left free.
+        Fraction of device memory always left free ...
+    safety_margin_max
+        ... but at most this much (bytes or a string like ``"1 GiB"``; None: no limit). Default 1 GiB.
     min_change
         Fraction of device memory that free memory must move by to count as a re-plan event.
     """
@@ -48,10 +51,14 @@ class DynBatchPlugin(SchedulerPlugin):
     idempotent = True
 
     def __init__(self, tune_malloc: bool = True, memory_budget: float | int | None = None,
-                 safety_margin: float = 0.1, min_change: float = 0.05):
+                 safety_margin: float = 0.1, min_change: float = 0.05,
+                 safety_margin_max: int | str | None = "1 GiB"):
         self.tune_malloc = tune_malloc
+        if safety_margin_max is not None:
+            dask.utils.parse_bytes(safety_margin_max)  # a bad value fails here, not on every worker
         self.worker_options = {"tune_malloc": tune_malloc, "memory_budget": memory_budget,
-                               "safety_margin": safety_margin, "min_change": min_change}
+                               "safety_margin": safety_margin, "min_change": min_change,
+                               "safety_margin_max": safety_margin_max}
         self.scheduler: Scheduler | None = None
         self.models: dict[str, dict[str, Any]] = {}
         self.batchers: dict[str, dict[str, Any]] = {}

@@ -37,6 +37,7 @@ import re
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -200,7 +201,38 @@ class ShmAttachments:
         self.directory = directory
         self.max_mappings = int(max_mappings)
         self._maps: OrderedDict[tuple[str, str], mmap.mmap] = OrderedDict()
+        self._unpin: dict[int, Callable[[], None]] = {}  # id(mapping) -> undo its page-locking
         self._lock = threading.Lock()
+
+    def pin(self, client: str, name: str, pinner: Callable[[int, int], Callable[[], None] | None]) -> bool:
+        """Page-lock slot ``name``'s mapping once, so that a device copies batches straight out of
+        it: ``pinner(address, nbytes)`` returns how to undo it (called before the mapping closes),
+        or None when it could not. Returns whether the mapping is page-locked."""
+        key = (str(client), str(name))
+        with self._lock:
+            mm = self._maps.get(key)
+            if mm is None:
+                return False
+            if id(mm) in self._unpin:
+                return True
+            view = np.frombuffer(mm, dtype=np.uint8)
+            try:
+                undo = pinner(view.ctypes.data, len(mm))
+            finally:
+                del view  # an exported buffer would keep the mapping from closing
+            if undo is None:
+                return False
+            self._unpin[id(mm)] = undo
+            return True
+
+    def _close(self, mm: mmap.mmap) -> None:
+        undo = self._unpin.pop(id(mm), None)
+        if undo is not None:
+            try:
+                undo()
+            except Exception as exc:  # never keep a mapping open for this
+                logger.warning("dynbatch: could not unlock a shared-memory mapping's pages: %r", exc)
+        _close_map(mm)
 
     def array(self, client: str, name: str, shape, dtype) -> np.ndarray:
         """The batch a client stacked into slot ``name`` (a view: copy it out before replying)."""
@@ -215,7 +247,7 @@ class ShmAttachments:
                 self._maps[key] = mm
                 while len(self._maps) > self.max_mappings:
                     _, old = self._maps.popitem(last=False)
-                    _close_map(old)
+                    self._close(old)
         shape = tuple(int(s) for s in shape)
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -244,21 +276,21 @@ class ShmAttachments:
         with self._lock:
             keys = [k for k in self._maps if k[0] == client and (names is None or k[1] in names)]
             maps = [self._maps.pop(k) for k in keys]
-        for mm in maps:
-            _close_map(mm)
+            for mm in maps:
+                self._close(mm)
         return len(maps)
 
     def summary(self) -> dict:
         with self._lock:
             return {"mappings": len(self._maps), "bytes": int(sum(len(m) for m in self._maps.values())),
-                    "clients": len({c for c, _ in self._maps})}
+                    "clients": len({c for c, _ in self._maps}), "page_locked": len(self._unpin)}
 
     def close(self) -> None:
         with self._lock:
             maps = list(self._maps.values())
             self._maps.clear()
-        for mm in maps:
-            _close_map(mm)
+            for mm in maps:
+                self._close(mm)
 
 
 def _view(mm: mmap.mmap, shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -16,8 +16,8 @@ memory numbers come from a :class:`~dask_dynbatch.telemetry.MemorySource`
 Policies
 --------
 Available memory
-    ``available = effective_free - safety_margin * capacity - reserved``
-    where ``effective_free`` is free device memory plus our framework's unused
+    ``available = effective_free - margin - reserved``, ``margin = min(safety_margin * capacity,
+    safety_margin_max)``, where ``effective_free`` is free device memory plus our framework's unused
     cache, ``capacity`` is the device's total (or its explicit limit) and
     ``reserved`` is the sum of the reservations of all batches in flight on
     the device.  With a ``budget``, ``available`` is also at most
@@ -690,6 +690,9 @@ class MemorySizer:
         Where readings come from (:mod:`dask_dynbatch.telemetry`).
     safety_margin : float, default 0.1
         Fraction of the device capacity kept free.
+    safety_margin_max : int, optional
+        At most this many bytes kept free (10 % of an H200 is 14 GiB: with a neighbour holding the
+        rest, a pure fraction would leave a model no room at all).
     budget : float or int, optional
         Explicit per-device budget for this process: a fraction ``0 < b <= 1``
         of the capacity, or bytes (``> 1``).  Batches are admitted only while
@@ -714,6 +717,7 @@ class MemorySizer:
         source: MemorySource,
         *,
         safety_margin: float = 0.1,
+        safety_margin_max: int | None = None,
         budget: float | int | None = None,
         min_change: float = 0.05,
         warmup_batches: int = 1,
@@ -721,6 +725,8 @@ class MemorySizer:
     ):
         if not 0 <= safety_margin < 1:
             raise ValueError(f"safety_margin must be in [0, 1), got {safety_margin}")
+        if safety_margin_max is not None and safety_margin_max < 0:
+            raise ValueError(f"safety_margin_max must be >= 0 bytes, got {safety_margin_max}")
         if budget is not None and not budget > 0:
             raise ValueError(f"budget must be a fraction in (0, 1] or bytes > 1, got {budget}")
         if min_change < 0:
@@ -729,6 +735,7 @@ class MemorySizer:
             raise ValueError("warmup_batches must be >= 0")
         self.source = source
         self.safety_margin = float(safety_margin)
+        self.safety_margin_max = None if safety_margin_max is None else int(safety_margin_max)
         self.budget = budget
         self.min_change = float(min_change)
         self.warmup_batches = int(warmup_batches)
@@ -791,6 +798,11 @@ class MemorySizer:
             return float(self.budget) * reading.capacity
         return float(self.budget)
 
+    def margin_bytes(self, reading: DeviceMemory) -> float:
+        """Bytes kept free on the device: ``safety_margin`` of its capacity, at most ``safety_margin_max``."""
+        margin = self.safety_margin * reading.capacity
+        return margin if self.safety_margin_max is None else min(margin, self.safety_margin_max)
+
     def reserved_bytes(self, model: str | None = None) -> int:
         """Bytes reserved by batches in flight (of one model, or of all)."""
         with self._lock:
@@ -803,7 +815,7 @@ class MemorySizer:
         with self._lock:
             reading = self.read() if reading is None else reading
             reserved = self.reserved_bytes()
-            available = reading.effective_free - self.safety_margin * reading.capacity - reserved
+            available = reading.effective_free - self.margin_bytes(reading) - reserved
             budget = self._budget_bytes(reading)
             if budget is not None:
                 available = min(available, budget - (reading.framework_used or 0) - reserved)
@@ -1121,6 +1133,7 @@ class MemorySizer:
             return {
                 "memory": None if reading is None else reading.to_dict(),
                 "safety_margin": self.safety_margin,
+                "safety_margin_max": self.safety_margin_max,
                 "budget": self.budget,
                 "reserved_bytes": self.reserved_bytes(),
                 "in_flight": len(self._reservations),
@@ -1130,4 +1143,5 @@ class MemorySizer:
             }
 
     def __repr__(self) -> str:
-        return f"MemorySizer(source={self.source!r}, safety_margin={self.safety_margin}, budget={self.budget})"
+        return (f"MemorySizer(source={self.source!r}, safety_margin={self.safety_margin}, "
+                f"safety_margin_max={self.safety_margin_max}, budget={self.budget})")

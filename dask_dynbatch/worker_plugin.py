@@ -29,7 +29,8 @@ from .batching import join_chunks
 from .benchmark import LazyModelTable, benchmark_device
 from .compiled import warm_in_subprocess
 from .errors import InputSignatureError
-from .runtime import LoadedModel, bisect_poison, choose_device, tune_malloc_for_inference, visible_gpu_count
+from .runtime import (LoadedModel, bisect_poison, choose_device, pin_host_memory, tune_malloc_for_inference,
+                      visible_gpu_count)
 from .shm import ShmAttachments, ShmUnavailable
 from .sizing import MemorySizer, run_split_on_oom
 from .telemetry import CachedMemorySource, detect_memory_source, device_telemetry
@@ -45,7 +46,7 @@ ADVICE_TOPIC = "dynbatch-advice"
 #: topic on which the scheduler plugin announces workers joining and leaving (re-plan event)
 CLUSTER_TOPIC = "dynbatch-cluster"
 #: an eager CUDA model's shape-ladder rungs up to this many rows are warmed before its first batch
-SHAPE_WARMUP_ROWS = 1024
+SHAPE_WARMUP_ROWS = 2048
 #: how often the worker reads free device memory to detect changes (seconds)
 MEMORY_POLL_INTERVAL = 0.1
 
@@ -82,10 +83,12 @@ class DynBatchWorkerPlugin(WorkerPlugin):
     idempotent = True
 
     def __init__(self, tune_malloc: bool = True, memory_budget: float | int | None = None,
-                 safety_margin: float = 0.1, min_change: float = 0.05):
+                 safety_margin: float = 0.1, min_change: float = 0.05,
+                 safety_margin_max: int | str | None = "1 GiB"):
         self.tune_malloc = tune_malloc
         self.memory_budget = memory_budget
         self.safety_margin = safety_margin
+        self.safety_margin_max = None if safety_margin_max is None else dask.utils.parse_bytes(safety_margin_max)
         self.min_change = min_change
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -101,6 +104,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.stager = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-stage")
         # shared-memory slots of clients on this host (see shm.py)
         self.shm = ShmAttachments()
+        self._pin_slots = bool(dask.config.get("dynbatch.transport.page-lock", True))
         self.gpu_count = visible_gpu_count()
         self.malloc_tuned = tune_malloc_for_inference() if self.tune_malloc else False
         self.sizers: dict[str, MemorySizer] = {}
@@ -198,7 +202,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                 detect_memory_source(device, memory_limit=self.worker.memory_manager.memory_limit), max_age=max_age
             )
             sizer = self.sizers[device] = MemorySizer(
-                source, safety_margin=self.safety_margin, budget=self.budget, min_change=self.min_change
+                source, safety_margin=self.safety_margin, safety_margin_max=getattr(self, "safety_margin_max", None),
+                budget=self.budget, min_change=self.min_change
             )
         return sizer
 
@@ -273,6 +278,16 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         if unloaded:
             logger.info("dynbatch: unloaded models %s (no client uses them)", unloaded)
         return unloaded
+
+    def _pin_shared(self, client: str, name: str) -> bool:
+        """Page-lock a client's slot for the GPU once (its batches then go to the device straight
+        out of shared memory, one copy fewer); after a refusal, never again on this worker."""
+        if not self._pin_slots:
+            return False
+        if self.shm.pin(client, name, pin_host_memory):
+            return True
+        self._pin_slots = False
+        return False
 
     def drop_shm(self, client: str, names: list[str] | None = None) -> int:
         """Handler ``dynbatch_shm_drop``: unmap a client's shared-memory slots (``names``, or all:
@@ -349,7 +364,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                 # the transfer thread hands the staged batch to the device thread itself: no turn of
                 # the event loop between the two (it may be busy with other batches' messages)
                 timing["staging"] = time.perf_counter()
-                staged = loaded.stage(rows, shared)
+                pinned = shared and self._pin_shared(client, shm["name"])
+                staged = loaded.stage(rows, shared, pinned=pinned)
                 timing["staged"] = time.perf_counter()
                 return self.executor.submit(execute, staged)
 

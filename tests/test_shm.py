@@ -92,6 +92,33 @@ def test_attachments_map_validate_and_drop(tmp_path):
     ring.close()
 
 
+def test_attachments_page_lock_once_and_undo_before_unmapping(tmp_path):
+    ring = ShmRing(directory=str(tmp_path))
+    slots = [ring.acquire(8192), ring.acquire(8192)]
+    worker = ShmAttachments(directory=str(tmp_path), max_mappings=1)
+    calls, undone = [], []
+
+    def pinner(address, nbytes):
+        calls.append((address, nbytes))
+        return lambda: undone.append(address)
+
+    assert not worker.pin("client-1", slots[0].name, pinner)  # not mapped yet: nothing to lock
+    view = worker.array("client-1", slots[0].name, (8, 8), "<f8")
+    assert worker.pin("client-1", slots[0].name, pinner)
+    assert worker.pin("client-1", slots[0].name, pinner)  # once per mapping
+    assert len(calls) == 1 and calls[0][1] >= 8192 and calls[0][0] == view.__array_interface__["data"][0]
+    assert worker.summary()["page_locked"] == 1
+    del view
+    worker.array("client-1", slots[1].name, (8, 8), "<f8")  # evicts the first mapping (max 1)
+    assert undone == [calls[0][0]] and worker.summary()["page_locked"] == 0
+    assert not worker.pin("client-1", slots[1].name, lambda address, nbytes: None)  # refused: not locked
+    assert worker.summary()["page_locked"] == 0
+    assert worker.pin("client-1", slots[1].name, pinner)
+    worker.close()
+    assert len(undone) == 2
+    ring.close()
+
+
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_large_batches_travel_through_shared_memory(c, s, a):
     await c.register_plugin(ddb.DynBatchPlugin())

@@ -170,6 +170,19 @@ def test_cap_counts_framework_cache_as_free():
     assert sizer.cap("m") == 50
 
 
+def test_safety_margin_is_a_fraction_at_most_a_byte_count():
+    source, sizer = make_sizer(safety_margin=0.1, safety_margin_max=20 * MB)
+    teach(sizer, "m", 0, 10 * MB)
+    assert sizer.cap("m") == 98  # (1000 - min(100, 20)) / 10
+    source.free = 300 * MB  # a neighbour takes most of the device: the margin stays 20 MB
+    assert sizer.cap("m") == 28
+    _, sizer = make_sizer(safety_margin=0.01, safety_margin_max=20 * MB)
+    teach(sizer, "m", 0, 10 * MB)
+    assert sizer.cap("m") == 99  # the fraction is smaller
+    with pytest.raises(ValueError):
+        MemorySizer(FakeMemory(total=MB, free=MB), safety_margin_max=-1)
+
+
 def test_cap_is_never_below_one():
     source, sizer = make_sizer(free=50 * MB, safety_margin=0.1)
     teach(sizer, "m", 0, 10 * MB)
