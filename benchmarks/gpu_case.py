@@ -166,7 +166,7 @@ def sec_h2dprobe(images, res, args):
     1,536 on the default stream, into a fresh device tensor and into one allocated beforehand."""
     import torch
 
-    model = build_resnet50("cuda:0")
+    model = build_resnet50("cuda:0").to("cuda:0").eval()
     rows = 1536
     host = np.ascontiguousarray(np.stack([images[i % len(images)] for i in range(rows)]))
     rc = int(torch.cuda.cudart().cudaHostRegister(host.ctypes.data, host.nbytes, 0))

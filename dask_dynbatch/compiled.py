@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import gc
 import logging
 import pickle
 import subprocess
@@ -241,6 +242,7 @@ class BucketCompiler:
         self._demand: dict[int, int] = {}  # bucket -> rows served eagerly while it was not ready
         self._ready: set[int] = set()
         self._state: dict[int, str] = {}  # bucket -> "queued", "compiling", "ready", "no-memory"
+        GC_PAUSES.install()
         self._seconds: dict[int, float] = {}
         self._pending: list[int] = []  # buckets to compile, first first
         self._running = False
@@ -378,6 +380,10 @@ class BucketCompiler:
                 finally:
                     self._in_process = False
         seconds = time.perf_counter() - started
+        # a compile leaves hundreds of thousands of long-lived Python objects (graphs, guards, code)
+        # that every full collection would walk again, in whichever thread it happens to run (a
+        # batch's): freeze them out of the collector's way, as vLLM does after capturing graphs
+        gc.freeze()
         with self._lock:
             self._seconds[bucket] = seconds
             self._state[bucket] = "ready"
@@ -413,7 +419,46 @@ class BucketCompiler:
             "compiled_batches": self.compiled_batches,
             "eager_batches": self.eager_batches,
             "padded_rows": self.padded_rows,
+            "gc": GC_PAUSES.summary(),
         }
+
+
+class GcPauses:
+    """Full (generation 2) garbage collections of this process: how many, the longest, the total
+    seconds (``gc.callbacks``). A full collection stops every thread, the device thread included;
+    after a compile there is a lot to walk (see :meth:`BucketCompiler._compile`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.max_s = 0.0
+        self.total_s = 0.0
+        self._started: float | None = None
+        self._installed = False
+
+    def install(self) -> None:
+        if not self._installed:
+            self._installed = True
+            gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            pause = time.perf_counter() - self._started
+            self._started = None
+            self.count += 1
+            self.total_s += pause
+            self.max_s = max(self.max_s, pause)
+
+    def summary(self) -> dict[str, Any]:
+        return {"full_collections": self.count, "max_pause_s": self.max_s, "total_s": self.total_s,
+                "frozen_objects": gc.get_freeze_count()}
+
+
+#: this process's full collections, tracked once a model is compiled here
+GC_PAUSES = GcPauses()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ itself, so nothing depends on timing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import warnings
 
 import numpy as np
@@ -425,3 +426,20 @@ def test_unloading_stops_compiling():
     summary = loaded.compiler.summary()
     assert summary["ready"] == [] and summary["buckets"] == {}  # nothing compiled, nothing left queued
     np.testing.assert_array_equal(loaded(xs), eager_mlp(xs))  # still serves, eagerly
+
+
+def test_full_collections_are_counted_and_a_compile_freezes_what_it_made():
+    from dask_dynbatch.compiled import GcPauses
+
+    pauses = GcPauses()
+    pauses.install()
+    pauses.install()  # once
+    try:
+        gc.collect(1)  # not a full collection
+        assert pauses.count == 0
+        gc.collect()
+        gc.collect()
+        assert pauses.count == 2 and 0 <= pauses.max_s <= pauses.total_s
+        assert set(pauses.summary()) == {"full_collections", "max_pause_s", "total_s", "frozen_objects"}
+    finally:
+        gc.callbacks.remove(pauses._callback)
