@@ -121,7 +121,7 @@ def sec_compiled(client, images, res, args):
     with ddb.Batcher(client, spec) as batcher:
         started = time.time()
         while time.time() - started < args.compile_wait:
-            [f.result() for f in batcher.map(samples[:8000])]
+            [f.result(timeout=180) for f in batcher.map(samples[:8000])]  # fail, never hang, the section
             (worker,) = batcher.stats()["workers"].values()
             state = worker["compile"] or {}
             size = worker["controller"]["size"]

@@ -380,10 +380,6 @@ class BucketCompiler:
                 finally:
                     self._in_process = False
         seconds = time.perf_counter() - started
-        # a compile leaves hundreds of thousands of long-lived Python objects (graphs, guards, code)
-        # that every full collection would walk again, in whichever thread it happens to run (a
-        # batch's): freeze them out of the collector's way, as vLLM does after capturing graphs
-        gc.freeze()
         with self._lock:
             self._seconds[bucket] = seconds
             self._state[bucket] = "ready"
