@@ -96,18 +96,20 @@ def plot_pressure(p: dict | None, ax) -> None:
 
 
 def main() -> None:
+    """One PNG per result file: the main figure where it has the dynbatch closed loop, else the
+    pressure figure where it has that section."""
     for path in sorted(RESULTS.glob("gpu_case*.json")):
         r = json.loads(path.read_text())
-        if "raw" in r:
+        if "raw" in r and "dynbatch" in r:
             plot_main(r, path.with_suffix(".png"))
-            print("wrote", path.with_suffix(".png"), file=sys.stderr)
-        if r.get("pressure", {}).get("dynbatch"):
+        elif r.get("pressure", {}).get("dynbatch"):
             fig, ax = plt.subplots(figsize=(8, 4.5))
             plot_pressure(r["pressure"], ax)
             fig.tight_layout()
-            out = path.with_name(path.stem + "_pressure.png")
-            fig.savefig(out, dpi=90)
-            print("wrote", out, file=sys.stderr)
+            fig.savefig(path.with_suffix(".png"), dpi=90)
+        else:
+            continue
+        print("wrote", path.with_suffix(".png"), file=sys.stderr)
 
 
 if __name__ == "__main__":
