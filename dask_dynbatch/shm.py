@@ -226,6 +226,8 @@ class ShmAttachments:
             return True
 
     def _close(self, mm: mmap.mmap) -> None:
+        # (a mapping evicted from the LRU while a batch of it is still being staged would be
+        # unlocked under that copy; with 64 mappings and four slots per client it takes 16 clients)
         undo = self._unpin.pop(id(mm), None)
         if undo is not None:
             try:
