@@ -389,12 +389,16 @@ while time.time() < deadline:          # greedy neighbour: take whatever frees u
         break
     free, total = torch.cuda.mem_get_info()
     grab = free - keep
-    if grab > 256 * 2**20:
+    took = 0
+    while grab > 256 * 2**20:  # in pieces of at most 1 GiB: one allocation of all that is free can fail
         try:
-            blocks.append(torch.empty(grab, dtype=torch.uint8, device="cuda"))
-            print(f"{time.time():.3f} hog holds", sum(b.numel() for b in blocks) / 2**30, "GiB", flush=True)
+            blocks.append(torch.empty(min(grab, 2**30), dtype=torch.uint8, device="cuda"))
         except torch.cuda.OutOfMemoryError:
-            pass
+            break
+        took += 1
+        grab = torch.cuda.mem_get_info()[0] - keep
+    if took:
+        print(f"{time.time():.3f} hog holds", sum(b.numel() for b in blocks) / 2**30, "GiB", flush=True)
     time.sleep(0.05)
 print(f"{time.time():.3f} hog releases", flush=True)
 """
