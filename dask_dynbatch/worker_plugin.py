@@ -202,7 +202,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                 detect_memory_source(device, memory_limit=self.worker.memory_manager.memory_limit), max_age=max_age
             )
             sizer = self.sizers[device] = MemorySizer(
-                source, safety_margin=self.safety_margin, safety_margin_max=getattr(self, "safety_margin_max", None),
+                source, safety_margin=self.safety_margin, safety_margin_max=self.safety_margin_max,
                 budget=self.budget, min_change=self.min_change
             )
         return sizer
