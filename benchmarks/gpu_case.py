@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -111,6 +112,17 @@ def sec_rawcompiled(client, images, res, args):
     res["compiled_ceiling"] = max(table["throughput"].values())
 
 
+COMPILED_COLUMNS = ("time", "size", "latency", "compute_s", "wait_s", "stage_s", "queued_s", "round_trip_s")
+
+
+def _dynamo_counters():
+    """In the worker: torch._dynamo's frame and recompile counters (JSON-able)."""
+    import torch._dynamo.utils
+
+    counters = torch._dynamo.utils.counters
+    return {group: dict(counters[group]) for group in ("frames", "stats", "recompiles", "graph_break") if group in counters}
+
+
 def sec_compiled(client, images, res, args):
     """ModelSpec(compile=True): serve until the controller's bucket is compiled, then time."""
     # the compiled ceiling is flat from 512 on (27,961 at 512 on the H200); larger buckets would
@@ -134,10 +146,28 @@ def sec_compiled(client, images, res, args):
             if state.get("error") or (buckets.get(str(size), {}).get("state") == "ready" and settled and idle):
                 break
         untimed = []
+        profiler = None
+        if args.profile_compiled:  # py-spy of the worker over the passes below: what a slow batch waits on
+            (pid,) = client.run(os.getpid).values()
+            try:
+                profiler = subprocess.Popen(["py-spy", "record", "--format", "raw", "--idle", "--threads", "-r", "100",
+                                             "-d", str(args.profile_seconds), "-o", str(Path(args.out) / "compiled_worker.txt"),
+                                             "--pid", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            except OSError as exc:  # no py-spy here: the section runs unprofiled
+                print("compiled: no profile:", exc, flush=True)
+        dynamo_before = next(iter(client.run(_dynamo_counters).values()))
         for _ in range(2):  # as the eager closed loop: untimed passes once every bucket is ready
             untimed.append(rate(len(samples), lambda: [f.result() for f in batcher.map(samples)])[0])
         timed = samples * 3
+        t_timed = time.time()
         throughput, seconds = rate(len(timed), lambda: [f.result() for f in batcher.map(timed)])
+        dynamo_after = next(iter(client.run(_dynamo_counters).values()))
+        if profiler is not None:  # stop it now (py-spy writes its file on SIGINT)
+            profiler.send_signal(signal.SIGINT)
+            try:
+                profiler.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                profiler.kill()
         stats = batcher.stats()
         hist = batcher.history()
     (worker,) = stats["workers"].values()
@@ -151,7 +181,12 @@ def sec_compiled(client, images, res, args):
         "controller_size": worker["controller"]["size"],
         "compile": worker["compile"],
         "warmup": warmup,
-        "history": [(h["time"], h["size"], h["latency"], h["compute_s"], h["wait_s"], h["stage_s"]) for h in hist[-2000:]],
+        "timed_from": t_timed,
+        # torch._dynamo's counters in the worker before the untimed passes and after the timed one:
+        # a recompile while serving shows as a change
+        "dynamo_counters": {"before": dynamo_before, "after": dynamo_after},
+        "history_columns": COMPILED_COLUMNS,
+        "history": [tuple(h[k] for k in COMPILED_COLUMNS) for h in hist[-2000:]],
     }
     if res.get("ceiling"):
         out["ratio_to_eager_ceiling"] = throughput / res["ceiling"]
@@ -204,6 +239,30 @@ def sec_h2dprobe(images, res, args):
         model(x)
         torch.cuda.synchronize()
         out["compute_ms"] = 1e3 * (time.perf_counter() - t0)
+
+    # as in the worker: a device thread runs the batch and copies its outputs to the host while
+    # this (transfer) thread stages the next batch. "pageable": .cpu() right after the forward
+    # (the copy waits behind the kernels); "sync_first": the stream is synchronized, then .cpu()
+    def device_thread(how, launched):
+        with torch.inference_mode():
+            y = model(x)
+            launched.set()
+            if how == "sync_first":
+                torch.cuda.current_stream().synchronize()
+            y.cpu()
+
+    for how in ("pageable", "sync_first"):
+        times = []
+        for _ in range(5):
+            launched = threading.Event()
+            t = threading.Thread(target=device_thread, args=(how, launched))
+            t.start()
+            launched.wait()
+            time.sleep(0.002)  # the device thread is in its copy (or its wait) now
+            times.append(copy(True))
+            t.join()
+            torch.cuda.synchronize()
+        out[f"beside_device_thread_{how}_ms"] = 1e3 * float(np.median(times))
     torch.cuda.cudart().cudaHostUnregister(host.ctypes.data)
     res["h2d_probe"] = out
     print("h2d probe", out, flush=True)
@@ -343,6 +402,10 @@ def sec_dynbatchcomm(client, images, res, args):
         res["dynbatch_comm"]["ratio_to_ceiling"] = res["dynbatch_comm"]["throughput"] / res["ceiling"]
 
 
+OPEN_COLUMNS = ("time", "size", "latency", "controller_size", "compute_s", "wait_s", "stage_s", "queued_s",
+                "round_trip_s", "worker_s")
+
+
 def sec_open(client, images, res, args):
     capacity = res.get("dynbatch", {}).get("throughput") or 10_000
     spec = ddb.ModelSpec("resnet50-open", load=build_resnet50)
@@ -356,8 +419,8 @@ def sec_open(client, images, res, args):
             hist = batcher.history()[seen:]
             got |= {"load": frac, "batches": len(hist),
                     "mean_batch": sum(h["size"] for h in hist) / max(1, len(hist)),
-                    "history": [(h["time"], h["size"], h["latency"], h["controller_size"], h["compute_s"],
-                                 h["wait_s"], h["stage_s"]) for h in hist[-1500:]]}
+                    "history_columns": OPEN_COLUMNS,
+                    "history": [tuple(h[k] for k in OPEN_COLUMNS) for h in hist[-1500:]]}
             out.append(got)
             print({k: v for k, v in got.items() if k != "history"}, flush=True)
     res["open_loop"] = out
@@ -639,6 +702,8 @@ def main():
     parser.add_argument("--name", default="gpu_case")
     parser.add_argument("--compile-wait", type=float, default=240.0, help="longest warm-up of the compiled section (s)")
     parser.add_argument("--profile", action="store_true", help="py-spy profiles of the dynbatch closed loop")
+    parser.add_argument("--profile-compiled", action="store_true", help="py-spy profile of the worker in the compiled section")
+    parser.add_argument("--profile-seconds", type=int, default=120, help="longest that profile runs (s); it stops after the timed pass")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

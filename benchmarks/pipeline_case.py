@@ -15,9 +15,10 @@ the CPU steps. LocalCluster of 2 worker processes x 1 thread on this 2-core mach
     two devices -> ~1 ms per sample). Overlap is what lets the pipeline approach the slowest stage,
     but the client, scheduler and the workers' event loops need CPU from the same two cores.
 ``io``
-    As ``split``, with CPU steps that wait 2 ms per job on I/O (a sleep) instead of computing: the
-    stages use separate resources and leave the CPU to orchestration, so this isolates how well
-    the pipeline overlaps its stages.
+    As ``split``, with CPU steps that wait 2 ms per job on I/O (a sleep) instead of computing, and
+    an accelerator of 4 ms per sample (two devices -> ~2 ms per sample), so that the three stages
+    cost about the same: the stages use separate resources and leave the CPU to orchestration, so
+    this isolates how well the pipeline overlaps its stages.
 
 Each stage alone: CPU stages as plain Dask with hand-chunked tasks of 64 jobs (the best a user does
 by hand, same placement; the pre step also through a one-step Pipeline); the model stage through
@@ -34,6 +35,7 @@ pipeline's measured rate), then 10 high-priority jobs every 100 ms for 2.5 s; me
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -44,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_stamp, save  # noqa: E402
+from common import RESULTS, machine_stamp  # noqa: E402
 
 import dask_dynbatch as ddb  # noqa: E402
 
@@ -54,7 +56,8 @@ SETUPS = {
     "split": "pre ~1 ms NumPy on worker 0, post ~1 ms NumPy on worker 1, model a simulated accelerator "
              "(2 ms/sample of device time, two devices)",
     "io": "pre and post wait 2 ms per job on I/O (sleep; pinned to worker 0 / worker 1), model a simulated "
-          "accelerator (2 ms/sample, two devices): stages on separate resources, CPU left for orchestration",
+          "accelerator (4 ms/sample, two devices): stages of about equal cost on separate resources, CPU left "
+          "for orchestration",
 }
 STAGE_SECONDS = 1e-3  # target cost of each stage per job
 
@@ -233,7 +236,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--backlog-seconds", type=float, default=4.0,
                         help="low-priority backlog, in seconds of work at the pipeline's measured rate")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma separated, of {', '.join(SETUPS)}")
+    parser.add_argument("--name", default=None, help="result file name (default pipeline_case[_quick])")
+    parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON and PNG")
     args = parser.parse_args(argv)
+    setups = args.setups.split(",")
+    unknown = set(setups) - set(SETUPS)
+    if unknown:
+        parser.error(f"unknown setups {sorted(unknown)}; choose from {list(SETUPS)}")
     if args.quick:
         args.jobs, args.rounds, args.backlog_seconds = 400, 1, 1.5
     rng = np.random.default_rng(0)
@@ -252,27 +262,27 @@ def main(argv=None) -> dict:
         result["calibration"] = {"reps": reps, "cpu_step_ms_on_worker": measured * 1e3}
         print(f"calibrated: {reps} reps = {measured * 1e3:.2f} ms per job per CPU step", flush=True)
 
-        result["shared"] = run_setup(
-            client, meter, "shared", xs, step,
-            ddb.ModelSpec("numpy-1ms", load=build_cpu_model(reps), max_batch_size=64),
-            None, None, args.rounds, args.backlog_seconds,
-        )
-        result["split"] = run_setup(
-            client, meter, "split", xs, step,
-            ddb.ModelSpec("accelerator-2ms", load=build_accelerator(2 * STAGE_SECONDS), max_batch_size=64),
-            [workers[0]], [workers[1]], args.rounds, args.backlog_seconds,
-        )
-        result["io"] = run_setup(
-            client, meter, "io", xs, partial(io_step, seconds=2 * STAGE_SECONDS),
-            ddb.ModelSpec("accelerator-2ms-io", load=build_accelerator(2 * STAGE_SECONDS), max_batch_size=64),
-            [workers[0]], [workers[1]], args.rounds, args.backlog_seconds,
-        )
+        made = {  # setup -> (step, model spec, pre placement, post placement)
+            "shared": lambda: (step, ddb.ModelSpec("numpy-1ms", load=build_cpu_model(reps), max_batch_size=64),
+                               None, None),
+            "split": lambda: (step, ddb.ModelSpec("accelerator-2ms", load=build_accelerator(2 * STAGE_SECONDS),
+                                                  max_batch_size=64), [workers[0]], [workers[1]]),
+            "io": lambda: (partial(io_step, seconds=2 * STAGE_SECONDS),
+                           ddb.ModelSpec("accelerator-4ms-io", load=build_accelerator(4 * STAGE_SECONDS), max_batch_size=64),
+                           [workers[0]], [workers[1]]),
+        }
+        for setup in setups:
+            setup_step, spec, pre_at, post_at = made[setup]()
+            result[setup] = run_setup(client, meter, setup, xs, setup_step, spec, pre_at, post_at, args.rounds,
+                                      args.backlog_seconds)
     result["seconds"] = time.perf_counter() - started
     result["loadavg_at_end"] = os.getloadavg()
-    name = "pipeline_case_quick" if args.quick else "pipeline_case"
-    save(name, result)
-    plot(result, RESULTS / f"{name}.png")
-    print(f"wrote {RESULTS / name}.json/.png in {result['seconds']:.0f}s; load average {result['loadavg_at_end']}", flush=True)
+    name = args.name or ("pipeline_case_quick" if args.quick else "pipeline_case")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=float))
+    plot(result, out / f"{name}.png")
+    print(f"wrote {out / name}.json/.png in {result['seconds']:.0f}s; load average {result['loadavg_at_end']}", flush=True)
     return result
 
 

@@ -841,7 +841,8 @@ class Batcher:
         if not (reply.get("cold") or reply.get("compiling") or reply.get("new_shape")):
             slot.controller.observe(n, formation_wait + service_s, service_s, proposed=proposed)
         self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed, reply.get("compute_s"),
-                              reply.get("wait_s"), reply.get("stage_s")))
+                              reply.get("wait_s"), reply.get("stage_s"), sent - oldest, done - sent,
+                              reply.get("worker_s")))
 
     async def _stack_shared(self, inline: list[np.ndarray], shm_slot: ShmSlot, nbytes: int) -> dict[str, Any]:
         """Stack the rows into the slot (large batches in parallel parts); returns its reference."""
@@ -1024,10 +1025,13 @@ class Batcher:
         }
 
     def history(self) -> list[dict[str, Any]]:
-        """Recent batches: time, worker, size, latency, memory cap, controller size, and on the
-        worker: seconds running (``compute_s``), waiting for the device thread (``wait_s``) and
-        staging (``stage_s``: copying in, to the device)."""
-        keys = ("time", "worker", "size", "latency", "cap", "controller_size", "compute_s", "wait_s", "stage_s")
+        """Recent batches: time, worker, size, latency, memory cap, controller size; on the worker,
+        seconds running (``compute_s``), waiting for the device thread (``wait_s``), staging
+        (``stage_s``: copying in, to the device) and in all (``worker_s``); on the client, seconds
+        from its oldest request's arrival to the send (``queued_s``: waiting for a free slot and
+        stacking) and from the send to the reply (``round_trip_s``)."""
+        keys = ("time", "worker", "size", "latency", "cap", "controller_size", "compute_s", "wait_s", "stage_s",
+                "queued_s", "round_trip_s", "worker_s")
         return [dict(zip(keys, row)) for row in self._history.copy()]
 
 

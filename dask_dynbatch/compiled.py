@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -421,14 +422,16 @@ class BucketCompiler:
 
 class GcPauses:
     """Full (generation 2) garbage collections of this process: how many, the longest, the total
-    seconds (``gc.callbacks``). A full collection stops every thread, the device thread included,
-    and after a compile there is a lot to walk: on the H200 two of them paused compiled serving
-    for 0.5 s each (``benchmarks/results/gpu_case_compiled.json``)."""
+    seconds (``gc.callbacks``), and when the last few ended (wall clock, to line them up with slow
+    batches in ``Batcher.history()``). A full collection stops every thread, the device thread
+    included, and after a compile there is a lot to walk: on the H200 two of them paused compiled
+    serving for 0.5 s each (``benchmarks/results/gpu_case_compiled.json``)."""
 
     def __init__(self) -> None:
         self.count = 0
         self.max_s = 0.0
         self.total_s = 0.0
+        self.recent: deque[tuple[float, float]] = deque(maxlen=8)  # (time.time() at the end, seconds)
         self._started: float | None = None
         self._installed = False
 
@@ -448,10 +451,11 @@ class GcPauses:
             self.count += 1
             self.total_s += pause
             self.max_s = max(self.max_s, pause)
+            self.recent.append((time.time(), pause))
 
     def summary(self) -> dict[str, Any]:
         return {"full_collections": self.count, "max_pause_s": self.max_s, "total_s": self.total_s,
-                "frozen_objects": gc.get_freeze_count()}
+                "frozen_objects": gc.get_freeze_count(), "recent": [list(r) for r in self.recent]}
 
 
 #: this process's full collections, tracked once a model is compiled here

@@ -428,7 +428,7 @@ def test_unloading_stops_compiling():
     np.testing.assert_array_equal(loaded(xs), eager_mlp(xs))  # still serves, eagerly
 
 
-def test_full_collections_are_counted_and_a_compile_freezes_what_it_made():
+def test_full_collections_are_counted_with_their_pauses():
     from dask_dynbatch.compiled import GcPauses
 
     pauses = GcPauses()
@@ -440,6 +440,8 @@ def test_full_collections_are_counted_and_a_compile_freezes_what_it_made():
         gc.collect()
         gc.collect()
         assert pauses.count == 2 and 0 <= pauses.max_s <= pauses.total_s
-        assert set(pauses.summary()) == {"full_collections", "max_pause_s", "total_s", "frozen_objects"}
+        summary = pauses.summary()
+        assert set(summary) == {"full_collections", "max_pause_s", "total_s", "frozen_objects", "recent"}
+        assert len(summary["recent"]) == 2 and all(0 <= s <= pauses.max_s for _, s in summary["recent"])
     finally:
         gc.callbacks.remove(pauses._callback)
