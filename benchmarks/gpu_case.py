@@ -112,7 +112,7 @@ def sec_rawcompiled(client, images, res, args):
     res["compiled_ceiling"] = max(table["throughput"].values())
 
 
-COMPILED_COLUMNS = ("time", "size", "latency", "compute_s", "wait_s", "stage_s", "queued_s", "round_trip_s")
+COMPILED_COLUMNS = ("time", "size", "latency", "compute_s", "wait_s", "stage_s", "queued_s", "round_trip_s", "stack_s")
 
 
 def _dynamo_counters():
@@ -403,7 +403,7 @@ def sec_dynbatchcomm(client, images, res, args):
 
 
 OPEN_COLUMNS = ("time", "size", "latency", "controller_size", "compute_s", "wait_s", "stage_s", "queued_s",
-                "round_trip_s", "worker_s")
+                "round_trip_s", "worker_s", "stack_s")
 
 
 def sec_open(client, images, res, args):
@@ -418,6 +418,7 @@ def sec_open(client, images, res, args):
             got = open_loop(batcher, images, frac * capacity, 6.0)
             hist = batcher.history()[seen:]
             got |= {"load": frac, "batches": len(hist),
+                    "forecast": {a: w.get("forecast") for a, w in batcher.stats()["workers"].items()},
                     "mean_batch": sum(h["size"] for h in hist) / max(1, len(hist)),
                     "history_columns": OPEN_COLUMNS,
                     "history": [tuple(h[k] for k in OPEN_COLUMNS) for h in hist[-1500:]]}

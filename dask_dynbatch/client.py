@@ -41,6 +41,7 @@ from .errors import (
     RequestTimeoutError,
     UnknownModelError,
 )
+from .pacing import BusyForecast
 from .placement import WorkerLoad, fill_unknown_throughputs, plan
 from .shm import ShmRing, ShmSlot, shm_supported
 from .spec import ModelSpec, parse_seconds, spec_token
@@ -124,6 +125,7 @@ class _WorkerSlot:
         self.device = view.get("device", "cpu")
         self.compile: dict[str, Any] | None = None  # the worker's compile state (compiled models)
         self.shm: ShmRing | None = None  # shared-memory slots for this worker (same host), see shm.py
+        self.forecast = BusyForecast()  # when its device frees: paces partial batches, see pacing.py
 
     def close_shm(self) -> list[str]:
         """Stop sending through shared memory; returns the slot names the worker still maps."""
@@ -148,6 +150,7 @@ class _WorkerSlot:
             "memory_cap": self.cap,
             "throughput": self.throughput,
             "controller": self.controller.state(),
+            "forecast": self.forecast.state(),
             "compile": self.compile,
             "transport": "shared-memory" if self.shm is not None else "comm",
         }
@@ -665,6 +668,12 @@ class Batcher:
                 if oldest is not None and now - oldest < max_delay:
                     retry_in = min(retry_in, oldest + max_delay - now)
                     continue
+                # ...and not before it would reach the device as it frees (just in time: it carries
+                # every request that arrives meanwhile, and the device does not wait for it)
+                send_at = slot.forecast.send_at()
+                if now < send_at:
+                    retry_in = min(retry_in, send_at - now)
+                    continue
             batch, expired = self._queue.pop(size, now)
             if expired:
                 self._fail(expired, self._timeout_error(now), "timed_out")
@@ -672,6 +681,7 @@ class Batcher:
                 slot.inflight += 1
                 slot.inflight_samples += len(batch)
                 self._inflight[id(batch)] = batch
+                slot.forecast.sent(len(batch), now)
                 full = len(batch) >= full_size[address]
                 asyncio.ensure_future(self._send(slot, batch, now, slot.inflight, slot.controller.size, full))
         with self._room:
@@ -715,7 +725,7 @@ class Batcher:
         worker's size (not the short tail of a backlog). Whatever happens, every request of the batch is
         resolved or back in the queue when this returns."""
         try:
-            await self._run_batch(slot, reqs, depth, proposed, full)
+            await self._run_batch(slot, reqs, depth, proposed, full, formed)
         except Exception as exc:  # a reply we cannot read, a model output we cannot split...
             logger.warning("dynbatch: batch of %d for model %r failed on the client: %r", len(reqs), self.spec.name, exc)
             self._fail(reqs, exc)  # the requests not resolved yet
@@ -723,10 +733,11 @@ class Batcher:
             self._inflight.pop(id(reqs), None)
             slot.inflight -= 1
             slot.inflight_samples -= len(reqs)
+            slot.forecast.replied(time.monotonic(), slot.inflight_samples)
             self._wake()
 
     async def _run_batch(self, slot: _WorkerSlot, reqs: list[Request], depth: int, proposed: int,
-                         full: bool = True) -> None:
+                         full: bool = True, formed: float | None = None) -> None:
         oldest = min(r.enqueued for r in reqs)
         inline = [r.sample for r in reqs if r.dask_future is None]
         keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
@@ -796,7 +807,7 @@ class Batcher:
                     # later one to this worker) over the comm
                     self._on_shm_error(slot, ring, shm_slot, reply["shm_error"])
                     shm_slot = None
-                    await self._run_batch(slot, reqs, depth, proposed, full)
+                    await self._run_batch(slot, reqs, depth, proposed, full, formed)
                     return
                 shm_slot.mark_attached()  # the worker maps it: unlink the name, nothing can leak
         finally:
@@ -840,9 +851,17 @@ class Batcher:
         # from the load, and shrinking batches would only lower throughput and lengthen it.
         if not (reply.get("cold") or reply.get("compiling") or reply.get("new_shape")):
             slot.controller.observe(n, formation_wait + service_s, service_s, proposed=proposed)
+            if reply.get("compute_s"):
+                # from forming the batch to its rows being ready on the worker: stacking, half the
+                # round trip's comm, staging
+                lead = None
+                if formed is not None:
+                    comm_s = max(0.0, (done - sent) - (reply.get("worker_s") or 0.0))
+                    lead = (sent - formed) + comm_s / 2 + (reply.get("stage_s") or 0.0)
+                slot.forecast.observe(n, reply["compute_s"], lead)
         self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed, reply.get("compute_s"),
                               reply.get("wait_s"), reply.get("stage_s"), sent - oldest, done - sent,
-                              reply.get("worker_s")))
+                              reply.get("worker_s"), sent - formed if formed is not None else None))
 
     async def _stack_shared(self, inline: list[np.ndarray], shm_slot: ShmSlot, nbytes: int) -> dict[str, Any]:
         """Stack the rows into the slot (large batches in parallel parts); returns its reference."""
@@ -1028,10 +1047,11 @@ class Batcher:
         """Recent batches: time, worker, size, latency, memory cap, controller size; on the worker,
         seconds running (``compute_s``), waiting for the device thread (``wait_s``), staging
         (``stage_s``: copying in, to the device) and in all (``worker_s``); on the client, seconds
-        from its oldest request's arrival to the send (``queued_s``: waiting for a free slot and
-        stacking) and from the send to the reply (``round_trip_s``)."""
+        from its oldest request's arrival to the send (``queued_s``: waiting in the queue, then
+        stacking), stacking alone (``stack_s``: from forming the batch to sending it) and from the
+        send to the reply (``round_trip_s``)."""
         keys = ("time", "worker", "size", "latency", "cap", "controller_size", "compute_s", "wait_s", "stage_s",
-                "queued_s", "round_trip_s", "worker_s")
+                "queued_s", "round_trip_s", "worker_s", "stack_s")
         return [dict(zip(keys, row)) for row in self._history.copy()]
 
 

@@ -318,9 +318,11 @@ class LoadedModel:
         """``outputs`` as host NumPy arrays. On CUDA the device thread first waits for the batch's
         stream to finish, then copies: a copy to pageable host memory issued behind kernels still
         running blocks inside the driver until they end, and while it does the transfer thread's
-        copy of the next batch (another stream, page-locked memory) could not start either
-        (measured on the H200: staging 1,536 rows took ~70 ms while the batch before computed,
-        4 ms when the GPU was idle), so the next batch reached the GPU only after this one ended."""
+        copy of the next batch (another stream, page-locked memory) could not start either, so the
+        next batch reached the GPU only after this one ended. Measured on the H200: a 231 MB
+        staging copy took 33.8 ms beside a device thread doing ``.cpu()`` right after the
+        forward, 4.4 ms when that thread synchronized first (``benchmarks/gpu_case.py``'s
+        ``h2dprobe``)."""
         device = self._torch_device
         if device is not None and device.type == "cuda":
             import torch
