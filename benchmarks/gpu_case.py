@@ -14,6 +14,7 @@ Sections (``--sections``, comma separated; each writes into one JSON as it finis
   rawprobe  is the ceiling the model's or the setting's? torchvision's ResNet-50 alone on fp16 input,
             and our wrapper with cudnn.benchmark on, batch 256 and 512
   open      open loop, Poisson arrivals at 30/70/100 % of the measured capacity
+  openfrozen  the same with gc.freeze() in the client before each load
   cupy      a CuPy MLP: batched results against NumPy, throughput
   pressure  another process holds most GPU memory as the run starts, lets go, takes it again; plain
             Dask at fixed chunks of 2,048 and 512 under the same neighbour
@@ -30,6 +31,7 @@ Sections (``--sections``, comma separated; each writes into one JSON as it finis
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -406,26 +408,71 @@ OPEN_COLUMNS = ("time", "size", "latency", "controller_size", "compute_s", "wait
                 "round_trip_s", "worker_s", "stack_s")
 
 
-def sec_open(client, images, res, args):
+class ClientPauses:
+    """This process's garbage collections of at least ``min_s`` seconds while installed: when
+    each ended (time.time(), to line up with ``Batcher.history()``), its generation and length."""
+
+    def __init__(self, min_s: float = 0.01):
+        self.min_s = min_s
+        self.pauses: list[tuple[float, int, float]] = []
+        self.total_s = 0.0
+        self._started = None
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            pause = time.perf_counter() - self._started
+            self.total_s += pause
+            if pause >= self.min_s:
+                self.pauses.append((time.time(), info.get("generation"), pause))
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+    def summary(self):
+        return {"total_s": self.total_s, "pauses_over_min": [list(p) for p in self.pauses], "min_s": self.min_s}
+
+
+def sec_open(client, images, res, args, freeze=False, key="open_loop"):
+    """Open loop at 30/70/100 % of the closed loop's throughput, this client's GC pauses recorded.
+    ``freeze``: ``gc.freeze()`` in this client before each load (what a long-running front end may
+    do after start-up: the collector no longer walks what exists by then)."""
     capacity = res.get("dynbatch", {}).get("throughput") or 10_000
-    spec = ddb.ModelSpec("resnet50-open", load=build_resnet50)
+    spec = ddb.ModelSpec(f"resnet50-{key}", load=build_resnet50)
     out = []
     with ddb.Batcher(client, spec) as batcher:
         for _ in range(3):  # as the closed loop: the controller climbs, shapes are set up once
             [f.result() for f in batcher.map([images[i % POOL] for i in range(args.requests)])]
         for frac in (0.3, 0.7, 1.0):
-            seen = len(batcher.history())
-            got = open_loop(batcher, images, frac * capacity, 6.0)
-            hist = batcher.history()[seen:]
-            got |= {"load": frac, "batches": len(hist),
+            if freeze:
+                gc.collect()
+                gc.freeze()
+            started = time.time()
+            with ClientPauses() as pauses:
+                got = open_loop(batcher, images, frac * capacity, 6.0)
+            hist = [h for h in batcher.history() if h["time"] >= started]
+            got |= {"load": frac, "batches": len(hist), "gc_frozen": freeze, "started": started,
+                    "client_gc": pauses.summary(),
                     "forecast": {a: w.get("forecast") for a, w in batcher.stats()["workers"].items()},
                     "mean_batch": sum(h["size"] for h in hist) / max(1, len(hist)),
                     "history_columns": OPEN_COLUMNS,
                     "history": [tuple(h[k] for k in OPEN_COLUMNS) for h in hist[-1500:]]}
             out.append(got)
-            print({k: v for k, v in got.items() if k != "history"}, flush=True)
-    res["open_loop"] = out
+            print({k: v for k, v in got.items() if k not in ("history", "client_gc")},
+                  "client gc pauses", [(round(t - started, 3), g, round(s, 3)) for t, g, s in pauses.pauses], flush=True)
+    if freeze:
+        gc.unfreeze()
+    res[key] = out
     res["latency_target_ms"] = spec.latency_target * 1e3
+
+
+def sec_openfrozen(client, images, res, args):
+    sec_open(client, images, res, args, freeze=True, key="open_loop_gc_frozen")
 
 
 def sec_cupy(client, images, res, args):
@@ -719,7 +766,7 @@ def main():
 
     in_cluster = [s for s in sections if s in ("raw", "rawprobe", "rawcompiled", "plain", "frontend", "dynbatch", "dynbatchcomm",
                                                "dynbatchprof",
-                                               "compiled", "open", "cupy", "frontendgpu")]
+                                               "compiled", "open", "openfrozen", "cupy", "frontendgpu")]
     if in_cluster:
         cluster, client = start_cluster()
         try:

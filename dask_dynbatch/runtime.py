@@ -297,8 +297,12 @@ class LoadedModel:
                 compiler.eager_batches += 1
                 return self._to_host(self._eager(batch))
             try:
+                # padded outside inference mode: a tensor made in it is an "inference tensor",
+                # which fails the guards of a graph warmed with an ordinary one, and dynamo then
+                # recompiles in this thread, every batch waiting (1.4-3.4 s each on the H200)
+                padded = pad_rows(batch, bucket)
                 with torch.inference_mode():
-                    result = self._to_host(trim_rows(self._forward(compiled, pad_rows(batch, bucket)), n))
+                    result = self._to_host(trim_rows(self._forward(compiled, padded), n))
             except Exception as exc:
                 if is_oom_error(exc):
                     raise

@@ -202,6 +202,23 @@ def test_padded_rows_do_not_change_the_real_rows():
     assert loaded.compiler.padded_rows == 3  # ...and the 3 padding rows never left the worker
 
 
+def test_serving_full_and_padded_tensor_batches_compiles_nothing_more():
+    """On a GPU batches arrive as device tensors (staged in the transfer thread). A padded one made
+    under inference mode is an inference tensor; the graph was warmed with an ordinary one, and
+    dynamo recompiled for it while every batch waited (seconds each, on the H200)."""
+    import torch._dynamo.utils
+
+    loaded, jobs = compiled_mlp(8)
+    xs = torch.from_numpy(vectors(8))
+    compile_bucket_of(loaded, jobs, xs)  # bucket 8 compiled and warmed
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for n in (8, 5, 8, 6):  # full, then padded to the bucket
+        out = loaded(xs[:n])
+        np.testing.assert_allclose(out, eager_mlp(vectors(8)[:n]), rtol=1e-4, atol=1e-5)
+    assert loaded.compiler.compiled_batches == 4 and loaded.compiler.padded_rows == 3 + 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_buckets_without_compile_pad_for_the_eager_model():
     seen = []
 
