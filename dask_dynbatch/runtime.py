@@ -18,6 +18,7 @@ import numpy as np
 from .batching import join_chunks
 from .compiled import BucketCompiler, bucket_for, floor_rung, pad_rows, trim_rows
 from .spec import ModelSpec, call_load
+from .telemetry import torch_cuda_allocator_stats
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ class LoadedModel:
             torch = sys.modules.get("torch")
             if torch is not None and torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats(self.device)
-                return torch.cuda.memory_allocated(self.device)
+                return torch_cuda_allocator_stats(self.device)["allocated"]
             cupy = sys.modules.get("cupy")
             if cupy is not None:
                 return cupy.get_default_memory_pool().used_bytes()
@@ -414,7 +415,7 @@ class LoadedModel:
         if self.device.startswith("cuda"):
             torch = sys.modules.get("torch")
             if torch is not None and torch.cuda.is_available():
-                return max(0, torch.cuda.max_memory_allocated(self.device) - baseline)
+                return max(0, torch_cuda_allocator_stats(self.device)["peak"] - baseline)
             cupy = sys.modules.get("cupy")
             if cupy is not None:
                 return max(0, cupy.get_default_memory_pool().total_bytes() - baseline)

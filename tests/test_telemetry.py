@@ -145,8 +145,8 @@ def test_device_telemetry_snapshot_and_errors():
 def test_torch_cuda_memory_adds_unused_cache(monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (300 * MB, 1000 * MB))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 500 * MB)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 350 * MB)
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device=None: {
+        "reserved_bytes": {"all": {"current": 500 * MB}}, "allocated_bytes": {"all": {"current": 350 * MB}}})
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
     reading = TorchCudaMemory(0).read()
     assert (reading.total, reading.free) == (1000 * MB, 300 * MB)
@@ -239,3 +239,22 @@ def test_telemetry_imports_no_gpu_library():
     ) % str(package_dir)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_torch_cuda_allocator_stats_reads_the_nested_statistics_once(monkeypatch):
+    import torch
+
+    from dask_dynbatch.telemetry import torch_cuda_allocator_stats
+
+    calls = []
+
+    def nested(device):
+        calls.append(device)
+        return {"allocated_bytes": {"all": {"current": 300, "peak": 900}, "large_pool": {"current": 1}},
+                "reserved_bytes": {"all": {"current": 2048}}}
+
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", nested)
+    assert torch_cuda_allocator_stats("cuda:0") == {"allocated": 300, "peak": 900, "reserved": 2048}
+    assert calls == ["cuda:0"]
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device: {})  # allocator not started
+    assert torch_cuda_allocator_stats("cuda:0") == {"allocated": 0, "peak": 0, "reserved": 0}
