@@ -45,6 +45,9 @@ def plot_main(r: dict, path: Path) -> None:
     if ol:
         ax.plot([o["load"] for o in ol], [o["p50_ms"] for o in ol], "o-", label="p50")
         ax.plot([o["load"] for o in ol], [o["p99_ms"] for o in ol], "o-", label="p99")
+        frozen = r.get("open_loop_gc_frozen") or []
+        if frozen:
+            ax.plot([o["load"] for o in frozen], [o["p99_ms"] for o in frozen], "o--", label="p99, gc.freeze() in the client")
         ax.axhline(r["latency_target_ms"], color="k", ls="--", label="latency target")
         ax.axhline(2 * r["latency_target_ms"], color="k", ls=":", label="2x target")
         ax.set_xlabel("offered load / closed-loop capacity")

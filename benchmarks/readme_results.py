@@ -74,9 +74,16 @@ def previous_cpu_runs() -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def gpu_section(g: dict, p: dict | None, cc: dict | None) -> str:
-    """The full GPU run (``gpu_case.json``), the pressure run (``gpu_case_pressure.json``) and the
-    compiled run (``gpu_case_compiled.json``)."""
+def pauses(open_loop: list[dict], load: float) -> str:
+    """The client's garbage-collection pauses over 10 ms in the open-loop run at ``load``."""
+    run = next(o for o in open_loop if o["load"] == load)
+    got = [p[2] for p in run.get("client_gc", {}).get("pauses_over_min", [])]
+    return ", ".join(f"{x * 1e3:.0f}" for x in got) + " ms" if got else "none over 10 ms"
+
+
+def gpu_section(g: dict, p: dict | None) -> str:
+    """The full GPU run (``gpu_case.json``, compiled section included) and the pressure run
+    (``gpu_case_pressure.json``)."""
     ceiling = g["ceiling"]
     rows = [f"| raw model loop, batch {k}, input on the GPU | {x:,.0f} | {x / ceiling:.0%} |"
             for k, x in sorted(g["raw"].items(), key=lambda kv: int(kv[0]))]
@@ -107,24 +114,32 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
             f"its first pass right after the model loaded ran at {d['first_pass_throughput']:,.0f} "
             f"({d['first_pass_throughput'] / ceiling:.0%}), while the controller climbed.\n")
     out += (f"- Open loop: {ol}; p99 at 70 % load vs 2x the {g['latency_target_ms']:.0f} ms target: "
-            f"{met(p99_70 <= 2 * g['latency_target_ms'])}. At 70 % the batches were partial (mean "
-            f"{next(o['mean_batch'] for o in g['open_loop'] if o['load'] == 0.7):.0f} rows), at most two in flight, and the GPU "
-            "was busy 69 % of the time: the wait is in the client and in staging, see the note in docs/design.md.\n")
+            f"{met(p99_70 <= 2 * g['latency_target_ms'])}. The tail is the client's own garbage collector: full "
+            f"collections of its heap of pending requests paused it for "
+            f"{pauses(g['open_loop'], 0.7)} during the 70 % run.\n")
+    frozen = g.get("open_loop_gc_frozen")
+    if frozen:
+        olf = ", ".join(f"{o['load']:.0%}: p50 {o['p50_ms']:.0f} / p99 {o['p99_ms']:.0f} ms" for o in frozen)
+        out += (f"- The same open loop with `gc.freeze()` in the client before each load (see Configuration): {olf}; "
+                f"its pauses at 70 %: {pauses(frozen, 0.7)}.\n")
     fg = g.get("frontend_gpu")
     if fg:
         out += (f"- The data path to the GPU alone (page-locked shared memory, DMA): {fg['throughput']:,.0f} images/s, "
                 f"{fg['mean_stage_ms']:.1f} ms of staging per batch of ~{fg['mean_rows']:.0f}.\n")
-    if cc and cc.get("compiled"):
-        c, st = cc["compiled"], cc["compiled"]["compile"]
-        steady = max(c["untimed_passes"])
+    if g.get("compiled"):
+        c, st = g["compiled"], g["compiled"]["compile"]
+        counters = c.get("dynamo_counters") or {}
+        recompiled = counters.get("before") != counters.get("after")
         gcs = st.get("gc") or {}
-        out += (f"- `compile=True` (`gpu_case_compiled.json`, commit {cc['machine'].get('commit')}): raw compiled ceiling "
-                f"{cc['compiled_ceiling']:,.0f} = {cc['compiled_ceiling'] / cc['ceiling']:.2f}x the eager {cc['ceiling']:,.0f}; "
-                f"end to end, once buckets {st['ready']} were ready, untimed passes of 40,000 ran at {steady:,.0f} "
-                f"(**{steady / cc['ceiling']:.2f}x** eager) and the timed 120,000 at {c['throughput']:,.0f} "
-                f"({c['ratio_to_eager_ceiling']:.2f}x; target 1.4x: {met(c['ratio_to_eager_ceiling'] >= 1.4)}): a few batches of "
-                f"512 that take 19 ms took 0.5-2.2 s ({gcs.get('full_collections', 0)} full garbage collections account for "
-                f"{gcs.get('total_s', 0):.1f} s of it, the rest is not explained yet) and the controller stepped down to 256 after them.\n")
+        out += (f"- `compile=True`: raw compiled ceiling {g['compiled_ceiling']:,.0f} = "
+                f"{g['compiled_ceiling'] / ceiling:.2f}x the eager ceiling; end to end, once buckets {st['ready']} were "
+                f"ready ({st['compile_seconds']:.0f} s of compiling in the background, {st['eager_batches']:,} batches "
+                f"served eagerly meanwhile), untimed passes of 40,000 ran at "
+                f"{', '.join(f'{x:,.0f}' for x in c['untimed_passes'])} and the timed 120,000 at {c['throughput']:,.0f}: "
+                f"**{c['ratio_to_eager_ceiling']:.2f}x** the eager ceiling (target 1.4x: "
+                f"{met(c['ratio_to_eager_ceiling'] >= 1.4)}), {c['ratio_to_compiled_ceiling']:.0%} of the compiled one; "
+                f"{'dynamo compiled again during the passes' if recompiled else 'dynamo compiled nothing during the passes'}, "
+                f"{gcs.get('full_collections', 0)} full collection in the worker ({gcs.get('total_s', 0):.2f} s).\n")
     if p and p.get("pressure", {}).get("dynbatch"):
         q = p["pressure"]
         dq = q["dynbatch"]
@@ -174,6 +189,33 @@ def earlier_gpu_section() -> str:
     return out + "\n"
 
 
+def pipeline_section() -> str:
+    """The three-stage pipeline (``pipeline_case.json`` here, ``pipeline_case_h200host.json`` on a 16-core host)."""
+    lines = []
+    for name, where in (("pipeline_case", "this 2-core machine"), ("pipeline_case_h200host", "the 16-core host of the GPU machine, CPU only")):
+        r = load_result(name)
+        if r is None:
+            continue
+        parts = []
+        for setup in ("shared", "split", "io"):
+            x = r.get(setup)
+            if not x:
+                continue
+            stages = "/".join(f"{x['median_rate'][k]:,.0f}" for k in ("pre", "model", "post"))
+            parts.append(f"`{setup}` (stages alone {stages} jobs/s): pipeline "
+                         f"{x['ratios']['pipeline_vs_slowest_stage_alone']:.2f}x the slowest stage (floor 0.8: "
+                         f"{met(x['ratios']['pipeline_vs_slowest_stage_alone'] >= 0.8)}), high-priority median latency "
+                         f"{x['priority']['high_over_low_median']:.2f} of low's (target at most 0.2: "
+                         f"{met(x['priority']['high_over_low_median'] <= 0.2)})")
+        lines.append(f"- `{name}.json` ({where}, {r['machine']['date']}): " + "; ".join(parts) + ".")
+    if not lines:
+        return ""
+    return ("**Pipeline: CPU -> model -> CPU** (`python benchmarks/pipeline_case.py`; setups: `shared` all three stages "
+            "NumPy on the same cores, `split` pre and post each on its own worker beside a simulated accelerator, `io` "
+            "pre and post waiting on I/O; on 2 cores, `shared` and `split` have no free core to overlap on):\n"
+            + "\n".join(lines) + "\n")
+
+
 def placement_section() -> str:
     p = load_result("placement_case")
     if p is None:
@@ -217,17 +259,18 @@ def cpu_compile_section() -> str:
 
 def main() -> None:
     c, g = load_result("cpu_case", required=True), load_result("gpu_case", required=True)
-    p, cc = load_result("gpu_case_pressure"), load_result("gpu_case_compiled")
+    p = load_result("gpu_case_pressure")
     section = f"""{START}
 Recorded under `benchmarks/results/` (JSON with the machine stamp, plus PNG); this section is written
 by `python benchmarks/readme_results.py`. Rerun with `python benchmarks/cpu_case.py` (about 12 minutes
 here) and, on a GPU machine, `python benchmarks/gpu_case.py --sections
-raw,dynbatch,open,frontendgpu,rawcompiled,compiled,plain,cupy,daskcuda`, `--name gpu_case_pressure --sections
-pressure` and `--name gpu_case_compiled --sections raw,rawcompiled,compiled` (then `python benchmarks/plot_gpu.py`). Earlier runs are in `benchmarks/results/earlier/` (its README says what each shows).
+raw,plain,dynbatch,open,openfrozen,frontendgpu,cupy,rawcompiled,compiled,daskcuda` and `--name gpu_case_pressure
+--sections pressure` (then `python benchmarks/plot_gpu.py`). Earlier runs are in `benchmarks/results/earlier/` (its README says what each shows).
 
 {cpu_section(c)}
 {placement_section()}
-{gpu_section(g, p, cc)}
+{pipeline_section()}
+{gpu_section(g, p)}
 {earlier_gpu_section()}
 {cpu_compile_section()}
 """
