@@ -63,12 +63,12 @@ the means; images/s; noisy from run to run on this machine, so read ratios):
 def previous_cpu_runs() -> str:
     """The same ratios from the runs kept in earlier/ with this session's code (two rounds each)."""
     lines = []
-    for name in ("cpu_case_run8", "cpu_case_run7"):
+    for name in ("cpu_case_run9", "cpu_case_run8"):
         r = load_result(f"earlier/{name}")
         if r is None:
             continue
         x = r["ratios"]
-        lines.append(f"- An earlier run (`earlier/{name}.json`, {r['machine']['date']}, session 3's code): "
+        lines.append(f"- An earlier run (`earlier/{name}.json`, {r['machine']['date']}, earlier code): "
                      f"max64 / best chunked {x['max64_vs_best_chunked_same_settings']:.2f}x, default / best fixed "
                      f"{x['default_vs_best_fixed']:.2f}, default / best chunked {x['default_vs_best_chunked_same_settings']:.2f}x.")
     return "\n".join(lines) + ("\n" if lines else "")
