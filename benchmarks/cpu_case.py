@@ -1,13 +1,14 @@
 """The CPU case of MISSION.md, every contender in one run on the same cluster.
 
 3-conv CNN on 64x64 uint8 images; one worker process with one thread (and one torch thread, as the
-nanny sets OMP_NUM_THREADS=1). Each dask-dynbatch contender runs twice (interleaved rounds) and the
-plain-Dask baselines are measured before and after them; figures are the means. Contenders: the raw model loop in the worker (the ceiling), plain Dask
+nanny sets OMP_NUM_THREADS=1). Every contender runs once per round (three rounds, the order rotated
+from round to round, the plain-Dask baselines included); figures are the means over the rounds, and
+each round's own ratios are recorded too. Contenders: the raw model loop in the worker (the ceiling), plain Dask
 with one task per request, hand-chunked plain Dask (16/64/256), dask-dynbatch with
 ``max_batch_size=64``, with default settings (no size given), and with fixed ``max_batch_size``
 8/32/128/512; plus the front end alone (a model that returns its input) and open-loop Poisson load.
-The baselines run twice: under Dask's default worker settings (before the plugin is registered)
-and under the same settings as dask-dynbatch (after: the worker half tunes malloc).
+The baselines also run once under Dask's default worker settings, before the plugin is registered
+(the others run under the same settings as dask-dynbatch: the worker half tunes malloc).
 
     python benchmarks/cpu_case.py            # writes benchmarks/results/cpu_case.{json,png}
 """
@@ -69,6 +70,15 @@ def dynbatch_closed_loop(client, images, name, **spec_kw) -> dict:
     }
 
 
+def round_ratios(r: dict) -> dict:
+    """The ratios of the issues within one round."""
+    best_chunked = max(r["plain"][f"chunked_{c}"] for c in (16, 64, 256))
+    best_fixed = max(r[f"fixed{s}"]["throughput"] for s in (8, 32, 128, 512))
+    return {"max64_vs_best_chunked": r["max64"]["throughput"] / best_chunked,
+            "default_vs_best_fixed": r["default"]["throughput"] / best_fixed,
+            "default_vs_best_chunked": r["default"]["throughput"] / best_chunked}
+
+
 def main(argv=None) -> dict:
     from distributed import Client, LocalCluster
 
@@ -77,7 +87,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--single", type=int, default=1_000, help="requests for one-task-per-request")
     parser.add_argument("--front-end", type=int, default=100_000, help="requests through the no-op model")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each dask-dynbatch contender (mean reported)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every contender, baselines included (means reported)")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.single, args.front_end = 2_000, 200, 5_000
@@ -92,17 +103,32 @@ def main(argv=None) -> dict:
 
         client.register_plugin(ddb.DynBatchPlugin())
         wait_for_reference_benchmark(client)
-        print("baselines under dask-dynbatch's worker settings", flush=True)
-        result["same_settings"] = {"raw": raw(client, images), **plain_dask(client, images, args.single)}
-        print(result["same_settings"], flush=True)
+        print("the raw model under dask-dynbatch's worker settings", flush=True)
+        raw_same = raw(client, images)
+        print(raw_same, flush=True)
 
-        # Every dask-dynbatch contender runs twice, the rounds interleaved, and its figure is the mean
-        # of the two: run to run this machine moves a figure by 10-15 %, and the best of a sweep of
-        # single noisy runs is biased upwards against the one default run it is compared with.
+        # Rounds: each holds every contender once, the plain-Dask baselines under the same worker
+        # settings included, in an order rotated from round to round; a figure is the mean over the
+        # rounds. Run to run this machine moves a figure by 10-25 %, so a baseline measured once
+        # (or before and after) against contenders measured later is compared with another machine,
+        # and the best of a sweep of single noisy runs is biased upwards against one default run.
         contenders = {"max64": {"max_batch_size": 64}, "default": {}}
         contenders.update({f"fixed{size}": {"max_batch_size": size} for size in (8, 32, 128, 512)})
-        rounds = [{k: dynbatch_closed_loop(client, images, f"cnn-{k}-{r}", **kw) for k, kw in contenders.items()}
-                  for r in range(args.rounds)]
+        names = ["plain", *contenders]
+        rounds = []
+        for r in range(args.rounds):
+            got = {}
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                if k == "plain":
+                    got[k] = plain_dask(client, images, args.single)
+                else:
+                    got[k] = dynbatch_closed_loop(client, images, f"cnn-{k}-{r}", **contenders[k])
+            print(f"round {r + 1}: " + ", ".join(
+                f"{k} {got[k]['throughput']:.0f}" for k in contenders) + f"; plain {got['plain']}", flush=True)
+            rounds.append(got)
+        result["same_settings"] = {"raw": raw_same} | {
+            k: float(np.mean([r["plain"][k] for r in rounds])) for k in rounds[0]["plain"]}
+        result["same_settings_rounds"] = [r["plain"] for r in rounds]
         runs = {}
         for k in contenders:
             runs[k] = rounds[-1][k] | {
@@ -112,13 +138,7 @@ def main(argv=None) -> dict:
             print(f"dynbatch {k}: {runs[k]['throughput']:.0f} samples/s {runs[k]['throughputs']}, "
                   f"mean batch {runs[k]['mean_batch']}", flush=True)
         result["dynbatch"] = runs
-        # the baselines again after the dynbatch rounds, under the same settings: their figure is the
-        # mean of both measurements too
-        again = plain_dask(client, images, args.single)
-        result["same_settings_first"] = dict(result["same_settings"])
-        result["same_settings_again"] = again
-        for k, v in again.items():
-            result["same_settings"][k] = (result["same_settings"][k] + v) / 2
+        result["round_ratios"] = [round_ratios(r) for r in rounds]
 
         xs = np.zeros((args.front_end, 4), dtype=np.float32)
         with ddb.Batcher(client, ddb.ModelSpec("noop", load=build_identity)) as batcher:

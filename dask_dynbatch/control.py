@@ -52,7 +52,8 @@ then 8 buckets per doubling, so 8, 16, 32, 64 ... are bucket centres) as an expo
 moving average, together with that bucket's latency.  The controller stops growing when the
 throughput at the current size has fallen, on two full batches in a row, more than
 ``throughput_tolerance`` (10 %) below the best throughput seen at a smaller size whose latency
-meets the target, and settles back at that best size.  So on a model whose throughput peaks at an interior size (our CPU case: 4,373 img/s at 8,
+meets the target, and settles back at that best size; nor does it grow again, probe included,
+to that size or beyond for the next ``16 * window`` batches (a probe included).  So on a model whose throughput peaks at an interior size (our CPU case: 4,373 img/s at 8,
 2,883 at 64) it settles at the peak, not at the largest size under the latency target; on a
 saturating GPU curve the tolerance keeps noise from stopping the climb early.  (It was 20 % while
 the GPU path had ~40 ms stalls at every new shape and every other batch; with those gone, a
@@ -421,7 +422,8 @@ class BatchSizeController:
         self._observations = 0
         # doubling steps until the first late batch or throughput settle (not with a fixed b_delta)
         self._slow_start = self._b_delta is None
-        self._below_best = False  # the last full batch under target ran more than the tolerance below the best
+        self._below_best: int | None = None  # size of the last full batch under target, when it ran more than the tolerance below the best
+        self._fall: tuple[int, int] | None = None  # (size, observation) of the last confirmed throughput fall
         # A fresh controller is a growth run that has not taken its first step yet.
         self._run_direction = +1  # +1 growing, -1 shrinking, 0 at rest (the last decision was a hold)
         self._run_length = 0  # steps taken in the current run
@@ -643,7 +645,8 @@ class BatchSizeController:
         # one batch below the best is not enough: a single slow batch (a busy neighbour, a GC
         # pause) would otherwise settle the size back, which measured end-to-end throughput on a
         # shared machine does often; two in a row above the best size are
-        confirmed, self._below_best = below and self._below_best, below
+        confirmed, previous = below and self._below_best is not None, self._below_best
+        self._below_best = size if below else None
         if below and self._slow_start and not confirmed:
             # doubling again before the second batch could confirm would overshoot twice as far
             self._slow_start = False
@@ -653,6 +656,10 @@ class BatchSizeController:
             return _Decision(proposal, "hold", reason)
         if confirmed:
             self._slow_start = False
+            fall = min(size, previous if previous is not None else size)
+            if self._known_fall(fall, best_size) is not None:  # a fall at or below the one known
+                fall = min(fall, self._fall[0])
+            self._fall = (fall, self._observations)
             new_size = self._bounded(min(best_size, proposal))
             reason = (
                 f"throughput at {size} ({current.throughput:.4g}/s) is more than {self._throughput_tolerance:.0%} "
@@ -666,6 +673,14 @@ class BatchSizeController:
         sizes = self._size_trend
         trend_text = f"size trend z={sizes.z:.2f} p={sizes.p:.2g}"
         grown = self._bounded(self._up(proposal))
+        fall = self._known_fall(grown, best_size)
+        if fall is not None:
+            # back to the best, as when the fall was found (a probe that stops short of the fall
+            # would otherwise park between the best and the fall)
+            new_size = self._bounded(min(best_size, proposal))
+            reason = (f"{met}, but throughput fell at {fall} within the last {self._bucket_memory} batches: "
+                      + (f"back to the best, {best_size}" if new_size < proposal else "hold"))
+            return _Decision(new_size, "shrink" if new_size < proposal else "hold", reason)
         if self._run_direction > 0:
             if self._run_length < _UNCONFIRMED_RUN_STEPS:
                 reason = f"{met}: grow {proposal} -> {grown} (run step {self._run_length + 1}, too early to test)"
@@ -758,6 +773,23 @@ class BatchSizeController:
                 slope = float(np.median((latencies[j] - latencies[i])[distinct] / (sizes[j] - sizes[i])[distinct]))
         recent = slice(max(0, len(history) - self._window), len(history))
         return list(latencies[recent] - slope * sizes[recent])
+
+    def _known_fall(self, size: int, best_size: int | None) -> int | None:
+        """The size at which throughput was last confirmed to fall (see :meth:`_on_target_met`),
+        when growing to ``size`` would reach it again, it lies above the best size
+        ``best_size``, and the fall was less than ``16 * window`` batches ago. Without this, a model whose throughput falls off a cliff just above its best
+        size (our CPU case: half speed from 513 rows, where an activation buffer outgrows glibc's
+        largest mmap threshold, 32 MiB) is probed there again after every ``patience``, two slow batches
+        each time."""
+        if self._fall is None:
+            return None
+        fall, when = self._fall
+        if self._observations - when > self._bucket_memory:
+            self._fall = None
+            return None
+        if best_size is None or size_bucket(fall) <= size_bucket(best_size):
+            return None
+        return fall if size >= fall else None
 
     def _best(self) -> tuple[int | None, float | None]:
         """Size bucket with the best recent throughput among those meeting the latency target."""

@@ -174,6 +174,24 @@ class PeakedThroughputModel:
         return service_time + 0.001, service_time
 
 
+class CliffThroughputModel:
+    """Throughput that rises slowly with size and halves from 500 rows on (+5 % noise), like the CPU
+    case, whose activation buffer outgrows glibc's largest mmap threshold from 513 rows. Latency is the
+    service time plus 1 ms, far below any target used with it."""
+
+    cliff = 500
+
+    def service_ms(self, size: float) -> float:
+        return (2.0 + size / 14.0) * (2.0 if size >= self.cliff else 1.0)
+
+    def throughput(self, size: float) -> float:
+        return size / self.service_ms(size) * 1000
+
+    def run(self, size: int, rng: np.random.Generator) -> tuple[float, float]:
+        service_time = self.service_ms(size) * (1 + 0.05 * rng.standard_normal()) / 1000
+        return service_time + 0.001, service_time
+
+
 class PlainAdditiveController:
     """S401 alone: +b_delta under the target, -b_delta above it, no trend gate, same step rule."""
 
@@ -348,6 +366,23 @@ def test_interior_throughput_peak_found():
         state = controller.state()
         assert 6 <= state["best_size"] <= 12
         assert state["best_throughput"] == pytest.approx(peak, rel=0.15)
+
+
+def test_a_throughput_cliff_is_not_probed_again_while_it_is_known():
+    model = CliffThroughputModel()
+    assert model.throughput(499) > 1.9 * model.throughput(500)
+    for seed in range(5):
+        controller = BatchSizeController(1.0)  # every size meets the target: only throughput stops growth
+        trace = simulate(controller, model, 600, seed=seed)
+        late = trace.ran[100:]
+        cliff = int(np.sum(late >= model.cliff))
+        # a probe into the cliff costs two batches there, and the fall is remembered for 16 * 8 = 128
+        # batches: here 8-14 such batches in 500 and 98 % of the best throughput (re-probing after
+        # every patience instead: 34-46 and 94-96 %)
+        assert cliff <= 16, cliff
+        assert np.median(late) >= 400  # it still sits near the top of the good range
+        efficiency = np.mean([model.throughput(s) for s in late]) / model.throughput(model.cliff - 1)
+        assert efficiency >= 0.95
 
 
 def test_best_size_must_meet_the_latency_target():
