@@ -64,9 +64,9 @@ round, figures the means; images/s; noisy from run to run on this machine, so re
 
 
 def previous_cpu_runs() -> str:
-    """The same ratios from runs kept in earlier/ (two rounds each, baselines before and after them)."""
+    """The same ratios from runs kept in earlier/ (see its README for what each ran)."""
     lines = []
-    for name in ("cpu_case_run9", "cpu_case_run8"):
+    for name in ("cpu_case_run11", "cpu_case_run10", "cpu_case_run9"):
         r = load_result(f"earlier/{name}")
         if r is None:
             continue
@@ -265,7 +265,7 @@ def main() -> None:
     p = load_result("gpu_case_pressure")
     section = f"""{START}
 Recorded under `benchmarks/results/` (JSON with the machine stamp, plus PNG); this section is written
-by `python benchmarks/readme_results.py`. Rerun with `python benchmarks/cpu_case.py` (about 12 minutes
+by `python benchmarks/readme_results.py`. Rerun with `python benchmarks/cpu_case.py` (about 4 minutes
 here) and, on a GPU machine, `python benchmarks/gpu_case.py --sections
 raw,plain,dynbatch,open,openfrozen,frontendgpu,cupy,rawcompiled,compiled,daskcuda` and `--name gpu_case_pressure
 --sections pressure` (then `python benchmarks/plot_gpu.py`). Earlier runs are in `benchmarks/results/earlier/` (its README says what each shows).
