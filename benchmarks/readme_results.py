@@ -84,6 +84,32 @@ def pauses(open_loop: list[dict], load: float) -> str:
     return ", ".join(f"{x * 1e3:.0f}" for x in got) + " ms" if got else "none over 10 ms"
 
 
+def pressure_story(q: dict) -> str:
+    """What the neighbour did and how cap and batch size followed, from the pressure section's events,
+    the hog's own log and the batch history (time, size, memory cap, ...; seconds since its origin)."""
+    import re
+
+    held = [float(x) for x in re.findall(r"hog holds ([0-9.]+) GiB", q.get("hog_output", ""))]
+    events = {name: t for t, name in q["events"]}
+    released, again, again_off = events.get("hog released"), events.get("hog holds again"), events.get("hog released again")
+    hist = q["dynbatch"]["history"]
+
+    def phase(t0, t1):
+        rows = [h for h in hist if (t0 is None or h[0] >= t0) and (t1 is None or h[0] < t1)]
+        caps = sorted(h[2] for h in rows if h[2])
+        sizes = [h[1] for h in rows]
+        return (caps[len(caps) // 2] if caps else None), (min(sizes), max(sizes)) if sizes else (None, None)
+
+    cap1, (lo1, hi1) = phase(None, released)
+    cap2, (lo2, hi2) = phase(released, again)
+    cap3, (lo3, hi3) = phase(again, again_off)
+    first = f"{held[0]:.0f} GiB" if held else "most of the GPU"
+    second = f"{held[1]:.0f} GiB, all but {q['hog_keep_gib']:.0f} GiB of what was free then" if len(held) > 1 else "memory again"
+    return (f"another process held {first} (all but {q['hog_keep_gib']:.0f} GiB) when dask-dynbatch started: median memory "
+            f"cap {cap1:,} rows, batches of {lo1}-{hi1}; it let go: cap {cap2:,}, batches up to {hi2:,}; it took {second}: "
+            f"cap {cap3:,}, batches of {lo3:,}-{hi3:,}; it let go again")
+
+
 def gpu_section(g: dict, p: dict | None) -> str:
     """The full GPU run (``gpu_case.json``, compiled section included) and the pressure run
     (``gpu_case_pressure.json``)."""
@@ -116,10 +142,11 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
             f"{met(d['ratio_to_ceiling'] >= 0.85)}), {d['throughput'] / best_chunked:.1f}x the best hand-chunked Dask; "
             f"its first pass right after the model loaded ran at {d['first_pass_throughput']:,.0f} "
             f"({d['first_pass_throughput'] / ceiling:.0%}), while the controller climbed.\n")
-    out += (f"- Open loop: {ol}; p99 at 70 % load vs 2x the {g['latency_target_ms']:.0f} ms target: "
-            f"{met(p99_70 <= 2 * g['latency_target_ms'])}. The tail is the client's own garbage collector: full "
-            f"collections of its heap of pending requests paused it for "
-            f"{pauses(g['open_loop'], 0.7)} during the 70 % run.\n")
+    harness = g["open_loop"][0].get("harness", "every future kept to the end of the run")
+    out += (f"- Open loop (Poisson arrivals, 6 s per load; harness: {harness}): {ol}; p99 at 70 % load vs 2x the "
+            f"{g['latency_target_ms']:.0f} ms target: {met(p99_70 <= 2 * g['latency_target_ms'])}. The client's "
+            f"garbage-collection pauses over 10 ms: {pauses(g['open_loop'], 0.7)} at 70 %, "
+            f"{pauses(g['open_loop'], 1.0)} at 100 % (where requests queue up and live longer).\n")
     frozen = g.get("open_loop_gc_frozen")
     if frozen:
         olf = ", ".join(f"{o['load']:.0%}: p50 {o['p50_ms']:.0f} / p99 {o['p99_ms']:.0f} ms" for o in frozen)
@@ -148,13 +175,9 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
         dq = q["dynbatch"]
         fixed = ", ".join(f"chunks of {k.split('_')[1]}: {v['failed_chunks']} of {v['chunks']} failed"
                           for k, v in q.items() if k.startswith("fixed_"))
-        caps = [h[2] for h in dq["history"] if h[2]]
-        out += (f"- Memory pressure (`gpu_case_pressure.json`, commit {p['machine'].get('commit')}): another process held all but "
-                f"{q['hog_keep_gib']:.0f} GiB of the GPU when dask-dynbatch started, let go, took memory again (about 35 GiB, not all "
-                f"that was free), let go: **{dq['failed']} of {dq['requests']:,}** requests "
-                f"failed; the cap was ~210 rows under the neighbour, {max(caps):,} after it let go, and the batch size went from "
-                f"16-192 to {dq['final_controller']:,}. Plain Dask under the same neighbour (fresh worker): {fixed}, CUDA out of "
-                "memory.\n")
+        out += (f"- Memory pressure (`gpu_case_pressure.json`, {p['machine'].get('gpu', '').split(',')[0]}, commit "
+                f"{p['machine'].get('commit')}): {pressure_story(q)}: **{dq['failed']} of {dq['requests']:,}** requests "
+                f"failed. Plain Dask under the same neighbour (fresh worker): {fixed}, CUDA out of memory.\n")
     x = g.get("hetero")
     if x:
         total = sum(w["samples"] for w in x["workers"].values())
@@ -205,9 +228,14 @@ def pipeline_section() -> str:
             if not x:
                 continue
             stages = "/".join(f"{x['median_rate'][k]:,.0f}" for k in ("pre", "model", "post"))
+            slowest = min(x["median_rate"][k] for k in ("pre", "model", "post"))
+            # what the machine's cores allow at the CPU time the pipeline spent per job (all processes)
+            cpu_bound = r["machine"]["cpu_count"] * 1e3 / x["median_cpu_ms_per_job"]["pipeline"] / slowest
+            bound = (f"; the cores allow at most {cpu_bound:.2f}x at its {x['median_cpu_ms_per_job']['pipeline']:.2f} ms "
+                     f"of CPU per job" if cpu_bound < 1.5 else "")
             parts.append(f"`{setup}` (stages alone {stages} jobs/s): pipeline "
                          f"{x['ratios']['pipeline_vs_slowest_stage_alone']:.2f}x the slowest stage (floor 0.8: "
-                         f"{met(x['ratios']['pipeline_vs_slowest_stage_alone'] >= 0.8)}), high-priority median latency "
+                         f"{met(x['ratios']['pipeline_vs_slowest_stage_alone'] >= 0.8)}{bound}), high-priority median latency "
                          f"{x['priority']['high_over_low_median']:.2f} of low's (target at most 0.2: "
                          f"{met(x['priority']['high_over_low_median'] <= 0.2)})")
         lines.append(f"- `{name}.json` ({where}, {r['machine']['date']}): " + "; ".join(parts) + ".")
