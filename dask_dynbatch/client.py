@@ -751,6 +751,7 @@ class Batcher:
         keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
         ring = slot.shm
         shm_slot: ShmSlot | None = None
+        new_slot = False
         shm_ref: dict[str, Any] | None = None
         batch = None
         if inline:
@@ -758,6 +759,9 @@ class Batcher:
             loop = asyncio.get_running_loop()
             if ring is not None and nbytes >= _shm_min_bytes():
                 shm_slot = ring.acquire(nbytes)
+                # a slot's first batch pays one-time costs on both sides: the client's first writes
+                # fault its pages in, the worker maps it and (GPU) page-locks it
+                new_slot = shm_slot is not None and not shm_slot.attached
             if shm_slot is not None:  # same host: stack straight into shared memory, send its name
                 try:
                     shm_ref = await self._stack_shared(inline, shm_slot, nbytes)
@@ -857,7 +861,14 @@ class Batcher:
         # The controller is held to the batch's own latency (formation wait + its share of the
         # pipeline), not to the wait behind the other batches in flight with it: that wait comes
         # from the load, and shrinking batches would only lower throughput and lengthen it.
-        if not (reply.get("cold") or reply.get("compiling") or reply.get("new_shape")):
+        # Batches whose time says little about their size are not shown to the controller: the
+        # model was loaded for it (cold), a bucket compiled beside it, its shape was new on the
+        # device, or it went through a shared-memory slot for the first time. The slot ring grows to
+        # the next power of two as batches grow, and its first up to max_inflight + 1 batches at
+        # each new slot size each paid a fresh slot: on an H100 they staged in 7-38 ms instead of
+        # 1-2, the controller took that for a throughput fall at that size and, remembering the
+        # fall, held the size at 80-112 for ~150 batches (gpu_case.json of 2026-12-06, first pass).
+        if not (reply.get("cold") or reply.get("compiling") or reply.get("new_shape") or new_slot):
             slot.controller.observe(n, formation_wait + service_s, service_s, proposed=proposed)
             if reply.get("compute_s"):
                 # from forming the batch to its rows being ready on the worker: stacking, half the

@@ -209,3 +209,44 @@ def test_client_that_leaves_frees_its_slots_on_worker_processes():
                 time.sleep(0.05)
             assert mappings() == 0
     assert not our_files()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_first_batch_through_each_new_slot_is_not_shown_to_the_controller(c, s, a):
+    """A slot's first batch pays one-time costs (the client's first writes fault its pages in, the
+    worker maps and on a GPU page-locks it): on an H100 they staged 5-20x slower than the batches
+    after them, which the controller took for a throughput fall at that size. Every later batch
+    through the same slot is shown to the controller."""
+    from dask_dynbatch import shm as shm_module
+
+    created = []
+    original_init = shm_module.ShmSlot.__init__
+
+    def counting_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        created.append(self.name)
+
+    shm_module.ShmSlot.__init__ = counting_init
+    try:
+        await c.register_plugin(ddb.DynBatchPlugin())
+        spec = ddb.ModelSpec("affine-fresh-slots", load=build_affine, max_batch_size=16, initial_batch_size=16)
+        batcher = await ddb.Batcher(c, spec)
+        # load the model with a batch too small for shared memory (2 x 24 KiB): the batches below
+        # are then neither cold nor, after the first, of a new shape
+        await asyncio.gather(*batcher.map(list(samples(2, seed=6))))
+        assert not created
+        xs = samples(16 * 20, seed=5)
+        results = await asyncio.gather(*batcher.map(list(xs)))
+    finally:
+        shm_module.ShmSlot.__init__ = original_init
+    np.testing.assert_array_equal(np.stack(results), xs * 2 + 1)
+    history = batcher.history()[1:]
+    assert [h["size"] for h in history] == [16] * 20
+    (worker,) = batcher.stats()["workers"].values()
+    assert worker["transport"] == "shared-memory"
+    # full batches go up to max_inflight (3) at a time, each in its own slot
+    assert 2 <= len(created) <= 4
+    # hidden: the first batch of 16 (a new shape, and the first through its slot) and the first
+    # batch through every other new slot; shown: all the rest (the cold batch of 2 is hidden too)
+    assert worker["controller"]["observations"] == len(history) - len(created)
+    batcher.close()
