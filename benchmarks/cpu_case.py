@@ -66,7 +66,10 @@ def dynbatch_closed_loop(client, images, name, **spec_kw) -> dict:
         "latency_p50_ms": stats["latency_p50"] * 1e3,
         "latency_p99_ms": stats["latency_p99"] * 1e3,
         "controller": next(iter(stats["workers"].values()))["controller"],
-        "history": [(h["time"], h["size"], h["latency"]) for h in history],
+        "history_columns": ("time", "size", "latency", "service_s", "decision"),
+        "history": [(h["time"], h["size"], h["latency"], h["service_s"], h["decision"]) for h in history],
+        # the controller's reasons for every batch it did not simply hold on (index into history)
+        "decisions": [(i, h["decision"], h["reason"]) for i, h in enumerate(history) if h["decision"] != "hold"],
     }
 
 

@@ -868,8 +868,14 @@ class Batcher:
         # each new slot size each paid a fresh slot: on an H100 they staged in 7-38 ms instead of
         # 1-2, the controller took that for a throughput fall at that size and, remembering the
         # fall, held the size at 80-112 for ~150 batches (gpu_case.json of 2026-12-06, first pass).
-        if not (reply.get("cold") or reply.get("compiling") or reply.get("new_shape") or new_slot):
+        hidden = next((why for why, flag in (("cold", reply.get("cold")), ("compiling", reply.get("compiling")),
+                                             ("new_shape", reply.get("new_shape")), ("new_slot", new_slot)) if flag),
+                      None)
+        if hidden is None:
             slot.controller.observe(n, formation_wait + service_s, service_s, proposed=proposed)
+            decision, reason = slot.controller.decision, slot.controller.reason
+        else:
+            decision, reason = "not shown", hidden
             if reply.get("compute_s"):
                 # from forming the batch to its rows being ready on the worker: stacking, half the
                 # round trip's comm, staging
@@ -880,7 +886,8 @@ class Batcher:
                 slot.forecast.observe(n, reply["compute_s"], lead)
         self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed, reply.get("compute_s"),
                               reply.get("wait_s"), reply.get("stage_s"), sent - oldest, done - sent,
-                              reply.get("worker_s"), sent - formed if formed is not None else None))
+                              reply.get("worker_s"), sent - formed if formed is not None else None, service_s,
+                              decision, reason))
 
     async def _stack_shared(self, inline: list[np.ndarray], shm_slot: ShmSlot, nbytes: int) -> dict[str, Any]:
         """Stack the rows into the slot (large batches in parallel parts); returns its reference."""
@@ -1068,9 +1075,13 @@ class Batcher:
         (``stage_s``: copying in, to the device) and in all (``worker_s``); on the client, seconds
         from its oldest request's arrival to the send (``queued_s``: waiting in the queue, then
         stacking), stacking alone (``stack_s``: from forming the batch to sending it) and from the
-        send to the reply (``round_trip_s``)."""
+        send to the reply (``round_trip_s``); the batch's share of the worker's time (``service_s``,
+        what its throughput is measured by); and what the batch-size controller made of it
+        (``decision``: ``"grow"``, ``"shrink"``, ``"hold"``, or ``"not shown"`` for a batch whose time
+        says little about its size, and ``reason``: the controller's words, or why it was not shown:
+        ``"cold"``, ``"compiling"``, ``"new_shape"``, ``"new_slot"``)."""
         keys = ("time", "worker", "size", "latency", "cap", "controller_size", "compute_s", "wait_s", "stage_s",
-                "queued_s", "round_trip_s", "worker_s", "stack_s")
+                "queued_s", "round_trip_s", "worker_s", "stack_s", "service_s", "decision", "reason")
         return [dict(zip(keys, row)) for row in self._history.copy()]
 
 

@@ -377,10 +377,12 @@ def test_a_throughput_cliff_is_not_probed_again_while_it_is_known():
         late = trace.ran[100:]
         cliff = int(np.sum(late >= model.cliff))
         # a probe into the cliff costs two batches there, and the fall is remembered for 16 * 8 = 128
-        # batches: here 8-14 such batches in 500 and 98 % of the best throughput (re-probing after
-        # every patience instead: 34-46 and 94-96 %)
-        assert cliff <= 16, cliff
-        assert np.median(late) >= 400  # it still sits near the top of the good range
+        # batches while it holds: here 8-17 such batches in 500 over seeds 0-7 and 97-98 % of the
+        # best throughput (re-probing after every patience instead: 34-46 and 94-96 %)
+        assert cliff <= 20, cliff
+        # it still sits near the top of the good range: from 375 rows on, within 2 % of the best
+        assert model.throughput(375) >= 0.98 * model.throughput(model.cliff - 1)
+        assert np.median(late) >= 375
         efficiency = np.mean([model.throughput(s) for s in late]) / model.throughput(model.cliff - 1)
         assert efficiency >= 0.95
 
@@ -690,3 +692,50 @@ def test_slow_start_on_a_ladder_and_after_a_looser_target():
     assert controller.size == 112 and not controller.state()["slow_start"]
     controller.set_target(3.0)  # looser: slow start again
     assert controller.state()["slow_start"]
+
+
+def test_a_bucket_averages_its_first_batches_plainly():
+    controller = BatchSizeController(1.0, initial_size=32, b_delta=1)
+    for service in (0.016, 0.032, 0.016, 0.032):  # 2,000 and 1,000 samples/s, alternately
+        controller.observe(32, 0.05, service)
+    # a plain mean (1,500/s), not an EWMA that gives the first batch three quarters after two
+    assert controller.state()["throughput"][32] == pytest.approx(1500)
+
+
+def test_a_fall_measured_against_a_lucky_best_is_forgotten():
+    """What a recorded CPU run showed (max_batch_size=64): one lucky batch made 38 rows look best
+    (11,480/s), two ordinary batches at 64 (10,300/s) then confirmed a "fall" there, and the fall
+    kept the size at 38-47 for 128 batches. Settled at 38, the controller measures it again
+    (10,400/s): the fall no longer holds, so it is forgotten and the size returns to 64."""
+    controller = BatchSizeController(1.0, initial_size=64, max_size=64)  # latency is never the limit
+    controller.observe(38, 0.01, 38 / 11_480, proposed=64)  # a short batch, and a lucky one
+    for _ in range(2):
+        controller.observe(64, 0.01, 64 / 10_300)
+    assert controller.size == 38 and "settle at 38" in controller.reason
+    ran = []
+    for _ in range(60):
+        size = controller.size
+        ran.append(size)
+        controller.observe(size, 0.01, size / (10_400 if size < 64 else 10_300))
+    assert 64 in ran  # back within 60 batches, not after the 128 a real fall is remembered for
+    assert ran[-10:] == [64] * 10
+
+
+def test_a_real_fall_survives_remeasuring_the_best():
+    """The same situation with a real cliff: the best size measured again stays better by far, so the
+    fall is kept and the controller does not probe into it again for 128 batches."""
+
+    def rate(size: int) -> float:
+        return 4_000.0 if size >= 32 else 8_000.0 + 50.0 * size
+
+    controller = BatchSizeController(1.0, initial_size=16, max_size=64)
+    ran, reasons = [], []
+    for _ in range(140):
+        size = controller.size
+        ran.append(size)
+        controller.observe(size, 0.01, size / rate(size))
+        reasons.append(controller.reason)
+    settled = next(i for i, r in enumerate(reasons) if "settle at" in r)
+    assert settled < 20
+    assert all(size < 32 for size in ran[settled + 1 : settled + 100])
+    assert any("throughput fell at" in r for r in reasons[settled + 1 :])  # held back by the memory

@@ -249,4 +249,7 @@ async def test_first_batch_through_each_new_slot_is_not_shown_to_the_controller(
     # hidden: the first batch of 16 (a new shape, and the first through its slot) and the first
     # batch through every other new slot; shown: all the rest (the cold batch of 2 is hidden too)
     assert worker["controller"]["observations"] == len(history) - len(created)
+    hidden = [h["reason"] for h in history if h["decision"] == "not shown"]
+    assert hidden == ["new_shape"] + ["new_slot"] * (len(created) - 1)
+    assert all(h["reason"] for h in history)  # every batch says what the controller made of it
     batcher.close()
