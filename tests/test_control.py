@@ -739,3 +739,32 @@ def test_a_real_fall_survives_remeasuring_the_best():
     assert settled < 20
     assert all(size < 32 for size in ran[settled + 1 : settled + 100])
     assert any("throughput fell at" in r for r in reasons[settled + 1 :])  # held back by the memory
+
+
+def test_one_lucky_batch_does_not_make_the_best_size():
+    """The best size is chosen by its throughput less 1.5 standard errors of the noise measured so
+    far, so a size seen once must beat a well-measured one by more than its luck. Numbers as in a
+    recorded CPU run: batches of 64 vary by ~15 % around 10,000/s, one short batch of 38 ran at
+    11,500/s."""
+    controller = BatchSizeController(1.0, initial_size=64, max_size=64)
+    for k in range(20):
+        controller.observe(64, 0.01, 64 / (8_500 if k % 2 else 11_500))
+    controller.observe(38, 0.01, 38 / 11_500, proposed=64)  # a short batch, and a lucky one
+    state = controller.state()
+    assert state["throughput_noise"] == pytest.approx(0.15, abs=0.05)
+    assert state["throughput"][38] > state["throughput"][64]  # on averages alone 38 would be best
+    assert state["best_size"] == 64
+    assert state["best_throughput_bound"] < state["best_throughput"]
+    for _ in range(2):  # two ordinary batches of 64 are no "fall" below the lucky 38
+        controller.observe(64, 0.01, 64 / 9_000)
+    assert controller.size == 64 and "settle" not in controller.reason
+
+
+def test_a_quiet_device_keeps_its_best_sharp():
+    """With little noise (a GPU) the bound is close to the average: a real 15 % fall still counts."""
+    controller = BatchSizeController(1.0, initial_size=256, max_size=512, b_delta=256)
+    for k in range(12):
+        controller.observe(256, 0.01, 256 / (16_000 * (1.01 if k % 2 else 0.99)))
+    state = controller.state()
+    assert state["throughput_noise"] < 0.03
+    assert state["best_throughput_bound"] > 0.97 * state["best_throughput"]
