@@ -66,7 +66,7 @@ round, figures the means; images/s; noisy from run to run on this machine, so re
 def previous_cpu_runs() -> str:
     """The same ratios from runs kept in earlier/ (see its README for what each ran)."""
     lines = []
-    for name in ("cpu_case_run15", "cpu_case_run14", "cpu_case_run13", "cpu_case_run12"):
+    for name in ("cpu_case_run16", "cpu_case_run15", "cpu_case_run14", "cpu_case_run13"):
         r = load_result(f"earlier/{name}")
         if r is None:
             continue

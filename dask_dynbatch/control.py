@@ -71,12 +71,15 @@ each: the best of them on averages alone is mostly the luckiest.  In a recorded 
 which 64 rows "fell" at 10,310 while its 480 batches averaged 12,620; in the run before, such a
 fall held ``max_batch_size=64`` at 35-47 rows for a third of the timed requests.  Three rules:
 
-- The best size is the one with the highest *lower bound*: its average less 1.5 standard errors,
-  from the noise measured so far (one batch's relative deviation from its size's average, pooled
-  over sizes: ``throughput_noise`` in :meth:`~BatchSizeController.state`) over the square root of
-  the batches the average holds (at most 7, what an EWMA of weight 1/4 holds).  A size seen once
-  must beat a well-measured one by more than its luck; a quiet device (a GPU: ~1-3 %) keeps its
-  comparisons sharp, and a real fall (the CPU case's half speed from 513 rows) is far outside.
+- The best size is the one with the highest *lower bound*: its average less twice the standard
+  error it has beyond a well-measured size's, ``noise * sqrt(1/k - 1/7)`` for an average of k
+  batches (7: what an EWMA of weight 1/4 holds), where ``noise`` is one batch's relative standard
+  deviation, measured robustly (median absolute deviation of the last 64 batches from their
+  sizes' averages, at most 0.25: ``throughput_noise`` in :meth:`~BatchSizeController.state`).  A
+  size seen once must beat a well-measured one by more than its luck; two well-measured sizes
+  compare by their averages, so a real fall is seen as sharply as before (a bound on every
+  average, even a long-measured one, made a burst of slow batches hide the CPU case's cliff in
+  simulation); a quiet device (a GPU: ~1-3 %) keeps all its comparisons sharp.
 - A size's first four batches are averaged plainly before the EWMA takes over (from the first
   batch, two batches leave the first one weighing 3/4).
 - A remembered fall is kept only while the fallen size's average stays more than the tolerance
@@ -84,10 +87,9 @@ fall held ``max_batch_size=64`` at 35-47 rows for a third of the timed requests.
 
 ``benchmarks/controller_sim.py``, noise shaped like the 2-core machine's, worst of 16 seeds, before
 these rules -> with them: the ``max_batch_size=64`` curve 0.97 -> 1.00 of the best throughput, the
-CPU curve 0.90 -> 0.95, the GPU curve 0.92 -> 0.99, the cliff 0.85 -> 0.96; over batches 50-300
-after load (what the CPU benchmark times) 0.94 -> 0.99, 0.86 -> 0.93, 0.89 -> 0.98 and
-0.72 -> 0.95.  With quiet noise (5 %) nothing changes by more than 0.01, but the CPU curve's
-early worst (0.94 -> 0.97).
+CPU curve 0.90 -> 0.96, the GPU curve 0.92 -> 0.99, the cliff 0.85 -> 0.95; over batches 50-300
+after load (what the CPU benchmark times) 0.94 -> 0.99, 0.86 -> 0.94, 0.89 -> 0.98 and
+0.72 -> 0.88.  With quiet noise (5 %) nothing gets worse by more than 0.01.
 
 *Short batches.*  ``observe`` records the size that actually ran.  A batch smaller than the proposal
 (the queue held fewer requests) says nothing about the proposal: meeting the target with it does not
@@ -323,10 +325,13 @@ def mann_kendall(
 
 _UNCONFIRMED_RUN_STEPS = 3  # steps of a run taken before Mann-Kendall must confirm its trend
 _EWMA_WEIGHT = 0.25  # weight of a new sample in the per-size throughput/latency averages
-#: the best size is chosen by its throughput less this many standard errors (module docstring)
-_BEST_BOUND_Z = 1.5
+#: the best size is chosen by its throughput less this many of its excess standard errors (module docstring)
+_BEST_BOUND_Z = 2.0
 #: an EWMA of weight 0.25 averages about (2 - 0.25) / 0.25 = 7 batches
 _EWMA_SAMPLES = 7
+#: the per-batch noise is taken as at most this (relative standard deviation): the bound of a
+#: well-measured best stays above 0.86 of its average, so a fall to half speed always counts
+_MAX_NOISE = 0.25
 
 
 def size_bucket(size: int) -> int:
@@ -456,8 +461,8 @@ class BatchSizeController:
         # doubling steps until the first late batch or throughput settle (not with a fixed b_delta)
         self._slow_start = self._b_delta is None
         self._below_best: int | None = None  # size of the last full batch under target, when it ran more than the tolerance below the best
-        self._residuals = 0  # batches that updated a size's average (see _record)
-        self._relative_variance = 0.0  # of one batch's throughput about its size's average
+        # one batch's relative deviation from its size's average so far, last 64 (see _record)
+        self._residuals: deque[float] = deque(maxlen=64)
         self._fall: tuple[int, int] | None = None  # (size, observation) of the last confirmed throughput fall
         # A fresh controller is a growth run that has not taken its first step yet.
         self._run_direction = +1  # +1 growing, -1 shrinking, 0 at rest (the last decision was a hold)
@@ -615,9 +620,9 @@ class BatchSizeController:
             seconds), ``sizes`` (recent proposals), ``z``, ``p``, ``s``, ``trend`` (of the sizes),
             ``latency_trend`` (z, p and trend of the latency residuals), ``decision`` (``"grow"``,
             ``"shrink"`` or ``"hold"``), ``reason``, ``best_size``, ``best_throughput`` (its
-            average), ``best_throughput_bound`` (what the rules compare with: the average less 1.5
-            standard errors), ``throughput_noise`` (one batch's relative standard deviation, or None
-            until measured),
+            average), ``best_throughput_bound`` (what the rules compare with: the average less what
+            luck may have added, see the module docstring), ``throughput_noise`` (one batch's
+            relative standard deviation, or None until measured),
             ``throughput`` (``{size bucket: samples/s}``), ``patience``, ``ladder`` (bucket sizes, or None), ``observations`` and
             ``observed_at`` (clock reading of the last observation, or None).
         """
@@ -645,7 +650,7 @@ class BatchSizeController:
             "best_size": best_size,
             "best_throughput": best_throughput,
             "best_throughput_bound": best_bound,
-            "throughput_noise": math.sqrt(self._relative_variance) if self._residuals >= 4 else None,
+            "throughput_noise": self._noise(),
             "throughput": {
                 bucket: float(stats.throughput)
                 for bucket, stats in sorted(self._buckets.items())
@@ -804,11 +809,7 @@ class BatchSizeController:
             self._buckets[bucket] = _BucketStats(throughput, latency, self._observations)
             return
         if throughput is not None and stats.throughput:
-            # the measurement noise, pooled over sizes: squared relative deviation of a batch from
-            # its size's average so far (a plain mean of the first 64, then an EWMA)
-            residual = (throughput - stats.throughput) / stats.throughput
-            self._residuals += 1
-            self._relative_variance += max(1.0 / 64, 1.0 / self._residuals) * (residual * residual - self._relative_variance)
+            self._residuals.append(abs(throughput - stats.throughput) / stats.throughput)
         stats.count += 1
         # a plain mean of the first 1 / _EWMA_WEIGHT batches, then the EWMA: otherwise a bucket's
         # first batch alone would weigh 3/4 after two, and a size seen a few times in a climb would
@@ -878,14 +879,25 @@ class BatchSizeController:
                 best_size, best_throughput = bucket, bound
         return best_size, best_throughput
 
+    def _noise(self) -> float | None:
+        """One batch's relative standard deviation of throughput, pooled over sizes: robustly, from
+        the median absolute deviation of the last 64 batches from their sizes' averages (a late
+        batch or a stall would dominate a mean of squares: one such run measured 0.40 where the
+        batches' spread was ~0.13), at most ``_MAX_NOISE``; None before 8 batches showed it."""
+        if len(self._residuals) < 8:
+            return None
+        return min(_MAX_NOISE, 1.4826 * float(np.median(self._residuals)))
+
     def _throughput_bound(self, stats: _BucketStats) -> float:
-        """A size's throughput less ``_BEST_BOUND_Z`` standard errors: the noise measured so far
-        (relative standard deviation of one batch) over the square root of the batches its
-        average holds. Until four batches have shown the noise, the average itself."""
-        if self._residuals < 4:
+        """A size's throughput less ``_BEST_BOUND_Z`` times the standard error its average has
+        beyond that of a well-measured size's (the noise, :meth:`_noise`, times
+        ``sqrt(1/k - 1/7)`` for an average of k batches; nothing from 7 on, what an EWMA of
+        weight 1/4 holds); the average itself until the noise is known."""
+        noise = self._noise()
+        if noise is None:
             return float(stats.throughput)
-        relative_error = math.sqrt(self._relative_variance / min(stats.count, _EWMA_SAMPLES))
-        return float(stats.throughput) * max(0.5, 1.0 - _BEST_BOUND_Z * relative_error)
+        excess = math.sqrt(max(0.0, 1.0 / stats.count - 1.0 / _EWMA_SAMPLES))
+        return float(stats.throughput) * (1.0 - _BEST_BOUND_Z * noise * excess)
 
     def _step(self, size: int) -> int:
         return self._b_delta if self._b_delta is not None else max(1, size // 8)

@@ -742,8 +742,8 @@ def test_a_real_fall_survives_remeasuring_the_best():
 
 
 def test_one_lucky_batch_does_not_make_the_best_size():
-    """The best size is chosen by its throughput less 1.5 standard errors of the noise measured so
-    far, so a size seen once must beat a well-measured one by more than its luck. Numbers as in a
+    """The best size is chosen by its throughput less what luck may have added to a thin average,
+    so a size seen once must beat a well-measured one by more than the noise. Numbers as in a
     recorded CPU run: batches of 64 vary by ~15 % around 10,000/s, one short batch of 38 ran at
     11,500/s."""
     controller = BatchSizeController(1.0, initial_size=64, max_size=64)
@@ -751,20 +751,24 @@ def test_one_lucky_batch_does_not_make_the_best_size():
         controller.observe(64, 0.01, 64 / (8_500 if k % 2 else 11_500))
     controller.observe(38, 0.01, 38 / 11_500, proposed=64)  # a short batch, and a lucky one
     state = controller.state()
-    assert state["throughput_noise"] == pytest.approx(0.15, abs=0.05)
+    assert 0.1 <= state["throughput_noise"] <= 0.25
     assert state["throughput"][38] > state["throughput"][64]  # on averages alone 38 would be best
     assert state["best_size"] == 64
-    assert state["best_throughput_bound"] < state["best_throughput"]
+    assert state["best_throughput_bound"] == state["best_throughput"]  # well measured: no discount
     for _ in range(2):  # two ordinary batches of 64 are no "fall" below the lucky 38
         controller.observe(64, 0.01, 64 / 9_000)
     assert controller.size == 64 and "settle" not in controller.reason
 
 
-def test_a_quiet_device_keeps_its_best_sharp():
-    """With little noise (a GPU) the bound is close to the average: a real 15 % fall still counts."""
+def test_a_fall_below_a_well_measured_best_counts_as_before():
+    """Noise discounts only a thin average: a size measured for long is compared by its average,
+    so a real fall of 20 % below it is seen on two batches even with 15 % noise."""
     controller = BatchSizeController(1.0, initial_size=256, max_size=512, b_delta=256)
     for k in range(12):
-        controller.observe(256, 0.01, 256 / (16_000 * (1.01 if k % 2 else 0.99)))
-    state = controller.state()
-    assert state["throughput_noise"] < 0.03
-    assert state["best_throughput_bound"] > 0.97 * state["best_throughput"]
+        controller.observe(256, 0.01, 256 / (10_000 * (1.15 if k % 2 else 0.85)))
+    assert controller.state()["throughput_noise"] >= 0.1
+    while controller.size == 256:  # patience, then a probe to 512
+        controller.observe(256, 0.01, 256 / 10_000)
+    for _ in range(2):
+        controller.observe(512, 0.01, 512 / 7_800)
+    assert controller.size == 256 and "settle at 256" in controller.reason
