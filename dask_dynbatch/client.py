@@ -874,8 +874,6 @@ class Batcher:
         if hidden is None:
             slot.controller.observe(n, formation_wait + service_s, service_s, proposed=proposed)
             decision, reason = slot.controller.decision, slot.controller.reason
-        else:
-            decision, reason = "not shown", hidden
             if reply.get("compute_s"):
                 # from forming the batch to its rows being ready on the worker: stacking, half the
                 # round trip's comm, staging
@@ -884,6 +882,8 @@ class Batcher:
                     comm_s = max(0.0, (done - sent) - (reply.get("worker_s") or 0.0))
                     lead = (sent - formed) + comm_s / 2 + (reply.get("stage_s") or 0.0)
                 slot.forecast.observe(n, reply["compute_s"], lead)
+        else:
+            decision, reason = "not shown", hidden
         self._history.append((time.time(), slot.address, n, latency, slot.cap, proposed, reply.get("compute_s"),
                               reply.get("wait_s"), reply.get("stage_s"), sent - oldest, done - sent,
                               reply.get("worker_s"), sent - formed if formed is not None else None, service_s,

@@ -219,14 +219,21 @@ async def test_first_batch_through_each_new_slot_is_not_shown_to_the_controller(
     through the same slot is shown to the controller."""
     from dask_dynbatch import shm as shm_module
 
-    created = []
-    original_init = shm_module.ShmSlot.__init__
+    from dask_dynbatch.pacing import BusyForecast
+
+    created, forecast_rows = [], []
+    original_init, original_observe = shm_module.ShmSlot.__init__, BusyForecast.observe
 
     def counting_init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         created.append(self.name)
 
+    def recording_observe(self, rows, compute_s, lead_s=None):
+        forecast_rows.append(rows)
+        original_observe(self, rows, compute_s, lead_s)
+
     shm_module.ShmSlot.__init__ = counting_init
+    BusyForecast.observe = recording_observe
     try:
         await c.register_plugin(ddb.DynBatchPlugin())
         spec = ddb.ModelSpec("affine-fresh-slots", load=build_affine, max_batch_size=16, initial_batch_size=16)
@@ -239,6 +246,7 @@ async def test_first_batch_through_each_new_slot_is_not_shown_to_the_controller(
         results = await asyncio.gather(*batcher.map(list(xs)))
     finally:
         shm_module.ShmSlot.__init__ = original_init
+        BusyForecast.observe = original_observe
     np.testing.assert_array_equal(np.stack(results), xs * 2 + 1)
     history = batcher.history()[1:]
     assert [h["size"] for h in history] == [16] * 20
@@ -251,5 +259,7 @@ async def test_first_batch_through_each_new_slot_is_not_shown_to_the_controller(
     assert worker["controller"]["observations"] == len(history) - len(created)
     hidden = [h["reason"] for h in history if h["decision"] == "not shown"]
     assert hidden == ["new_shape"] + ["new_slot"] * (len(created) - 1)
+    # the pacing forecast learns from the same batches as the controller, and only from them
+    assert len(forecast_rows) == worker["controller"]["observations"]
     assert all(h["reason"] for h in history)  # every batch says what the controller made of it
     batcher.close()
