@@ -66,7 +66,7 @@ round, figures the means; images/s; noisy from run to run on this machine, so re
 def previous_cpu_runs() -> str:
     """The same ratios from runs kept in earlier/ (see its README for what each ran)."""
     lines = []
-    for name in ("cpu_case_run16", "cpu_case_run15", "cpu_case_run14", "cpu_case_run13"):
+    for name in ("cpu_case_run17", "cpu_case_run16", "cpu_case_run15", "cpu_case_run14"):
         r = load_result(f"earlier/{name}")
         if r is None:
             continue
@@ -143,7 +143,8 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
             f"its first pass right after the model loaded ran at {d['first_pass_throughput']:,.0f} "
             f"({d['first_pass_throughput'] / ceiling:.0%}), while the controller climbed.\n")
     harness = g["open_loop"][0].get("harness", "every future kept to the end of the run")
-    out += (f"- Open loop (Poisson arrivals, 6 s per load; harness: {harness}): {ol}; p99 at 70 % load vs 2x the "
+    caveat = f" **This run's open loop {g['open_loop_caveat']}.**" if g.get("open_loop_caveat") else ""
+    out += (f"- Open loop (Poisson arrivals, 6 s per load; harness: {harness}):{caveat} {ol}; p99 at 70 % load vs 2x the "
             f"{g['latency_target_ms']:.0f} ms target: {met(p99_70 <= 2 * g['latency_target_ms'])}. The client's "
             f"garbage-collection pauses over 10 ms: {pauses(g['open_loop'], 0.7)} at 70 %, "
             f"{pauses(g['open_loop'], 1.0)} at 100 % (where requests queue up and live longer).\n")
@@ -189,10 +190,51 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
                 f"sees its NVML metrics ({', '.join(sorted(metrics))}).\n")
     out += (f"- CuPy MLP: {g['cupy']['throughput']:,.0f} samples/s, largest difference to NumPy "
             f"{g['cupy']['max_abs_error_vs_numpy']:.1e}.\n")
+    out += other_gpu_runs()
     out += "\n![GPU case](benchmarks/results/gpu_case.png)\n"
     if p and p.get("pressure", {}).get("dynbatch"):
         out += "\n![memory pressure](benchmarks/results/gpu_case_pressure.png)\n"
     return out
+
+
+#: GPU runs after the main table's, and the runs of the same session before it (see earlier/README.md)
+OTHER_GPU_RUNS = ("gpu_case_open", "earlier/gpu_h100_ab3_4715a18", "earlier/gpu_h100_ab2_07eb74f",
+                  "earlier/gpu_h100_ab1_4715a18", "earlier/gpu_h100_warmup_4715a18", "earlier/gpu_h100_3c04b38")
+
+
+def other_gpu_runs() -> str:
+    """One line per GPU run of the session: card, commit, how launch-bound its host was (raw batch
+    64 against 512), the closed loop against the eager ceiling, open-loop p99 at 70 %, compiled."""
+    lines = []
+    for name in OTHER_GPU_RUNS:
+        r = load_result(name)
+        if r is None:
+            continue
+        m, parts = r["machine"], []
+        small = sorted(h[o["history_columns"].index("compute_s")] for o in r.get("open_loop") or [] if o["load"] == 0.3
+                       for h in o["history"] if 20 <= h[o["history_columns"].index("size")] <= 60
+                       and h[o["history_columns"].index("compute_s")])
+        if small:
+            parts.append(f"a batch of 20-60 rows ran {small[len(small) // 2] * 1e3:.1f} ms on the worker (median, 30 % load)")
+        d = r.get("dynbatch") or {}
+        if d.get("ratio_to_ceiling"):
+            parts.append(f"closed loop {d['ratio_to_ceiling']:.1%} of the eager ceiling")
+        elif d.get("throughput"):
+            parts.append(f"closed loop {d['throughput']:,.0f} images/s")
+        for o in r.get("open_loop") or []:
+            if o["load"] == 0.7:
+                parts.append(f"open-loop p50 / p99 at 70 %: {o['p50_ms']:.0f} / {o['p99_ms']:.0f} ms")
+        if r.get("compiled"):
+            parts.append(f"`compile=True` {r['compiled']['ratio_to_eager_ceiling']:.2f}x")
+        lines.append(f"- `{name}.json` ({m.get('gpu', '').split(',')[0]}, commit {m.get('commit')}, {m['date']}): "
+                     + "; ".join(parts) + ".")
+    if not lines:
+        return ""
+    return ("\n**Other GPU runs of 2026-12-06** (newest first). The open loop at 70 % load depends on the host: "
+            "where a small batch costs the worker 4-6 ms it was met, where it costs 7-10 ms (slower kernel "
+            "launches; the client's stacking was 2-3x slower there too) the partial batches of a 70 % load fell "
+            "behind, with the code before and after this session's controller changes alike:\n"
+            + "\n".join(lines) + "\n")
 
 
 def earlier_gpu_section() -> str:
@@ -216,9 +258,10 @@ def earlier_gpu_section() -> str:
 
 
 def pipeline_section() -> str:
-    """The three-stage pipeline (``pipeline_case.json`` here, ``pipeline_case_h200host.json`` on a 16-core host)."""
+    """The three-stage pipeline (``pipeline_case.json`` here, ``pipeline_case_gpuhost.json`` on a 16-core host)."""
     lines = []
-    for name, where in (("pipeline_case", "this 2-core machine"), ("pipeline_case_h200host", "the 16-core host of the GPU machine, CPU only")):
+    for name, where in (("pipeline_case", "this 2-core machine"),
+                        ("pipeline_case_gpuhost", "the 16-core host of the lent H200 machine, CPU only")):
         r = load_result(name)
         if r is None:
             continue
@@ -294,9 +337,9 @@ def main() -> None:
     section = f"""{START}
 Recorded under `benchmarks/results/` (JSON with the machine stamp, plus PNG); this section is written
 by `python benchmarks/readme_results.py`. Rerun with `python benchmarks/cpu_case.py` (about 4 minutes
-here) and, on a GPU machine, `python benchmarks/gpu_case.py --sections
-raw,plain,dynbatch,open,openfrozen,frontendgpu,cupy,rawcompiled,compiled,daskcuda` and `--name gpu_case_pressure
---sections pressure` (then `python benchmarks/plot_gpu.py`). Earlier runs are in `benchmarks/results/earlier/` (its README says what each shows).
+here) and, on the GPU machine, `bash benchmarks/gpu_run.sh` (the GPU case, the pressure section and the
+pipeline case on the host's CPUs, with the wheels of ../shared/device/README.md; then
+`python benchmarks/plot_gpu.py` here). Earlier runs are in `benchmarks/results/earlier/` (its README says what each shows).
 
 {cpu_section(c)}
 {placement_section()}
