@@ -867,7 +867,7 @@ class Batcher:
         # the next power of two as batches grow, and its first up to max_inflight + 1 batches at
         # each new slot size each paid a fresh slot: on an H100 they staged in 7-38 ms instead of
         # 1-2, the controller took that for a throughput fall at that size and, remembering the
-        # fall, held the size at 80-112 for ~150 batches (gpu_case.json of 2026-12-06, first pass).
+        # fall, held the size at 80-112 for ~150 batches (earlier/gpu_h100_3c04b38.json, first pass).
         hidden = next((why for why, flag in (("cold", reply.get("cold")), ("compiling", reply.get("compiling")),
                                              ("new_shape", reply.get("new_shape")), ("new_slot", new_slot)) if flag),
                       None)

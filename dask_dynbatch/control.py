@@ -329,8 +329,8 @@ _EWMA_WEIGHT = 0.25  # weight of a new sample in the per-size throughput/latency
 _BEST_BOUND_Z = 2.0
 #: an EWMA of weight 0.25 averages about (2 - 0.25) / 0.25 = 7 batches
 _EWMA_SAMPLES = 7
-#: the per-batch noise is taken as at most this (relative standard deviation): the bound of a
-#: well-measured best stays above 0.86 of its average, so a fall to half speed always counts
+#: the per-batch noise is taken as at most this (relative standard deviation): a size seen once
+#: keeps at least 1 - 2 * 0.25 * sqrt(1 - 1/7) = 0.54 of its average as its bound
 _MAX_NOISE = 0.25
 
 
@@ -461,8 +461,10 @@ class BatchSizeController:
         # doubling steps until the first late batch or throughput settle (not with a fixed b_delta)
         self._slow_start = self._b_delta is None
         self._below_best: int | None = None  # size of the last full batch under target, when it ran more than the tolerance below the best
-        # one batch's relative deviation from its size's average so far, last 64 (see _record)
+        # one batch's relative deviation from its size's average so far, last 64, and the noise
+        # estimated from them (see _record and _noise)
         self._residuals: deque[float] = deque(maxlen=64)
+        self._noise_estimate: float | None = None
         self._fall: tuple[int, int] | None = None  # (size, observation) of the last confirmed throughput fall
         # A fresh controller is a growth run that has not taken its first step yet.
         self._run_direction = +1  # +1 growing, -1 shrinking, 0 at rest (the last decision was a hold)
@@ -810,6 +812,8 @@ class BatchSizeController:
             return
         if throughput is not None and stats.throughput:
             self._residuals.append(abs(throughput - stats.throughput) / stats.throughput)
+            if len(self._residuals) >= 8:  # once per batch here, not per size each time the best is sought
+                self._noise_estimate = min(_MAX_NOISE, 1.4826 * float(np.median(self._residuals)))
         stats.count += 1
         # a plain mean of the first 1 / _EWMA_WEIGHT batches, then the EWMA: otherwise a bucket's
         # first batch alone would weigh 3/4 after two, and a size seen a few times in a climb would
@@ -884,9 +888,7 @@ class BatchSizeController:
         the median absolute deviation of the last 64 batches from their sizes' averages (a late
         batch or a stall would dominate a mean of squares: one such run measured 0.40 where the
         batches' spread was ~0.13), at most ``_MAX_NOISE``; None before 8 batches showed it."""
-        if len(self._residuals) < 8:
-            return None
-        return min(_MAX_NOISE, 1.4826 * float(np.median(self._residuals)))
+        return self._noise_estimate
 
     def _throughput_bound(self, stats: _BucketStats) -> float:
         """A size's throughput less ``_BEST_BOUND_Z`` times the standard error its average has
