@@ -98,8 +98,10 @@ def open_loop(batcher, samples, rate_per_s: float, seconds: float, seed: int = 0
         nonlocal remaining
         latency = time.perf_counter() - t_submit
         with lock:
-            if fut.cancelled() or fut.exception() is not None:
-                failures.append(fut.exception() if not fut.cancelled() else RuntimeError("cancelled"))
+            if fut.cancelled():
+                failures.append(RuntimeError("cancelled"))
+            elif fut.exception() is not None:
+                failures.append(fut.exception())
             else:
                 latencies.append(latency)
             remaining -= 1

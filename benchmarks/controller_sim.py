@@ -23,6 +23,8 @@ batches in the slow sizes from 500 rows on). Quoted in ``dask_dynbatch/control.p
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from dask_dynbatch.compiled import shape_ladder
@@ -56,10 +58,15 @@ CASES = {  # name: (curve, latency target s, initial size, max size, ladder)
 }
 
 
-def efficiency(name: str, noise: str, seed: int, batches: int = 600) -> tuple[float, int, int, float]:
-    """(mean throughput after the climb / best throughput within the target, median size, batches
-    at 500 rows or more, mean throughput of batches 50-300 / best: what cpu_case.py times, a few
-    thousand requests after the model loaded)."""
+class Run(NamedTuple):
+    efficiency: float  # mean throughput after the climb / best throughput within the target
+    median_size: int
+    slow_batches: int  # batches at 500 rows or more
+    early: float  # mean throughput of batches 50-300 / best: what cpu_case.py times after the load
+
+
+def efficiency(name: str, noise: str, seed: int, batches: int = 600) -> Run:
+    """One seed of one curve and noise shape (see the module docstring)."""
     curve, target, initial, max_size, ladder = CASES[name]
     rng = np.random.default_rng(seed)
     controller = BatchSizeController(target, initial_size=initial, max_size=max_size, ladder=ladder)
@@ -83,7 +90,7 @@ def efficiency(name: str, noise: str, seed: int, batches: int = 600) -> tuple[fl
     tail = sizes[100:]
     best = max(curve(k) for k in range(1, (max_size or 4096) + 1) if k / curve(k) + FORMATION_S <= target)
     early = float(np.mean([curve(k) for k in sizes[50:300]]) / best)
-    return float(np.mean([curve(k) for k in tail]) / best), int(np.median(tail)), sum(k >= 500 for k in tail), early
+    return Run(float(np.mean([curve(k) for k in tail]) / best), int(np.median(tail)), sum(k >= 500 for k in tail), early)
 
 
 def main() -> None:
@@ -91,11 +98,11 @@ def main() -> None:
     for name in CASES:
         for noise in ("quiet", "2-core"):
             runs = [efficiency(name, noise, seed) for seed in range(16)]
-            effs = [e for e, _, _, _ in runs]
-            early = [x for _, _, _, x in runs]
-            slow = f"{np.mean([s for _, _, s, _ in runs]):.0f}" if name in ("cpu", "cliff") else ""
+            effs = [r.efficiency for r in runs]
+            early = [r.early for r in runs]
+            slow = f"{np.mean([r.slow_batches for r in runs]):.0f}" if name in ("cpu", "cliff") else ""
             print(f"{name:6s} {noise:7s} {np.mean(effs):.3f} ({min(effs):.3f}){'':22s}"
-                  f"{int(np.median([m for _, m, _, _ in runs])):>6d}       {slow:>6s}               "
+                  f"{int(np.median([r.median_size for r in runs])):>6d}       {slow:>6s}               "
                   f"{np.mean(early):.3f} ({min(early):.3f})")
 
 

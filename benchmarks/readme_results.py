@@ -211,9 +211,11 @@ def other_gpu_runs() -> str:
         if r is None:
             continue
         m, parts = r["machine"], []
-        small = sorted(h[o["history_columns"].index("compute_s")] for o in r.get("open_loop") or [] if o["load"] == 0.3
-                       for h in o["history"] if 20 <= h[o["history_columns"].index("size")] <= 60
-                       and h[o["history_columns"].index("compute_s")])
+        small = []
+        for o in r.get("open_loop") or []:
+            if o["load"] == 0.3:
+                size, compute = o["history_columns"].index("size"), o["history_columns"].index("compute_s")
+                small = sorted(h[compute] for h in o["history"] if 20 <= h[size] <= 60 and h[compute])
         if small:
             parts.append(f"a batch of 20-60 rows ran {small[len(small) // 2] * 1e3:.1f} ms on the worker (median, 30 % load)")
         d = r.get("dynbatch") or {}

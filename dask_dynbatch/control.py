@@ -462,7 +462,7 @@ class BatchSizeController:
         self._slow_start = self._b_delta is None
         self._below_best: int | None = None  # size of the last full batch under target, when it ran more than the tolerance below the best
         # one batch's relative deviation from its size's average so far, last 64, and the noise
-        # estimated from them (see _record and _noise)
+        # estimated from them (see _record)
         self._residuals: deque[float] = deque(maxlen=64)
         self._noise_estimate: float | None = None
         self._fall: tuple[int, int] | None = None  # (size, observation) of the last confirmed throughput fall
@@ -652,7 +652,7 @@ class BatchSizeController:
             "best_size": best_size,
             "best_throughput": best_throughput,
             "best_throughput_bound": best_bound,
-            "throughput_noise": self._noise(),
+            "throughput_noise": self._noise_estimate,
             "throughput": {
                 bucket: float(stats.throughput)
                 for bucket, stats in sorted(self._buckets.items())
@@ -812,7 +812,12 @@ class BatchSizeController:
             return
         if throughput is not None and stats.throughput:
             self._residuals.append(abs(throughput - stats.throughput) / stats.throughput)
-            if len(self._residuals) >= 8:  # once per batch here, not per size each time the best is sought
+            if len(self._residuals) >= 8:
+                # One batch's relative standard deviation of throughput, pooled over sizes: robustly,
+                # from the median absolute deviation (a late batch or a stall would dominate a mean
+                # of squares: one such run measured 0.40 where the batches' spread was ~0.13), at
+                # most _MAX_NOISE; None until 8 batches showed it. Once per batch here, not per size
+                # each time the best is sought.
                 self._noise_estimate = min(_MAX_NOISE, 1.4826 * float(np.median(self._residuals)))
         stats.count += 1
         # a plain mean of the first 1 / _EWMA_WEIGHT batches, then the EWMA: otherwise a bucket's
@@ -883,23 +888,15 @@ class BatchSizeController:
                 best_size, best_throughput = bucket, bound
         return best_size, best_throughput
 
-    def _noise(self) -> float | None:
-        """One batch's relative standard deviation of throughput, pooled over sizes: robustly, from
-        the median absolute deviation of the last 64 batches from their sizes' averages (a late
-        batch or a stall would dominate a mean of squares: one such run measured 0.40 where the
-        batches' spread was ~0.13), at most ``_MAX_NOISE``; None before 8 batches showed it."""
-        return self._noise_estimate
-
     def _throughput_bound(self, stats: _BucketStats) -> float:
         """A size's throughput less ``_BEST_BOUND_Z`` times the standard error its average has
-        beyond that of a well-measured size's (the noise, :meth:`_noise`, times
+        beyond that of a well-measured size's (the measured noise, see :meth:`_record`, times
         ``sqrt(1/k - 1/7)`` for an average of k batches; nothing from 7 on, what an EWMA of
         weight 1/4 holds); the average itself until the noise is known."""
-        noise = self._noise()
-        if noise is None:
+        if self._noise_estimate is None:
             return float(stats.throughput)
         excess = math.sqrt(max(0.0, 1.0 / stats.count - 1.0 / _EWMA_SAMPLES))
-        return float(stats.throughput) * (1.0 - _BEST_BOUND_Z * noise * excess)
+        return float(stats.throughput) * (1.0 - _BEST_BOUND_Z * self._noise_estimate * excess)
 
     def _step(self, size: int) -> int:
         return self._b_delta if self._b_delta is not None else max(1, size // 8)

@@ -218,7 +218,6 @@ async def test_first_batch_through_each_new_slot_is_not_shown_to_the_controller(
     after them, which the controller took for a throughput fall at that size. Every later batch
     through the same slot is shown to the controller."""
     from dask_dynbatch import shm as shm_module
-
     from dask_dynbatch.pacing import BusyForecast
 
     created, forecast_rows = [], []
