@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # The whole GPU measurement in one go on the lent GPU machine (see ../shared/device/README.md for the
 # wheels in .whl/): the GPU case, the memory-pressure section and the pipeline case on the GPU host's
-# CPUs, each under its own time limit, results and one log into $OUT.
+# CPUs, each under its own time limit, results and one log into $OUT; first, the stacking probe.
 #   DYNBATCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_run.sh   (on the device machine)
+# PARTS picks some of "case pressure pipeline" (default all three: ~600 s, one device call's limit).
 set -u
+PARTS=${PARTS:-case pressure pipeline}
 OUT=${OUT:-benchmarks/results/gpu_run}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 log=$OUT/log.txt
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >>"$log" 2>&1
-timeout 390 python3 benchmarks/gpu_case.py --out "$OUT" \
+timeout 60 python3 benchmarks/stack_probe.py --out "$OUT" --name stack_probe_gpuhost >>"$log" 2>&1
+echo "stack probe rc $?" | tee -a "$log"
+[[ $PARTS == *case* ]] && timeout 390 python3 benchmarks/gpu_case.py --out "$OUT" \
   --sections raw,plain,dynbatch,open,openfrozen,frontendgpu,cupy,rawcompiled,compiled,daskcuda >>"$log" 2>&1
 echo "gpu_case rc $?" | tee -a "$log"
-timeout 100 python3 benchmarks/gpu_case.py --out "$OUT" --name gpu_case_pressure --sections pressure >>"$log" 2>&1
+[[ $PARTS == *pressure* ]] && timeout 100 python3 benchmarks/gpu_case.py --out "$OUT" --name gpu_case_pressure --sections pressure >>"$log" 2>&1
 echo "pressure rc $?" | tee -a "$log"
-timeout 90 python3 benchmarks/pipeline_case.py --setups split,io --out "$OUT" --name pipeline_case_gpuhost >>"$log" 2>&1
+[[ $PARTS == *pipeline* ]] && timeout 90 python3 benchmarks/pipeline_case.py --setups split,io --out "$OUT" --name pipeline_case_gpuhost >>"$log" 2>&1
 echo "pipeline rc $?" | tee -a "$log"
 rm -f "$OUT/hog.py"

@@ -30,7 +30,16 @@ from distributed.core import clean_exception, send_recv
 from distributed.protocol import Serialize, to_serialize
 from distributed.protocol.pickle import dumps as pickle_dumps
 
-from .batching import Request, RequestFuture, RequestQueue, as_numpy_sample, split_rows, stack_in_chunks
+from .batching import (
+    Request,
+    RequestFuture,
+    RequestQueue,
+    as_numpy_sample,
+    split_rows,
+    stack_in_chunks,
+    stack_samples,
+    torch_stacker,
+)
 from .control import BatchSizeController
 from .errors import (
     BatcherClosedError,
@@ -86,8 +95,8 @@ _stacker: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def _stack_into(samples: list[np.ndarray], out: np.ndarray) -> None:
-    """Stack samples into ``out`` (a shared-memory view); NumPy copies without holding the GIL."""
-    np.stack(samples, out=out)
+    """Stack samples into ``out`` (a shared-memory view), without holding the GIL while copying."""
+    stack_samples(samples, out=out)
 
 
 def _shm_min_bytes() -> int:
@@ -678,7 +687,7 @@ class Batcher:
                     continue
                 # ...and not before it would reach the device as it frees (just in time: it carries
                 # every request that arrives meanwhile, and the device does not wait for it)
-                send_at = slot.forecast.send_at()
+                send_at = slot.forecast.send_at(size)
                 if now < send_at:
                     retry_in = min(retry_in, send_at - now)
                     continue
@@ -741,7 +750,7 @@ class Batcher:
             self._inflight.pop(id(reqs), None)
             slot.inflight -= 1
             slot.inflight_samples -= len(reqs)
-            slot.forecast.replied(time.monotonic(), slot.inflight_samples)
+            slot.forecast.replied(len(reqs), time.monotonic())
             self._wake()
 
     async def _run_batch(self, slot: _WorkerSlot, reqs: list[Request], depth: int, proposed: int,
@@ -890,12 +899,15 @@ class Batcher:
                               decision, reason))
 
     async def _stack_shared(self, inline: list[np.ndarray], shm_slot: ShmSlot, nbytes: int) -> dict[str, Any]:
-        """Stack the rows into the slot (large batches in parallel parts); returns its reference."""
+        """Stack the rows into the slot (large batches in a helper thread; with NumPy in parallel
+        parts, with torch in one call: torch copies with its own threads, and several helper threads
+        each starting torch's thread pool would oversubscribe the cores); returns its reference."""
         shape = (len(inline), *inline[0].shape)
         view = shm_slot.array(shape, inline[0].dtype)
         if nbytes >= STACK_IN_THREAD_BYTES:
             loop = asyncio.get_running_loop()
-            parts = min(STACK_THREADS, max(1, nbytes // STACK_PART_BYTES), len(inline))
+            parts = 1 if torch_stacker(inline) is not None else min(
+                STACK_THREADS, max(1, nbytes // STACK_PART_BYTES), len(inline))
             bounds = np.linspace(0, len(inline), parts + 1).astype(int)
             await asyncio.gather(*(
                 loop.run_in_executor(_stack_pool(), _stack_into, inline[a:b], view[a:b])

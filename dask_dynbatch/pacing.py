@@ -11,62 +11,143 @@ the previous rule of "once its oldest request waited ``max_delay``"): batches al
 1,000 rows within a second, the device idling while each big one travelled; p99 338 ms.
 
 :class:`BusyForecast` keeps, per worker, when its device is expected to be free: each batch sent
-adds its rows times the device time per row (an EWMA of what replies reported), starting no earlier
-than the batch can arrive (the *lead*: stacking, sending, staging; an EWMA too). A partial batch for
-a busy worker is sent once ``now >= send_at()``: when a batch formed now would arrive as the device
-frees, with a margin. Before anything is measured, ``send_at()`` is in the past (send as before).
-The forecast errs on the early side: a reply that shows the device free sooner pulls it in, and
-with nothing in flight the device is free now.
+adds its device time, starting no earlier than the batch can arrive (the *lead*: stacking,
+sending, staging). A partial batch for a busy worker is sent once ``now >= send_at(rows)``: when a
+batch of that many rows formed now would arrive as the device frees, with a margin. Before
+anything is measured, ``send_at()`` is in the past (send as before). The forecast errs on the
+early side: a reply that shows the device free sooner pulls it in, and with nothing in flight the
+device is free now.
+
+Device time and lead are both learned *per size* (:class:`SizeCurve`), not as one time per row.
+A batch's device time is a fixed cost (kernel launches, the event loops) plus a cost per row; one
+average of time per row, learned at 30 % load from batches of ~40 rows, said 400-800 us a row on
+an H100 whose batches of 1,000 rows ran at ~85 us a row. When the load rose to 70 %, that forecast
+put the device's end far too late, so each partial batch left only when the previous one came back:
+stacking, sending and staging stopped overlapping the device, batches grew to 1,000-1,200 rows
+within a second, and those requests waited 170-300 ms; that start alone made the p99 at 70 % load
+224-256 ms (``earlier/gpu_h100_ab1_4715a18.json``, ``gpu_case_open.json``), against 40-110 ms
+after it. The lead grows with rows too (stacking 760 ResNet images took 24 ms where 40 took 4).
 """
 
 from __future__ import annotations
 
-#: weight of the newest observation in the EWMAs
+from collections.abc import Iterable
+
+#: weight of the newest observation once a size bin has seen WARM_UP observations (before that:
+#: their plain average)
 ALPHA = 0.2
+WARM_UP = 4
 #: a partial batch leaves this many leads (plus MARGIN_S) before the device is expected to free
 LEAD_FACTOR = 1.5
 MARGIN_S = 0.001
 
 
+class SizeCurve:
+    """A time that grows with a batch's rows, learned from what batches took.
+
+    Observations fall into bins by rows (powers of two: 1, 2-3, 4-7, ... ); each bin keeps the
+    average rows and time of its batches (plain over its first ``WARM_UP``, then an EWMA). The time
+    of ``rows`` is read off the line between the neighbouring bins' averages (made non-decreasing),
+    past the largest bin along the slope of the last two (clamped between flat and proportional:
+    never more than the largest bin's time per row), below the smallest as the smallest's time
+    (with one bin only: in proportion to rows above it). Bins are kept for good: what a batch of
+    1,000 rows costs is not forgotten while the load keeps batches small.
+    """
+
+    __slots__ = ("_bins",)
+
+    def __init__(self) -> None:
+        self._bins: dict[int, list[float]] = {}  # bin -> [count, mean rows, mean seconds]
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if rows <= 0 or not seconds >= 0:  # (not >= also drops NaN)
+            return
+        b = self._bins.setdefault(int(rows).bit_length(), [0, 0.0, 0.0])
+        b[0] += 1
+        w = 1.0 / b[0] if b[0] <= WARM_UP else ALPHA
+        b[1] += w * (rows - b[1])
+        b[2] += w * (seconds - b[2])
+
+    def points(self) -> list[tuple[float, float]]:
+        """(rows, seconds) of each bin, by rows, seconds made non-decreasing."""
+        out: list[tuple[float, float]] = []
+        for _, r, s in (self._bins[k] for k in sorted(self._bins)):
+            out.append((r, max(s, out[-1][1]) if out else s))
+        return out
+
+    def __call__(self, rows: float) -> float | None:
+        """Seconds for a batch of ``rows``; None before any observation."""
+        pts = self.points()
+        if not pts:
+            return None
+        r_last, s_last = pts[-1]
+        if rows >= r_last:
+            if len(pts) == 1:
+                return s_last * rows / r_last
+            r_prev, s_prev = pts[-2]
+            slope = min(s_last / r_last, max(0.0, (s_last - s_prev) / (r_last - r_prev)))
+            return s_last + slope * (rows - r_last)
+        if rows <= pts[0][0]:
+            return pts[0][1]
+        for (r0, s0), (r1, s1) in zip(pts, pts[1:]):
+            if rows <= r1:
+                return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
+        return s_last  # (not reached)
+
+    def state(self) -> dict[int, float]:
+        """Rows (rounded) -> seconds, one entry per bin."""
+        return {round(r): s for r, s in self.points()}
+
+
 class BusyForecast:
     """When one worker's device is expected to be free of the batches sent to it.
 
-    Times are the caller's monotonic seconds. ``per_row``: device seconds per row; ``lead``:
-    seconds from forming a batch to its rows being ready on the worker; both None until observed.
+    Times are the caller's monotonic seconds. ``device``: device seconds of a batch by rows;
+    ``lead``: seconds from forming a batch to its rows being ready on the worker, by rows.
     """
 
-    __slots__ = ("per_row", "lead", "busy_until")
+    __slots__ = ("device", "lead", "busy_until", "_inflight")
 
     def __init__(self) -> None:
-        self.per_row: float | None = None
-        self.lead: float | None = None
+        self.device = SizeCurve()
+        self.lead = SizeCurve()
         self.busy_until = 0.0
+        self._inflight: list[int] = []  # rows of each batch sent and not replied yet
 
     def observe(self, rows: int, compute_s: float, lead_s: float | None = None) -> None:
         """A reply: ``rows`` ran in ``compute_s`` on the device; the batch took ``lead_s`` to get
         there (None: not known). Batches whose time says nothing of their size (cold model, first
         batch of a shape, a compile beside it) should not be observed."""
-        if rows > 0 and compute_s > 0:
-            per_row = compute_s / rows
-            self.per_row = per_row if self.per_row is None else (1 - ALPHA) * self.per_row + ALPHA * per_row
-        if lead_s is not None and lead_s >= 0:
-            self.lead = lead_s if self.lead is None else (1 - ALPHA) * self.lead + ALPHA * lead_s
+        if compute_s > 0:
+            self.device.observe(rows, compute_s)
+        if lead_s is not None:
+            self.lead.observe(rows, lead_s)
+
+    def _device_s(self, rows: Iterable[int]) -> float:
+        return sum(self.device(r) or 0.0 for r in rows)
 
     def sent(self, rows: int, now: float) -> None:
         """A batch of ``rows`` was formed at ``now`` and goes to the worker."""
-        start = max(now + (self.lead or 0.0), self.busy_until)
-        self.busy_until = start + rows * (self.per_row or 0.0)
+        start = max(now + (self.lead(rows) or 0.0), self.busy_until)
+        self.busy_until = start + self._device_s((rows,))
+        self._inflight.append(rows)
 
-    def replied(self, now: float, rows_in_flight: int) -> None:
-        """A batch came back at ``now``; ``rows_in_flight`` rows are still out on the worker."""
-        if rows_in_flight <= 0:
+    def replied(self, rows: int, now: float) -> None:
+        """The batch of ``rows`` came back (or failed) at ``now``."""
+        try:
+            self._inflight.remove(rows)
+        except ValueError:
+            pass
+        if not self._inflight:
             self.busy_until = now  # nothing left: the device is free
-        elif self.per_row is not None:
-            self.busy_until = min(self.busy_until, now + rows_in_flight * self.per_row)
+        else:
+            self.busy_until = min(self.busy_until, now + self._device_s(self._inflight))
 
-    def send_at(self) -> float:
-        """The moment from which a partial batch formed then reaches the device as it frees."""
-        return self.busy_until - LEAD_FACTOR * (self.lead or 0.0) - MARGIN_S
+    def send_at(self, rows: int = 1) -> float:
+        """The moment from which a partial batch of ``rows`` formed then reaches the device as it
+        frees."""
+        return self.busy_until - LEAD_FACTOR * (self.lead(rows) or 0.0) - MARGIN_S
 
-    def state(self) -> dict[str, float | None]:
-        return {"per_row_s": self.per_row, "lead_s": self.lead, "busy_until": self.busy_until}
+    def state(self) -> dict[str, object]:
+        return {"device_s": self.device.state(), "lead_s": self.lead.state(), "busy_until": self.busy_until,
+                "in_flight": len(self._inflight)}
