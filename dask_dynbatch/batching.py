@@ -10,7 +10,6 @@ import asyncio
 import concurrent.futures
 import heapq
 import itertools
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -363,43 +362,9 @@ def as_numpy_sample(sample: Any) -> np.ndarray:
     return np.asarray(sample)
 
 
-#: dtypes torch views without a copy (``torch.from_numpy``), native byte order
-_TORCH_DTYPES = frozenset(np.dtype(c) for c in ("bool", "uint8", "int8", "int16", "int32", "int64", "float16",
-                                                 "float32", "float64", "complex64", "complex128"))
-
-
-def torch_stacker(samples: Sequence[np.ndarray]) -> Any:
-    """torch, if this process imported it already and it can take every sample as it is (else None):
-    :func:`stack_samples` then stacks them in one torch call."""
-    torch = sys.modules.get("torch")
-    if torch is None or not hasattr(torch, "from_numpy") or len(samples) < 2:
-        return None
-    dtype = samples[0].dtype
-    if dtype not in _TORCH_DTYPES:
-        return None
-    for s in samples:  # read-only or reversed arrays: torch warns or refuses
-        if s.dtype != dtype or not s.flags.c_contiguous or not s.flags.writeable:
-            return None
-    return torch
-
-
-def stack_samples(samples: Sequence[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
-    """Stack samples of one signature into a contiguous batch (into ``out`` when given).
-
-    When torch is already imported in this process (a torch model's client) and takes the samples
-    as they are, the copy is one torch call, which releases the GIL once for the whole batch. NumPy
-    releases it and takes it back for every sample; while another thread runs Python code (the
-    client's event loop delivering results, the user submitting), each taking back waits up to the
-    interpreter's switch interval (5 ms). On the 2-core CPU machine, stacking 767 ResNet images
-    (115 MB) took 17 ms either way alone, and beside a thread running Python 2.7-3.6 s with NumPy,
-    50-64 ms with torch (``tests/test_core.py`` checks both give the same batch)."""
-    torch = torch_stacker(samples)
-    if torch is None:
-        return np.stack(samples, out=out)
-    if out is None:
-        out = np.empty((len(samples), *samples[0].shape), samples[0].dtype)
-    torch.stack([torch.from_numpy(s) for s in samples], out=torch.from_numpy(out))
-    return out
+def stack_samples(samples: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack samples of one signature into a contiguous batch."""
+    return np.stack(samples)
 
 
 def stack_in_chunks(samples: Sequence[np.ndarray], chunk_bytes: int) -> np.ndarray | list[np.ndarray]:

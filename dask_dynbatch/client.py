@@ -37,8 +37,6 @@ from .batching import (
     as_numpy_sample,
     split_rows,
     stack_in_chunks,
-    stack_samples,
-    torch_stacker,
 )
 from .control import BatchSizeController
 from .errors import (
@@ -95,8 +93,8 @@ _stacker: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def _stack_into(samples: list[np.ndarray], out: np.ndarray) -> None:
-    """Stack samples into ``out`` (a shared-memory view), without holding the GIL while copying."""
-    stack_samples(samples, out=out)
+    """Stack samples into ``out`` (a shared-memory view); NumPy copies without holding the GIL."""
+    np.stack(samples, out=out)
 
 
 def _shm_min_bytes() -> int:
@@ -899,15 +897,22 @@ class Batcher:
                               decision, reason))
 
     async def _stack_shared(self, inline: list[np.ndarray], shm_slot: ShmSlot, nbytes: int) -> dict[str, Any]:
-        """Stack the rows into the slot (large batches in a helper thread; with NumPy in parallel
-        parts, with torch in one call: torch copies with its own threads, and several helper threads
-        each starting torch's thread pool would oversubscribe the cores); returns its reference."""
+        """Stack the rows into the slot; returns its reference. By default the slot writes them
+        (:meth:`ShmSlot.write_rows`: the GIL released once), large batches from a helper thread;
+        with ``dynbatch.transport.shared-memory-copy: numpy``, NumPy stacks them, large batches in
+        parallel parts (faster while nothing else in the process runs Python, far slower while
+        something does)."""
         shape = (len(inline), *inline[0].shape)
+        if dask.config.get("dynbatch.transport.shared-memory-copy", "write") != "numpy":
+            if nbytes >= STACK_IN_THREAD_BYTES:
+                await asyncio.get_running_loop().run_in_executor(_stack_pool(), shm_slot.write_rows, inline)
+            else:
+                shm_slot.write_rows(inline)
+            return {"name": shm_slot.name, "shape": shape, "dtype": inline[0].dtype.str}
         view = shm_slot.array(shape, inline[0].dtype)
         if nbytes >= STACK_IN_THREAD_BYTES:
             loop = asyncio.get_running_loop()
-            parts = 1 if torch_stacker(inline) is not None else min(
-                STACK_THREADS, max(1, nbytes // STACK_PART_BYTES), len(inline))
+            parts = min(STACK_THREADS, max(1, nbytes // STACK_PART_BYTES), len(inline))
             bounds = np.linspace(0, len(inline), parts + 1).astype(int)
             await asyncio.gather(*(
                 loop.run_in_executor(_stack_pool(), _stack_into, inline[a:b], view[a:b])

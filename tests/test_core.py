@@ -294,29 +294,3 @@ def test_stack_in_chunks_round_trip():
     assert [len(c) for c in chunks] == [3, 3, 1]
     np.testing.assert_array_equal(join_chunks(chunks), whole)
     assert [len(c) for c in stack_in_chunks(xs, 10)] == [1] * 7  # a sample larger than a chunk travels alone
-
-
-def test_stack_samples_uses_one_torch_call_when_it_can_and_numpy_otherwise(monkeypatch):
-    """With torch imported, a batch is stacked by one torch call (it releases the GIL once, where
-    NumPy takes it back for every sample); samples torch cannot take as they are go through NumPy.
-    Both give the same batch, into ``out`` when one is given."""
-    from dask_dynbatch.batching import stack_samples
-
-    calls = []
-    real_stack = torch.stack
-    monkeypatch.setattr(torch, "stack", lambda *a, **k: calls.append(len(a[0])) or real_stack(*a, **k))
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(5)]
-    out = np.zeros((5, 8, 8, 3), np.uint8)
-    assert stack_samples(images, out=out) is out and calls == [5]
-    np.testing.assert_array_equal(out, np.stack(images))
-    np.testing.assert_array_equal(stack_samples(images), np.stack(images))
-    assert calls == [5, 5]
-
-    read_only = [x.copy() for x in images]
-    read_only[3].flags.writeable = False  # torch.from_numpy would warn
-    reversed_rows = [x[::-1] for x in images]  # negative strides: torch.from_numpy refuses
-    halves = [x.astype(np.uint16) for x in images]  # a dtype left to NumPy
-    for samples in (read_only, reversed_rows, halves):
-        np.testing.assert_array_equal(stack_samples(samples), np.stack(samples))
-    assert calls == [5, 5]  # all three through NumPy

@@ -54,6 +54,38 @@ def test_ring_reuses_grows_and_retires(tmp_path):
     assert ring.acquire(10) is None  # closed
 
 
+def test_slot_writes_rows_in_calls_of_iov_max_and_falls_back_where_it_must(tmp_path, monkeypatch):
+    from dask_dynbatch import shm as shm_module
+
+    monkeypatch.setattr(shm_module, "_IOV_MAX", 3)  # 10 rows: four pwritev calls
+    calls = []
+    real_pwritev = os.pwritev
+
+    def short_once(fd, buffers, offset):  # the second call writes half a row short
+        calls.append(len(buffers))
+        if len(calls) == 2:
+            return real_pwritev(fd, [memoryview(buffers[0]).cast("B")[:100]], offset)
+        return real_pwritev(fd, buffers, offset)
+
+    monkeypatch.setattr(shm_module.os, "pwritev", short_once)
+    ring = ShmRing(directory=str(tmp_path))
+    slot = ring.acquire(2**20)
+    xs = samples(10)
+    slot.write_rows(list(xs))
+    assert calls == [3, 3, 3, 1]
+    np.testing.assert_array_equal(slot.array(xs.shape, xs.dtype), xs)
+    slot.mark_attached()  # unlinked: the kept descriptor still writes the same pages
+    strided = [x[:, ::2] for x in samples(10, seed=1)]  # not contiguous: NumPy stacks them
+    slot.write_rows(strided)
+    assert len(calls) == 4
+    np.testing.assert_array_equal(slot.array((10, 32, 16, 6), np.float32), np.stack(strided))
+    slot.write_rows(list(samples(2, seed=2)))
+    np.testing.assert_array_equal(slot.array((2, *SAMPLE), np.float32), samples(2, seed=2))
+    ring.release(slot)
+    ring.close()
+    assert slot._fd == -1
+
+
 def test_ring_without_room_falls_back(tmp_path, monkeypatch):
     ring = ShmRing(directory=str(tmp_path))
 
@@ -134,6 +166,19 @@ async def test_large_batches_travel_through_shared_memory(c, s, a):
     batcher.close()
     while plugin.shm.summary()["mappings"]:  # closing the Batcher drops the worker's mappings
         await asyncio.sleep(0.01)
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_numpy_copy_into_shared_memory_gives_the_same_results(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    xs = samples(300, seed=5)
+    with dask.config.set({"dynbatch.transport.shared-memory-copy": "numpy"}):
+        batcher = await ddb.Batcher(c, ddb.ModelSpec("affine-np", load=build_affine, max_batch_size=200))
+        results = await asyncio.gather(*batcher.map(list(xs)))
+    np.testing.assert_array_equal(np.stack(results), xs * 2 + 1)
+    (worker,) = batcher.stats()["workers"].values()
+    assert worker["transport"] == "shared-memory"
+    batcher.close()
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
