@@ -897,13 +897,15 @@ class Batcher:
                               decision, reason))
 
     async def _stack_shared(self, inline: list[np.ndarray], shm_slot: ShmSlot, nbytes: int) -> dict[str, Any]:
-        """Stack the rows into the slot; returns its reference. By default the slot writes them
-        (:meth:`ShmSlot.write_rows`: the GIL released once), large batches from a helper thread;
-        with ``dynbatch.transport.shared-memory-copy: numpy``, NumPy stacks them, large batches in
-        parallel parts (faster while nothing else in the process runs Python, far slower while
-        something does)."""
+        """Stack the rows into the slot; returns its reference. By default NumPy stacks them, large
+        batches in parallel parts from helper threads; with ``dynbatch.transport.shared-memory-copy:
+        write`` the slot writes them (:meth:`ShmSlot.write_rows`: the GIL released once), large
+        batches from a helper thread. On the H100 host (session 7, one machine, both in one call)
+        NumPy's data path moved 46.0k ResNet images/s against 33.8k, and the closed loop reached
+        92 % of the eager ceiling against 88 %; ``write`` is for clients whose other threads keep
+        the GIL busy (there, NumPy's copy waits for the GIL at every row: see write_rows)."""
         shape = (len(inline), *inline[0].shape)
-        if dask.config.get("dynbatch.transport.shared-memory-copy", "write") != "numpy":
+        if dask.config.get("dynbatch.transport.shared-memory-copy", "numpy") == "write":
             if nbytes >= STACK_IN_THREAD_BYTES:
                 await asyncio.get_running_loop().run_in_executor(_stack_pool(), shm_slot.write_rows, inline)
             else:

@@ -99,11 +99,13 @@ class ShmSlot:
 
         C-contiguous rows are written by ``pwritev``: one system call per 1,024 rows, the GIL
         released once for all of them. NumPy's stacking releases the GIL and takes it back for
-        every row; while another thread runs Python (the client's event loop delivering results,
-        the user submitting), each taking back waits up to the interpreter's switch interval
-        (5 ms). On the H100 host, 1,280 ResNet images (193 MB) stacked by NumPy took 9-23 ms
-        alone and 2.1-6.6 s beside a thread running Python (``benchmarks/stack_probe.py``).
-        Other rows (strided views) are stacked by NumPy."""
+        every row; while another thread runs Python without pause, each taking back waits up to the
+        interpreter's switch interval (5 ms). ``benchmarks/stack_probe.py`` on the H100 host,
+        1,280 ResNet images (193 MB): NumPy in four threads 17-24 ms alone, 2.2 s beside a thread
+        running Python; this 49-50 ms alone, 65-69 ms beside it. End to end NumPy did better there
+        (the event loop leaves the GIL often), so it is the client's default
+        (``dynbatch.transport.shared-memory-copy``). Other rows (strided views) are stacked by
+        NumPy."""
         if not rows:
             return
         first = rows[0]

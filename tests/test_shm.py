@@ -169,12 +169,20 @@ async def test_large_batches_travel_through_shared_memory(c, s, a):
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
-async def test_numpy_copy_into_shared_memory_gives_the_same_results(c, s, a):
+async def test_slot_writes_give_the_same_results(c, s, a):
     await c.register_plugin(ddb.DynBatchPlugin())
     xs = samples(300, seed=5)
-    with dask.config.set({"dynbatch.transport.shared-memory-copy": "numpy"}):
-        batcher = await ddb.Batcher(c, ddb.ModelSpec("affine-np", load=build_affine, max_batch_size=200))
-        results = await asyncio.gather(*batcher.map(list(xs)))
+    from dask_dynbatch import shm as shm_module
+
+    written, original = [], shm_module.ShmSlot.write_rows
+    shm_module.ShmSlot.write_rows = lambda self, rows: written.append(len(rows)) or original(self, rows)
+    try:
+        with dask.config.set({"dynbatch.transport.shared-memory-copy": "write"}):
+            batcher = await ddb.Batcher(c, ddb.ModelSpec("affine-write", load=build_affine, max_batch_size=200))
+            results = await asyncio.gather(*batcher.map(list(xs)))
+    finally:
+        shm_module.ShmSlot.write_rows = original
+    assert written and sum(written) == sum(h["size"] for h in batcher.history() if h["size"] >= 3)  # 64 KiB and up
     np.testing.assert_array_equal(np.stack(results), xs * 2 + 1)
     (worker,) = batcher.stats()["workers"].values()
     assert worker["transport"] == "shared-memory"
