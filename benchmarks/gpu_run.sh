@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU measurement in one go on the lent GPU machine (see ../shared/device/README.md for the
 # wheels in .whl/): the GPU case, the memory-pressure section and the pipeline case on the GPU host's
-# CPUs, each under its own time limit, results and one log into $OUT; first, the stacking probe.
+# CPUs, each under its own time limit, results and one log into $OUT (and, on request, the stacking probe).
 #   DYNBATCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_run.sh   (on the device machine)
-# PARTS picks some of "case pressure pipeline" (default all three: ~600 s, one device call's limit).
+# PARTS picks some of "probe case pressure pipeline" (default: the last three, ~560 s; a device call
+# may take 600).
 set -u
 PARTS=${PARTS:-case pressure pipeline}
 OUT=${OUT:-benchmarks/results/gpu_run}
@@ -12,9 +13,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 log=$OUT/log.txt
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >>"$log" 2>&1
-timeout 60 python3 benchmarks/stack_probe.py --out "$OUT" --name stack_probe_gpuhost >>"$log" 2>&1
+[[ $PARTS == *probe* ]] && timeout 60 python3 benchmarks/stack_probe.py --out "$OUT" --name stack_probe_gpuhost >>"$log" 2>&1
 echo "stack probe rc $?" | tee -a "$log"
-[[ $PARTS == *case* ]] && timeout 390 python3 benchmarks/gpu_case.py --out "$OUT" \
+[[ $PARTS == *case* ]] && timeout 370 python3 benchmarks/gpu_case.py --out "$OUT" \
   --sections raw,plain,dynbatch,open,openfrozen,frontendgpu,cupy,rawcompiled,compiled,daskcuda >>"$log" 2>&1
 echo "gpu_case rc $?" | tee -a "$log"
 [[ $PARTS == *pressure* ]] && timeout 100 python3 benchmarks/gpu_case.py --out "$OUT" --name gpu_case_pressure --sections pressure >>"$log" 2>&1
