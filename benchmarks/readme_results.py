@@ -144,10 +144,12 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
             f"({d['first_pass_throughput'] / ceiling:.0%}), while the controller climbed.\n")
     harness = g["open_loop"][0].get("harness", "every future kept to the end of the run")
     caveat = f" **This run's open loop {g['open_loop_caveat']}.**" if g.get("open_loop_caveat") else ""
+    small = small_batch_ms(g)
+    host = f" A batch of 20-60 rows ran {small:.1f} ms on the worker here (median, 30 % load)." if small else ""
     out += (f"- Open loop (Poisson arrivals, 6 s per load; harness: {harness}):{caveat} {ol}; p99 at 70 % load vs 2x the "
             f"{g['latency_target_ms']:.0f} ms target: {met(p99_70 <= 2 * g['latency_target_ms'])}. The client's "
             f"garbage-collection pauses over 10 ms: {pauses(g['open_loop'], 0.7)} at 70 %, "
-            f"{pauses(g['open_loop'], 1.0)} at 100 % (where requests queue up and live longer).\n")
+            f"{pauses(g['open_loop'], 1.0)} at 100 % (where requests queue up and live longer).{host}\n")
     frozen = g.get("open_loop_gc_frozen")
     if frozen:
         olf = ", ".join(f"{o['load']:.0%}: p50 {o['p50_ms']:.0f} / p99 {o['p99_ms']:.0f} ms" for o in frozen)
@@ -198,8 +200,30 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
 
 
 #: GPU runs after the main table's, and the runs of the same session before it (see earlier/README.md)
-OTHER_GPU_RUNS = ("gpu_case_open", "earlier/gpu_h100_ab3_4715a18", "earlier/gpu_h100_ab2_07eb74f",
-                  "earlier/gpu_h100_ab1_4715a18", "earlier/gpu_h100_warmup_4715a18", "earlier/gpu_h100_3c04b38")
+OTHER_GPU_RUNS = ("earlier/gpu_h100_s7_numpy_ce4c9b6", "earlier/gpu_h100_s7_write_ce4c9b6", "earlier/gpu_h100_s7_012b44e",
+                  "earlier/gpu_h100_open_1b4117e", "earlier/gpu_h200_s6_07eb74f", "earlier/gpu_h100_ab3_4715a18",
+                  "earlier/gpu_h100_ab2_07eb74f", "earlier/gpu_h100_ab1_4715a18", "earlier/gpu_h100_warmup_4715a18",
+                  "earlier/gpu_h100_3c04b38")
+
+
+def small_batch_ms(r: dict) -> float | None:
+    """Median worker compute time of the batches of 20-60 rows in a run's 30 % open loop: how
+    launch-bound its host was."""
+    for o in r.get("open_loop") or []:
+        if o["load"] == 0.3 and o.get("history"):
+            size, compute = o["history_columns"].index("size"), o["history_columns"].index("compute_s")
+            small = sorted(h[compute] for h in o["history"] if 20 <= h[size] <= 60 and h[compute])
+            if small:
+                return small[len(small) // 2] * 1e3
+    return None
+
+
+def p99_at_70(r: dict) -> float | None:
+    return next((o["p99_ms"] for o in r.get("open_loop") or [] if o["load"] == 0.7), None)
+
+
+#: the runs among OTHER_GPU_RUNS at code with the per-size pacing forecast (012b44e on)
+PER_SIZE_FORECAST_RUNS = OTHER_GPU_RUNS[:3]
 
 
 def other_gpu_runs() -> str:
@@ -211,13 +235,9 @@ def other_gpu_runs() -> str:
         if r is None:
             continue
         m, parts = r["machine"], []
-        small = []
-        for o in r.get("open_loop") or []:
-            if o["load"] == 0.3:
-                size, compute = o["history_columns"].index("size"), o["history_columns"].index("compute_s")
-                small = sorted(h[compute] for h in o["history"] if 20 <= h[size] <= 60 and h[compute])
-        if small:
-            parts.append(f"a batch of 20-60 rows ran {small[len(small) // 2] * 1e3:.1f} ms on the worker (median, 30 % load)")
+        small = small_batch_ms(r)
+        if small is not None:
+            parts.append(f"a batch of 20-60 rows ran {small:.1f} ms on the worker (median, 30 % load)")
         d = r.get("dynbatch") or {}
         if d.get("ratio_to_ceiling"):
             parts.append(f"closed loop {d['ratio_to_ceiling']:.1%} of the eager ceiling")
@@ -228,14 +248,21 @@ def other_gpu_runs() -> str:
                 parts.append(f"open-loop p50 / p99 at 70 %: {o['p50_ms']:.0f} / {o['p99_ms']:.0f} ms")
         if r.get("compiled"):
             parts.append(f"`compile=True` {r['compiled']['ratio_to_eager_ceiling']:.2f}x")
+        if r.get("open_loop_caveat"):
+            parts.append(f"its open loop {r['open_loop_caveat']}")
         lines.append(f"- `{name}.json` ({m.get('gpu', '').split(',')[0]}, commit {m.get('commit')}, {m['date']}): "
                      + "; ".join(parts) + ".")
     if not lines:
         return ""
-    return ("\n**Other GPU runs of 2026-12-06** (newest first). The open loop at 70 % load depends on the host: "
-            "where a small batch costs the worker 4-6 ms it was met, where it costs 7-10 ms (slower kernel "
-            "launches; the client's stacking was 2-3x slower there too) the partial batches of a 70 % load fell "
-            "behind, with the code before and after this session's controller changes alike:\n"
+    forecast = [load_result(n) for n in PER_SIZE_FORECAST_RUNS]
+    slow = [p99_at_70(r) for r in forecast if r and (small_batch_ms(r) or 0) >= 6.0 and p99_at_70(r)]
+    with_it = f"; with it, p99 {min(slow):.0f}-{max(slow):.0f} ms on such hosts" if slow else ""
+    return ("\n**Other GPU runs of 2026-12-06** (newest first; the first three at the code with the per-size "
+            "pacing forecast). Before that forecast the open loop at 70 % load depended on the host: where a "
+            "small batch cost the worker 4-6 ms it was met, where it cost 6.5-10 ms the forecast (one average "
+            "time per row, learned from the 30 % load's small batches) put the device's end 2-5x too late, "
+            "partial batches stopped overlapping the device and batches of 1,000 rows formed at the start of "
+            f"every 70 % run (`dask_dynbatch/pacing.py`){with_it}:\n"
             + "\n".join(lines) + "\n")
 
 
@@ -262,11 +289,13 @@ def earlier_gpu_section() -> str:
 def pipeline_section() -> str:
     """The three-stage pipeline (``pipeline_case.json`` here, ``pipeline_case_gpuhost.json`` on a 16-core host)."""
     lines = []
-    for name, where in (("pipeline_case", "this 2-core machine"),
-                        ("pipeline_case_gpuhost", "the 16-core host of the lent H200 machine, CPU only")):
+    for name in ("pipeline_case", "pipeline_case_gpuhost"):
         r = load_result(name)
         if r is None:
             continue
+        m = r["machine"]
+        where = (f"the {m['cpu_count']}-core host of a lent {m['gpu'].split(',')[0]}, CPU only" if m.get("gpu")
+                 else f"the {m['cpu_count']}-core CPU machine")
         parts = []
         for setup in ("shared", "split", "io"):
             x = r.get(setup)

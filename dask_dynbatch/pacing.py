@@ -5,7 +5,7 @@ late enough that it carries every request that arrived while the worker's device
 enough that it is stacked, sent and staged before the device frees. Sent too early, it is small,
 and the next batch waits behind it in the queue, grows, and is not ready when the device frees:
 the device idles while it is stacked and sent, the batch after that grows again, and so on.
-Measured on the H200 with ResNet-50 at 70 % load (``benchmarks/results/gpu_case.json``, session 5,
+Measured on the H200 with ResNet-50 at 70 % load (``earlier/gpu_h200_s5run1_h2dprobe_d5dca96.json``,
 the previous rule of "once its oldest request waited ``max_delay``"): batches alternated between
 ~80 rows (sent 5 ms after the big one, waiting behind it) and a big one that grew from 300 to
 1,000 rows within a second, the device idling while each big one travelled; p99 338 ms.
@@ -25,8 +25,10 @@ an H100 whose batches of 1,000 rows ran at ~85 us a row. When the load rose to 7
 put the device's end far too late, so each partial batch left only when the previous one came back:
 stacking, sending and staging stopped overlapping the device, batches grew to 1,000-1,200 rows
 within a second, and those requests waited 170-300 ms; that start alone made the p99 at 70 % load
-224-256 ms (``earlier/gpu_h100_ab1_4715a18.json``, ``gpu_case_open.json``), against 40-110 ms
-after it. The lead grows with rows too (stacking 760 ResNet images took 24 ms where 40 took 4).
+224-256 ms (``earlier/gpu_h100_ab1_4715a18.json``, ``earlier/gpu_h100_open_1b4117e.json``); the
+rest of those runs waited at most 50-110 ms. The lead grows with rows too (stacking 760 ResNet
+images took 24 ms where 40 took 4). With per-size curves, the same kind of host gave p99 74-88 ms
+at 70 % (``earlier/gpu_h100_s7_*.json``, session 7).
 """
 
 from __future__ import annotations
