@@ -30,14 +30,7 @@ from distributed.core import clean_exception, send_recv
 from distributed.protocol import Serialize, to_serialize
 from distributed.protocol.pickle import dumps as pickle_dumps
 
-from .batching import (
-    Request,
-    RequestFuture,
-    RequestQueue,
-    as_numpy_sample,
-    split_rows,
-    stack_in_chunks,
-)
+from .batching import Request, RequestFuture, RequestQueue, as_numpy_sample, split_rows, stack_in_chunks
 from .control import BatchSizeController
 from .errors import (
     BatcherClosedError,
