@@ -200,7 +200,7 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
 
 
 #: GPU runs after the main table's, and the runs of the same session before it (see earlier/README.md)
-OTHER_GPU_RUNS = ("earlier/gpu_h100_s7_numpy_ce4c9b6", "earlier/gpu_h100_s7_write_ce4c9b6", "earlier/gpu_h100_s7_012b44e",
+OTHER_GPU_RUNS = ("gpu_case_final", "earlier/gpu_h100_s7_numpy_ce4c9b6", "earlier/gpu_h100_s7_write_ce4c9b6", "earlier/gpu_h100_s7_012b44e",
                   "earlier/gpu_h100_open_1b4117e", "earlier/gpu_h200_s6_07eb74f", "earlier/gpu_h100_ab3_4715a18",
                   "earlier/gpu_h100_ab2_07eb74f", "earlier/gpu_h100_ab1_4715a18", "earlier/gpu_h100_warmup_4715a18",
                   "earlier/gpu_h100_3c04b38")
@@ -223,7 +223,7 @@ def p99_at_70(r: dict) -> float | None:
 
 
 #: the runs among OTHER_GPU_RUNS at code with the per-size pacing forecast (012b44e on)
-PER_SIZE_FORECAST_RUNS = OTHER_GPU_RUNS[:3]
+PER_SIZE_FORECAST_RUNS = OTHER_GPU_RUNS[:4]
 
 
 def other_gpu_runs() -> str:
@@ -257,8 +257,8 @@ def other_gpu_runs() -> str:
     forecast = [load_result(n) for n in PER_SIZE_FORECAST_RUNS]
     slow = [p99_at_70(r) for r in forecast if r and (small_batch_ms(r) or 0) >= 6.0 and p99_at_70(r)]
     with_it = f"; with it, p99 {min(slow):.0f}-{max(slow):.0f} ms on such hosts" if slow else ""
-    return ("\n**Other GPU runs of 2026-12-06** (newest first; the first three at the code with the per-size "
-            "pacing forecast). Before that forecast the open loop at 70 % load depended on the host: where a "
+    return ("\n**Other GPU runs of 2026-12-06** (newest first; the first four at the code with the per-size "
+            "pacing forecast, the first at the code of this session's end). Before that forecast the open loop at 70 % load depended on the host: where a "
             "small batch cost the worker 4-6 ms it was met, where it cost 6.5-10 ms the forecast (one average "
             "time per row, learned from the 30 % load's small batches) put the device's end 2-5x too late, "
             "partial batches stopped overlapping the device and batches of 1,000 rows formed at the start of "
