@@ -877,16 +877,16 @@ class BatchSizeController:
     def _best(self) -> tuple[int | None, float | None]:
         """Size bucket with the best recent throughput among those meeting the latency target,
         and that throughput's lower bound (:meth:`_throughput_bound`), which the rules compare with."""
-        best_size, best_throughput = None, None
+        best_size, best_bound = None, None
         for bucket, stats in self._buckets.items():
             if stats.throughput is None or stats.latency > self._target:
                 continue
             if self._observations - stats.last_seen > self._bucket_memory:
                 continue
             bound = self._throughput_bound(stats)
-            if best_throughput is None or bound > best_throughput:
-                best_size, best_throughput = bucket, bound
-        return best_size, best_throughput
+            if best_bound is None or bound > best_bound:
+                best_size, best_bound = bucket, bound
+        return best_size, best_bound
 
     def _throughput_bound(self, stats: _BucketStats) -> float:
         """A size's throughput less ``_BEST_BOUND_Z`` times the standard error its average has

@@ -14,7 +14,7 @@ the previous rule of "once its oldest request waited ``max_delay``"): batches al
 adds its device time, starting no earlier than the batch can arrive (the *lead*: stacking,
 sending, staging). A partial batch for a busy worker is sent once ``now >= send_at(rows)``: when a
 batch of that many rows formed now would arrive as the device frees, with a margin. Before
-anything is measured, ``send_at()`` is in the past (send as before). The forecast errs on the
+anything is measured, ``send_at(rows)`` is in the past (send as before). The forecast errs on the
 early side: a reply that shows the device free sooner pulls it in, and with nothing in flight the
 device is free now.
 
@@ -91,10 +91,9 @@ class SizeCurve:
             return s_last + slope * (rows - r_last)
         if rows <= pts[0][0]:
             return pts[0][1]
-        for (r0, s0), (r1, s1) in zip(pts, pts[1:]):
-            if rows <= r1:
-                return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
-        return s_last  # (not reached)
+        i = next(i for i, (r, _) in enumerate(pts) if rows <= r)  # 0 < i < len(pts)
+        (r0, s0), (r1, s1) = pts[i - 1], pts[i]
+        return s0 + (s1 - s0) * (rows - r0) / (r1 - r0)
 
     def state(self) -> dict[int, float]:
         """Rows (rounded) -> seconds, one entry per bin."""
@@ -145,7 +144,7 @@ class BusyForecast:
         else:
             self.busy_until = min(self.busy_until, now + self._device_s(self._inflight))
 
-    def send_at(self, rows: int = 1) -> float:
+    def send_at(self, rows: int) -> float:
         """The moment from which a partial batch of ``rows`` formed then reaches the device as it
         frees."""
         return self.busy_until - LEAD_FACTOR * (self.lead(rows) or 0.0) - MARGIN_S
