@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dask_dynbatch.compiled import shape_ladder
-from dask_dynbatch.control import BatchSizeController
+from dask_dynbatch.core.controller import BatchSizeController
+from dask_dynbatch.core.ladder import shape_ladder
 
 FORMATION_S = 0.002  # added to each batch's latency (waiting for the batch to fill)
 

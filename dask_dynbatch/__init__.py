@@ -3,47 +3,71 @@
 >>> client.register_plugin(DynBatchPlugin())                         # doctest: +SKIP
 >>> batcher = Batcher(client, ModelSpec("cnn", load=build_model))    # doctest: +SKIP
 >>> y = batcher.submit(x).result()                                   # doctest: +SKIP
+
+The package is laid out by where code runs: ``core`` (pure decision logic: requests and queues,
+batch-size control, pacing, placement, memory sizing), ``client`` (the :class:`Batcher` and its
+dispatcher), ``worker`` (the model servers), ``scheduler`` (the plugin, model registry, dashboard
+and metrics), with ``protocol`` the messages between them. Public names are imported on first use,
+so that ``import dask_dynbatch.core`` pulls in neither dask nor torch.
 """
 
 from __future__ import annotations
 
-from . import config  # noqa: F401  (registers the dynbatch config defaults)
-from .batching import RequestFuture
-from .client import Batcher, rerun_benchmark
-from .errors import (
-    BatcherClosedError,
-    CompileWarning,
-    DynBatchError,
-    InputSignatureError,
-    PluginNotRegisteredError,
-    QueueFullError,
-    RequestTimeoutError,
-    SampleTooLargeError,
-    UnknownModelError,
-)
-from .scheduler_plugin import DynBatchPlugin
-from .spec import DeviceVariant, ModelSpec
-from .worker_plugin import DynBatchWorkerPlugin
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Batcher",
-    "BatcherClosedError",
-    "CompileWarning",
-    "DeviceVariant",
-    "DynBatchError",
-    "DynBatchPlugin",
-    "DynBatchWorkerPlugin",
-    "InputSignatureError",
-    "ModelSpec",
-    "PluginNotRegisteredError",
-    "QueueFullError",
-    "RequestFuture",
-    "RequestTimeoutError",
-    "SampleTooLargeError",
-    "UnknownModelError",
-    "rerun_benchmark",
-]
-from .pipeline import JobFuture, Pipeline, cpu, fan_out, model  # noqa: E402
-__all__ += ["JobFuture", "Pipeline", "cpu", "fan_out", "model"]
+#: public name -> module that defines it
+_PUBLIC = {
+    "Batcher": ".client.batcher",
+    "rerun_benchmark": ".client.batcher",
+    "RequestFuture": ".core.requests",
+    "DeviceVariant": ".spec",
+    "ModelSpec": ".spec",
+    "DynBatchPlugin": ".scheduler.plugin",
+    "DynBatchWorkerPlugin": ".worker.plugin",
+    "JobFuture": ".pipeline",
+    "Pipeline": ".pipeline",
+    "cpu": ".pipeline",
+    "fan_out": ".pipeline",
+    "model": ".pipeline",
+    **{
+        name: ".errors"
+        for name in (
+            "BatcherClosedError",
+            "CompileWarning",
+            "DynBatchError",
+            "InputSignatureError",
+            "ModelConflictError",
+            "PluginNotRegisteredError",
+            "QueueFullError",
+            "RequestTimeoutError",
+            "SampleTooLargeError",
+            "UnknownModelError",
+        )
+    },
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dask_dynbatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
+
+def dask_setup(scheduler: Any) -> None:
+    """``dask scheduler --preload dask_dynbatch``: register the scheduler plugin (and its dashboard
+    pages) on a scheduler started from the command line."""
+    from .scheduler.plugin import DynBatchPlugin
+
+    scheduler.add_plugin(DynBatchPlugin())

@@ -16,7 +16,7 @@ def _model(load: Callable[..., Any], device: str) -> Any:
     key = (load, device)
     model = _models.get(key)
     if model is None:
-        from .runtime import LoadedModel
+        from .worker.model import LoadedModel
         from .spec import ModelSpec
 
         model = _models[key] = LoadedModel(ModelSpec("baseline", load=load), device)
@@ -24,7 +24,7 @@ def _model(load: Callable[..., Any], device: str) -> Any:
 
 
 def default_device() -> str:
-    from .runtime import visible_gpu_count
+    from .worker.model import visible_gpu_count
 
     return "cuda:0" if visible_gpu_count() else "cpu"
 
@@ -84,7 +84,7 @@ def raw_compiled_loop(load: Callable[..., Any], sample: np.ndarray, batch_sizes:
     {size: s}}`` (compile time: the first two calls at that size)."""
     import torch
 
-    from .compiled import compile_shape, compile_static
+    from .worker.compile import compile_shape, compile_static
 
     device = device or default_device()
     model = _model(load, device)

@@ -14,8 +14,8 @@ class PluginNotRegisteredError(DynBatchError, RuntimeError):
         where = f" at {address}" if address else ""
         super().__init__(
             f"The dask-dynbatch scheduler plugin is not registered on the scheduler{where}. "
-            "Call `client.register_plugin(dask_dynbatch.DynBatchPlugin())` before creating a Batcher "
-            "(or start the scheduler with `--preload dask_dynbatch`)."
+            "Call `client.register_plugin(dask_dynbatch.DynBatchPlugin())` before creating a Batcher, "
+            "or start the scheduler with `dask scheduler --preload dask_dynbatch`."
         )
 
 
@@ -24,6 +24,7 @@ class UnknownModelError(DynBatchError, KeyError):
 
     def __init__(self, name: str, known: list[str] | None = None):
         self.name = name
+        self.known = known
         known_txt = ", ".join(sorted(known)) if known else "none"
         super().__init__(
             f"Unknown model {name!r}: register it by creating `Batcher(client, ModelSpec(name={name!r}, ...))`. "
@@ -32,6 +33,27 @@ class UnknownModelError(DynBatchError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return self.args[0]
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.known))
+
+
+class ModelConflictError(DynBatchError, ValueError):
+    """A model of this name is registered on the cluster with a different identity (load, predict,
+    variants or serving settings): two specs may share a name only if they are the same model."""
+
+    def __init__(self, name: str, differences: dict[str, tuple[str, str]]):
+        self.name = name
+        self.differences = differences
+        what = "; ".join(f"{field}: registered {old}, given {new}" for field, (old, new) in differences.items())
+        super().__init__(
+            f"Model {name!r} is already registered on this cluster with a different spec ({what}). "
+            f"Use another name, attach to the registered model with `Batcher.from_name(client, {name!r})`, "
+            f"or replace it for every client with `Batcher(client, spec, replace=True)`."
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.differences))
 
 
 class BatcherClosedError(DynBatchError, RuntimeError):
@@ -45,6 +67,7 @@ class RequestTimeoutError(DynBatchError, TimeoutError):
     """A request's deadline passed before its batch started; it was not run."""
 
 
+
 class InputSignatureError(DynBatchError, ValueError):
     """A request's shape or dtype does not match the model's input signature."""
 
@@ -54,7 +77,31 @@ class QueueFullError(DynBatchError, RuntimeError):
 
 
 class SampleTooLargeError(DynBatchError, MemoryError):
-    """A single sample does not fit in the device memory available to the model."""
+    """A single sample does not fit in the device memory available to the model, even alone in a
+    batch of one. Only that request fails; the others of its batch ran.
+
+    Parameters
+    ----------
+    row
+        Index of the row in its batch (None when not known).
+    detail
+        Text of the out-of-memory error that the row raised.
+    """
+
+    def __init__(self, row: int | None = None, detail: str = ""):
+        self.row = row
+        self.detail = detail
+        where = f"sample at row {row}" if row is not None else "a sample"
+        super().__init__(
+            f"{where} does not fit in the device memory available, even alone in a batch of 1"
+            + (f" ({detail})" if detail else "")
+            + ". Free memory on that device (other processes or models), reduce the size of this input, "
+            "or send it to a device with more memory (for example a CPU worker)."
+        )
+
+    def __reduce__(self):
+        # keep (row, detail) through pickling: errors travel back in RPC replies
+        return (type(self), (self.row, self.detail))
 
 
 class CompileWarning(UserWarning):

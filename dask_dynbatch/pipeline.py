@@ -54,8 +54,8 @@ from typing import TYPE_CHECKING, Any
 from dask.base import is_dask_collection
 from distributed import Future as DaskFuture
 
-from .batching import RequestFuture
-from .client import Batcher
+from .core.requests import RequestFuture
+from .client.batcher import Batcher
 from .errors import BatcherClosedError, RequestTimeoutError
 from .spec import parse_seconds
 

@@ -1,16 +1,20 @@
-"""What a model is: :class:`ModelSpec`, how it is loaded and run, and per-device variants (S10)."""
+"""What a model is: :class:`ModelSpec`, how it is loaded and run, per-device variants, and when two
+specs are the same model (:func:`fingerprint`)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 from dask.utils import parse_timedelta
 
-from .compiled import bucket_ladder, compile_mode, shape_ladder
+from .core.ladder import bucket_ladder, compile_mode, shape_ladder
 
 OVERLOAD_POLICIES = ("block", "reject")
 #: where a worker's controller starts when the spec does not say (by device kind)
@@ -32,7 +36,7 @@ def parse_seconds(value: float | int | str, what: str) -> float:
 
 @dataclass(frozen=True)
 class DeviceVariant:
-    """How to load and run a model on one device kind (S10: e.g. fp16 on CUDA, fp32 on CPU).
+    """How to load and run a model on one device kind (e.g. fp16 on CUDA, fp32 on CPU).
 
     Any field left as ``None`` falls back to the :class:`ModelSpec`'s own value.
     """
@@ -101,7 +105,7 @@ class ModelSpec:
     shape_buckets
         On CUDA workers, for a torch module with the default ``predict`` (and no ``compile`` or
         ``buckets``): form batches in a ladder of sizes, four per doubling above 64
-        (:func:`~dask_dynbatch.compiled.shape_ladder`), and pad a partial batch to its rung (the
+        (:func:`~dask_dynbatch.core.ladder.shape_ladder`), and pad a partial batch to its rung (the
         padding is cut from the outputs). The first batch of every new shape pays a one-time
         set-up on the GPU (~40 ms for ResNet-50: cuDNN builds its convolution plans per shape),
         which free batch sizes would pay again and again. Default ``True``; ``False`` for a module
@@ -222,6 +226,123 @@ def call_load(load: Callable[..., Any], device: str) -> Any:
     return load()
 
 
-def spec_token(payload: bytes) -> str:
-    """Stable identity of a pickled spec, so workers reload a model whose spec changed."""
-    return hashlib.sha1(payload).hexdigest()[:16]
+#: the fields that make a model what it is on the workers: two specs of one name are the same model
+#: when these agree (the others, max_delay, max_inflight, max_queue and overload, are each Batcher's own)
+IDENTITY_FIELDS = ("load", "predict", "variants", "device", "resources", "latency_target", "max_batch_size",
+                   "initial_batch_size", "input_shape", "input_dtype", "compile", "buckets", "shape_buckets")
+
+
+def fingerprint(spec: ModelSpec) -> tuple[dict[str, str], dict[str, str]]:
+    """The identity of a spec: ``(tokens, words)``, each ``{field: ...}`` over :data:`IDENTITY_FIELDS`.
+
+    Functions are known by their code, not by their pickle: the code object's instructions,
+    constants and names (nested functions included), defaults, closure values, and the values of
+    the module-level names they use that are plain data or functions of the same module. So the same
+    ``load`` defined in two notebooks, or pickled twice, is the same model, and one that computes
+    something else is not. Line numbers, comments and the function's position in its file do not
+    count. Other objects are known by their type and attributes; arrays by their bytes.
+    """
+    tokens, words = {}, {}
+    for name in IDENTITY_FIELDS:
+        value = getattr(spec, name)
+        if name == "input_dtype" and value is not None:
+            value = np.dtype(value).str
+        h = hashlib.sha1()
+        _feed(h, value, getattr(value, "__module__", None), 0, set())
+        tokens[name] = h.hexdigest()[:16]
+        words[name] = _describe(value)
+    return tokens, words
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, functools.partial):
+        return f"partial({_describe(value.func)}, ...)"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    if isinstance(value, dict) and value and all(isinstance(v, DeviceVariant) for v in value.values()):
+        return "{" + ", ".join(f"{k}: {_describe(v.load or v.predict)}" for k, v in value.items()) + "}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_PLAIN = (str, bytes, int, float, complex, bool, type(None))
+
+
+def _feed(h: Any, value: Any, home: str | None, depth: int, seen: set[int]) -> None:
+    """Add ``value`` to the hash ``h`` (see :func:`fingerprint`); ``home`` is the module whose
+    functions are followed into."""
+    if depth > 12:
+        h.update(b"<deep>")
+        return
+    if isinstance(value, _PLAIN):
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+    elif isinstance(value, (tuple, list, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        h.update(f"{type(value).__name__}[".encode())
+        for item in items:
+            _feed(h, item, home, depth + 1, seen)
+        h.update(b"]")
+    elif isinstance(value, Mapping):
+        h.update(b"{")
+        for key in sorted(value, key=repr):
+            _feed(h, key, home, depth + 1, seen)
+            _feed(h, value[key], home, depth + 1, seen)
+        h.update(b"}")
+    elif isinstance(value, np.ndarray):
+        h.update(f"ndarray:{value.dtype.str}:{value.shape};".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, functools.partial):
+        h.update(b"partial(")
+        for part in (value.func, value.args, value.keywords):
+            _feed(h, part, home, depth + 1, seen)
+        h.update(b")")
+    elif isinstance(value, types.MethodType):
+        _feed(h, value.__func__, home, depth + 1, seen)
+        _feed(h, value.__self__, home, depth + 1, seen)
+    elif isinstance(value, types.FunctionType):
+        _feed_function(h, value, home, depth, seen)
+    elif isinstance(value, (type, types.ModuleType, types.BuiltinFunctionType)):
+        h.update(f"{type(value).__name__}:{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', value.__name__)};".encode())
+    elif isinstance(value, DeviceVariant):
+        h.update(b"variant(")
+        for name in ("load", "predict", "max_batch_size", "compile"):
+            _feed(h, getattr(value, name), home, depth + 1, seen)
+        h.update(b")")
+    else:  # an instance: its type and attributes (a default repr holds an address)
+        h.update(f"object:{type(value).__module__}.{type(value).__qualname__};".encode())
+        attributes = getattr(value, "__dict__", None)
+        if isinstance(attributes, dict) and id(value) not in seen:
+            seen.add(id(value))
+            _feed(h, attributes, home, depth + 1, seen)
+
+
+def _feed_function(h: Any, fn: types.FunctionType, home: str | None, depth: int, seen: set[int]) -> None:
+    h.update(f"function:{fn.__module__}.{fn.__qualname__};".encode())
+    if id(fn) in seen or (fn.__module__ != home and fn.__module__ != "__main__"):
+        return  # a function of another module is known by its name: follow only our own code
+    seen.add(id(fn))
+    names: list[str] = []
+    _feed_code(h, fn.__code__, names)
+    for part in (fn.__defaults__, fn.__kwdefaults__):
+        _feed(h, part, home, depth + 1, seen)
+    for cell in fn.__closure__ or ():
+        try:
+            _feed(h, cell.cell_contents, home, depth + 1, seen)
+        except ValueError:  # an empty cell
+            h.update(b"<empty>")
+    for name in names:
+        if name in fn.__globals__:
+            value = fn.__globals__[name]
+            if isinstance(value, (types.FunctionType, functools.partial, *_PLAIN, tuple, list, dict, np.ndarray)):
+                _feed(h, value, home, depth + 1, seen)
+
+
+def _feed_code(h: Any, code: types.CodeType, names: list[str]) -> None:
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars)).encode())
+    names.extend(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _feed_code(h, const, names)
+        else:
+            h.update(f"{type(const).__name__}:{const!r};".encode())

@@ -1,4 +1,4 @@
-"""BusyForecast and SizeCurve: when a partial batch goes to a busy worker (pure, no clock)."""
+"""BusyForecast and its per-size curves: when a partial batch goes to a busy worker (pure, no clock)."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 
 import pytest
 
-from dask_dynbatch.pacing import ALPHA, LEAD_FACTOR, MARGIN_S, WARM_UP, BusyForecast, SizeCurve
+from dask_dynbatch.core.pacing import ALPHA, LEAD_FACTOR, MARGIN_S, WARM_UP, BusyForecast, size_curve
 
 
 def test_nothing_measured_sends_at_once():
@@ -17,46 +17,46 @@ def test_nothing_measured_sends_at_once():
 
 
 def test_curve_interpolates_between_bins_and_extrapolates_within_bounds():
-    c = SizeCurve()
-    assert c(10) is None
-    c.observe(100, 0.010)
+    c = size_curve()
+    assert c.at("s", 10) is None
+    c.observe(100, s=0.010)
     # one bin: in proportion to rows above it, its own time below it
-    assert c(200) == pytest.approx(0.020) and c(50) == pytest.approx(0.010)
-    c.observe(400, 0.025)  # 5 ms + 50 us a row
-    assert c(200) == pytest.approx(0.015)  # on the line between the two bins
-    assert c(800) == pytest.approx(0.045)  # past the largest: the last two bins' slope
-    assert c(10) == pytest.approx(0.010)  # below the smallest: its time
-    assert c.state() == {100: pytest.approx(0.010), 400: pytest.approx(0.025)}
+    assert c.at("s", 200) == pytest.approx(0.020) and c.at("s", 50) == pytest.approx(0.010)
+    c.observe(400, s=0.025)  # 5 ms + 50 us a row
+    assert c.at("s", 200) == pytest.approx(0.015)  # on the line between the two bins
+    assert c.at("s", 800) == pytest.approx(0.045)  # past the largest: the last two bins' slope
+    assert c.at("s", 10) == pytest.approx(0.010)  # below the smallest: its time
+    assert c.state("s") == {100: pytest.approx(0.010), 400: pytest.approx(0.025)}
 
 
 def test_curve_extrapolation_is_clamped_between_flat_and_proportional():
-    steep = SizeCurve()
-    steep.observe(10, 0.001)
-    steep.observe(100, 0.100)  # slope 1.1 ms a row, more than 1 ms a row at 100
-    assert steep(200) == pytest.approx(0.200)  # proportional to the largest bin, not steeper
-    noisy = SizeCurve()
-    noisy.observe(100, 0.020)
-    noisy.observe(400, 0.015)  # a larger bin measured faster: made non-decreasing
-    assert noisy(400) == pytest.approx(0.020) and noisy(1000) == pytest.approx(0.020)
-    assert noisy(250) == pytest.approx(0.020)
+    steep = size_curve()
+    steep.observe(10, s=0.001)
+    steep.observe(100, s=0.100)  # slope 1.1 ms a row, more than 1 ms a row at 100
+    assert steep.at("s", 200) == pytest.approx(0.200)  # proportional to the largest bin, not steeper
+    noisy = size_curve()
+    noisy.observe(100, s=0.020)
+    noisy.observe(400, s=0.015)  # a larger bin measured faster: made non-decreasing
+    assert noisy.at("s", 400) == pytest.approx(0.020) and noisy.at("s", 1000) == pytest.approx(0.020)
+    assert noisy.at("s", 250) == pytest.approx(0.020)
 
 
 def test_curve_averages_plainly_then_smooths_and_ignores_bad_observations():
-    c = SizeCurve()
+    c = size_curve()
     for s in (0.010, 0.020, 0.030, 0.040):  # WARM_UP = 4 plain
-        c.observe(100, s)
-    assert WARM_UP == 4 and c(100) == pytest.approx(0.025)
-    c.observe(100, 0.125)
-    assert c(100) == pytest.approx(0.025 + ALPHA * 0.100)
-    before = c.state()
-    c.observe(0, 1.0)
-    c.observe(100, -1.0)
-    c.observe(100, math.nan)
-    assert c.state() == before
+        c.observe(100, s=s)
+    assert WARM_UP == 4 and c.at("s", 100) == pytest.approx(0.025)
+    c.observe(100, s=0.125)
+    assert c.at("s", 100) == pytest.approx(0.025 + ALPHA * 0.100)
+    before = c.state("s")
+    c.observe(0, s=1.0)
+    c.observe(100, s=-1.0)
+    c.observe(100, s=math.nan)
+    assert c.state("s") == before
 
 
 def test_small_batches_do_not_erase_what_large_ones_cost():
-    """The failure of one average time per row (pacing.py's docstring): learned at a low load from
+    """The failure of one average time per row (docs/decisions.md): learned at a low load from
     small batches, it put a large batch's device time 2-5x too high. Each size keeps its own."""
     def device_s(rows):  # measured shape on an H100: a fixed cost plus a cost per row
         return 0.0055 + 80e-6 * rows
@@ -68,7 +68,7 @@ def test_small_batches_do_not_erase_what_large_ones_cost():
         rows = 20 + (i * 7) % 41
         f.observe(rows, device_s(rows), 0.004)
     for rows in (100, 300, 800, 1200):
-        assert f.device(rows) == pytest.approx(device_s(rows), rel=0.25)
+        assert f.device_s(rows) == pytest.approx(device_s(rows), rel=0.25)
     one_average = sum(device_s(20 + (i * 7) % 41) / (20 + (i * 7) % 41) for i in range(500)) / 500
     assert one_average * 800 > 2 * device_s(800)  # what the single average would have said
 
@@ -108,7 +108,7 @@ def test_observations_without_a_time_are_ignored():
     f.observe(100, compute_s=0.010, lead_s=0.004)
     f.observe(100, compute_s=0.0, lead_s=None)  # no compute time, no lead: nothing learned
     f.observe(0, compute_s=0.5, lead_s=-1.0)  # nothing ran; a negative lead is not a time
-    assert f.device(100) == pytest.approx(0.010) and f.lead(100) == pytest.approx(0.004)
+    assert f.device_s(100) == pytest.approx(0.010) and f.lead_s(100) == pytest.approx(0.004)
     assert set(f.state()) == {"device_s", "lead_s", "busy_until", "in_flight"}
 
 

@@ -1,29 +1,21 @@
-"""Compiled execution with batch-size buckets (``ModelSpec(compile=...)``).
+"""Compiled execution, bucket by bucket (``ModelSpec(compile=...)``).
 
-A compiled graph (``torch.compile`` with static shapes) serves one batch size. So batches are
-formed on a *ladder* of bucket sizes (powers of two up to ``max_batch_size`` by default): the
-client's controller steps from rung to rung and the memory cap is rounded down to a rung, so full
-batches fill a bucket exactly; a partial batch is padded to its bucket on the worker (with copies
-of its last row) and the padding is cut from the outputs before they leave the device.
+A compiled graph (``torch.compile`` with static shapes) serves one batch size, so a compiled
+model's batches are formed on the bucket ladder (:mod:`dask_dynbatch.core.ladder`). Compilation
+never blocks a request: :class:`BucketCompiler` compiles one bucket at a time in a background
+thread, a bucket once two full batches of its size have run eagerly (sixteen short ones: the tail
+of every burst is short), the one that served the most rows first, then the rung above it, where
+the controller goes next. Until a bucket is ready its batches run eagerly, unpadded. torch.compile
+is not thread-safe, so while a bucket compiles every batch runs eagerly; once the controller
+settles, nothing compiles any more and every full batch runs compiled. A model that fails to
+compile is served eagerly for good, with a warning; the error shows in ``Batcher.stats()``.
 
-Compilation never blocks a request. :class:`BucketCompiler` compiles one bucket at a time in a
-background thread: a bucket once two full batches of its size have run eagerly (sixteen short
-ones: the tail of every burst is short), the one that served the most rows first, then the rung
-above it, where the controller goes next. Until a bucket is ready
-its batches run eagerly, unpadded. torch.compile is not thread-safe, so while a bucket compiles
-every batch runs eagerly (measured on the GPU: compiled calls during another thread's trace failed);
-once the controller settles, nothing compiles any more and every full batch runs compiled. A model
-that fails to compile is served eagerly for good, with a warning; the error shows in
-``Batcher.stats()``.
-
-The ladder helpers are pure; torch is imported only by :class:`BucketCompiler`.
+torch is imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import gc
 import logging
 import pickle
 import subprocess
@@ -31,132 +23,24 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..core.ladder import next_rung
+from ..core.memory import is_oom_error
+
 logger = logging.getLogger(__name__)
 
-#: ``ModelSpec(compile=...)`` values, as ``torch.compile(mode=...)`` takes them (True: "default")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: a bucket is compiled once this many full batches of its size have run eagerly...
 MIN_EAGER_BATCHES = 2
 #: ...or this many short ones (the tail of each burst is short: compiling its bucket would keep
 #: the compile thread, and so every batch, off the compiled path for seconds after every burst)
 MIN_SHORT_BATCHES = 16
-#: the default ladder stops here when the spec sets no max_batch_size (the memory cap binds first)
-LADDER_TOP = 2**16
 
 
-# ------------------------------------------------------------------------------------------------
-# The ladder (pure)
-# ------------------------------------------------------------------------------------------------
-def compile_mode(value: bool | str | None) -> str | None:
-    """``ModelSpec.compile`` as a ``torch.compile`` mode, or None when off; raise on a bad value."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return "default"
-    if isinstance(value, str) and value in COMPILE_MODES:
-        return value
-    raise ValueError(f"ModelSpec.compile must be True, False or one of {COMPILE_MODES}, not {value!r}")
-
-
-def bucket_ladder(buckets: Sequence[int] | None, max_batch_size: int | None) -> tuple[int, ...]:
-    """The batch sizes batches are formed in.
-
-    ``buckets`` given: those sizes, sorted (sizes above ``max_batch_size`` are dropped). Otherwise
-    powers of two from 1 up to ``max_batch_size`` (plus ``max_batch_size`` itself when it is not a
-    power of two), or up to :data:`LADDER_TOP` without a ``max_batch_size``.
-    """
-    if buckets is not None:
-        rungs = sorted({int(b) for b in buckets})
-        if not rungs or rungs[0] < 1:
-            raise ValueError(f"ModelSpec.buckets must be positive batch sizes, not {buckets!r}")
-        if max_batch_size is not None:
-            rungs = [b for b in rungs if b <= max_batch_size] or [min(rungs[0], max_batch_size)]
-        return tuple(rungs)
-    top = LADDER_TOP if max_batch_size is None else int(max_batch_size)
-    rungs = []
-    size = 1
-    while size <= top:
-        rungs.append(size)
-        size *= 2
-    if rungs[-1] != top:
-        rungs.append(top)
-    return tuple(rungs)
-
-
-def shape_ladder(max_batch_size: int | None, per_doubling: int = 4) -> tuple[int, ...]:
-    """Batch sizes of eager models on CUDA (``ModelSpec.shape_buckets``): 1, 2, 4, then multiples
-    of 8 up to 64, then ``per_doubling`` evenly spaced sizes per doubling (80, 96, 112, 128, 160,
-    ...), up to ``max_batch_size`` (included) or :data:`LADDER_TOP`.
-
-    Few distinct shapes, because the first batch of each shape pays a one-time set-up on the GPU
-    (cuDNN builds its convolution plans per input shape: ~40 ms for ResNet-50 on an H200), while a
-    batch padded to its rung wastes at most ``1 / per_doubling`` of its rows (25 % from 65 to 80;
-    full batches sit on rungs and waste nothing). Multiples of 8 also suit tensor cores.
-    """
-    top = LADDER_TOP if max_batch_size is None else int(max_batch_size)
-    rungs = [1, 2, 4] + list(range(8, 65, 8))
-    base = 64
-    while rungs[-1] < top:
-        step = base // per_doubling
-        rungs.extend(base + step * k for k in range(1, per_doubling + 1))
-        base *= 2
-    rungs = [r for r in rungs if r <= top]
-    if rungs[-1] != top:
-        rungs.append(top)
-    return tuple(rungs)
-
-
-def bucket_for(ladder: Sequence[int], n: int) -> int | None:
-    """Smallest rung that holds ``n`` rows, or None when ``n`` is above the ladder."""
-    i = bisect.bisect_left(ladder, n)
-    return ladder[i] if i < len(ladder) else None
-
-
-def floor_rung(ladder: Sequence[int], n: int) -> int:
-    """Largest rung not above ``n`` (``n`` itself when it is below the ladder)."""
-    i = bisect.bisect_right(ladder, n)
-    return ladder[i - 1] if i > 0 else n
-
-
-def next_rung(ladder: Sequence[int], n: int) -> int | None:
-    """Smallest rung above ``n``, or None at the top."""
-    i = bisect.bisect_right(ladder, n)
-    return ladder[i] if i < len(ladder) else None
-
-
-def pad_rows(batch: Any, rows: int) -> Any:
-    """``batch`` (NumPy array or torch tensor) grown to ``rows`` rows with copies of its last row."""
-    n = len(batch)
-    if n >= rows:
-        return batch
-    if isinstance(batch, np.ndarray):
-        return np.concatenate([batch, np.repeat(batch[-1:], rows - n, axis=0)])
-    import torch
-
-    return torch.cat([batch, batch[-1:].expand(rows - n, *batch.shape[1:])])
-
-
-def trim_rows(outputs: Any, n: int) -> Any:
-    """The first ``n`` rows of every output (arrays, tensors; tuples, lists and dicts of them)."""
-    if isinstance(outputs, dict):
-        return {k: trim_rows(v, n) for k, v in outputs.items()}
-    if isinstance(outputs, (tuple, list)):
-        return type(outputs)(trim_rows(v, n) for v in outputs)
-    if getattr(outputs, "ndim", 0) > 0:
-        return outputs[:n]
-    return outputs
-
-
-# ------------------------------------------------------------------------------------------------
-# Background compilation
-# ------------------------------------------------------------------------------------------------
 def compile_static(module: Any, mode: str, shapes: int) -> Any:
     """``torch.compile(module, mode=mode, dynamic=False)``, with dynamo's recompile limit raised so
     that ``shapes`` batch sizes (a recompile of the same code object each) all compile."""
@@ -193,7 +77,7 @@ class BucketCompiler:
     mode
         ``torch.compile`` mode.
     ladder
-        Bucket sizes (see :func:`bucket_ladder`).
+        Bucket sizes (see :func:`dask_dynbatch.core.ladder.bucket_ladder`).
     run
         ``run(model, batch) -> outputs``: how a batch is run (the same call for eager and compiled,
         e.g. the user's ``predict``), called under ``torch.inference_mode``.
@@ -243,7 +127,6 @@ class BucketCompiler:
         self._demand: dict[int, int] = {}  # bucket -> rows served eagerly while it was not ready
         self._ready: set[int] = set()
         self._state: dict[int, str] = {}  # bucket -> "queued", "compiling", "ready", "no-memory"
-        GC_PAUSES.install()
         self._seconds: dict[int, float] = {}
         self._pending: list[int] = []  # buckets to compile, first first
         self._running = False
@@ -311,6 +194,14 @@ class BucketCompiler:
                 self._state.pop(bucket, None)
             self._pending.clear()
 
+    def count(self, compiled: bool, padded_rows: int = 0) -> None:
+        """One batch was served, compiled (with ``padded_rows`` rows of padding) or eagerly."""
+        if compiled:
+            self.compiled_batches += 1
+            self.padded_rows += padded_rows
+        else:
+            self.eager_batches += 1
+
     def fail(self, exc: BaseException) -> None:
         """The compiled module raised where the eager one did not: serve eagerly from now on."""
         self._give_up(exc, "running")
@@ -335,16 +226,9 @@ class BucketCompiler:
                 self._running = False
 
     def _make_compiled(self) -> None:
-        import torch
-
-        # belt and braces beside the exclusive lock: a compiled call that meets torch.fx's
-        # process-wide "tracing" flag runs its eager code instead of raising
-        torch._dynamo.config.error_on_nested_fx_trace = False
         self.compiled = compile_static(self._module, self.mode, len(self.ladder))
 
     def _compile(self, bucket: int) -> None:
-        from .sizing import is_oom_error
-
         started = time.perf_counter()
         if self._warm is not None:
             # the long part (code generation, kernel compiles, autotuning) in a child process, while
@@ -416,50 +300,7 @@ class BucketCompiler:
             "compiled_batches": self.compiled_batches,
             "eager_batches": self.eager_batches,
             "padded_rows": self.padded_rows,
-            "gc": GC_PAUSES.summary(),
         }
-
-
-class GcPauses:
-    """Full (generation 2) garbage collections of this process: how many, the longest, the total
-    seconds (``gc.callbacks``), and when the last few ended (wall clock, to line them up with slow
-    batches in ``Batcher.history()``). A full collection stops every thread, the device thread
-    included, and after a compile there is a lot to walk: on the H200 two of them paused compiled
-    serving for 0.5 s each (``benchmarks/results/gpu_case_compiled.json``)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.max_s = 0.0
-        self.total_s = 0.0
-        self.recent: deque[tuple[float, float]] = deque(maxlen=8)  # (time.time() at the end, seconds)
-        self._started: float | None = None
-        self._installed = False
-
-    def install(self) -> None:
-        if not self._installed:
-            self._installed = True
-            gc.callbacks.append(self._callback)
-
-    def _callback(self, phase: str, info: dict) -> None:
-        if info.get("generation") != 2:
-            return
-        if phase == "start":
-            self._started = time.perf_counter()
-        elif self._started is not None:
-            pause = time.perf_counter() - self._started
-            self._started = None
-            self.count += 1
-            self.total_s += pause
-            self.max_s = max(self.max_s, pause)
-            self.recent.append((time.time(), pause))
-
-    def summary(self) -> dict[str, Any]:
-        return {"full_collections": self.count, "max_pause_s": self.max_s, "total_s": self.total_s,
-                "frozen_objects": gc.get_freeze_count(), "recent": [list(r) for r in self.recent]}
-
-
-#: this process's full collections, tracked once a model is compiled here
-GC_PAUSES = GcPauses()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,7 +323,7 @@ def warm_in_subprocess(payload: bytes, device: str, bucket: int, template: np.nd
         job.write_bytes(pickle.dumps({"payload": payload, "device": device, "bucket": int(bucket),
                                       "template": np.ascontiguousarray(template)}))
         started = time.perf_counter()
-        with subprocess.Popen([sys.executable, "-m", "dask_dynbatch.compiled", str(job)],
+        with subprocess.Popen([sys.executable, "-m", "dask_dynbatch.worker._warm", str(job)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
             stderr = ""
             while True:
@@ -500,18 +341,3 @@ def warm_in_subprocess(payload: bytes, device: str, bucket: int, template: np.nd
             logger.info("dynbatch: warming bucket %d failed: %s", bucket, (stderr or "")[-2000:])
             return None
         return time.perf_counter() - started
-
-
-def _warm_child(job_path: str) -> None:
-    from .runtime import LoadedModel
-
-    job = pickle.loads(Path(job_path).read_bytes())
-    spec = pickle.loads(job["payload"])
-    loaded = LoadedModel(spec, job["device"])  # the eager model, as the worker has it
-    compiled = compile_static(loaded.model, loaded.spec.compile_mode() or "default", 1)
-    rows = np.repeat(job["template"], job["bucket"], axis=0)
-    compile_shape(loaded._forward, compiled, loaded._as_input(rows))
-
-
-if __name__ == "__main__":
-    _warm_child(sys.argv[1])

@@ -1,7 +1,7 @@
 """Memory sources: how much device memory is free *now*.
 
-Every source answers one question, :meth:`MemorySource.read`, with a
-:class:`DeviceMemory` snapshot.  The sizer (:mod:`dask_dynbatch.sizing`) turns
+Every source answers one question, :meth:`~dask_dynbatch.core.memory.MemorySource.read`, with a
+:class:`~dask_dynbatch.core.memory.DeviceMemory` snapshot.  The sizer (:mod:`dask_dynbatch.core.memory`) turns
 snapshots into batch-size caps; the worker plugin reports them on the
 heartbeat (:func:`device_telemetry`).
 
@@ -22,8 +22,6 @@ Sources
     Host RAM for CPU workers: ``psutil.virtual_memory().available`` and, when
     the Dask worker has a ``memory_limit``, that limit minus this process's
     RSS.  The smaller of the two is free.
-``FakeMemory``
-    Settable numbers and a read counter, for deterministic tests.
 
 GPU libraries (torch.cuda, cupy, pynvml) are imported inside functions only,
 so this module imports on a CPU-only machine without them.
@@ -36,90 +34,10 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-__all__ = [
-    "DeviceMemory",
-    "MemorySource",
-    "TorchCudaMemory",
-    "CupyMemory",
-    "NvmlMemory",
-    "HostMemory",
-    "FakeMemory",
-    "detect_memory_source",
-    "device_telemetry",
-    "parse_device",
-]
+from ..core.memory import DeviceMemory, MemorySource
 
-
-@dataclass
-class DeviceMemory:
-    """One reading of a device's memory, in bytes.
-
-    Parameters
-    ----------
-    total : int
-        Physical memory of the device (GPU memory, or host RAM).
-    free : int
-        Memory free as the driver / operating system sees it, other processes
-        included.  Where ``limit`` applies, already clipped to what the limit
-        leaves.
-    framework_reserved_unused : int, default 0
-        Memory our own framework's allocator holds in its cache but does not
-        use (torch ``memory_reserved - memory_allocated``, CuPy pool
-        ``total_bytes - used_bytes``).  Other processes cannot use it; we can.
-    limit : int or None
-        An explicit budget for this process on this device (a Dask worker's
-        ``memory_limit`` on CPU, torch's per-process memory fraction, a CuPy
-        pool limit), or None.
-    framework_used : int or None
-        Bytes this process holds on the device in live allocations (torch
-        ``memory_allocated``, CuPy pool ``used_bytes``, process RSS on the
-        host, this process's usage by NVML), or None when the source cannot
-        tell.  Used for explicit per-device budgets and to tell other
-        processes' memory changes from our own.
-    nvml_free : int or None
-        Free memory as NVML reports it, when the source read NVML.
-    source : str
-        Name of the source that produced the reading.
-    """
-
-    total: int
-    free: int
-    framework_reserved_unused: int = 0
-    limit: int | None = None
-    framework_used: int | None = None
-    nvml_free: int | None = None
-    source: str = ""
-
-    @property
-    def capacity(self) -> int:
-        """Memory this process may use at most: ``total``, or ``limit`` if smaller."""
-        if self.limit is not None:
-            return max(0, min(self.total, self.limit))
-        return self.total
-
-    @property
-    def effective_free(self) -> int:
-        """Memory a new allocation of ours can get now: free plus our unused cache."""
-        return max(0, self.free) + max(0, self.framework_reserved_unused)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict, with ``capacity`` and ``effective_free`` added."""
-        out = asdict(self)
-        out["capacity"] = self.capacity
-        out["effective_free"] = self.effective_free
-        return out
-
-
-@runtime_checkable
-class MemorySource(Protocol):
-    """Anything that can say how much memory a device has free now."""
-
-    def read(self) -> DeviceMemory:
-        """Return a fresh :class:`DeviceMemory` reading."""
-        ...
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -453,62 +371,6 @@ class HostMemory:
             f"HostMemory(memory_limit={self.memory_limit}, "
             f"limit_fraction={self.limit_fraction})"
         )
-
-
-# --------------------------------------------------------------------- fake
-class FakeMemory:
-    """A memory source with numbers set by hand, for deterministic tests.
-
-    Parameters
-    ----------
-    total : int
-        Total bytes.
-    free : int
-        Free bytes; set ``fake.free = ...`` to simulate other jobs.
-    framework_reserved_unused : int, default 0
-    limit : int or None
-    framework_used : int or None
-
-    Attributes
-    ----------
-    reads : int
-        How many times :meth:`read` was called.
-    """
-
-    name = "fake"
-
-    def __init__(
-        self,
-        total: int,
-        free: int,
-        *,
-        framework_reserved_unused: int = 0,
-        limit: int | None = None,
-        framework_used: int | None = None,
-    ):
-        self.total = int(total)
-        self.free = int(free)
-        self.framework_reserved_unused = int(framework_reserved_unused)
-        self.limit = limit
-        self.framework_used = framework_used
-        self.reads = 0
-        self._lock = threading.Lock()
-
-    def read(self) -> DeviceMemory:
-        """Return the numbers currently set, and count the read."""
-        with self._lock:
-            self.reads += 1
-            return DeviceMemory(
-                total=self.total,
-                free=self.free,
-                framework_reserved_unused=self.framework_reserved_unused,
-                limit=self.limit,
-                framework_used=self.framework_used,
-                source=self.name,
-            )
-
-    def __repr__(self) -> str:
-        return f"FakeMemory(total={self.total}, free={self.free})"
 
 
 # ---------------------------------------------------------------- detection

@@ -1,11 +1,11 @@
-"""Worker-side execution: which device, how a model is loaded and called, array conversions.
+"""A model loaded on one worker device: which device, how it is loaded and called (eager or
+compiled, padded to its rung), and its outputs brought back to host NumPy arrays.
 
 GPU libraries are imported only when a model needs them.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import sys
@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .batching import join_chunks
-from .compiled import BucketCompiler, bucket_for, floor_rung, pad_rows, trim_rows
-from .spec import ModelSpec, call_load
+from ..core.ladder import bucket_for, floor_rung
+from ..core.memory import estimate_bytes_per_sample, is_oom_error
+from ..spec import ModelSpec, call_load
+from .compile import BucketCompiler
+from .staging import PinnedBuffer, join_on_host, stage_on_device
 from .telemetry import torch_cuda_allocator_stats
 
 logger = logging.getLogger(__name__)
@@ -48,27 +50,6 @@ def choose_device(spec: ModelSpec, gpu_count: int | None = None) -> str:
     return "cpu"
 
 
-def pin_host_memory(address: int, nbytes: int) -> Callable[[], None] | None:
-    """Page-lock ``nbytes`` of host memory at ``address`` for CUDA (``cudaHostRegister``), so
-    that copies to a GPU go straight out of it by DMA; returns how to undo it, or None when CUDA
-    refused (the caller copies through a pinned buffer instead)."""
-    import torch
-
-    cudart = torch.cuda.cudart()
-    rc = int(cudart.cudaHostRegister(address, nbytes, 0))
-    if rc != 0:
-        logger.info("dynbatch: cudaHostRegister of %d bytes failed (cudaError %d); copying through pinned memory",
-                    nbytes, rc)
-        return None
-
-    def undo() -> None:
-        err = int(cudart.cudaHostUnregister(address))
-        if err != 0:
-            raise RuntimeError(f"cudaHostUnregister failed (cudaError {err})")
-
-    return undo
-
-
 def _is_torch_module(obj: Any) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.nn.Module)
@@ -92,28 +73,51 @@ def to_numpy(value: Any) -> Any:
     return np.asarray(value)
 
 
+def pad_rows(batch: Any, rows: int) -> Any:
+    """``batch`` (NumPy array or torch tensor) grown to ``rows`` rows with copies of its last row."""
+    n = len(batch)
+    if n >= rows:
+        return batch
+    if isinstance(batch, np.ndarray):
+        return np.concatenate([batch, np.repeat(batch[-1:], rows - n, axis=0)])
+    import torch
+
+    return torch.cat([batch, batch[-1:].expand(rows - n, *batch.shape[1:])])
+
+
+def trim_rows(outputs: Any, n: int) -> Any:
+    """The first ``n`` rows of every output (arrays, tensors; tuples, lists and dicts of them)."""
+    if isinstance(outputs, dict):
+        return {k: trim_rows(v, n) for k, v in outputs.items()}
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(trim_rows(v, n) for v in outputs)
+    if getattr(outputs, "ndim", 0) > 0:
+        return outputs[:n]
+    return outputs
+
+
 class LoadedModel:
     """A model loaded on one worker device, ready to run batches.
 
     With ``ModelSpec.compile``, ``compile_submit`` (runs a callable in the worker's compile thread)
     and ``compile_reserve`` (``rows -> context manager or None``: device memory for a warm-up
-    batch) let a :class:`~dask_dynbatch.compiled.BucketCompiler` compile buckets in the background;
+    batch) let a :class:`~dask_dynbatch.worker.compile.BucketCompiler` compile buckets in the background;
     ``compile_warm(rows, template_row, stop=event)`` warms the compile caches in a child process first.
     """
 
-    def __init__(self, spec: ModelSpec, device: str, token: str = "",
+    def __init__(self, spec: ModelSpec, device: str, version: int = 0,
                  compile_submit: Callable[[Callable[[], None]], Any] | None = None,
                  compile_reserve: Callable[[int], Any] | None = None,
                  compile_warm: Callable[[int, np.ndarray], Any] | None = None):
         self.spec = spec.for_device(device)
         self.device = device
-        self.token = token
+        self.version = version
         started = time.perf_counter()
         self.model = call_load(self.spec.load, device)
         self.is_torch = _is_torch_module(self.model)
         self._torch_device = None  # torch models: their device, and on CUDA a side stream to stage on
         self._copy_stream = None
-        self._pinned = None  # the staging buffer (see _host_buffer)
+        self._pinned = PinnedBuffer()  # where batches bound for a GPU are joined
         if self.is_torch:
             self._prepare_torch()
         self.load_seconds = time.perf_counter() - started
@@ -133,14 +137,14 @@ class LoadedModel:
                 logger.warning("dynbatch: model %r: %s", self.spec.name, self.compile_error)
             elif compile_submit is not None:
                 self.compiler = BucketCompiler(
-                    self.model, mode, self.ladder, run=self._forward, example=self._example,
+                    self.model, mode, self.ladder, run=self.forward, example=self._example,
                     submit=compile_submit, reserve=compile_reserve,
                     warm=(lambda rows, stop: compile_warm(rows, self._host_template(), stop=stop)) if compile_warm else None,
                 )
                 if self.spec.input_shape is not None and self.spec.input_dtype is not None:
                     # the signature is declared: compile the first bucket before the first batch
                     row = np.zeros((1, *self.spec.input_shape), dtype=np.dtype(self.spec.input_dtype))
-                    self._template = self._as_input(row)
+                    self._template = self.as_input(row)
                     first = bucket_for(self.ladder, self.spec.initial_size(device))
                     if first is not None:
                         self.compiler.want(first, force=True)
@@ -157,57 +161,22 @@ class LoadedModel:
         """Whether :meth:`stage` moves batches to the device (torch module on CUDA, default predict)."""
         return self.is_torch and self.spec.predict is None and self._copy_stream is not None
 
-    def stage(self, batch: np.ndarray | list[np.ndarray], copy: bool = False, pinned: bool = False) -> Any:
-        """Prepare a batch ahead of its turn, in a transfer thread, so that it overlaps the compute
-        of the batch before: join the chunks a large batch travels in (into pinned memory when the
-        batch goes to a GPU) and copy the batch to the device on a side stream. Returns what
-        :meth:`__call__` takes: a device tensor, or a stacked host array. ``copy``: the batch is a
-        view of memory that is not ours (a client's shared-memory slot): the result never aliases it.
-        ``pinned``: that memory is page-locked already (see :func:`pin_host_memory`): the device
-        copies straight out of it."""
+    def stage(self, arrays: list[np.ndarray], shared: bool = False, pinned: bool = False) -> Any:
+        """The rows of a device batch (host arrays) as :meth:`__call__` takes them: one tensor on
+        the device (a torch module on CUDA with the default predict; called in the transfer thread,
+        so that it overlaps the compute of the batch before), else one host array. ``shared``: the
+        arrays are views of memory a client reuses, which the result never aliases; ``pinned``:
+        that memory is page-locked, the device copies straight out of it."""
         if not self.stages_on_device:
-            joined = join_chunks(batch)
-            return np.array(joined) if copy and joined is batch else joined
-        import torch
-
-        if isinstance(batch, list):
-            chunks = [torch.from_numpy(chunk) for chunk in batch]
-            host = self._host_buffer(sum(len(c) for c in chunks), chunks[0])
-            torch.cat(chunks, out=host)  # torch copies without holding the GIL
-        elif pinned:
-            host = torch.from_numpy(batch)
-        else:
-            # also for a view of a client's shared-memory slot that could not be page-locked: copied
-            # into pinned memory first. A copy straight from pageable memory makes the driver stage it
-            # under its own locks, and on the H200 that slowed the batch computing meanwhile by ~40 ms in two.
-            source = torch.from_numpy(batch)
-            host = self._host_buffer(len(source), source)
-            host.copy_(source)
-        with torch.cuda.stream(self._copy_stream):
-            x = host.to(self._torch_device, non_blocking=True)
-        self._copy_stream.synchronize()  # blocks this transfer thread only; the buffer is free again
-        return x
-
-    def _host_buffer(self, rows: int, like: Any) -> Any:
-        """``rows`` rows shaped like ``like``'s in a pinned buffer kept for the next batch (one per
-        model: one transfer thread stages at a time). It grows to the next power of two: allocating
-        pinned memory is slow (~0.2 s for the first batch of 1,792 ResNet images on the H200)."""
-        import torch
-
-        buf = self._pinned
-        shape = tuple(like.shape[1:])
-        if buf is None or buf.dtype != like.dtype or tuple(buf.shape[1:]) != shape or len(buf) < rows:
-            self._pinned = None
-            capacity = 1 << max(6, (rows - 1).bit_length())
-            buf = self._pinned = torch.empty((capacity, *shape), dtype=like.dtype, pin_memory=True)
-        return buf[:rows]
+            return join_on_host(arrays, shared)
+        return stage_on_device(arrays, self._torch_device, self._copy_stream, self._pinned, pinned)
 
     # -- running ------------------------------------------------------------------------------
     def first_at_size(self, n: int) -> bool:
         """Whether no batch of ``n`` rows (of its bucket, with a ladder) ran here before. On a GPU
         the first batch of a shape pays one-time set-up: cuDNN picks and builds its convolution
-        plans per input shape, and the allocator grows; measured ~40 ms for ResNet-50 on an H200,
-        which made a controller that learnt from it shrink again after every step."""
+        plans per input shape, and the allocator grows: a controller that learnt from that batch would
+        shrink again after every step."""
         size = self.rows_for(n)
         if size in self._sizes_seen:
             return False
@@ -221,13 +190,11 @@ class LoadedModel:
 
     def warm_shapes(self, example: Any, limit: int) -> int:
         """Run each rung of the shape ladder up to ``limit`` rows once, with copies of ``example``'s
-        first row, so that no served batch pays a shape's one-time set-up (cuDNN plans: ~40 ms per
-        shape for ResNet-50 on an H200, ~1.5 s for the rungs up to 1,024). Called in the device
-        thread before the first batch; an out-of-memory error stops it. Returns the rungs warmed."""
+        first row, so that no served batch pays a shape's one-time set-up (cuDNN plans). Called in the
+        device thread before the first batch; an out-of-memory error stops it. Returns the rungs
+        warmed."""
         self._shapes_warmed = True
         import torch
-
-        from .sizing import is_oom_error
 
         row = example[:1] if isinstance(example, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(example[:1]))
         row = row.to(self._torch_device)
@@ -239,7 +206,7 @@ class LoadedModel:
                 continue
             try:
                 with torch.inference_mode():
-                    self._forward(self.model, row.expand(rung, *row.shape[1:]).contiguous())
+                    self.forward(self.model, row.expand(rung, *row.shape[1:]).contiguous())
             except Exception as exc:  # the batch itself will tell
                 if is_oom_error(exc):
                     self.free_cache()
@@ -273,7 +240,7 @@ class LoadedModel:
 
     def __call__(self, batch: Any, full: bool = True) -> Any:
         """Run one stacked batch (host array or device tensor); returns host NumPy outputs.
-        ``full``: the batch is as large as the client's size (not the short tail of a backlog)."""
+        ``full``: the batch is as large as the server's size (not the short tail of a backlog)."""
         n = len(batch)
         bucket = bucket_for(self.ladder, n) if self.ladder else None
         if bucket is None:
@@ -287,36 +254,33 @@ class LoadedModel:
             self._template = batch[:1].clone() if hasattr(batch, "clone") else batch[:1].copy()
         if compiler.ready(bucket) is None:
             compiler.want(bucket, n, full=full)
-            compiler.eager_batches += 1
+            compiler.count(compiled=False)
             return self._to_host(self._eager(batch))
         import torch
 
-        from .sizing import is_oom_error
-
         with compiler.use(bucket) as compiled:
             if compiled is None:  # a bucket is compiling right now: torch.compile is not thread-safe
-                compiler.eager_batches += 1
+                compiler.count(compiled=False)
                 return self._to_host(self._eager(batch))
             try:
                 # padded outside inference mode: a tensor made in it is an "inference tensor",
                 # which fails the guards of a graph warmed with an ordinary one, and dynamo then
-                # recompiles in this thread, every batch waiting (1.4-3.4 s each on the H200)
+                # recompiles in this thread while every batch waits
                 padded = pad_rows(batch, bucket)
                 with torch.inference_mode():
-                    result = self._to_host(trim_rows(self._forward(compiled, padded), n))
+                    result = self._to_host(trim_rows(self.forward(compiled, padded), n))
             except Exception as exc:
                 if is_oom_error(exc):
                     raise
                 failure = exc
             else:
-                compiler.compiled_batches += 1
-                compiler.padded_rows += bucket - n
+                compiler.count(compiled=True, padded_rows=bucket - n)
                 return result
         # eager decides whether the data (a poison request: it raises again) or the compiled graph
         # is at fault
         result = self._to_host(self._eager(batch))
         compiler.fail(failure)
-        compiler.eager_batches += 1
+        compiler.count(compiled=False)
         return result
 
     def _to_host(self, outputs: Any) -> Any:
@@ -324,10 +288,7 @@ class LoadedModel:
         stream to finish, then copies: a copy to pageable host memory issued behind kernels still
         running blocks inside the driver until they end, and while it does the transfer thread's
         copy of the next batch (another stream, page-locked memory) could not start either, so the
-        next batch reached the GPU only after this one ended. Measured on the H200: a 231 MB
-        staging copy took 33.8 ms beside a device thread doing ``.cpu()`` right after the
-        forward, 4.4 ms when that thread synchronized first (``benchmarks/gpu_case.py``'s
-        ``h2dprobe``)."""
+        next batch would reach the GPU only after this one ended."""
         device = self._torch_device
         if device is not None and device.type == "cuda":
             import torch
@@ -340,10 +301,10 @@ class LoadedModel:
             import torch
 
             with torch.inference_mode():
-                return self._forward(self.model, batch)
-        return self._forward(self.model, batch)
+                return self.forward(self.model, batch)
+        return self.forward(self.model, batch)
 
-    def _forward(self, model: Any, batch: Any) -> Any:
+    def forward(self, model: Any, batch: Any) -> Any:
         """``model`` (eager or compiled) on one batch; outputs as the model returns them."""
         if self.spec.predict is not None:
             return self.spec.predict(model, batch)
@@ -362,7 +323,7 @@ class LoadedModel:
             return self.model(cupy.asarray(batch))
         return self.model(batch)
 
-    def _as_input(self, rows: np.ndarray) -> Any:
+    def as_input(self, rows: np.ndarray) -> Any:
         """Host rows as :meth:`__call__` receives them (on the device when batches are staged)."""
         if self.stages_on_device:
             import torch
@@ -419,8 +380,6 @@ class LoadedModel:
             cupy = sys.modules.get("cupy")
             if cupy is not None:
                 return max(0, cupy.get_default_memory_pool().total_bytes() - baseline)
-        from .sizing import estimate_bytes_per_sample
-
         n = max(1, len(batch))
         in_nbytes = sum(_nbytes(a) for a in _leaves(batch))
         out_nbytes = sum(_nbytes(a) for a in _leaves(outputs))
@@ -456,62 +415,3 @@ def _nbytes(array: Any) -> int:
     if isinstance(nbytes, int):
         return nbytes
     return array.numel() * array.element_size()  # torch tensors
-
-
-# glibc mallopt parameters
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def tune_malloc_for_inference(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 256 * 2**20) -> bool:
-    """Undo the nanny's ``MALLOC_TRIM_THRESHOLD_=65536`` for batch-sized buffers.
-
-    Setting any malloc threshold freezes glibc's adaptive mmap threshold at 128 KiB, so every
-    activation buffer of every batch is mmap-ed, page-faulted and unmapped again: measured, this
-    halves a small CNN's speed on CPU. Raising both thresholds lets freed batch buffers be reused.
-    Only changes anything in a process where ``MALLOC_TRIM_THRESHOLD_`` is set (Dask nanny workers);
-    returns whether it did.
-    """
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) and libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold))
-    except (OSError, AttributeError):
-        return False
-    return bool(ok)
-
-
-def bisect_poison(run, n: int):
-    """Run rows ``[0, n)`` so that only the requests that make the model raise fail (poison requests).
-
-    ``run(start, stop)`` returns ``[(start, stop, output, error), ...]`` for that range (the memory
-    layer may already have split it, and marked a sample too large for the device with ``error``).
-    When it raises, the range is bisected until the failing rows are single; those fail with the
-    original exception (and its traceback), the others are delivered. No row that succeeded runs again.
-
-    Returns ``(pieces, errors)``: ``pieces`` a list of ``(start, stop, output)`` in row order,
-    ``errors`` a dict ``row -> exception``.
-    """
-    pieces: list[tuple[int, int, Any]] = []
-    errors: dict[int, BaseException] = {}
-    stack = [(0, n)]
-    while stack:
-        start, stop = stack.pop()
-        try:
-            chunks = run(start, stop)
-        except Exception as exc:
-            if stop - start == 1:
-                errors[start] = exc
-            else:
-                mid = (start + stop) // 2
-                stack.append((mid, stop))  # LIFO: the first half runs first
-                stack.append((start, mid))
-            continue
-        for a, b, output, error in chunks:
-            if error is not None:
-                errors.update((row, error) for row in range(a, b))
-            else:
-                pieces.append((a, b, output))
-    pieces.sort(key=lambda p: p[0])
-    return pieces, errors

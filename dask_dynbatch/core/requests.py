@@ -1,4 +1,4 @@
-"""Requests, their futures, the queue they wait in, and how a batch is stacked and split again.
+"""Requests, their futures and the queue they wait in on the client.
 
 Pure logic: no Dask, no plugin. The :class:`~dask_dynbatch.Batcher` pushes from user threads and
 pops on the client's event loop, so the queue is thread-safe.
@@ -12,10 +12,8 @@ import heapq
 import itertools
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
-
-import numpy as np
 
 
 _PENDING, _RUNNING, _CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED = (
@@ -182,7 +180,7 @@ class Request:
     """One sample waiting for its batch."""
 
     __slots__ = ("sample", "future", "priority", "deadline", "enqueued", "dask_future", "attempts", "seq", "queued",
-                 "owner")
+                 "owner", "as_torch")
 
     def __init__(
         self,
@@ -194,6 +192,7 @@ class Request:
         enqueued: float = 0.0,
         dask_future: Any = None,
         seq: int = 0,
+        as_torch: bool = False,
     ):
         self.sample = sample
         self.future = future
@@ -205,6 +204,7 @@ class Request:
         self.seq = seq
         self.queued = False  # counted in its RequestQueue's length
         self.owner: RequestQueue | None = None  # the queue it was pushed to
+        self.as_torch = as_torch  # the sample was a torch tensor: so is its result
 
 
 class RequestQueue:
@@ -349,58 +349,3 @@ def _start(future: RequestFuture) -> bool:
     if state == _PENDING:
         return future.set_running_or_notify_cancel()
     return False
-
-
-def as_numpy_sample(sample: Any) -> np.ndarray:
-    """One request's sample as a NumPy array (CPU torch tensors without a copy)."""
-    if isinstance(sample, np.ndarray):
-        return sample
-    if type(sample).__module__.startswith("torch"):
-        if getattr(sample, "device", None) is not None and sample.device.type != "cpu":
-            raise TypeError("submit() takes CPU tensors; move the sample to the CPU first (tensor.cpu())")
-        return sample.detach().numpy()
-    return np.asarray(sample)
-
-
-def stack_samples(samples: Sequence[np.ndarray]) -> np.ndarray:
-    """Stack samples of one signature into a contiguous batch."""
-    return np.stack(samples)
-
-
-def stack_in_chunks(samples: Sequence[np.ndarray], chunk_bytes: int) -> np.ndarray | list[np.ndarray]:
-    """The batch as one stacked array when it fits in ``chunk_bytes``, else as a list of stacked
-    chunks of at most ``chunk_bytes`` each (at least one sample per chunk).
-
-    Why chunks: a receiving Dask comm allocates one buffer per frame, and glibc serves a buffer
-    above 32 MiB (its largest mmap threshold) with a fresh mmap that is page-faulted on every
-    message; buffers below it are reused from the heap. One frame per sample would cost a read
-    call per sample instead. :func:`join_chunks` undoes this on the worker."""
-    if not samples:
-        return stack_samples(samples)
-    per_sample = max(1, samples[0].nbytes)
-    rows = max(1, int(chunk_bytes) // per_sample)
-    if rows >= len(samples):
-        return stack_samples(samples)
-    return [stack_samples(samples[i : i + rows]) for i in range(0, len(samples), rows)]
-
-
-def join_chunks(batch: np.ndarray | list[np.ndarray]) -> np.ndarray:
-    """One stacked array from what :func:`stack_in_chunks` made."""
-    if isinstance(batch, list):
-        return batch[0] if len(batch) == 1 else np.concatenate(batch)
-    return batch
-
-
-def split_rows(outputs: Any, n: int) -> list[Any]:
-    """Per-row results of a batched output: array rows, or tuples/dicts of rows."""
-    if isinstance(outputs, dict):
-        parts = {k: split_rows(v, n) for k, v in outputs.items()}
-        return [{k: parts[k][i] for k in parts} for i in range(n)]
-    if isinstance(outputs, (tuple, list)) and not isinstance(outputs, np.ndarray):
-        parts = [split_rows(v, n) for v in outputs]
-        return [type(outputs)(p[i] for p in parts) if isinstance(outputs, tuple) else [p[i] for p in parts] for i in range(n)]
-    rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
-    if rows != n:
-        got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"
-        raise ValueError(f"the model returned {got} for a batch of {n}: outputs must keep the batch dimension")
-    return list(outputs)

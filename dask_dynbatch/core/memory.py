@@ -9,9 +9,10 @@ memory errors are recognised (:func:`is_oom_error`), the batch is split and
 retried (:func:`run_split_on_oom`) and the profile is corrected.
 
 This module is pure: it imports no GPU library, no dask and no plugin (only
-:mod:`dask_dynbatch.errors`, for the public ``SampleTooLargeError``).  The
-memory numbers come from a :class:`~dask_dynbatch.telemetry.MemorySource`
-(anything with ``read() -> DeviceMemory``).
+:mod:`dask_dynbatch.errors`, for ``SampleTooLargeError``).  The memory numbers
+come from a :class:`MemorySource` (anything with ``read() -> DeviceMemory``;
+the real ones are in :mod:`dask_dynbatch.worker.telemetry`, a settable
+:class:`FakeMemory` is here for tests).
 
 Policies
 --------
@@ -72,15 +73,15 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal, NamedTuple, Protocol, runtime_checkable
 
-from .errors import SampleTooLargeError as _PublicSampleTooLargeError
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .telemetry import DeviceMemory, MemorySource
+from ..errors import SampleTooLargeError
 
 __all__ = [
-    "SampleTooLargeError",
+    "DeviceMemory",
+    "FakeMemory",
+    "MemorySource",
     "MemoryProfile",
     "MemorySizer",
     "Reservation",
@@ -94,40 +95,129 @@ __all__ = [
 MAX_CAP = 1 << 31
 
 
-class SampleTooLargeError(_PublicSampleTooLargeError):
-    """A single sample does not fit in the device memory available to it.
 
-    Raised (or collected) by :func:`run_split_on_oom` when a batch of one row
-    still runs out of memory.  Only that row fails; the others ran.  A
-    subclass of the public :class:`dask_dynbatch.errors.SampleTooLargeError`
-    that also carries the row and the allocation error's text;
-    :func:`is_oom_error` does not count it as an out-of-memory error (it is
-    the verdict after retrying, not a reason to split again).
+@dataclass
+class DeviceMemory:
+    """One reading of a device's memory, in bytes.
 
     Parameters
     ----------
-    row : int
-        Index of the row in the batch.
-    detail : str
-        Text of the out-of-memory error that the row raised.
+    total : int
+        Physical memory of the device (GPU memory, or host RAM).
+    free : int
+        Memory free as the driver / operating system sees it, other processes
+        included.  Where ``limit`` applies, already clipped to what the limit
+        leaves.
+    framework_reserved_unused : int, default 0
+        Memory our own framework's allocator holds in its cache but does not
+        use (torch ``memory_reserved - memory_allocated``, CuPy pool
+        ``total_bytes - used_bytes``).  Other processes cannot use it; we can.
+    limit : int or None
+        An explicit budget for this process on this device (a Dask worker's
+        ``memory_limit`` on CPU, torch's per-process memory fraction, a CuPy
+        pool limit), or None.
+    framework_used : int or None
+        Bytes this process holds on the device in live allocations (torch
+        ``memory_allocated``, CuPy pool ``used_bytes``, process RSS on the
+        host, this process's usage by NVML), or None when the source cannot
+        tell.  Used for explicit per-device budgets and to tell other
+        processes' memory changes from our own.
+    nvml_free : int or None
+        Free memory as NVML reports it, when the source read NVML.
+    source : str
+        Name of the source that produced the reading.
     """
 
-    def __init__(self, row: int, detail: str = ""):
-        self.row = row
-        self.detail = detail
-        message = (
-            f"sample at row {row} does not fit in the device memory available, even "
-            f"alone in a batch of 1"
-            + (f" ({detail})" if detail else "")
-            + ". Free memory on that device (other processes or models), reduce the "
-            "size of this input, or send it to a device with more memory (for "
-            "example a CPU worker)."
-        )
-        super().__init__(message)
+    total: int
+    free: int
+    framework_reserved_unused: int = 0
+    limit: int | None = None
+    framework_used: int | None = None
+    nvml_free: int | None = None
+    source: str = ""
 
-    def __reduce__(self):
-        # keep (row, detail) through pickling: errors travel back in RPC replies
-        return (type(self), (self.row, self.detail))
+    @property
+    def capacity(self) -> int:
+        """Memory this process may use at most: ``total``, or ``limit`` if smaller."""
+        if self.limit is not None:
+            return max(0, min(self.total, self.limit))
+        return self.total
+
+    @property
+    def effective_free(self) -> int:
+        """Memory a new allocation of ours can get now: free plus our unused cache."""
+        return max(0, self.free) + max(0, self.framework_reserved_unused)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict, with ``capacity`` and ``effective_free`` added."""
+        out = asdict(self)
+        out["capacity"] = self.capacity
+        out["effective_free"] = self.effective_free
+        return out
+
+
+@runtime_checkable
+class MemorySource(Protocol):
+    """Anything that can say how much memory a device has free now."""
+
+    def read(self) -> DeviceMemory:
+        """Return a fresh :class:`DeviceMemory` reading."""
+        ...
+
+
+class FakeMemory:
+    """A memory source with numbers set by hand, for deterministic tests.
+
+    Parameters
+    ----------
+    total : int
+        Total bytes.
+    free : int
+        Free bytes; set ``fake.free = ...`` to simulate other jobs.
+    framework_reserved_unused : int, default 0
+    limit : int or None
+    framework_used : int or None
+
+    Attributes
+    ----------
+    reads : int
+        How many times :meth:`read` was called.
+    """
+
+    name = "fake"
+
+    def __init__(
+        self,
+        total: int,
+        free: int,
+        *,
+        framework_reserved_unused: int = 0,
+        limit: int | None = None,
+        framework_used: int | None = None,
+    ):
+        self.total = int(total)
+        self.free = int(free)
+        self.framework_reserved_unused = int(framework_reserved_unused)
+        self.limit = limit
+        self.framework_used = framework_used
+        self.reads = 0
+        self._lock = threading.Lock()
+
+    def read(self) -> DeviceMemory:
+        """Return the numbers currently set, and count the read."""
+        with self._lock:
+            self.reads += 1
+            return DeviceMemory(
+                total=self.total,
+                free=self.free,
+                framework_reserved_unused=self.framework_reserved_unused,
+                limit=self.limit,
+                framework_used=self.framework_used,
+                source=self.name,
+            )
+
+    def __repr__(self) -> str:
+        return f"FakeMemory(total={self.total}, free={self.free})"
 
 
 # --------------------------------------------------------------- OOM errors
@@ -174,7 +264,7 @@ def is_oom_error(exc: BaseException) -> bool:
     seen = 0
     while exc is not None and seen < 8:
         seen += 1
-        if isinstance(exc, _PublicSampleTooLargeError):
+        if isinstance(exc, SampleTooLargeError):
             return False
         if isinstance(exc, MemoryError):
             return True
@@ -498,13 +588,6 @@ class MemoryProfile:
                 target = min(n - 1, max(largest_ok, (largest_ok + n) // 2))
         self._add_constraint(n, int(available_bytes), target + 0.5)
 
-    def on_pressure(self, n: int, available_bytes: int) -> None:
-        """Record that a batch of ``n`` rows only fit after the allocator freed its cache.
-
-        Softer than an OOM: ``max_samples(available_bytes)`` stays at most ``n``.
-        """
-        self._add_constraint(int(n), int(available_bytes), float(n))
-
     def _add_constraint(self, n: int, available: int, divisor: float) -> None:
         if n <= 1 or available <= 0:
             self._refit()
@@ -650,15 +733,9 @@ class Reservation:
         """Give the memory back (idempotent)."""
         self._sizer._release(self)
 
-    def record(self, peak_bytes: int, *, allocator_retries: int = 0) -> None:
+    def record(self, peak_bytes: int) -> None:
         """Record the batch's measured peak (see :meth:`MemorySizer.record`)."""
-        self._sizer.record(
-            self.model,
-            self.n,
-            peak_bytes,
-            available_bytes=self.available_bytes,
-            allocator_retries=allocator_retries,
-        )
+        self._sizer.record(self.model, self.n, peak_bytes, available_bytes=self.available_bytes)
 
     def __enter__(self) -> Reservation:
         return self
@@ -763,12 +840,6 @@ class MemorySizer:
                 profile = self._profiles[model] = MemoryProfile(warmup=self.warmup_batches)
             return profile
 
-    def set_estimate(self, model: str, bytes_per_sample: float, fixed_bytes: float = 0) -> None:
-        """Give a model a prior estimate (used until a measurement exists)."""
-        with self._condition:
-            self.profile(model).set_prior(bytes_per_sample, fixed_bytes)
-            self._condition.notify_all()
-
     def forget(self, model: str) -> None:
         """Drop a model's profile (e.g. when it is unloaded)."""
         with self._condition:
@@ -863,11 +934,6 @@ class MemorySizer:
             cap = None if limit is None else max(1, limit)
             self._last_cap[model] = cap
             return cap
-
-    def last_cap(self, model: str) -> int | None:
-        """The cap most recently computed for ``model`` (no new reading)."""
-        with self._lock:
-            return self._last_cap.get(model)
 
     # ---- reservations
     def _try_grant(self, model: str, n: int, partial: bool) -> Reservation | None:
@@ -998,11 +1064,6 @@ class MemorySizer:
             self._reservations.pop(id(reservation), None)
             self._condition.notify_all()
 
-    def in_flight(self) -> list[tuple[str, int, int]]:
-        """``(model, rows, bytes)`` of every reservation held now."""
-        with self._lock:
-            return [(r.model, r.n, r.bytes) for r in self._reservations.values()]
-
     # ---- learning
     def _grant_available(self, model: str) -> int | None:
         grants = getattr(self._thread_grants, "available", None) or {}
@@ -1017,7 +1078,6 @@ class MemorySizer:
         peak_bytes: int,
         *,
         available_bytes: int | None = None,
-        allocator_retries: int = 0,
     ) -> None:
         """Record a successful batch's peak memory.
 
@@ -1030,19 +1090,12 @@ class MemorySizer:
             Peak memory the batch added (see :class:`MemoryProfile`).
         available_bytes : int, optional
             Memory available when it started (``Reservation.available_bytes``).
-        allocator_retries : int, default 0
-            How often the allocator had to free its cache to satisfy the batch
-            (torch ``memory_stats()["num_alloc_retries"]`` delta).  Non-zero
-            means the batch barely fit: its size becomes the cap at that
-            availability.
         """
         with self._condition:
             if available_bytes is None:
                 available_bytes = self._grant_available(model)
             profile = self.profile(model)
             profile.update(n, peak_bytes, available_bytes)
-            if allocator_retries > 0 and available_bytes is not None:
-                profile.on_pressure(n, available_bytes)
             self._condition.notify_all()
 
     def on_oom(self, model: str, n: int, *, available_bytes: int | None = None) -> None:
@@ -1116,6 +1169,16 @@ class MemorySizer:
             if changed:
                 self._condition.notify_all()
             return changed
+
+    # ---- reporting
+    def used_fraction(self) -> float | None:
+        """Fraction of the device's capacity not free to a new batch, from the latest reading (our
+        own allocator's unused cache counts as free); None before any reading."""
+        with self._lock:
+            reading = self._latest
+        if reading is None or reading.capacity <= 0:
+            return None
+        return min(1.0, max(0.0, 1.0 - reading.effective_free / reading.capacity))
 
     # ---- reporting
     def state(self) -> dict[str, Any]:

@@ -260,3 +260,13 @@ def register_collector(scheduler: Scheduler) -> bool:
     else:
         _collector.server = scheduler
     return True
+
+
+def unregister_collector(scheduler: Scheduler) -> None:
+    """Stop publishing the dynbatch series of ``scheduler`` (its plugin closes)."""
+    global _collector
+    if _collector is not None and _collector.server is scheduler:
+        import prometheus_client
+
+        prometheus_client.REGISTRY.unregister(_collector)
+        _collector = None

@@ -1,21 +1,15 @@
-"""Placement: the inference workload figure, least-loaded choice and proportional split.
+"""Placement: the workload figure of a worker and which workers get the next batches.
 
-This module implements steps S2 and S3 of the batch-dynamic-adjustment method and the
-heterogeneous split of the third source document (see ``shared/MISSION.md``):
+* :func:`workload` combines a worker's throughput for a model (what its model server measured,
+  else the mean of the known workers), the work already committed to it and its memory state into
+  one figure: the expected number of seconds until a new batch sent to it now would be finished.
+* :func:`plan` decides which workers receive the next batches and how large they are: the backlog
+  is split so that all workers finish it together ("water filling" over their current loads),
+  least workload first, within memory caps and free slots. A worker so slow that any batch given
+  to it would finish after the faster workers have finished everything gets nothing, so adding a
+  slow CPU worker beside a GPU worker never lowers the total throughput.
 
-* :func:`workload` combines a worker's throughput for a model (measured from recent batches, or
-  taken from its benchmark score), the work already queued there and its hardware state
-  (memory and compute utilisation) into one figure: the expected number of seconds until a new
-  batch sent to it now would be finished.
-* :func:`plan` decides which workers receive the next batches and how large they are: the
-  backlog is split so that all workers finish it together ("water filling" over their current
-  loads), least workload first, within memory caps and free slots.  A worker so slow that any
-  batch given to it would finish after the faster workers have finished everything gets
-  nothing, so adding a slow CPU worker beside a GPU worker never lowers the total throughput.
-* :func:`proportional_split` is the one-shot split of ``n`` samples in proportion to
-  throughput (largest remainder method) within per-worker caps.
-
-The module is pure: no Dask, no torch, no clock.  Everything is deterministic for given inputs.
+Pure: no Dask, no torch, no clock. Everything is deterministic for given inputs.
 """
 
 from __future__ import annotations
@@ -35,10 +29,7 @@ __all__ = [
     "fallback_throughput",
     "fill_unknown_throughputs",
     "hardware_slowdown",
-    "ideal_makespan",
-    "makespan",
     "plan",
-    "proportional_split",
     "water_filling_shares",
     "workload",
 ]
@@ -69,17 +60,10 @@ class WorkerLoad:
         known workers so that a new worker is probed with real work.
     inflight_samples : int, default 0
         Samples sent to the worker whose results have not come back yet.
-    queued_samples : int, default 0
-        Samples already assigned to this worker but not yet sent (e.g. waiting in a per-worker
-        queue).  Counted exactly like ``inflight_samples``.
     memory_utilization : float, default 0.0
         Fraction (0..1) of the device memory in use, from telemetry.  Memory that the framework
         holds in its cache but does not use (e.g. torch's reserved-but-unallocated blocks)
         should be counted as free, or the worker's own caching would penalise it.
-    compute_utilization : float, default 0.0
-        Fraction (0..1) of the device's compute time taken by work *other than* this package's
-        batches (other processes, other models).  Callers that only have a total utilisation
-        figure should subtract the busy fraction of their own batches, or pass 0.
     cap : int or None, default None
         Memory cap: the largest batch that fits on the device now.  ``None`` means no known
         cap.  ``0`` means nothing fits now: the worker receives no batch and no share.
@@ -94,22 +78,15 @@ class WorkerLoad:
     address: str
     throughput: float | None
     inflight_samples: int = 0
-    queued_samples: int = 0
     memory_utilization: float = 0.0
-    compute_utilization: float = 0.0
     cap: int | None = None
     free_slots: int = 1
     batch_size: int = 1
 
     @property
     def pending_samples(self) -> int:
-        """Samples already committed to this worker (in flight plus queued)."""
-        return max(0, int(self.inflight_samples)) + max(0, int(self.queued_samples))
-
-    @property
-    def throughput_known(self) -> bool:
-        """Whether :attr:`throughput` holds a usable (positive, finite) value."""
-        return _usable_rate(self.throughput)
+        """Samples already committed to this worker (sent, results not back yet)."""
+        return max(0, int(self.inflight_samples))
 
 
 @dataclass
@@ -120,10 +97,8 @@ class WorkloadWeights:
     factor::
 
         slowdown = 1 + memory_weight * max(0, m - memory_threshold) / (1 - memory_threshold)
-                     + compute_weight * u
 
-    with ``m`` the memory utilisation and ``u`` the compute utilisation by other work, both
-    clamped to 0..1.
+    with ``m`` the memory utilisation, clamped to 0..1.
 
     Parameters
     ----------
@@ -134,10 +109,6 @@ class WorkloadWeights:
         small batches, so it should receive less work, but it is never excluded outright.
     memory_threshold : float, default 0.8
         Memory utilisation from which the memory penalty starts.  Must be in [0, 1).
-    compute_weight : float, default 1.0
-        Penalty for compute time taken by other work.  A device that others keep busy a
-        fraction ``u`` of the time serves us roughly ``1 - u`` of the time, i.e. a slowdown of
-        ``1 / (1 - u)``; ``1 + u`` is its first-order form, which stays finite at ``u = 1``.
     unknown_throughput : float, default 1.0
         Samples per second assumed for a worker of unknown throughput when no worker's
         throughput is known.  Its scale does not matter for the split (all workers are then
@@ -146,14 +117,13 @@ class WorkloadWeights:
 
     memory_weight: float = 4.0
     memory_threshold: float = 0.8
-    compute_weight: float = 1.0
     unknown_throughput: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.memory_threshold < 1.0:
             raise ValueError(f"memory_threshold must be in [0, 1), got {self.memory_threshold!r}")
-        if self.memory_weight < 0 or self.compute_weight < 0:
-            raise ValueError("memory_weight and compute_weight must be >= 0")
+        if self.memory_weight < 0:
+            raise ValueError("memory_weight must be >= 0")
         if not _usable_rate(self.unknown_throughput):
             raise ValueError(f"unknown_throughput must be > 0, got {self.unknown_throughput!r}")
 
@@ -162,7 +132,7 @@ DEFAULT_WEIGHTS = WorkloadWeights()
 
 
 # ----------------------------------------------------------------------------------------------
-# The workload figure (S2)
+# The workload figure
 # ----------------------------------------------------------------------------------------------
 
 
@@ -172,19 +142,18 @@ def hardware_slowdown(worker: WorkerLoad, weights: WorkloadWeights = DEFAULT_WEI
     Parameters
     ----------
     worker : WorkerLoad
-        The worker; only ``memory_utilization`` and ``compute_utilization`` are used.
+        The worker; only ``memory_utilization`` is used.
     weights : WorkloadWeights
         See :class:`WorkloadWeights` for the formula.
 
     Returns
     -------
     float
-        ``1 + w_mem * max(0, m - threshold) / (1 - threshold) + w_compute * u``.
+        ``1 + w_mem * max(0, m - threshold) / (1 - threshold)``.
     """
     memory = _clamp01(worker.memory_utilization)
-    compute = _clamp01(worker.compute_utilization)
     memory_pressure = max(0.0, memory - weights.memory_threshold) / (1.0 - weights.memory_threshold)
-    return 1.0 + weights.memory_weight * memory_pressure + weights.compute_weight * compute
+    return 1.0 + weights.memory_weight * memory_pressure
 
 
 def fallback_throughput(
@@ -276,26 +245,24 @@ def workload(
     *,
     fallback: float | None = None,
 ) -> float:
-    """The inference workload figure of S2: seconds until a new batch sent now would finish.
+    """The workload figure: seconds until a new batch sent now would finish.
 
     .. math::
 
-        W = \\frac{q + b}{T} \\cdot \\Big(1 + w_{mem} \\frac{\\max(0, m - \\theta)}{1 - \\theta}
-            + w_{cpu}\\, u\\Big)
+        W = \\frac{q + b}{T} \\cdot \\Big(1 + w_{mem} \\frac{\\max(0, m - \\theta)}{1 - \\theta}\\Big)
 
     where
 
-    * ``q`` = ``inflight_samples + queued_samples`` (work already committed to the worker),
+    * ``q`` = ``inflight_samples`` (work already committed to the worker),
     * ``b`` = ``min(batch_size, cap)`` (the batch it would get now),
-    * ``T`` = ``throughput`` in samples/s (measured from recent batches, else the benchmark
-      score; unknown: ``fallback``, else ``weights.unknown_throughput``),
-    * ``m``, ``u`` = memory utilisation and compute utilisation by other work (0..1),
+    * ``T`` = ``throughput`` in samples/s (what the worker's model server measured, else a
+      calibrated benchmark score; unknown: ``fallback``, else ``weights.unknown_throughput``),
+    * ``m`` = memory utilisation (0..1),
     * ``w_mem`` = ``weights.memory_weight`` (default 4.0), ``theta`` =
-      ``weights.memory_threshold`` (default 0.8), ``w_cpu`` = ``weights.compute_weight``
-      (default 1.0).
+      ``weights.memory_threshold`` (default 0.8).
 
     The figure is in seconds, so it compares directly across GPUs and CPUs of any speed: the
-    smallest figure is the worker that would return a new batch first (S3).
+    smallest figure is the worker that would return a new batch first.
 
     Parameters
     ----------
@@ -390,106 +357,10 @@ def water_filling_shares(
     return [float(r) * max(0.0, level - b) for r, b in zip(throughputs, busy)]
 
 
-def proportional_split(
-    n: int,
-    throughputs: Mapping[str, float],
-    caps: Mapping[str, int | None] | None = None,
-) -> dict[str, int]:
-    """Split ``n`` samples in proportion to throughput, within caps (largest remainder method).
-
-    Workers whose proportional quota reaches their cap get exactly the cap; the excess is
-    redistributed among the others in proportion to their throughput, repeatedly.  Quotas are
-    then rounded with the largest remainder method (ties: higher throughput, then address).
-
-    Parameters
-    ----------
-    n : int
-        Samples to split (>= 0).
-    throughputs : mapping of address to float
-        Samples/s per worker.  Non-positive or non-finite values get nothing (unless no worker
-        has a positive throughput, in which case all split equally).
-    caps : mapping of address to int or None, optional
-        Most samples each worker may take; ``None`` or a missing key means no cap.
-
-    Returns
-    -------
-    dict of address to int
-        One entry per worker in ``throughputs``.  The values sum to ``n``, or to the total of the
-        caps when the caps cannot hold ``n``.
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n!r}")
-    caps = caps or {}
-    addresses = list(throughputs)
-    rates = {a: (float(throughputs[a]) if _usable_rate(throughputs[a]) else 0.0) for a in addresses}
-    if addresses and not any(rates.values()):
-        rates = {a: 1.0 for a in addresses}
-
-    def cap_of(address: str) -> float:
-        cap = caps.get(address)
-        return math.inf if cap is None else max(0, int(cap))
-
-    result = {a: 0 for a in addresses}
-    active = [a for a in addresses if rates[a] > 0 and cap_of(a) > 0]
-    remaining = int(n)
-    # Fix workers whose quota reaches their cap, redistribute, repeat.
-    while active and remaining > 0:
-        rate_sum = sum(rates[a] for a in active)
-        quotas = {a: remaining * rates[a] / rate_sum for a in active}
-        capped = [a for a in active if quotas[a] >= cap_of(a)]
-        if not capped:
-            floors = {a: int(math.floor(quotas[a])) for a in active}
-            leftover = remaining - sum(floors.values())
-            order = sorted(active, key=lambda a: (-(quotas[a] - floors[a]), -rates[a], a))
-            for a in order[:leftover]:
-                floors[a] += 1
-            for a in active:
-                result[a] += floors[a]
-            remaining = 0
-            break
-        for a in capped:
-            take = int(cap_of(a))
-            result[a] += take
-            remaining -= take
-        active = [a for a in active if a not in capped]
-    return result
 
 
-def makespan(
-    assignment: Mapping[str, int],
-    throughputs: Mapping[str, float],
-    busy_seconds: Mapping[str, float] | None = None,
-) -> float:
-    """Time until the last worker finishes its assigned samples.
-
-    Parameters
-    ----------
-    assignment : mapping of address to int
-        Samples per worker.
-    throughputs : mapping of address to float
-        Samples/s per worker.
-    busy_seconds : mapping of address to float, optional
-        Seconds each worker is busy before it can start (default 0).
-
-    Returns
-    -------
-    float
-        ``max_i busy_i + n_i / r_i`` over workers with ``n_i > 0`` (0.0 if none).
-    """
-    busy_seconds = busy_seconds or {}
-    finish = 0.0
-    for address, count in assignment.items():
-        if count > 0:
-            finish = max(finish, busy_seconds.get(address, 0.0) + count / float(throughputs[address]))
-    return finish
 
 
-def ideal_makespan(n: int, throughputs: Iterable[float]) -> float:
-    """Makespan of the ideal (fractional) proportional split of ``n`` samples: ``n / sum(r)``."""
-    total = sum(float(r) for r in throughputs if _usable_rate(r))
-    if total <= 0:
-        raise ValueError("no positive throughput")
-    return n / total
 
 
 def fill_unknown_throughputs(
@@ -533,7 +404,7 @@ def fill_unknown_throughputs(
 
 
 # ----------------------------------------------------------------------------------------------
-# The plan (S3 + heterogeneous split)
+# The plan
 # ----------------------------------------------------------------------------------------------
 
 

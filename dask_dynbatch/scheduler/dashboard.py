@@ -65,8 +65,9 @@ from distributed.dashboard.components.scheduler import BOKEH_THEME, env
 from distributed.dashboard.utils import update
 from distributed.utils import log_errors
 
+from .._compat import add_bokeh_application, dashboard_bokeh_app, dashboard_template_variables
+from ..core.placement import WorkerLoad, workload
 from .metrics import model_summaries
-from .placement import WorkerLoad, workload
 
 if TYPE_CHECKING:
     from bokeh.document import Document
@@ -278,7 +279,6 @@ def _workload(address: str, view: dict[str, Any], slot: dict[str, Any]) -> float
             throughput=slot["throughput"],
             inflight_samples=slot.get("inflight_samples") or 0,
             memory_utilization=memory_used or 0.0,
-            compute_utilization=0.0,
             cap=slot.get("memory_cap"),
             batch_size=max(1, (slot.get("controller") or {}).get("size") or 1),
         )
@@ -287,6 +287,14 @@ def _workload(address: str, view: dict[str, Any], slot: dict[str, Any]) -> float
 
 
 _recorders: weakref.WeakKeyDictionary[Scheduler, DynBatchRecorder] = weakref.WeakKeyDictionary()
+
+
+def stop_recording(scheduler: Scheduler) -> None:
+    """Stop sampling ``scheduler``'s state (the plugin closes); open pages keep their last data."""
+    callback = scheduler.periodic_callbacks.pop("dynbatch-dashboard", None)
+    if callback is not None:
+        callback.stop()
+    _recorders.pop(scheduler, None)
 
 
 def get_recorder(scheduler: Scheduler) -> DynBatchRecorder:
@@ -661,17 +669,6 @@ APPLICATIONS = {
 # ------------------------------------------------------------------------------------------------
 # Adding the pages to a running dashboard
 # ------------------------------------------------------------------------------------------------
-def dashboard_bokeh_app(scheduler: Scheduler):
-    """The Bokeh server application of the scheduler's dashboard, or None (no dashboard)."""
-    from bokeh.server.tornado import BokehTornado
-
-    http_application = getattr(scheduler, "http_application", None)
-    for app in getattr(http_application, "applications", ()):
-        if isinstance(app, BokehTornado):
-            return app
-    return None
-
-
 def add_dashboard_pages(scheduler: Scheduler) -> bool:
     """Add the dynbatch pages to ``scheduler``'s running dashboard and to its menus.
 
@@ -686,7 +683,7 @@ def add_dashboard_pages(scheduler: Scheduler) -> bool:
         extra = _template_variables(scheduler, bokeh_app)
         for path, (make_doc, _) in APPLICATIONS.items():
             if path not in bokeh_app.applications:
-                _add_application(bokeh_app, path, functools.partial(make_doc, scheduler, extra))
+                add_bokeh_application(bokeh_app, path, functools.partial(make_doc, scheduler, extra))
         return True
     except Exception:  # the page is a convenience: never fail the plugin's start for it
         logger.exception("dynbatch: could not add the dashboard page")
@@ -699,9 +696,7 @@ def _template_variables(scheduler: Scheduler, bokeh_app) -> dict[str, Any]:
     distributed memoizes one dict per scheduler and the running pages hold its ``pages`` and
     ``plots`` lists, so adding to these lists shows the links on every page opened from now on.
     """
-    from distributed.dashboard.scheduler import template_variables
-
-    variables = template_variables(scheduler)
+    variables = dashboard_template_variables(scheduler)
     pages = variables["pages"]
     if PAGE not in pages:
         pages.insert(pages.index("info") if "info" in pages else len(pages), PAGE)
@@ -713,38 +708,6 @@ def _template_variables(scheduler: Scheduler, bokeh_app) -> dict[str, Any]:
     plots.sort(key=lambda p: p["name"])
     prefix = bokeh_app.prefix.strip("/")
     return {**variables, "prefix": f"/{prefix}/" if prefix else "/"}
-
-
-def _add_application(bokeh_app, path: str, make_doc) -> None:
-    """Add one application to a running ``BokehTornado``, with the routes its constructor makes.
-
-    Bokeh has no public way to add an application after the server started; this repeats what
-    ``BokehTornado.__init__`` does for each application (its routes, its context) and what
-    ``start`` does (its load hook).
-    """
-    from bokeh.application import Application
-    from bokeh.application.handlers.document_lifecycle import DocumentLifecycleHandler
-    from bokeh.application.handlers.function import FunctionHandler
-    from bokeh.server.contexts import ApplicationContext
-    from bokeh.server.tornado import create_static_handler
-    from bokeh.server.urls import per_app_patterns
-    from bokeh.server.views.ws import WSHandler
-
-    application = Application(FunctionHandler(make_doc), DocumentLifecycleHandler())
-    context = ApplicationContext(application, io_loop=bokeh_app.io_loop, url=path)
-    routes = []
-    for pattern, handler in per_app_patterns:
-        route_context: dict[str, Any] = {"application_context": context}
-        if issubclass(handler, WSHandler):
-            route_context.update(compression_level=None, mem_level=None)
-        routes.append((bokeh_app.prefix + path + pattern, handler, route_context))
-    websocket_path = next(r[0] for r in routes if r[0].endswith("/ws"))
-    for route in routes:
-        route[2]["bokeh_websocket_path"] = websocket_path
-    routes.append(create_static_handler(bokeh_app.prefix, path, application))
-    bokeh_app.applications[path] = context  # the dict BokehTornado looks sessions up in
-    bokeh_app.add_handlers(r".*", routes)
-    bokeh_app.io_loop.add_callback(context.run_load_hook)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""The only uses of private APIs in dask-dynbatch, each with the reason no public one serves.
+
+``tests/test_layout.py`` lists them (:data:`PRIVATE_USES`) and checks that nothing else in the
+package reaches into a private name of distributed, bokeh or CPython.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from distributed import Scheduler, Worker
+
+logger = logging.getLogger(__name__)
+
+#: what this module uses, and why (checked by tests/test_layout.py)
+PRIVATE_USES = {
+    "distributed.worker._worker_cvar": (
+        "the model's load and predict run in the worker's device thread, not in a task; setting the "
+        "context variable makes distributed.get_worker() work there as it does in a task"
+    ),
+    "bokeh.server internals (BokehTornado.applications, per_app_patterns, WSHandler)": (
+        "distributed reads its table of dashboard applications once, when the dashboard starts; a "
+        "plugin registered later by a client (client.register_plugin) can add its page only to the "
+        "running Bokeh server"
+    ),
+    "distributed.dashboard.scheduler.template_variables": (
+        "the dashboard's menus are built from this memoized per-scheduler dict; adding to it is the "
+        "only way to list a page added at run time"
+    ),
+}
+
+
+@contextlib.contextmanager
+def as_worker(worker: Worker) -> Iterator[None]:
+    """``distributed.get_worker()`` returns ``worker`` inside the block (in any thread)."""
+    from distributed.worker import _worker_cvar
+
+    token = _worker_cvar.set(worker)
+    try:
+        yield
+    finally:
+        _worker_cvar.reset(token)
+
+
+def call_as_worker(worker: Worker, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with ``distributed.get_worker()`` returning ``worker``."""
+    with as_worker(worker):
+        return fn(*args, **kwargs)
+
+
+def dashboard_bokeh_app(scheduler: Scheduler) -> Any:
+    """The Bokeh server application of the scheduler's dashboard, or None (no dashboard)."""
+    from bokeh.server.tornado import BokehTornado
+
+    http_application = getattr(scheduler, "http_application", None)
+    for app in getattr(http_application, "applications", ()):
+        if isinstance(app, BokehTornado):
+            return app
+    return None
+
+
+def add_bokeh_application(bokeh_app: Any, path: str, make_doc: Callable[[Any], None]) -> None:
+    """Serve ``make_doc`` at ``path`` on a running Bokeh server (what ``BokehTornado.__init__``
+    does for the applications it is started with)."""
+    from bokeh.application import Application
+    from bokeh.application.handlers.document_lifecycle import DocumentLifecycleHandler
+    from bokeh.application.handlers.function import FunctionHandler
+    from bokeh.server.contexts import ApplicationContext
+    from bokeh.server.tornado import create_static_handler
+    from bokeh.server.urls import per_app_patterns
+    from bokeh.server.views.ws import WSHandler
+
+    application = Application(FunctionHandler(make_doc), DocumentLifecycleHandler())
+    context = ApplicationContext(application, io_loop=bokeh_app.io_loop, url=path)
+    routes = []
+    for pattern, handler in per_app_patterns:
+        route_context: dict[str, Any] = {"application_context": context}
+        if issubclass(handler, WSHandler):
+            route_context.update(compression_level=None, mem_level=None)
+        routes.append((bokeh_app.prefix + path + pattern, handler, route_context))
+    websocket_path = next(r[0] for r in routes if r[0].endswith("/ws"))
+    for route in routes:
+        route[2]["bokeh_websocket_path"] = websocket_path
+    routes.append(create_static_handler(bokeh_app.prefix, path, application))
+    bokeh_app.applications[path] = context  # the dict BokehTornado looks sessions up in
+    bokeh_app.add_handlers(r".*", routes)
+    bokeh_app.io_loop.add_callback(context.run_load_hook)
+
+
+def dashboard_template_variables(scheduler: Scheduler) -> dict[str, Any]:
+    """The dashboard's memoized template variables of ``scheduler`` (menus: ``pages``, ``plots``)."""
+    from distributed.dashboard.scheduler import template_variables
+
+    return template_variables(scheduler)
+
+
+@functools.cache
+def bokeh_theme_and_template() -> tuple[Any, Any]:
+    """distributed's dashboard theme and page template, so the page looks like its neighbours."""
+    from distributed.dashboard.components.scheduler import BOKEH_THEME, env
+
+    return BOKEH_THEME, env.get_template("simple.html")

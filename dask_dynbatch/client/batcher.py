@@ -1,0 +1,486 @@
+"""The user-facing :class:`Batcher`: one future per request, shipments formed in front of Dask.
+
+A Batcher lives in the client process. ``submit``/``map`` check each sample and put requests into
+a :class:`~dask_dynbatch.core.requests.RequestQueue`; its :class:`~dask_dynbatch.client.dispatcher.Dispatcher`
+on the client's event loop sends them as shipments to the workers' model servers, which form the
+device batches. No Dask task is created per request or per batch. See ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+from distributed import Future as DaskFuture
+
+from ..core.requests import Request, RequestFuture, RequestQueue
+from ..core.rows import as_numpy_sample
+from ..errors import BatcherClosedError, InputSignatureError, PluginNotRegisteredError, QueueFullError, RequestTimeoutError
+from ..protocol import HistoryRecord
+from ..spec import ModelSpec, parse_seconds
+from .dispatcher import Dispatcher, closed_error
+from .ledger import Ledger
+from .registration import RegisteredModel, fetch_spec
+from .transport import Transport
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: map() queues requests in chunks of this many (the dispatcher starts on the first chunk)
+MAP_CHUNK = 1024
+#: map() sleeps this long between chunks (from another thread than the event loop's), so that the
+#: event loop and the stacking threads get the GIL and the first shipments leave meanwhile
+MAP_YIELD_S = 0.0005
+#: dtype kinds a learned input signature accepts: booleans, integers, floats, complex numbers
+_NUMERIC_KINDS = "biufc"
+
+
+def _sync_or_async(client: Client, make: Callable[[], Awaitable[T]]) -> T | Awaitable[T]:
+    """Run ``make()`` to completion for a synchronous client; hand back the awaitable for an
+    asynchronous one."""
+    return make() if client.asynchronous else client.sync(make)
+
+
+class Batcher:
+    """Dynamic batching of inference requests for one model on a Dask cluster.
+
+    Parameters
+    ----------
+    client
+        A connected :class:`distributed.Client` whose scheduler has the
+        :class:`~dask_dynbatch.DynBatchPlugin` registered.
+    spec
+        The model, see :class:`~dask_dynbatch.ModelSpec`. It is registered on the cluster under its
+        name: a Batcher of the same name and the same spec (from any client) attaches to it and
+        shares its loaded model and its device batches; a different spec under that name raises
+        :class:`~dask_dynbatch.ModelConflictError`.
+    replace
+        Replace a registered model of the same name that differs: new shipments go to the new
+        version, shipments in flight finish on the old one, which is then unloaded; every Batcher
+        of that name switches (``history()`` says which version served each shipment).
+
+    Examples
+    --------
+    >>> client.register_plugin(DynBatchPlugin())              # doctest: +SKIP
+    >>> batcher = Batcher(client, ModelSpec("cnn", load=build)) # doctest: +SKIP
+    >>> batcher.submit(image).result()                          # doctest: +SKIP
+    >>> [f.result() for f in batcher.map(images)]               # doctest: +SKIP
+
+    With an asynchronous client, ``await Batcher(client, spec)`` and ``await batcher.submit(x)``.
+
+    Notes
+    -----
+    Every request's future resolves exactly once, whatever fails:
+
+    - a worker that dies or leaves with shipments in flight: their requests go back to the front of
+      the queue and run elsewhere (a request whose worker died 3 times fails);
+    - no worker able to run the model: requests wait for one to join, or fail at their
+      ``timeout`` with a :class:`RequestTimeoutError` that says so;
+    - a sample that does not match the input signature: ``submit`` raises
+      :class:`InputSignatureError`; a Dask-Future input that does not match fails alone;
+    - a sample that makes the model raise: the device batch is bisected on the worker and only that
+      request fails, with the model's exception and traceback;
+    - a full queue: ``ModelSpec.overload`` says whether ``submit`` waits or raises
+      :class:`QueueFullError`;
+    - :meth:`close`, or the client closing: queued requests are cancelled (see :meth:`close`).
+    """
+
+    def __init__(self, client: Client, spec: ModelSpec, *, replace: bool = False):
+        if not isinstance(spec, ModelSpec):
+            raise TypeError(f"Batcher needs a ModelSpec, not {type(spec).__name__}")
+        self.client = client
+        self.id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
+        self._model = RegisteredModel(spec)
+        self._queue = RequestQueue()
+        self._ledger = Ledger()
+        self._closed = False
+        self._waiting_for_inputs = 0  # requests whose Dask-Future input is not computed yet
+        self._waiting_lock = threading.Lock()
+        self._history: deque[HistoryRecord] = deque(maxlen=5_000)
+        self._transport = Transport(client, spec.name)
+        self._dispatcher = Dispatcher(client, self._model, self._queue, self._ledger, self._transport,
+                                      self._history, report=self._report)
+        self._dispatcher.batcher_id = self.id
+        self._dispatcher.on_client_gone = self._abandon
+        self._loop = client.loop.asyncio_loop
+
+        async def start() -> None:
+            views = await self._model.register(client, replace=replace)
+            self._dispatcher.start(views)
+
+        self._started = _sync_or_async(client, start)
+        if client.asynchronous:
+            self._started = asyncio.ensure_future(self._started)
+
+    @classmethod
+    def from_name(cls, client: Client, name: str) -> Batcher:
+        """A Batcher of the model registered under ``name`` (by this client or another): it shares
+        that model's loaded copies and device batches.
+
+        Raises :class:`~dask_dynbatch.UnknownModelError` when no model of that name is registered.
+        With an asynchronous client, ``await Batcher.from_name(client, name)``.
+        """
+        if client.asynchronous:
+
+            async def attach() -> Batcher:
+                return await cls(client, await fetch_spec(client, name))
+
+            return attach()  # type: ignore[return-value]
+        return cls(client, client.sync(fetch_spec, client, name))
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's spec (the new one, once the model was replaced)."""
+        return self._model.spec
+
+    @property
+    def version(self) -> int:
+        """The version of the model this Batcher sends to."""
+        return self._model.version
+
+    def __await__(self):
+        async def wait() -> Batcher:
+            if isinstance(self._started, asyncio.Future):
+                await self._started
+            return self
+
+        return wait().__await__()
+
+    def __repr__(self) -> str:
+        return f"<Batcher {self.spec.name!r} v{self.version}: queued={len(self._queue)} workers={len(self._dispatcher.slots)}>"
+
+    def __enter__(self) -> Batcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- submitting ---------------------------------------------------------------------------------
+    def submit(self, x: Any, *, priority: int = 0, timeout: float | str | None = None) -> RequestFuture:
+        """Submit one sample (no batch dimension) or a Dask Future whose value is one sample.
+
+        ``priority``: higher is batched first (also against other clients' requests on the worker).
+        ``timeout``: a request whose batch has not started this long after ``submit`` fails with
+        :class:`RequestTimeoutError` and is not run (also when it waits for a worker, or, with
+        ``overload="block"``, for room in the queue).
+
+        A sample that does not match the model's input signature (declared in the
+        :class:`ModelSpec`, else learned from the first sample: an array of numbers or booleans
+        with at least one dimension and one element) raises :class:`InputSignatureError` here.
+        When the queue holds ``ModelSpec.max_queue`` requests, ``overload="block"`` waits for room
+        and ``overload="reject"`` raises :class:`QueueFullError`.
+        """
+        return self.map([x], priority=priority, timeout=timeout)[0]
+
+    def map(self, xs: Iterable[Any], *, priority: int = 0, timeout: float | str | None = None) -> list[RequestFuture]:
+        """Submit many samples; one future per sample, in order.
+
+        Every sample is checked before any is queued: one that does not match raises and none is
+        submitted. Then requests join the queue in chunks of :data:`MAP_CHUNK`, so that the first
+        shipments are on their way while the rest are still being made.
+        """
+        self._check_open()
+        now = time.monotonic()
+        deadline = None if timeout is None else now + parse_seconds(timeout, "timeout")
+        xs = xs if isinstance(xs, (list, tuple)) else list(xs)
+        samples = [None if isinstance(x, DaskFuture) else self._as_sample(x) for x in xs]
+        spec = self.spec
+        if spec.overload == "reject" and spec.max_queue is not None:
+            inline = sum(1 for sample in samples if sample is not None)
+            if len(self._queue) + inline > spec.max_queue:  # all or nothing
+                raise self._queue_full_error()
+        futures: list[RequestFuture] = []
+        yield_gil = len(xs) > MAP_CHUNK and not self._on_loop_thread()
+        for start in range(0, len(xs), MAP_CHUNK):
+            if yield_gil and start:
+                time.sleep(MAP_YIELD_S)
+            requests = [self._request(x, sample, priority, deadline, now)
+                        for x, sample in zip(xs[start:start + MAP_CHUNK], samples[start:start + MAP_CHUNK])]
+            self._ledger.count("submitted", len(requests))
+            self._enqueue([req for req in requests if req.dask_future is None], deadline)
+            for req in requests:
+                if req.dask_future is not None:
+                    self._wait_for_input(req)
+            futures.extend(r.future for r in requests)
+        return futures
+
+    def _request(self, x: Any, sample: np.ndarray | None, priority: int, deadline: float | None,
+                 now: float) -> Request:
+        future = RequestFuture()
+        if sample is None:  # a Dask Future
+            return Request(None, future, priority=priority, deadline=deadline, enqueued=now, dask_future=x)
+        return Request(sample, future, priority=priority, deadline=deadline, enqueued=now,
+                       as_torch=type(x).__module__.startswith("torch"))
+
+    def _as_sample(self, x: Any) -> np.ndarray:
+        """``x`` as a NumPy sample that matches the model's input signature, or a clear error."""
+        name = self.spec.name
+        signature = self._model.signature
+        try:
+            sample = as_numpy_sample(x)
+        except TypeError:
+            raise
+        except Exception as exc:  # ragged nested lists, objects whose __array__ fails
+            if signature is not None:
+                takes = f"model {name!r} expects one sample of shape {signature[0]} and dtype {signature[1]}"
+            else:
+                takes = f"model {name!r} takes one sample as an array"
+            raise InputSignatureError(f"{takes}; could not make an array of the {type(x).__name__} given ({exc})") from None
+        if signature is not None:  # the hot path: one comparison per request, no string formatting
+            shape, dtype = signature
+            if sample.shape == shape and sample.dtype == dtype:
+                return sample
+            raise InputSignatureError(
+                f"model {name!r} expects one sample of shape {shape} and dtype {dtype} "
+                f"(no batch dimension); {_received(x, sample)}"
+            )
+        received = _received(x, sample)
+        # no signature yet: this sample sets it, if it can be one
+        if sample.dtype.kind not in _NUMERIC_KINDS:
+            raise InputSignatureError(
+                f"model {name!r} takes arrays of numbers or booleans; {received}. To send other values, "
+                "declare ModelSpec(input_shape=..., input_dtype=...)"
+            )
+        if sample.ndim == 0:
+            raise InputSignatureError(
+                f"model {name!r}: a sample must be an array with at least one dimension, not a scalar; {received}. "
+                "For scalar samples declare ModelSpec(input_shape=(), input_dtype=...)"
+            )
+        if sample.size == 0:
+            raise InputSignatureError(f"model {name!r}: a sample must not be empty; {received}")
+        self._model.signature = (sample.shape, sample.dtype)
+        return sample
+
+    def _enqueue(self, requests: list[Request], deadline: float | None = None) -> None:
+        if not requests:
+            return
+        limit = self.spec.max_queue
+        if limit is None or len(self._queue) + len(requests) <= limit:
+            self._queue.push(requests)
+            self._dispatcher.wake()
+            return
+        if self.spec.overload == "reject":
+            raise self._queue_full_error()
+        if self._on_loop_thread():
+            raise QueueFullError(
+                f"model {self.spec.name!r}: the queue is full (max_queue={limit}) and submit() was called on the "
+                "client's event loop, where it cannot block; await earlier results first"
+            )
+        start = 0  # block: push what fits, wait for room for the rest
+        room = self._ledger.room
+        while start < len(requests):
+            with room:
+                room.wait_for(lambda: len(self._queue) < limit or self._closed or
+                              (deadline is not None and time.monotonic() > deadline), timeout=None if deadline is None
+                              else max(0.0, deadline - time.monotonic()))
+            if deadline is not None and time.monotonic() > deadline and len(self._queue) >= limit:
+                self._ledger.fail(requests[start:], RequestTimeoutError(
+                    f"request to model {self.spec.name!r} timed out waiting for room in the queue "
+                    f"(max_queue={limit}, overload='block')"), "timed_out")
+                return
+            self._check_open()
+            take = max(1, limit - len(self._queue))
+            self._queue.push(requests[start : start + take])
+            start += take
+            self._dispatcher.wake()
+
+    def _queue_full_error(self) -> QueueFullError:
+        return QueueFullError(
+            f"model {self.spec.name!r}: the queue holds {len(self._queue)} requests (max_queue={self.spec.max_queue}); "
+            "retry later, or raise ModelSpec.max_queue / use overload='block'"
+        )
+
+    def _on_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _wait_for_input(self, req: Request) -> None:
+        """A Dask-Future input joins the queue once its value exists on a worker (its data stays
+        there; the worker fetches it)."""
+        with self._waiting_lock:
+            self._waiting_for_inputs += 1
+        req.dask_future.add_done_callback(  # runs in distributed's callback thread
+            lambda _: self._loop.call_soon_threadsafe(self._dispatcher.in_background, self._input_ready(req)))
+
+    async def _input_ready(self, req: Request) -> None:
+        dask_future = req.dask_future
+        try:
+            if dask_future.status == "finished":
+                if req.future.done():
+                    if req.future.cancelled():  # by its user, while its input was computed
+                        self._ledger.count("cancelled")
+                elif self._closed:
+                    if req.future.cancel():
+                        self._ledger.count("cancelled")
+                else:
+                    self._queue.push([req])
+                    self._dispatcher.wake()
+                return
+            exc = None
+            if dask_future.status == "error":
+                exc = await dask_future.exception(asynchronous=True)
+            if exc is None:
+                exc = RuntimeError(f"the Dask Future given as input is {dask_future.status}: {dask_future.key!r}")
+            if not req.future.done():
+                self._ledger.fail([req], exc)
+            elif req.future.cancelled():
+                self._ledger.count("cancelled")
+        finally:
+            with self._waiting_lock:
+                self._waiting_for_inputs -= 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BatcherClosedError(self.spec.name)
+
+    # -- closing ------------------------------------------------------------------------------------
+    def close(self, drain: bool = False, timeout: float | str | None = None) -> Awaitable[None] | None:
+        """Stop accepting requests; ``submit`` raises :class:`BatcherClosedError` from now on.
+
+        With ``drain=False`` (default) requests still queued are cancelled (``future.cancelled()``
+        is ``True``), and so are requests whose Dask-Future input is not computed yet. Shipments
+        already sent complete and deliver. A request that already started once and waits to run
+        again (its worker died) can no longer be cancelled: it fails with
+        :class:`BatcherClosedError`.
+
+        With ``drain=True`` it first waits (up to ``timeout``) until every request submitted so
+        far is delivered or failed, then closes as above. With an asynchronous client it returns an
+        awaitable: ``await batcher.close(drain=True)``.
+
+        A Batcher whose client closes closes too: its queued requests are cancelled and the
+        requests of its shipments in flight fail with :class:`BatcherClosedError`.
+        """
+        deadline = None if timeout is None else time.monotonic() + parse_seconds(timeout, "timeout")
+
+        async def close() -> None:
+            while drain and not self._closed and self._busy() and (deadline is None or time.monotonic() < deadline):
+                await asyncio.sleep(0.01)
+            self._close_now()
+
+        if not drain or self._closed:
+            self._close_now()
+            return None
+        if self.client.asynchronous or self._on_loop_thread():
+            return asyncio.ensure_future(close()) if self._on_loop_thread() else close()
+        self.client.sync(close)
+        return None
+
+    def _busy(self) -> bool:
+        return bool(len(self._queue) or self._waiting_for_inputs or self._dispatcher.inflight)
+
+    def _close_now(self, error: BaseException | None = None) -> None:
+        """Close: cancel what is queued (what cannot be cancelled fails with ``error``); wake blocked submitters."""
+        if self._closed:
+            return
+        self._closed = True
+        self._dispatcher.closed = True
+        started, cancelled = [], 0
+        for req in self._queue.drain():
+            if req.future.cancel():
+                cancelled += 1
+            else:  # re-queued after its worker died: running, so it cannot be cancelled
+                started.append(req)
+        self._ledger.count("cancelled", cancelled)
+        if started:
+            self._ledger.fail(started, error or closed_error(
+                self.spec.name, "the request waited to run again after its worker died, and was not re-run"))
+        self._ledger.notify_room()
+        self._dispatcher.wake()
+        self._transport.close()
+
+    def _abandon(self, reason: str) -> None:
+        """The client is gone: nothing can be sent or received any more. Resolve every future."""
+        if self._closed and not self._dispatcher.inflight:
+            return
+        logger.warning("dynbatch: closing the Batcher of model %r: %s", self.spec.name, reason)
+        error = closed_error(self.spec.name, reason)
+        self._close_now(error)
+        for reqs in list(self._dispatcher.inflight.values()):
+            self._ledger.fail(reqs, error)
+
+    # -- introspection ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Counts, queue depth, latency percentiles and, per worker, what its model server advised
+        (batch size, memory cap, throughput, the controller's last decision and why)."""
+        counts = self._ledger.counts()
+        counts["cancelled"] += self._queue.cancelled
+        dispatcher = self._dispatcher
+        return {
+            "model": self.spec.name,
+            "version": self.version,
+            "batcher": self.id,
+            "latency_target": self.spec.latency_target,
+            "queued": len(self._queue),
+            "waiting_for_inputs": self._waiting_for_inputs,
+            "in_flight": sum(len(reqs) for reqs in list(dispatcher.inflight.values())),
+            "no_worker": dispatcher.no_worker_since is not None,
+            "closed": self._closed,
+            **counts,
+            **self._ledger.percentiles(),
+            "workers": {a: s.to_dict() for a, s in list(dispatcher.slots.items())},
+        }
+
+    def _report(self) -> dict[str, Any]:
+        """What the scheduler shows of this Batcher (dashboard, /metrics)."""
+        stats = self.stats()
+        for worker in stats["workers"].values():
+            worker.pop("forecast", None)
+        return stats
+
+    def history(self) -> list[dict[str, Any]]:
+        """Recent shipments, one row each: ``time``, ``worker``, ``version`` of the model that served
+        it, ``size`` (its rows), ``device_batch`` (rows of the device batch it ran in, from every
+        client), ``latency`` (what its requests saw after leaving the queue), ``cap`` and
+        ``controller_size`` (the server's memory cap and batch size after it); on the worker,
+        seconds running (``compute_s``), waiting for the device thread (``wait_s``), staging
+        (``stage_s``: copying in, to the device) and in all (``worker_s``); on the client, seconds
+        from its oldest request's arrival to the send (``queued_s``), stacking (``stack_s``) and the
+        round trip (``round_trip_s``); the device batch's share of the device (``service_s``, what
+        throughput is measured by); and what the server's batch-size controller made of it
+        (``decision``: ``"grow"``, ``"shrink"``, ``"hold"``, or ``"not shown"`` for a batch whose time
+        says little about its size, and ``reason``: the controller's words, or why it was not shown:
+        ``"cold"``, ``"compiling"``, ``"new_shape"``, ``"new_slot"``)."""
+        return [record.to_dict() for record in self._history.copy()]
+
+
+def _received(x: Any, sample: np.ndarray) -> str:
+    text = f"received shape {sample.shape} and dtype {sample.dtype}"
+    return text if isinstance(x, np.ndarray) else f"{text} (from a {type(x).__name__})"
+
+
+def rerun_benchmark(client: Client, workers: Iterable[str] | None = None):
+    """Measure the workers' devices with the reference model (ResNet-50 when torchvision is
+    installed, else a small CNN); placement uses the scores, calibrated against measured rates, for
+    workers that have not run a model yet. Each worker also measures at start when
+    ``dynbatch.benchmark.on-start`` is set.
+
+    Returns ``{worker address: table}`` (each table a dict with ``rows`` per batch size and
+    ``best_throughput``; ``error`` when the worker could not run it). The benchmark runs in each
+    worker's device thread, between batches. With an asynchronous client, ``await`` the result.
+    """
+
+    async def run() -> dict[str, Any]:
+        addresses = list(workers) if workers is not None else list((await client.scheduler.identity())["workers"])
+
+        async def one(address: str) -> tuple[str, Any]:
+            reply = await client.rpc(address).dynbatch_benchmark()
+            if reply is None:
+                raise PluginNotRegisteredError(client.scheduler.address)
+            return address, reply
+
+        return dict(await asyncio.gather(*(one(a) for a in addresses)))
+
+    return _sync_or_async(client, run)

@@ -1,0 +1,471 @@
+"""The dispatcher: on the client's event loop, turns a Batcher's queue into shipments to workers.
+
+Woken by requests arriving, replies, and pushed events (a worker joined, became ready or left; a
+worker's free memory moved; the model was replaced), with a slow poll of the cluster view as a
+fallback. Each round: expire what passed its deadline, ask :func:`~dask_dynbatch.core.placement.plan`
+which workers get the next shipments and how large (each worker's size is its model server's
+advice, within the memory cap), hold back a partial shipment for a busy worker until it would
+reach the device as it frees (:class:`~dask_dynbatch.core.pacing.BusyForecast`), and send. A
+shipment whose worker is lost goes back to the front of the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import protocol
+from ..core.pacing import BusyForecast
+from ..core.placement import WorkerLoad, fill_unknown_throughputs, plan
+from ..core.requests import Request, RequestQueue
+from ..core.rows import split_rows
+from ..errors import BatcherClosedError, RequestTimeoutError
+from ..protocol import Advice, HistoryRecord, ModelSuperseded, WorkerView
+from ..shm import ShmRing
+from . import feedback
+from .ledger import Ledger
+from .registration import RegisteredModel
+from .transport import Delivery, Transport, WorkerLost, shm_wanted
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+#: a request is re-queued at most this many times after its worker died under its shipment
+MAX_ATTEMPTS = 3
+#: a worker that a shipment was lost with gets none for this long, even if the scheduler still
+#: lists it (the scheduler notices a dead worker a little later than the client)
+LOST_COOLDOWN = 2.0
+#: the cluster view is refreshed at least this often (events push changes; this is the fallback)
+REFRESH_INTERVAL = 5.0
+#: the dispatcher looks at its queue at least this often (deadlines, workers coming back)
+TICK_INTERVAL = 0.5
+#: how often the Batcher's counts are reported to the scheduler (dashboard, /metrics)
+REPORT_INTERVAL = 1.0
+#: partial shipments (fewer requests than the worker's size) are sent only while the worker has
+#: fewer than this many in flight; full ones go up to ModelSpec.max_inflight
+PARTIAL_INFLIGHT = 2
+
+
+class WorkerSlot:
+    """What a dispatcher knows of one worker for its model."""
+
+    def __init__(self, view: WorkerView, initial_size: int, shm: ShmRing | None):
+        self.address = view.address
+        self.view = view
+        self.advice = Advice(size=initial_size)  # the worker's model server's, from its replies
+        self.inflight = 0  # shipments sent, not answered yet
+        self.inflight_rows = 0
+        self.alive = True
+        self.lost_until = 0.0  # monotonic time before which the worker counts as dead
+        self.batches = 0
+        self.samples = 0
+        self.compile: dict[str, Any] | None = None  # the worker's compile state (compiled models)
+        self.shm = shm  # shared-memory slots for this worker (same host), see shm.py
+        self.forecast = BusyForecast()  # when its device frees: paces partial shipments
+
+    def close_shm(self) -> list[str]:
+        """Stop sending through shared memory; returns the slot names the worker still maps."""
+        ring, self.shm = self.shm, None
+        return ring.close() if ring is not None else []
+
+    def to_dict(self) -> dict[str, Any]:
+        advice = self.advice
+        return {
+            "address": self.address,
+            "device": self.view.device,
+            "alive": self.alive,
+            "inflight_batches": self.inflight,
+            "inflight_samples": self.inflight_rows,
+            "batches": self.batches,
+            "samples": self.samples,
+            "memory_cap": advice.cap,
+            "throughput": advice.throughput,
+            "controller": advice.to_msg(),
+            "forecast": self.forecast.state(),
+            "compile": self.compile,
+            "transport": "shared-memory" if self.shm is not None else "comm",
+        }
+
+
+class Dispatcher:
+    """Sends one Batcher's requests (see the module docstring). Everything here runs on the client's
+    event loop, except :meth:`wake`."""
+
+    def __init__(self, client: Client, model: RegisteredModel, queue: RequestQueue, ledger: Ledger,
+                 transport: Transport, history: deque[HistoryRecord], report: Callable[[], dict[str, Any]]):
+        self.client = client
+        self.model = model
+        self.queue = queue
+        self.ledger = ledger
+        self.transport = transport
+        self.history = history
+        self._report_stats = report
+        self.batcher_id = ""
+        self.slots: dict[str, WorkerSlot] = {}
+        self.inflight: dict[int, list[Request]] = {}  # shipments sent and not answered yet
+        self.closed = False
+        self.no_worker_since: float | None = None
+        self._loop = client.loop.asyncio_loop
+        self._wake_event: asyncio.Event | None = None
+        self._refresh_requested = False
+        self._model_changed = False
+        self._tasks: set[asyncio.Task] = set()
+        self.task: asyncio.Task | None = None
+        self.on_client_gone: Callable[[str], None] = lambda reason: None
+
+    # -- starting, waking ---------------------------------------------------------------------------
+    def start(self, views: dict[str, dict[str, Any]]) -> None:
+        """On the loop: take the registration's cluster view and run."""
+        self._wake_event = asyncio.Event()
+        self.update_workers(views)
+        _subscribe(self)
+        self.task = asyncio.ensure_future(self._main())
+
+    def wake(self) -> None:
+        """From any thread: look at the queue now."""
+        try:
+            self._loop.call_soon_threadsafe(self._set_wake)
+        except RuntimeError:  # the client's loop is closed: nothing left to wake
+            pass
+
+    def _set_wake(self) -> None:
+        if self._wake_event is not None:
+            self._wake_event.set()
+
+    def in_background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    async def _main(self) -> None:
+        next_refresh = next_report = time.monotonic()
+        timeout = TICK_INTERVAL
+        while True:
+            try:
+                await asyncio.wait_for(self._wake_event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+            self._wake_event.clear()
+            if self.client.status in ("closing", "closed"):
+                self.on_client_gone(f"its client is {self.client.status}")
+                for slot in self.slots.values():  # the scheduler drops the workers' mappings
+                    slot.close_shm()
+                return
+            if self.closed and not self.inflight:
+                await self._report()
+                await self._release_shm()
+                return
+            now = time.monotonic()
+            try:
+                if self._model_changed:
+                    self._model_changed = False
+                    await self._refresh_model()
+                if now >= next_refresh or self._refresh_requested:
+                    self._refresh_requested = False
+                    next_refresh = now + REFRESH_INTERVAL
+                    await self._refresh_workers()
+                if now >= next_report:
+                    next_report = now + REPORT_INTERVAL
+                    self.in_background(self._report())
+                timeout = min(self.dispatch(now), TICK_INTERVAL)
+            except Exception:  # a bug must not stop the dispatcher: requests would wait forever
+                logger.exception("dynbatch: dispatcher error for model %r", self.model.name)
+                timeout = TICK_INTERVAL
+
+    def dispatch(self, now: float) -> float:
+        """Form and send as many shipments as workers have room for; seconds until the next try."""
+        live = [s for s in self.slots.values() if s.alive and now >= s.lost_until]
+        self._track_no_worker(live, now)
+        expired = self.queue.expire(now)
+        if expired:
+            self.ledger.fail(expired, self.timeout_error(now), "timed_out")
+        spec = self.model.spec
+        if not len(self.queue) or not live or self.closed:
+            return TICK_INTERVAL
+        if all(s.inflight >= spec.max_inflight for s in live):
+            return TICK_INTERVAL
+        rates = fill_unknown_throughputs({s.address: s.advice.throughput for s in live},
+                                         {s.address: s.view.benchmark for s in live})
+        # busy workers stay in the plan (no free slot): the split keeps their share for them
+        loads = [self._load(s, rates.get(s.address)) for s in live]
+        full_size = {load.address: min(load.batch_size, load.cap or load.batch_size) for load in loads}
+        retry_in = TICK_INTERVAL
+        for address, size in plan(len(self.queue), loads):
+            slot = self.slots[address]
+            if size < full_size[address] and slot.inflight > 0:
+                wait = self._partial_wait(slot, size, now)
+                if wait is not None:
+                    retry_in = min(retry_in, wait)
+                    continue
+            batch, expired = self.queue.pop(size, now)
+            if expired:
+                self.ledger.fail(expired, self.timeout_error(now), "timed_out")
+            if batch:
+                slot.inflight += 1
+                slot.inflight_rows += len(batch)
+                self.inflight[id(batch)] = batch
+                slot.forecast.sent(len(batch), now)
+                self.in_background(self._send(slot, batch, now))
+        self.ledger.notify_room()
+        return retry_in
+
+    def _partial_wait(self, slot: WorkerSlot, size: int, now: float) -> float | None:
+        """Seconds a partial shipment for a busy worker should keep filling here (None: send now).
+        One may wait on the worker behind the running batch once the oldest request waited
+        ``max_delay``, and not before it would reach the device as the device frees (just in time:
+        it carries every request that arrives meanwhile, and the device does not wait for it)."""
+        if slot.inflight >= PARTIAL_INFLIGHT:
+            return TICK_INTERVAL
+        oldest = self.queue.oldest_enqueued()
+        if oldest is not None and now - oldest < self.model.spec.max_delay:
+            return oldest + self.model.spec.max_delay - now
+        send_at = slot.forecast.send_at(size)
+        return send_at - now if now < send_at else None
+
+    def _load(self, slot: WorkerSlot, throughput: float | None) -> WorkerLoad:
+        """The placement inputs for one worker, from its server's advice."""
+        size = slot.advice.size
+        limit = self.model.spec.batch_limit(slot.view.device)
+        if limit is not None:
+            size = min(size, limit)
+        return WorkerLoad(
+            address=slot.address,
+            throughput=throughput,
+            inflight_samples=slot.inflight_rows,
+            memory_utilization=min(1.0, slot.advice.memory_used or 0.0),
+            cap=slot.advice.cap,
+            free_slots=max(0, self.model.spec.max_inflight - slot.inflight),
+            batch_size=max(1, size),
+        )
+
+    # -- one shipment -------------------------------------------------------------------------------
+    async def _send(self, slot: WorkerSlot, reqs: list[Request], formed: float) -> None:
+        """Send one shipment and deliver its results. Whatever happens, every request of it is
+        resolved or back in the queue when this returns."""
+        try:
+            delivery = await self.transport.send(slot, reqs, version=self.model.version, formed=formed,
+                                                 signature=self.model.signature)
+        except WorkerLost as exc:
+            self._worker_lost(slot, reqs, exc.cause, sent=exc.sent)
+        except ModelSuperseded:  # nothing ran: the same requests go to the new version
+            self.queue.push(reqs, front=True)
+            self._model_changed = True
+        except Exception as exc:  # the shipment could not run (model failed to load, inputs lost, ...)
+            logger.warning("dynbatch: shipment of %d for model %r failed: %r", len(reqs), self.model.name, exc)
+            self.ledger.fail(reqs, exc)
+        else:
+            try:
+                self._deliver(slot, reqs, delivery)
+            except Exception as exc:  # outputs that cannot be split per request, ...
+                logger.warning("dynbatch: shipment of %d for model %r failed on the client: %r", len(reqs),
+                               self.model.name, exc)
+                self.ledger.fail(reqs, exc)
+        finally:
+            self.inflight.pop(id(reqs), None)
+            slot.inflight -= 1
+            slot.inflight_rows -= len(reqs)
+            slot.forecast.replied(len(reqs), time.monotonic())
+            self._set_wake()
+
+    def _deliver(self, slot: WorkerSlot, reqs: list[Request], delivery: Delivery) -> None:
+        self.ledger.latency(reqs, delivery.done)
+        for row, exc in delivery.errors:
+            self.ledger.fail([reqs[row]], exc)
+        delivered = 0
+        for rows, outputs in delivery.pieces:
+            for row, value in zip(rows, split_rows(outputs, len(rows))):
+                req = reqs[row]
+                delivered += self.ledger.deliver(req, _to_torch(value) if req.as_torch else value)
+        self.ledger.count("delivered", delivered)
+        oldest = min(r.enqueued for r in reqs)
+        self.history.append(feedback.learn(slot, delivery, len(reqs), oldest, self.model.spec.max_delay,
+                                           self.model.name))
+
+    def _worker_lost(self, slot: WorkerSlot, reqs: list[Request], exc: BaseException, *, sent: bool) -> None:
+        """The shipment's worker died or could not be reached: its requests go back to the front of
+        the queue (``sent``: it may have run there; a request lost this way ``MAX_ATTEMPTS`` times
+        fails, in case it is what kills workers)."""
+        slot.alive = False
+        slot.lost_until = time.monotonic() + LOST_COOLDOWN
+        if self.closed:
+            self.ledger.fail(reqs, closed_error(self.model.name, f"its worker {slot.address} was lost ({exc}) after the close"))
+            return
+        logger.warning("dynbatch: lost contact with %s (%s); re-queuing %d requests", slot.address, exc, len(reqs))
+        retry, give_up = [], []
+        for req in reqs:
+            if sent:
+                req.attempts += 1
+            (retry if req.attempts < MAX_ATTEMPTS else give_up).append(req)
+        if give_up:
+            self.ledger.fail(give_up, RuntimeError(
+                f"model {self.model.name!r}: the worker running this request died {MAX_ATTEMPTS} times "
+                f"(last: {slot.address}, {exc}); it is not tried again"))
+        self.queue.push(retry, front=True)
+        self.ledger.count("requeued", len(retry))
+
+    # -- the cluster view ---------------------------------------------------------------------------
+    async def _refresh_workers(self) -> None:
+        try:
+            views = await self.client.scheduler.dynbatch_workers(model=self.model.name)
+            if not views and not await self._model_known():
+                views = await self.model.register(self.client)
+        except Exception as exc:  # scheduler unreachable for now (or the client closing): keep the last view
+            logger.debug("dynbatch: cluster view not refreshed: %r", exc)
+            return
+        self.update_workers(views)
+
+    async def _model_known(self) -> bool:
+        reply = await self.client.scheduler.dynbatch_get_model(name=self.model.name)
+        return isinstance(reply, dict) and reply.get("status") != "error"
+
+    async def _refresh_model(self) -> None:
+        """The model was replaced (event, or a worker said so): take the new version."""
+        try:
+            if await self.model.refresh(self.client):
+                logger.info("dynbatch: model %r is now version %d", self.model.name, self.model.version)
+                self._refresh_requested = True
+        except Exception as exc:
+            logger.debug("dynbatch: model %r not refreshed: %r", self.model.name, exc)
+            self._model_changed = True
+        self._set_wake()
+
+    def update_workers(self, views: dict[str, dict[str, Any]]) -> None:
+        now = time.monotonic()
+        spec = self.model.spec
+        for address, view in views.items():
+            view = WorkerView.from_msg(view)
+            slot = self.slots.get(address)
+            if slot is None:
+                ring = ShmRing(keep=spec.max_inflight + 1) if shm_wanted(address) else None
+                self.slots[address] = WorkerSlot(view, spec.initial_size(view.device), ring)
+            else:
+                slot.view = view
+                slot.alive = now >= slot.lost_until
+        for address in list(self.slots):
+            if address not in views:
+                slot = self.slots[address]
+                slot.alive = False
+                if not slot.inflight:
+                    slot.close_shm()  # the worker is gone, and its mappings with it
+                    del self.slots[address]
+
+    # pushed events (on the client loop)
+    def on_cluster_event(self, message: dict[str, Any]) -> None:
+        self._refresh_requested = True
+        self._set_wake()
+
+    def on_advice(self, message: dict[str, Any]) -> None:
+        slot = self.slots.get(message.get("worker"))
+        if slot is None:
+            return
+        for advice in message.get("advice", ()):
+            if advice.get("name") == self.model.name and advice.get("version") == self.model.version:
+                slot.advice = Advice.from_msg(advice)
+                self._set_wake()
+
+    def on_model_event(self, message: dict[str, Any]) -> None:
+        if message.get("name") == self.model.name and message.get("version") != self.model.version:
+            self._model_changed = True
+            self._set_wake()
+
+    # -- closing, reporting -------------------------------------------------------------------------
+    async def _release_shm(self) -> None:
+        """Closed: free the shared-memory slots, and the workers' mappings of them."""
+
+        async def drop(address: str, names: list[str]) -> None:
+            try:
+                await self.client.rpc(address).dynbatch_shm_drop(client=self.client.id, names=names)
+            except Exception as exc:  # the worker left: its mappings went with it
+                logger.debug("dynbatch: shared-memory drop on %s failed: %r", address, exc)
+
+        drops = [(a, s.close_shm()) for a, s in self.slots.items()]
+        await asyncio.gather(*(drop(a, names) for a, names in drops if names))
+
+    async def _report(self) -> None:
+        try:
+            await self.client.scheduler.dynbatch_report(batcher=self.batcher_id, stats=self._report_stats(),
+                                                        client=self.client.id)
+        except Exception:  # the dashboard view is best effort; the next report repeats it
+            logger.debug("dynbatch: report failed", exc_info=True)
+
+    def _track_no_worker(self, live: list[WorkerSlot], now: float) -> None:
+        if not live and len(self.queue):
+            if self.no_worker_since is None:
+                self.no_worker_since = now
+                logger.warning(
+                    "dynbatch: no worker can run model %r (%s); %d requests wait for one to join "
+                    "(or fail at their timeout)", self.model.name, self.worker_requirements(), len(self.queue)
+                )
+        elif live and self.no_worker_since is not None:
+            logger.info("dynbatch: workers for model %r are back after %.1f s", self.model.name,
+                        now - self.no_worker_since)
+            self.no_worker_since = None
+
+    def timeout_error(self, now: float) -> RequestTimeoutError:
+        message = f"request to model {self.model.name!r} timed out before its batch started"
+        if self.no_worker_since is not None:
+            message += (f": no worker able to run the model for the last {now - self.no_worker_since:.1f} s "
+                        f"({self.worker_requirements()})")
+        return RequestTimeoutError(message)
+
+    def worker_requirements(self) -> str:
+        spec = self.model.spec
+        needs = ["the DynBatchPlugin's worker half"]
+        if spec.resources:
+            needs.append(f"resources {dict(spec.resources)}")
+        if spec.device == "cuda":
+            needs.append("a CUDA device")
+        return "a worker needs " + ", ".join(needs)
+
+
+def closed_error(model: str, detail: str) -> BatcherClosedError:
+    error = BatcherClosedError(model)
+    error.args = (f"{error.args[0]} ({detail})",)
+    return error
+
+
+def _to_torch(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, dict):
+        return {k: _to_torch(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_torch(v) for v in value)
+    return value
+
+
+# One topic handler per client and topic (a client keeps one per topic), fanned out to its
+# dispatchers; the registry lets go of a client once it is collected.
+_listeners: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Dispatcher]] = weakref.WeakKeyDictionary()
+
+
+def _subscribe(dispatcher: Dispatcher) -> None:
+    client = dispatcher.client
+    listeners = _listeners.get(client)
+    if listeners is None:
+        listeners = _listeners[client] = weakref.WeakSet()
+
+        def fan_out(method: str) -> Callable[[tuple[float, dict]], None]:
+            def handler(event: tuple[float, dict], listeners=listeners) -> None:
+                _, message = event
+                for d in list(listeners):
+                    getattr(d, method)(message)
+
+            return handler
+
+        client.subscribe_topic(protocol.CLUSTER_TOPIC, fan_out("on_cluster_event"))
+        client.subscribe_topic(protocol.ADVICE_TOPIC, fan_out("on_advice"))
+        client.subscribe_topic(protocol.MODEL_TOPIC, fan_out("on_model_event"))
+    listeners.add(dispatcher)

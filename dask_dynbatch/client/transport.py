@@ -1,0 +1,237 @@
+"""Getting a shipment to a worker and its reply back: encode, send, decode.
+
+How rows travel is decided before sending, here and only here: to a worker on the same host,
+stacked straight into a shared-memory slot whose name is sent (:mod:`dask_dynbatch.shm`); to
+others (and for small shipments) stacked into chunks of at most :data:`SEND_CHUNK_BYTES` that
+travel as frames of the Dask comm. A worker that cannot map the slot says so (nothing ran); the
+shipment is then encoded again for the comm and sent once more, and so is every later one to that
+worker unless the slot was only stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import dask.config
+import numpy as np
+from distributed.core import send_recv
+from distributed.protocol import to_serialize
+
+from ..core.requests import Request
+from ..core.rows import stack_in_chunks
+from ..protocol import RUN, ShipmentReply, exception_from, raise_if_error, unwrap
+from ..shm import ShmRing, ShmSlot, ShmUnavailable, shm_supported
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from .dispatcher import WorkerSlot
+
+logger = logging.getLogger(__name__)
+
+#: a shipment larger than this travels as stacked chunks of at most this many bytes, one Dask frame
+#: each (see :func:`~dask_dynbatch.core.rows.stack_in_chunks`)
+SEND_CHUNK_BYTES = 16 * 2**20
+#: shipments at least this large are stacked in a helper thread (NumPy copies without holding the
+#: GIL), so that the event loop goes on sending and receiving meanwhile
+STACK_IN_THREAD_BYTES = 4 * 2**20
+#: a shipment stacked into shared memory is split into parts of at least this many bytes, stacked
+#: by the helper threads in parallel (one thread copies a few GB/s)
+STACK_PART_BYTES = 8 * 2**20
+#: helper threads that stack shipments: a quarter of the cores, 1 to 4
+STACK_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
+#: seconds to connect to a worker before its shipment goes back to the queue (it was not sent)
+CONNECT_TIMEOUT = 5.0
+
+
+class WorkerLost(Exception):
+    """The worker died or could not be reached; ``sent``: the shipment may have run there."""
+
+    def __init__(self, cause: BaseException, sent: bool):
+        super().__init__(str(cause))
+        self.cause = cause
+        self.sent = sent
+
+
+@dataclass
+class Delivery:
+    """A shipment's reply, decoded: outputs per row range, exceptions per row, the rest as sent."""
+
+    reply: ShipmentReply
+    pieces: list[tuple[list[int], Any]]
+    errors: list[tuple[int, BaseException]]
+    formed: float
+    sent: float
+    done: float
+    new_slot: bool
+
+
+def shm_wanted(address: str) -> bool:
+    """Whether to try shared memory for shipments to ``address`` (the worker says if it cannot map
+    it). Not for in-process workers: their comm passes arrays without copying them at all."""
+    return (bool(dask.config.get("dynbatch.transport.shared-memory", True)) and not address.startswith("inproc://")
+            and shm_supported())
+
+
+class Transport:
+    """Sends one Batcher's shipments (owns the helper threads that stack them)."""
+
+    def __init__(self, client: Client, model: str):
+        self.client = client
+        self.model = model
+        self._stackers = concurrent.futures.ThreadPoolExecutor(STACK_THREADS, thread_name_prefix="dynbatch-stack")
+
+    def close(self) -> None:
+        self._stackers.shutdown(wait=False)
+
+    async def send(self, slot: WorkerSlot, reqs: list[Request], *, version: int, formed: float,
+                   signature: tuple[tuple[int, ...], np.dtype] | None) -> Delivery:
+        """Send ``reqs`` to ``slot``'s worker as one shipment of ``version``; the decoded reply.
+
+        Raises :class:`WorkerLost` (the requests go back to the queue), the worker's error for a
+        shipment that could not run at all, or :class:`~dask_dynbatch.protocol.ModelSuperseded`."""
+        inline = [r.sample for r in reqs if r.dask_future is None]
+        keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
+        message: dict[str, Any] = {"model": self.model, "version": version, "client": self.client.id, "n": len(reqs),
+                                   "queued_s": formed - min(r.enqueued for r in reqs)}
+        priorities = _priority_runs(reqs)
+        if priorities is not None:
+            message["priorities"] = priorities
+        if keyed:
+            message["keyed"] = keyed
+            if signature is not None:  # lets the worker check inputs from Dask Futures
+                message["signature"] = (signature[0], signature[1].str)
+        while True:
+            ring = slot.shm
+            shm_slot = self._slot_for(ring, inline)
+            new_slot = shm_slot is not None and not shm_slot.attached
+            try:
+                rows = await self._stack(inline, shm_slot)
+                if ring is not None:
+                    dropped = ring.take_retired()
+                    if dropped:
+                        message["shm_drop"] = dropped
+                sent = time.monotonic()
+                reply = await self._call(slot.address, **message, **rows, new_slot=new_slot)
+                done = time.monotonic()
+                try:
+                    raise_if_error(reply)
+                except ShmUnavailable as exc:
+                    self._on_shm_error(slot, ring, shm_slot, exc)
+                    shm_slot = None
+                    continue  # nothing ran: encode again, for the comm
+                if shm_slot is not None:
+                    shm_slot.mark_attached()  # the worker maps it: unlink the name, nothing can leak
+            finally:
+                if shm_slot is not None:
+                    ring.release(shm_slot)
+            return self._decode(reply, formed, sent, done, new_slot)
+
+    def _slot_for(self, ring: ShmRing | None, inline: list[np.ndarray]) -> ShmSlot | None:
+        if ring is None or not inline:
+            return None
+        nbytes = inline[0].nbytes * len(inline)
+        if nbytes < int(dask.config.get("dynbatch.transport.shared-memory-min-bytes", 65536)):
+            return None
+        return ring.acquire(nbytes)
+
+    async def _stack(self, inline: list[np.ndarray], shm_slot: ShmSlot | None) -> dict[str, Any]:
+        """The inline rows as the message carries them: a slot reference, or stacked chunks."""
+        if not inline:
+            return {}
+        nbytes = inline[0].nbytes * len(inline)
+        loop = asyncio.get_running_loop()
+        if shm_slot is not None:
+            return {"shm": await self._stack_shared(inline, shm_slot, nbytes)}
+        if nbytes >= STACK_IN_THREAD_BYTES:
+            batch = await loop.run_in_executor(self._stackers, stack_in_chunks, inline, SEND_CHUNK_BYTES)
+        else:
+            batch = stack_in_chunks(inline, SEND_CHUNK_BYTES)
+        return {"batch": to_serialize(batch)}
+
+    async def _stack_shared(self, inline: list[np.ndarray], shm_slot: ShmSlot, nbytes: int) -> dict[str, Any]:
+        """Stack the rows into the slot; returns its reference. By default NumPy stacks them, large
+        shipments in parallel parts from the helper threads; with ``dynbatch.transport.shared-memory-copy:
+        write`` the slot writes them (:meth:`ShmSlot.write_rows`: the GIL released once per call),
+        for clients whose other threads keep the GIL busy."""
+        shape = (len(inline), *inline[0].shape)
+        loop = asyncio.get_running_loop()
+        if dask.config.get("dynbatch.transport.shared-memory-copy", "numpy") == "write":
+            if nbytes >= STACK_IN_THREAD_BYTES:
+                await loop.run_in_executor(self._stackers, shm_slot.write_rows, inline)
+            else:
+                shm_slot.write_rows(inline)
+            return {"name": shm_slot.name, "shape": shape, "dtype": inline[0].dtype.str}
+        view = shm_slot.array(shape, inline[0].dtype)
+        if nbytes >= STACK_IN_THREAD_BYTES:
+            parts = min(STACK_THREADS, max(1, nbytes // STACK_PART_BYTES), len(inline))
+            bounds = np.linspace(0, len(inline), parts + 1).astype(int)
+            await asyncio.gather(*(
+                loop.run_in_executor(self._stackers, _stack_into, inline[a:b], view[a:b])
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ))
+        else:
+            _stack_into(inline, view)
+        return {"name": shm_slot.name, "shape": shape, "dtype": inline[0].dtype.str}
+
+    async def _call(self, address: str, **message: Any) -> Any:
+        """One ``dynbatch_run`` over the client's connection pool. Connecting and sending are two
+        steps here (the public ``client.rpc(address).op()`` does both in one) so that a worker that
+        cannot be reached costs its requests no attempt: nothing was sent."""
+        pool = self.client.rpc
+        try:
+            comm = await pool.connect(address, timeout=CONNECT_TIMEOUT)
+        except OSError as exc:
+            raise WorkerLost(exc, sent=False) from exc
+        try:
+            reply = await send_recv(comm=comm, op=RUN, serializers=pool.serializers,
+                                    deserializers=pool.deserializers, **message)
+        except OSError as exc:  # the worker died or is unreachable: re-run elsewhere
+            raise WorkerLost(exc, sent=True) from exc
+        finally:
+            pool.reuse(address, comm)
+        if not isinstance(reply, dict):  # no dynbatch_run handler: the worker half is torn down
+            raise WorkerLost(RuntimeError(f"the worker answered {reply!r}: it is closing"), sent=False)
+        return reply
+
+    def _decode(self, reply: dict[str, Any], formed: float, sent: float, done: float, new_slot: bool) -> Delivery:
+        decoded = ShipmentReply.from_msg(reply)
+        pieces = [(rows, unwrap(outputs)) for rows, outputs in decoded.pieces]
+        errors = [(row, exception_from(err)) for row, err in decoded.errors]
+        return Delivery(decoded, pieces, errors, formed, sent, done, new_slot)
+
+    def _on_shm_error(self, slot: WorkerSlot, ring: ShmRing, shm_slot: ShmSlot, error: BaseException) -> None:
+        """The worker could not map a slot. One it had mapped before is stale (the worker restarted
+        at the same address, or dropped it): retire it and keep the ring; a new one it cannot open
+        means another host or container: the comm from now on."""
+        stale = shm_slot.attached  # (retiring closes the slot, which marks it so)
+        ring.retire(shm_slot)
+        if stale:
+            logger.info("dynbatch: worker %s lost shared-memory slot %s (%s); a new one is made", slot.address,
+                        shm_slot.name, error)
+            return
+        if slot.shm is ring:
+            slot.close_shm()
+        logger.info("dynbatch: worker %s cannot map this client's shared memory (%s); shipments to it travel "
+                    "over the comm", slot.address, error)
+
+
+def _stack_into(samples: list[np.ndarray], out: np.ndarray) -> None:
+    """Stack samples into ``out`` (a shared-memory view); NumPy copies without holding the GIL."""
+    np.stack(samples, out=out)
+
+
+def _priority_runs(reqs: list[Request]) -> list[tuple[int, int]] | None:
+    """``(first row, priority)`` where the priority changes (rows leave the queue highest first);
+    None when every row has priority 0."""
+    runs: list[tuple[int, int]] = []
+    for i, req in enumerate(reqs):
+        if not runs or runs[-1][1] != req.priority:
+            runs.append((i, req.priority))
+    return None if runs == [(0, 0)] else runs

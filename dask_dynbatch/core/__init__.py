@@ -1,0 +1,13 @@
+"""The decisions, as pure logic: no dask, distributed, torch or other GPU library is imported here
+(``tests/test_layout.py`` checks it), so every rule is unit-tested with fakes for time and memory.
+
+- :mod:`.requests`: request futures and the client's priority queue
+- :mod:`.rows`: samples as arrays, stacking for the wire, splitting outputs back into rows
+- :mod:`.formation`: the model server's queue and how device batches are formed from it
+- :mod:`.estimate`: running averages per batch size, used by everything that learns from batches
+- :mod:`.controller`: batch size from latency and throughput, gated by a Mann-Kendall trend test
+- :mod:`.pacing`: when a partial batch leaves for a busy device
+- :mod:`.placement`: the workload figure and which workers get the next batches
+- :mod:`.memory`: memory readings, caps from free memory, reservations, OOM split-and-retry
+- :mod:`.ladder`: the bucket and shape ladders batches are formed on
+"""

@@ -1,0 +1,216 @@
+"""The messages between the three halves: operation and topic names, and typed messages.
+
+Client -> worker, ``dynbatch_run`` (one *shipment*: many requests' rows for one model version; its
+keyword arguments are :meth:`DynBatchWorkerPlugin.run <dask_dynbatch.worker.plugin.DynBatchWorkerPlugin.run>`'s
+parameters) -> :class:`ShipmentReply`. A reply is either that, or an error message
+(:func:`error_reply`) that :func:`raise_if_error` raises on the other side: errors travel as errors.
+
+Client -> scheduler: ``dynbatch_register_model`` -> :class:`Registration`, ``dynbatch_get_model``,
+``dynbatch_workers`` -> ``{address: WorkerView}``, ``dynbatch_report`` (a Batcher's counts for the
+dashboard and ``/metrics``).
+
+Pushed events (``client.subscribe_topic``): :data:`CLUSTER_TOPIC` (a worker joined, became ready or
+left), :data:`ADVICE_TOPIC` (a worker's free memory moved: new advice for its models),
+:data:`MODEL_TOPIC` (a model was replaced or dropped).
+
+Worker -> scheduler: the worker extension's ``heartbeat()`` (its servers, devices, shared memory),
+read by the scheduler extension's ``heartbeat(ws, data)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from distributed.core import clean_exception, error_message
+from distributed.protocol import Serialize
+
+#: name of the scheduler extension, the worker extension and the worker plugin
+PLUGIN_NAME = "dynbatch"
+
+# worker handlers
+RUN = "dynbatch_run"
+UNLOAD = "dynbatch_unload"
+SHM_DROP = "dynbatch_shm_drop"
+BENCHMARK = "dynbatch_benchmark"
+SERVER_STATE = "dynbatch_server_state"
+# scheduler handlers
+REGISTER = "dynbatch_register_model"
+GET_MODEL = "dynbatch_get_model"
+WORKERS = "dynbatch_workers"
+REPORT = "dynbatch_report"
+STATE = "dynbatch_state"
+
+#: workers joining, ready (their worker half started) and leaving: ``{"action", "worker"}``
+CLUSTER_TOPIC = "dynbatch-cluster"
+#: a worker's free memory moved: ``{"worker", "advice": {model: {version: Advice}}}``
+ADVICE_TOPIC = "dynbatch-advice"
+#: a model was replaced (``{"name", "version"}``) or dropped (``version`` None)
+MODEL_TOPIC = "dynbatch-model"
+
+
+class ModelSuperseded(Exception):
+    """A shipment named a model version that a newer one replaced; the client re-sends its rows with
+    the newer version (nothing ran)."""
+
+    def __init__(self, name: str, version: int | None):
+        self.name = name
+        self.version = version
+        super().__init__(f"model {name!r} was replaced by version {version}")
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.version))
+
+
+def unwrap(value: Any) -> Any:
+    """The value inside a ``to_serialize`` wrapper: the in-process comm passes messages without
+    serialising them, so the wrapper arrives as it was sent."""
+    return value.data if isinstance(value, Serialize) else value
+
+
+def error_reply(exc: BaseException) -> dict[str, Any]:
+    """An error as a reply (distributed's error message: the exception and its traceback)."""
+    return error_message(exc)
+
+
+def exception_from(message: dict[str, Any]) -> BaseException:
+    """The exception an error message carries, with the remote traceback (an exception that cannot
+    be rebuilt here becomes an ``Exception`` with its text, and the remote traceback as a note)."""
+    err = {k: unwrap(v) for k, v in message.items()}
+    try:
+        _, exc, tb = clean_exception(**err)
+    except Exception:
+        exc, tb = None, None
+    if exc is None or (type(exc) is Exception and exc.args and isinstance(exc.args[0], (bytes, bytearray))):
+        exc = Exception(err.get("exception_text") or "the remote side sent an exception that could not be read")
+        tb = None
+        tb_text = err.get("traceback_text")
+        if tb_text and hasattr(exc, "add_note"):
+            exc.add_note(f"remote traceback:\n{tb_text}")
+    return exc.with_traceback(tb) if tb is not None else exc
+
+
+def raise_if_error(message: Any) -> Any:
+    """``message`` itself, unless it is an error reply: then the exception it carries is raised."""
+    if isinstance(message, dict) and message.get("status") == "error":
+        raise exception_from(message)
+    return message
+
+
+class _Message:
+    """A dataclass that travels as a plain dict (msgpack), and back."""
+
+    def to_msg(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_msg(cls, message: dict[str, Any]):
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in message.items() if k in names})
+
+
+@dataclass
+class Advice(_Message):
+    """What a model server tells its clients: the size of its device batches and what they cost.
+
+    ``size``: rows a device batch takes now (the controller's size within the memory cap);
+    ``cap``: the memory cap (None: none known yet); ``throughput``: rows/s it measured at
+    ``size`` (None: not yet); ``memory_used``: fraction of the device's memory in use; the
+    controller's ``decision``, ``reason`` and ``phase``."""
+
+    size: int
+    cap: int | None = None
+    throughput: float | None = None
+    memory_used: float | None = None
+    decision: str = "hold"
+    reason: str = ""
+    phase: str = ""
+
+
+@dataclass
+class DeviceBatchRecord(_Message):
+    """One device batch a shipment's rows ran in: its ``rows`` (from every source), the shipment's
+    ``own`` rows in it, where the time went on the worker and what the controller made of it
+    (``decision``: grow, shrink, hold, or "not shown" with ``reason`` saying why)."""
+
+    rows: int
+    own: int
+    compute_s: float
+    stage_s: float
+    wait_s: float
+    service_s: float
+    latency_s: float
+    decision: str
+    reason: str
+    sources: int = 1
+
+
+@dataclass
+class ShipmentReply(_Message):
+    """The worker's answer to one shipment: ``pieces`` (``(rows, outputs)``: the outputs of those
+    shipment rows, batch dimension first), ``errors`` (``(row, error message)`` of rows that failed
+    alone), the device batches it ran in, the server's advice after them, and timings (seconds):
+    ``compute_s`` on the device, ``stage_s`` copying in, ``wait_s`` for the device thread,
+    ``worker_s`` from arrival to reply."""
+
+    pieces: list[tuple[list[int], Any]]
+    errors: list[tuple[int, Any]]
+    batches: list[dict[str, Any]]
+    advice: dict[str, Any]
+    version: int
+    device: str
+    compute_s: float = 0.0
+    stage_s: float = 0.0
+    wait_s: float = 0.0
+    worker_s: float = 0.0
+    cold: bool = False
+    compile: dict[str, Any] | None = None
+
+
+@dataclass
+class Registration(_Message):
+    """The scheduler's answer to a registration: the model's ``version`` (new, or the one the spec
+    attached to) and the workers able to run it."""
+
+    version: int
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attached: bool = False
+
+
+@dataclass
+class WorkerView(_Message):
+    """What a client knows of a worker before it ran anything there."""
+
+    address: str
+    name: str
+    device: str
+    nthreads: int
+    resources: dict[str, float]
+    benchmark: float | None = None
+
+
+@dataclass
+class HistoryRecord:
+    """One row of ``Batcher.history()``: a shipment and what became of it."""
+
+    time: float
+    worker: str
+    version: int
+    size: int
+    device_batch: int
+    latency: float
+    cap: int | None
+    controller_size: int | None
+    compute_s: float
+    wait_s: float
+    stage_s: float
+    queued_s: float
+    stack_s: float
+    round_trip_s: float
+    worker_s: float
+    service_s: float | None
+    decision: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,88 @@
+"""One device batch in the device thread: cut to the memory cap, split and retried on out-of-memory
+errors, bisected around requests that make the model raise, so that a bad request fails alone and
+no request is lost or run twice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.memory import MemorySizer, run_split_on_oom
+from .model import LoadedModel
+
+#: an eager CUDA model's shape-ladder rungs up to this many rows are warmed before its first batch
+SHAPE_WARMUP_ROWS = 2048
+
+
+def run_device_batch(loaded: LoadedModel, sizer: MemorySizer, batch: Any, *, full: bool = True,
+                     on_oom=None) -> tuple[list[tuple[int, int, Any]], dict[int, BaseException]]:
+    """Run ``batch`` (staged rows) through ``loaded``; returns ``(pieces, errors)``: ``pieces`` the
+    outputs of row ranges ``(start, stop, outputs)`` in row order, ``errors`` ``row -> exception``
+    for rows that failed alone (the model raised on them, or one row alone did not fit).
+
+    Each piece runs under a memory reservation of the device's sizer, which learns the model's
+    memory profile from its measured peak; ``on_oom(rows)`` is told of every out-of-memory split.
+    """
+    name = loaded.spec.name
+    if loaded.wants_shape_warmup and len(batch):
+        cap = sizer.cap(name)
+        loaded.warm_shapes(batch, min(SHAPE_WARMUP_ROWS, cap if cap is not None else SHAPE_WARMUP_ROWS))
+
+    def run_reserved(part: Any) -> Any:
+        with sizer.reserve(name, loaded.rows_for(len(part))) as reservation:
+            baseline = loaded.memory_mark()
+            outputs = loaded(part, full=full)
+            reservation.record(loaded.memory_peak(baseline, part, outputs))
+        return outputs
+
+    def on_split(rows: int) -> None:
+        sizer.on_oom(name, rows)
+        if on_oom is not None:
+            on_oom(rows)
+
+    def run_range(start: int, stop: int) -> list[tuple[int, int, Any, BaseException | None]]:
+        chunks = run_split_on_oom(
+            lambda a, b: run_reserved(batch[start + a : start + b]),
+            stop - start,
+            on_oom=on_split,
+            free_cache=loaded.free_cache,
+            max_rows=lambda: loaded.max_rows(sizer.cap(name)),
+            on_sample_too_large="collect",
+        )
+        return [(start + c.start, start + c.stop, c.output, c.error) for c in chunks]
+
+    return bisect_poison(run_range, len(batch))
+
+
+def bisect_poison(run, n: int):
+    """Run rows ``[0, n)`` so that only the requests that make the model raise fail (poison requests).
+
+    ``run(start, stop)`` returns ``[(start, stop, output, error), ...]`` for that range (the memory
+    layer may already have split it, and marked a sample too large for the device with ``error``).
+    When it raises, the range is bisected until the failing rows are single; those fail with the
+    original exception (and its traceback), the others are delivered. No row that succeeded runs again.
+
+    Returns ``(pieces, errors)``: ``pieces`` a list of ``(start, stop, output)`` in row order,
+    ``errors`` a dict ``row -> exception``.
+    """
+    pieces: list[tuple[int, int, Any]] = []
+    errors: dict[int, BaseException] = {}
+    stack = [(0, n)]
+    while stack:
+        start, stop = stack.pop()
+        try:
+            chunks = run(start, stop)
+        except Exception as exc:
+            if stop - start == 1:
+                errors[start] = exc
+            else:
+                mid = (start + stop) // 2
+                stack.append((mid, stop))  # LIFO: the first half runs first
+                stack.append((start, mid))
+            continue
+        for a, b, output, error in chunks:
+            if error is not None:
+                errors.update((row, error) for row in range(a, b))
+            else:
+                pieces.append((a, b, output))
+    pieces.sort(key=lambda p: p[0])
+    return pieces, errors

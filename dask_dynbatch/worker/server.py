@@ -1,0 +1,440 @@
+"""The model server: one per loaded (model, version, device) on a worker, shared by every source of
+requests.
+
+Each shipment that reaches the worker (from any client and any Batcher) puts its rows into the
+server's queue (:class:`~dask_dynbatch.core.formation.PartQueue`). When the device is about to
+free, the server takes what waits, up to the size its controller and the memory cap allow, as one
+device batch: rows of different clients share device batches. One batch is formed ahead of the
+device: while batch *k* computes, batch *k + 1* is staged (joined, and copied to the GPU on a side
+stream), and batch *k + 2* forms only when *k + 1* starts, from everything that arrived meanwhile.
+A partial batch (fewer rows than the size) forms just before the running batch is expected to end
+(from the device time and staging lead learned per size), so that it carries every row that
+arrives until then.
+
+The server owns the batch size: its :class:`~dask_dynbatch.core.controller.BatchSizeController`
+sees every device batch, with the latency its rows saw (the client's formation wait plus the
+batch's share of the device) and its throughput; clients read its :class:`~dask_dynbatch.protocol.Advice`
+from replies and from memory events. Threads: the worker's event loop runs the queue and replies;
+a transfer thread stages GPU batches; the device thread (one per device, shared by its models)
+runs them (:func:`~dask_dynbatch.worker.executor.run_device_batch`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..core.controller import BatchSizeController
+from ..core.formation import DeviceBatch, Part, PartQueue
+from ..core.memory import MemorySizer
+from ..core.pacing import LEAD_FACTOR, MARGIN_S, size_curve
+from ..protocol import Advice, DeviceBatchRecord
+from .executor import run_device_batch
+from .model import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+class Shipment:
+    """One message's rows on the worker, until every row has its result.
+
+    ``rows``: the host arrays of its rows that run (in order; rows that failed on arrival are left
+    out and listed in ``errors``); ``index``: their positions among the message's rows (None: all,
+    in order). ``slot``: the name of the client's shared-memory slot the arrays are views of
+    (``pinned`` once it is page-locked for the GPU)."""
+
+    def __init__(self, client: str, n: int, rows: list[np.ndarray], *, index: list[int] | None = None,
+                 errors: dict[int, BaseException] | None = None, priorities: list[tuple[int, int]] | None = None,
+                 queued_s: float = 0.0, new_slot: bool = False, slot: str | None = None):
+        self.client = client
+        self.n = n
+        self.rows = rows
+        self.index = index
+        self.errors: dict[int, BaseException] = dict(errors or {})
+        runs = priorities or [(0, 0)]
+        if index is not None:  # runs start at message rows; parts count the rows that run
+            runs = [(bisect.bisect_left(index, start), priority) for start, priority in runs]
+        self.priorities = runs
+        self.queued_s = queued_s
+        self.new_slot = new_slot
+        self.slot = slot
+        self.shared = slot is not None
+        self.pinned = False
+        self.arrived = time.monotonic()
+        self.pending = sum(len(a) for a in rows)
+        self.pieces: list[tuple[list[int], Any]] = []
+        self.records: list[DeviceBatchRecord] = []
+        self.compute_s = self.stage_s = self.wait_s = 0.0
+        self.cold = False
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        if not self.pending:
+            self.done.set_result(None)
+
+    def parts(self) -> list[Part]:
+        """Its rows as parts of the server's queue, cut where the priority changes."""
+        out: list[Part] = []
+        offset = 0
+        bounds = [start for start, _ in self.priorities[1:]] + [self.pending]
+        runs = list(zip([s for s, _ in self.priorities], bounds, [p for _, p in self.priorities]))
+        for array in self.rows:
+            stop = offset + len(array)
+            for start, end, priority in runs:
+                a, b = max(start, offset), min(end, stop)
+                if a < b:
+                    out.append(Part(self, a, array[a - offset : b - offset], priority, self.arrived))
+            offset = stop
+        return out
+
+    def positions(self, offset: int, count: int) -> list[int]:
+        if self.index is None:
+            return list(range(offset, offset + count))
+        return self.index[offset : offset + count]
+
+    def settle(self, count: int) -> None:
+        self.pending -= count
+        if self.pending <= 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+@dataclass
+class DeviceResult:
+    """What the device thread returns for one device batch."""
+
+    pieces: list[tuple[int, int, Any]]
+    errors: dict[int, BaseException]
+    compute_s: float
+    stage_s: float = 0.0
+    wait_s: float = 0.0
+
+
+@dataclass
+class ServerStats:
+    """Counts of one server, for the heartbeat, the dashboard and the metrics."""
+
+    batches: int = 0
+    rows: int = 0
+    failed_rows: int = 0
+    shipments: int = 0
+    shared_batches: int = 0  # device batches with rows from more than one client
+    compute_seconds: float = 0.0
+    ooms: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=64))  # (rows, service seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = sum(r for r, _ in self.recent)
+        seconds = sum(s for _, s in self.recent)
+        return {
+            "batches": self.batches,
+            "samples": self.rows,
+            "failed_samples": self.failed_rows,
+            "shipments": self.shipments,
+            "shared_batches": self.shared_batches,
+            "compute_seconds": self.compute_seconds,
+            "ooms": self.ooms,
+            "recent_mean_batch": rows / len(self.recent) if self.recent else None,
+            "recent_throughput": rows / seconds if seconds > 0 else None,
+        }
+
+
+class ModelServer:
+    """Serves one loaded model version on one device (see the module docstring).
+
+    Parameters
+    ----------
+    loaded
+        The model.
+    sizer
+        The device's memory sizer (shared by every model on the device).
+    device_thread
+        The device's executor (one thread, shared by its models).
+    stager
+        The transfer thread of GPU batches.
+    call_as_worker
+        ``call_as_worker(fn, *args)``: runs ``fn`` so that ``distributed.get_worker()`` works in it.
+    pin_slot
+        ``pin_slot(shipment) -> bool``: page-lock the client slot a shipment's rows are in.
+    """
+
+    def __init__(self, loaded: LoadedModel, sizer: MemorySizer, device_thread: Executor, stager: Executor, *,
+                 call_as_worker: Callable[..., Any] = lambda fn, *args, **kwargs: fn(*args, **kwargs),
+                 pin_slot: Callable[[Shipment], bool] = lambda shipment: False):
+        spec = loaded.spec
+        self.loaded = loaded
+        self.name = spec.name
+        self.version = loaded.version
+        self.device = loaded.device
+        self.sizer = sizer
+        self.controller = BatchSizeController(
+            spec.latency_target, initial_size=spec.initial_size(loaded.device),
+            max_size=spec.batch_limit(loaded.device), ladder=loaded.ladder,
+        )
+        self.queue = PartQueue()
+        self.device_time = size_curve()  # device seconds per size: when the running batch ends
+        self.stage_time = size_curve()  # staging seconds per size: how early a partial batch forms
+        self.stats = ServerStats()
+        self.retiring = False  # a newer version replaced it, or no client uses it: finish, then close
+        self._device_thread = device_thread
+        self._stager = stager
+        self._call_as_worker = call_as_worker
+        self._pin_slot = pin_slot
+        self._max_delay = float(spec.max_delay)
+        self._ahead = 0  # device batches formed and not started yet
+        self._running: DeviceBatch | None = None
+        self._running_since = 0.0
+        self._prev_done: float | None = None
+        self._cold = True
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._loop = asyncio.get_running_loop()
+
+    def __repr__(self) -> str:
+        return f"<ModelServer {self.name!r} v{self.version} on {self.device}: {len(self.queue)} rows waiting>"
+
+    # -- serving ----------------------------------------------------------------------------------
+    async def serve(self, shipment: Shipment) -> None:
+        """Queue a shipment's rows and return once every one of them has its result (or error)."""
+        self.stats.shipments += 1
+        if shipment.shared and self.loaded.stages_on_device:
+            shipment.pinned = self._pin_slot(shipment)
+        self.queue.push(shipment.parts())
+        self._pump()
+        await shipment.done
+
+    @property
+    def idle(self) -> bool:
+        return not len(self.queue) and not self._ahead and self._running is None and not self._tasks
+
+    def advice(self) -> Advice:
+        """What clients should know now: the batch size, the cap, the throughput at the size."""
+        self._update_cap()
+        c = self.controller
+        return Advice(size=c.size, cap=c.cap, throughput=c.throughput_at(c.size),
+                      memory_used=self.sizer.used_fraction(), decision=c.decision, reason=c.reason,
+                      phase=c.state().get("phase", ""))
+
+    def _update_cap(self) -> None:
+        self.controller.set_cap(self.sizer.cap(self.name))
+
+    # -- forming device batches -------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Form the next device batch if one may form now (see the module docstring)."""
+        if self._ahead or not len(self.queue):
+            return
+        self._update_cap()
+        size = self.controller.size
+        waiting = len(self.queue)
+        if waiting < size and self._running is not None:
+            due = self._partial_due(waiting)
+            now = time.monotonic()
+            if now < due:
+                self._wake_at(due)
+                return
+        parts = self.queue.take(size)
+        rows = sum(len(p) for p in parts)
+        batch = DeviceBatch(parts, formed=time.monotonic(), proposed=size,
+                            new_shape=self.loaded.first_at_size(rows), compiling=self.loaded.compiling)
+        self._ahead += 1
+        task = asyncio.ensure_future(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _partial_due(self, rows: int) -> float:
+        """When a partial batch of ``rows`` should form: a staging lead before the running batch is
+        expected to end (now, before anything is measured)."""
+        running = self._running
+        device_s = self.device_time.at("s", running.rows) if running is not None else None
+        if device_s is None:
+            return 0.0
+        lead = self.stage_time.at("s", rows) or 0.0
+        return self._running_since + device_s - LEAD_FACTOR * lead - MARGIN_S
+
+    def _wake_at(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(max(0.0, due - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    # -- running them -----------------------------------------------------------------------------
+    async def _run(self, batch: DeviceBatch) -> None:
+        try:
+            if self.loaded.stages_on_device:
+                running = await self._loop.run_in_executor(self._stager, self._stage_then_submit, batch)
+                result = await asyncio.wrap_future(running)
+            else:
+                result = await self._loop.run_in_executor(self._device_thread, self._execute, batch, None, None)
+        except Exception as exc:  # the batch could not run at all (staging failed, ...): its rows fail
+            logger.warning("dynbatch: device batch of %d rows of model %r failed: %r", batch.rows, self.name, exc)
+            if self._ahead and self._running is not batch:
+                self._ahead -= 1  # it never started
+            result = DeviceResult([], {row: exc for row in range(batch.rows)}, 0.0)
+        self._finish(batch, result)
+
+    def _arrays(self, batch: DeviceBatch) -> tuple[list[Any], bool, bool]:
+        arrays = [part.rows for part in batch.parts]
+        owners = [part.owner for part in batch.parts]
+        shared = any(o.shared for o in owners)
+        pinned = len(owners) == 1 and owners[0].pinned
+        return arrays, shared, pinned
+
+    def _stage_then_submit(self, batch: DeviceBatch):
+        """Transfer thread: copy the batch to the device while the batch before computes, then hand
+        it to the device thread directly (no turn of the event loop between the two)."""
+        started = time.perf_counter()
+        arrays, shared, pinned = self._arrays(batch)
+        staged = self.loaded.stage(arrays, shared, pinned)
+        stage_s = time.perf_counter() - started
+        return self._device_thread.submit(self._execute, batch, staged, (stage_s, time.perf_counter()))
+
+    def _execute(self, batch: DeviceBatch, staged: Any, staging: tuple[float, float] | None) -> DeviceResult:
+        """Device thread: run one device batch (joined here for a host model)."""
+        started = time.perf_counter()
+        self._loop.call_soon_threadsafe(self._on_started, batch)
+        if staged is None:
+            arrays, shared, _ = self._arrays(batch)
+            staged = self.loaded.stage(arrays, shared)
+        pieces, errors = self._call_as_worker(run_device_batch, self.loaded, self.sizer, staged,
+                                              full=batch.full, on_oom=self._count_oom)
+        stage_s, staged_at = staging if staging is not None else (0.0, started)
+        return DeviceResult(pieces, errors, time.perf_counter() - started, stage_s, started - staged_at)
+
+    def _count_oom(self, rows: int) -> None:
+        self.stats.ooms += 1  # (an int increment: safe from the device thread)
+
+    def _on_started(self, batch: DeviceBatch) -> None:
+        self._ahead -= 1
+        self._running = batch
+        self._running_since = time.monotonic()
+        self._pump()
+
+    # -- results ----------------------------------------------------------------------------------
+    def _finish(self, batch: DeviceBatch, result: DeviceResult) -> None:
+        done = time.monotonic()
+        if self._running is batch:
+            self._running = None
+        record = self._learn(batch, result, done)
+        owners = batch.owners()
+        for part, start in zip(batch.parts, batch.starts):
+            self._deliver(part, start, result)
+        for owner in owners:
+            own = sum(len(p) for p in batch.parts if p.owner is owner)
+            owner.records.append(DeviceBatchRecord(rows=batch.rows, own=own, sources=len({o.client for o in owners}),
+                                                   **record))
+            owner.compute_s += result.compute_s
+            owner.stage_s += result.stage_s
+            owner.wait_s += result.wait_s
+        for owner in owners:
+            owner.settle(sum(len(p) for p in batch.parts if p.owner is owner))
+        self._pump()
+
+    def _deliver(self, part: Part, start: int, result: DeviceResult) -> None:
+        """The outputs and errors of one part's rows, to its shipment."""
+        shipment, stop = part.owner, start + len(part)
+        for a, b, outputs in result.pieces:
+            lo, hi = max(a, start), min(b, stop)
+            if lo >= hi:
+                continue
+            rows = shipment.positions(part.offset + lo - start, hi - lo)
+            if lo == a and hi == b:
+                shipment.pieces.append((rows, outputs))
+                continue
+            try:
+                shipment.pieces.append((rows, slice_rows(outputs, lo - a, hi - a, b - a)))
+            except ValueError as exc:  # outputs without the batch dimension cannot be cut per request
+                shipment.errors.update((r, exc) for r in rows)
+        for row, exc in result.errors.items():
+            if start <= row < stop:
+                (position,) = shipment.positions(part.offset + row - start, 1)
+                shipment.errors[position] = exc
+
+    def _learn(self, batch: DeviceBatch, result: DeviceResult, done: float) -> dict[str, Any]:
+        """Feed the controller and the estimates with one finished batch; returns its record."""
+        first_arrival = min(part.arrived for part in batch.parts)
+        # When the previous batch ended after this one's rows arrived, the device was busy
+        # throughout and the time between the two ends is this batch's share; else the device
+        # waited for its rows, and its time is from their arrival on.
+        since = self._prev_done if self._prev_done is not None and first_arrival < self._prev_done else first_arrival
+        service_s = max(result.compute_s, done - since)
+        self._prev_done = done
+        owners = batch.owners()
+        formation_wait = min(max(o.queued_s for o in owners), self._max_delay)
+        latency = formation_wait + service_s
+        failed = len(result.errors)
+        stats = self.stats
+        stats.batches += 1
+        stats.rows += batch.rows - failed
+        stats.failed_rows += failed
+        stats.compute_seconds += result.compute_s
+        stats.recent.append((batch.rows, service_s))
+        if len({o.client for o in owners}) > 1:
+            stats.shared_batches += 1
+        cold, self._cold = self._cold, False
+        for o in owners:
+            o.cold = o.cold or cold
+        hidden = next((why for why, flag in (
+            ("cold", cold), ("compiling", batch.compiling or self.loaded.compiling), ("new_shape", batch.new_shape),
+            ("new_slot", any(o.new_slot for o in owners)), ("failed", failed == batch.rows),
+        ) if flag), None)
+        if hidden is None:
+            self._update_cap()
+            self.controller.observe(batch.rows, latency, service_s, proposed=batch.proposed)
+            decision, reason = self.controller.decision, self.controller.reason
+            self.device_time.observe(batch.rows, s=result.compute_s)
+            if result.stage_s:
+                self.stage_time.observe(batch.rows, s=result.stage_s)
+        else:
+            # a batch whose time says little about its size: the model was loaded for it, a bucket
+            # compiled beside it, its shape was new on the device, a slot was mapped for it
+            decision, reason = "not shown", hidden
+        return {"compute_s": result.compute_s, "stage_s": result.stage_s, "wait_s": result.wait_s,
+                "service_s": service_s, "latency_s": latency, "decision": decision, "reason": reason}
+
+    # -- reporting --------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """JSON-able, for the heartbeat (dashboard, metrics)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "device": self.device,
+            "load_seconds": self.loaded.load_seconds,
+            "queued": len(self.queue),
+            "memory_cap": self.controller.cap,
+            "controller": self.controller.state(),
+            "device_s": self.device_time.state("s"),
+            "compile": self.loaded.compile_summary(),
+            "retiring": self.retiring,
+            **self.stats.to_dict(),
+        }
+
+    def close(self) -> None:
+        """The server is dropped: compile nothing more, forget the model's memory profile."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.loaded.close()
+        self.sizer.forget(self.name)
+        self.loaded.free_cache()
+
+
+def slice_rows(outputs: Any, start: int, stop: int, n: int) -> Any:
+    """Rows ``start:stop`` of a batch's outputs (arrays; tuples, lists and dicts of them) of ``n``
+    rows; a ``ValueError`` when an output does not keep the batch dimension."""
+    if isinstance(outputs, dict):
+        return {k: slice_rows(v, start, stop, n) for k, v in outputs.items()}
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(slice_rows(v, start, stop, n) for v in outputs)
+    rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
+    if rows != n:
+        got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"
+        raise ValueError(f"the model returned {got} for a batch of {n}: outputs must keep the batch dimension")
+    return outputs[start:stop]
