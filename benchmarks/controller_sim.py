@@ -18,7 +18,8 @@ shaped like what the 2-core CPU machine's runs show (cpu_case.json's ``service_s
 the one before: 25 % optimistic), and bursts of 2-4 batches 20-70 % slower about every 50 batches.
 Each setting runs 16 seeds of 600 batches; the first 100 are the climb and are left out. Printed:
 mean and worst efficiency over the seeds (and, for ``cpu`` and ``cliff``, the mean number of
-batches in the slow sizes from 500 rows on). Quoted in ``dask_dynbatch/control.py``.
+batches in the slow sizes from 500 rows on). A change to ``dask_dynbatch/core/controller.py`` that
+means to keep its decisions must leave this output unchanged.
 """
 
 from __future__ import annotations

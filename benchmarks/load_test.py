@@ -69,7 +69,7 @@ def _python_objects() -> int:
 
 def _worker_reservations(dask_worker=None) -> int:
     ext = dask_worker.extensions.get("dynbatch")
-    return sum(len(sizer.in_flight()) for sizer in ext.sizers.values()) if ext is not None else 0
+    return sum(sizer.state()["in_flight"] for sizer in ext.sizers.values()) if ext is not None else 0
 
 
 def _settle(predicate, timeout: float = 10.0) -> None:

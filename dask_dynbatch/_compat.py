@@ -28,6 +28,10 @@ PRIVATE_USES = {
         "plugin registered later by a client (client.register_plugin) can add its page only to the "
         "running Bokeh server"
     ),
+    "torch._dynamo.config.error_on_nested_fx_trace": (
+        "a compiled call that meets torch.fx's process-wide 'tracing' flag (another thread tracing) "
+        "must run its eager code instead of raising; set only around compiled calls"
+    ),
     "distributed.dashboard.scheduler.template_variables": (
         "the dashboard's menus are built from this memoized per-scheduler dict; adding to it is the "
         "only way to list a page added at run time"
@@ -51,6 +55,13 @@ def call_as_worker(worker: Worker, fn: Callable[..., Any], *args: Any, **kwargs:
     """``fn(*args, **kwargs)`` with ``distributed.get_worker()`` returning ``worker``."""
     with as_worker(worker):
         return fn(*args, **kwargs)
+
+
+def dynamo_tolerates_nested_tracing() -> contextlib.AbstractContextManager:
+    """Within the block, a compiled call during another thread's fx tracing runs eagerly."""
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(error_on_nested_fx_trace=False)
 
 
 def dashboard_bokeh_app(scheduler: Scheduler) -> Any:

@@ -9,7 +9,7 @@ A job is a chain such as *decode (CPU) -> segment (model A) -> crop (CPU) -> cla
   groups run, and longer while every thread has a group of that step), and one Dask task runs the
   step on the whole group. Adjacent CPU steps are fused
   into that one task. So N jobs make about N / group_size tasks per CPU stage, not N (a Dask task
-  costs ~2 ms, see MISSION.md).
+  costs milliseconds of scheduling).
 - **Model steps** turn each job's value into one request to a :class:`~dask_dynbatch.Batcher`, which
   batches requests across jobs. ``fan_out`` turns a list into one sub-job per element (e.g. one
   request per crop) and gathers the results back into a list, in order.
@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from dask.base import is_dask_collection
 from distributed import Future as DaskFuture
+from distributed import as_completed
 
 from .core.requests import RequestFuture
 from .client.batcher import Batcher
@@ -69,6 +70,8 @@ logger = logging.getLogger(__name__)
 STAGE_PRIORITY_STRIDE = 1024
 #: how long jobs of a priority count as "about" for :meth:`_CpuStage._group_size` (seconds)
 PRIORITY_MEMORY = 1.0
+#: how often the pipeline counts the cluster's worker threads (seconds)
+THREADS_REFRESH_S = 5.0
 
 
 # -- declaring a chain ----------------------------------------------------------------------------
@@ -476,12 +479,13 @@ class _CpuStage:
         self.inflight.add(group)
         self.groups += 1
         self.jobs += len(jobs)
-        asyncio.ensure_future(self._collect(group))
+        self.pipe._in_background(self._collect(group))
 
     async def _collect(self, group: _Group) -> None:
         pipe = self.pipe
         try:
-            seconds, results = await group.future._result()  # gathers the group's values to the client
+            # gathers the group's values to the client
+            seconds, results = await self.pipe.client.gather(group.future, asynchronous=True)
             per_job = seconds / max(1, len(group.jobs))
             self.seconds_per_job = per_job if self.seconds_per_job is None else 0.8 * self.seconds_per_job + 0.2 * per_job
         except BaseException as exc:
@@ -518,7 +522,7 @@ class _CpuStage:
             return
         group.live -= 1
         if group.live == 0 and group.future is not None:
-            asyncio.ensure_future(self.pipe.client._cancel([group.future]))
+            self.pipe._in_background(self.pipe.client.cancel([group.future], asynchronous=True))
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -711,6 +715,10 @@ class Pipeline:
         self._counts_lock = threading.Lock()
         self._counts = {"submitted": 0, "delivered": 0, "failed": 0, "timed_out": 0, "cancelled": 0}
         self._closed = False
+        self._tasks: set[asyncio.Task] = set()  # background work, kept until done
+        self._threads = 0  # worker threads in the cluster, counted in the background
+        self._threads_checked = time.monotonic()
+        self._on_loop(lambda: self._in_background(self._count_threads()))
 
     def __repr__(self) -> str:
         return f"<Pipeline {' -> '.join(s.name for s in self._stages)}: running={len(self._jobs)}>"
@@ -856,7 +864,7 @@ class Pipeline:
                 ready.append(job)  # a Batcher takes a Dask Future as it is
         self._proceed(ready)
         for future, group in waiting.values():
-            asyncio.ensure_future(self._input_ready(future, group, fetch=not isinstance(first, _CpuStage)))
+            self._in_background(self._input_ready(future, group, fetch=not isinstance(first, _CpuStage)))
 
     async def _input_ready(self, future: DaskFuture, jobs: list[_Job], fetch: bool) -> None:
         """Jobs whose input is (a row of) a Dask Future start once it is computed. A CPU step reads
@@ -864,11 +872,13 @@ class Pipeline:
         its rows. If it failed, only these jobs fail."""
         try:
             if fetch:
-                data = await future._result()
+                data = await self.client.gather(future, asynchronous=True)
             else:
-                await future._state.wait()
+                async for _ in as_completed([future], loop=self.client.loop):  # waits; moves no data
+                    pass
+                if future.status == "error":
+                    raise await future.exception(asynchronous=True)
                 if future.status != "finished":
-                    await future._result()  # raises the input's own error
                     raise RuntimeError(f"the Dask Future given as input is {future.status}: {future.key!r}")
         except BaseException as exc:
             for job in jobs:
@@ -962,8 +972,29 @@ class Pipeline:
     def _group_limit(self) -> int:
         if self.max_groups_in_flight is not None:
             return self.max_groups_in_flight
-        info = getattr(self.client, "_scheduler_identity", None) or {}
-        return max(2, 2 * int(info.get("total_threads") or 0))
+        if time.monotonic() > self._threads_checked + THREADS_REFRESH_S:
+            self._threads_checked = time.monotonic()
+            self._in_background(self._count_threads())
+        return max(2, 2 * self._threads)
+
+    async def _count_threads(self) -> None:
+        """The cluster's worker threads (the default limit of groups in flight follows them)."""
+        try:
+            workers = (await self.client.scheduler.identity())["workers"]
+        except Exception as exc:  # the scheduler is unreachable for now: keep the last count
+            logger.debug("dynbatch pipeline: cluster threads not counted: %r", exc)
+            return
+        threads = sum(int(w.get("nthreads") or 0) for w in workers.values())
+        if threads != self._threads:
+            self._threads = threads
+            for stage in self._stages:
+                if isinstance(stage, _CpuStage) and stage.queues:
+                    stage.flush()
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- closing, introspection -------------------------------------------------------------------
     def close(self) -> None:

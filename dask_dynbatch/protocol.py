@@ -9,8 +9,8 @@ Client -> scheduler: ``dynbatch_register_model`` -> :class:`Registration`, ``dyn
 ``dynbatch_workers`` -> ``{address: WorkerView}``, ``dynbatch_report`` (a Batcher's counts for the
 dashboard and ``/metrics``).
 
-Pushed events (``client.subscribe_topic``): :data:`CLUSTER_TOPIC` (a worker joined, became ready or
-left), :data:`ADVICE_TOPIC` (a worker's free memory moved: new advice for its models),
+Pushed events (``client.subscribe_topic``): :data:`CLUSTER_TOPIC` (a worker's half became ready, or
+a worker left), :data:`ADVICE_TOPIC` (a worker's free memory moved: new advice for its models),
 :data:`MODEL_TOPIC` (a model was replaced or dropped).
 
 Worker -> scheduler: the worker extension's ``heartbeat()`` (its servers, devices, shared memory),
@@ -41,7 +41,8 @@ WORKERS = "dynbatch_workers"
 REPORT = "dynbatch_report"
 STATE = "dynbatch_state"
 
-#: workers joining, ready (their worker half started) and leaving: ``{"action", "worker"}``
+#: a worker's half ready (it started: ``{"action": "ready", "worker", "device"}``) or a worker gone
+#: (``{"action": "remove", "worker"}``)
 CLUSTER_TOPIC = "dynbatch-cluster"
 #: a worker's free memory moved: ``{"worker", "advice": {model: {version: Advice}}}``
 ADVICE_TOPIC = "dynbatch-advice"

@@ -1,24 +1,20 @@
-"""Tests for dask_dynbatch.benchmark: load-performance tables, the timing loop, lazy tables."""
+"""The opt-in reference benchmark (dask_dynbatch.worker.reference): tables, the timing loop, the device run."""
 
 from __future__ import annotations
 
 import builtins
-import json
 
 import pytest
 
-from dask_dynbatch.benchmark import (
+from dask_dynbatch.worker.reference import (
     STATUS_OOM,
     STATUS_SKIPPED_AFTER_OOM,
     STATUS_SKIPPED_BUDGET,
-    LazyModelTable,
     LoadPerformanceRow,
     LoadPerformanceTable,
     benchmark_device,
-    looks_like_oom,
     measure_table,
     reference_model,
-    size_bucket,
     small_cnn,
 )
 
@@ -142,67 +138,9 @@ def test_measure_table_validates_sizes():
         measure_table(lambda n: None, (0, 1))
 
 
-def test_looks_like_oom():
-    class OutOfMemoryError(RuntimeError):
-        pass
-
-    assert looks_like_oom(MemoryError())
-    assert looks_like_oom(OutOfMemoryError("x"))
-    assert looks_like_oom(RuntimeError("CUDA out of memory. Tried to allocate"))
-    assert not looks_like_oom(ValueError("shape mismatch"))
-
-
 # ----------------------------------------------------------------------------------------------
 # The table: interpolation and serialisation
 # ----------------------------------------------------------------------------------------------
-
-
-def _affine_table() -> LoadPerformanceTable:
-    # latency = 0.01 + 0.001 n at n = 4, 16, 64; size 256 failed.
-    rows = [
-        LoadPerformanceRow(n, samples_per_s=n / (0.01 + 0.001 * n), latency_s=0.01 + 0.001 * n, ran=True, runs=1)
-        for n in (4, 16, 64)
-    ]
-    rows.append(LoadPerformanceRow(256, status=STATUS_OOM))
-    return LoadPerformanceTable(device="cpu", model_name="m", rows=rows)
-
-
-def test_throughput_interpolation():
-    table = _affine_table()
-    for n in (4, 10, 16, 40, 64):
-        assert table.latency_at(n) == pytest.approx(0.01 + 0.001 * n)
-        assert table.throughput_at(n) == pytest.approx(n / (0.01 + 0.001 * n))
-    # below the smallest size: the affine line extends (clamped)
-    assert table.latency_at(1) == pytest.approx(0.011)
-    # above the largest that ran: as if split into batches of 64
-    assert table.throughput_at(1000) == pytest.approx(table.throughput_at(64))
-    assert table.largest_batch == 64
-    assert table.row(256).status == STATUS_OOM
-    assert table.row(3) is None
-    empty = LoadPerformanceTable(device="cpu", model_name="m")
-    assert empty.throughput_at(8) is None and empty.best_throughput is None and empty.largest_batch is None
-
-
-def test_latency_extrapolation_is_clamped():
-    rows = [
-        LoadPerformanceRow(8, samples_per_s=8 / 0.008, latency_s=0.008, ran=True),
-        LoadPerformanceRow(16, samples_per_s=16 / 0.032, latency_s=0.032, ran=True),  # superlinear
-    ]
-    table = LoadPerformanceTable(device="cpu", model_name="m", rows=rows)
-    # the line would go negative at n=1: clamp to the same per-sample time as size 8
-    assert table.latency_at(1) == pytest.approx(0.001)
-    single = LoadPerformanceTable(device="cpu", model_name="m", rows=rows[:1])
-    assert single.latency_at(2) == pytest.approx(0.008)
-
-
-def test_table_round_trip():
-    table = _affine_table()
-    table.device_name = "fake"
-    data = table.to_dict()
-    assert data["largest_batch"] == 64
-    assert data["best_throughput"] == pytest.approx(table.best_throughput)
-    restored = LoadPerformanceTable.from_dict(json.loads(json.dumps(data)))
-    assert restored == table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +189,7 @@ def test_benchmark_device_cpu_small_cnn():
     assert table.best_throughput > 0
     assert table.largest_batch in (1, 4, 16)
     assert table.elapsed_s < 10  # budget 0.5 s; generous bound for slow CI machines
-    LoadPerformanceTable.from_dict(table.to_dict())
+    assert table.to_dict()["best_throughput"] == table.best_throughput
 
 
 def test_benchmark_device_bare_module():
@@ -260,74 +198,8 @@ def test_benchmark_device_bare_module():
     assert table.ran_rows and table.best_throughput > 0
 
 
-# ----------------------------------------------------------------------------------------------
-# LazyModelTable
-# ----------------------------------------------------------------------------------------------
-
-
-def test_size_bucket():
-    assert [size_bucket(n) for n in (1, 2, 3, 4, 7, 8, 15, 16, 100)] == [1, 2, 2, 4, 4, 8, 8, 16, 64]
-    with pytest.raises(ValueError):
-        size_bucket(0)
-
-
-def test_lazy_table_ewma_math():
-    table = LazyModelTable("m", "cpu", alpha=0.5)
-    assert table.throughput() is None
-    assert table.observe(8, 0.1)
-    assert table.throughput() == pytest.approx(80.0)
-    table.observe(8, 0.2)  # mean seconds 0.15
-    assert table.throughput(8) == pytest.approx(8 / 0.15)
-    table.observe(12, 0.15)  # same bucket: mean size 10, mean seconds 0.15
-    assert table.bucket_throughputs() == {8: pytest.approx(10 / 0.15)}
-    table.observe(32, 0.1)  # 320 samples/s in bucket 32
-    assert table.throughput() == pytest.approx(320.0)  # best bucket
-    assert table.throughput(8) == pytest.approx(10 / 0.15)
-    assert table.throughput(16) == pytest.approx(320.0)  # equidistant: the larger bucket
-    assert table.throughput(1) == pytest.approx(10 / 0.15)  # nearest observed
-    assert table.throughput(1000) == pytest.approx(320.0)
-    assert table.observations == 4
-
-
-def test_lazy_table_ignores_bad_durations_and_uses_prior():
-    table = LazyModelTable(prior_throughput=42.0)
-    assert table.throughput() == 42.0
-    assert not table.observe(4, 0.0)
-    assert not table.observe(4, float("nan"))
-    assert table.throughput() == 42.0
-    with pytest.raises(ValueError):
-        table.observe(0, 1.0)
-    with pytest.raises(ValueError):
-        LazyModelTable(alpha=0.0)
-
-
-def test_lazy_table_tracks_a_change():
-    table = LazyModelTable(alpha=0.3)
-    for _ in range(5):
-        table.observe(16, 0.016)  # 1000/s
-    for _ in range(20):
-        table.observe(16, 0.032)  # slowed to 500/s
-    assert table.throughput() == pytest.approx(500.0, rel=0.01)
-
-
-def test_lazy_table_export_and_round_trip():
-    table = LazyModelTable("m", "cuda:0", alpha=0.25)
-    table.observe(4, 0.01)
-    table.observe(64, 0.05)
-    exported = table.to_table()
-    assert [r.batch_size for r in exported.rows] == [4, 64]
-    assert exported.throughput_at(64) == pytest.approx(64 / 0.05)
-    assert exported.best_throughput == pytest.approx(64 / 0.05)
-    data = json.loads(json.dumps(table.to_dict()))
-    restored = LazyModelTable.from_dict(data)
-    assert restored.bucket_throughputs() == pytest.approx(table.bucket_throughputs())
-    assert restored.alpha == 0.25 and restored.device == "cuda:0"
-
-
 def test_rerun_benchmark_on_request_from_a_client():
-    """The reference benchmark runs again on request, and the new table reaches the scheduler."""
-    import asyncio
-
+    """The reference benchmark runs on request (it is opt-in at start), and the score reaches the scheduler."""
     from distributed.utils_test import gen_cluster
 
     import dask_dynbatch as ddb
@@ -338,17 +210,13 @@ def test_rerun_benchmark_on_request_from_a_client():
             await ddb.rerun_benchmark(c)
         await c.register_plugin(ddb.DynBatchPlugin())
         plugin = a.extensions["dynbatch"]
-        while plugin.benchmark is None:  # the one measured when the plugin started
-            await asyncio.sleep(0.05)
-        first = plugin.benchmark
+        assert plugin.benchmark is None  # not measured at start unless asked for
         tables = await ddb.rerun_benchmark(c)
         assert list(tables) == [a.address]
         table = tables[a.address]
-        assert plugin.benchmark is not first  # measured again ...
-        assert table.get("best_throughput") == plugin.benchmark.get("best_throughput")  # ... and returned
+        assert table.get("best_throughput") == plugin.benchmark.get("best_throughput")  # measured and returned
         assert ("rows" in table and table["best_throughput"] > 0) or "error" in table
         await a.heartbeat()
-        sent = s.workers[a.address].metrics["dynbatch"]["benchmark"]
-        assert sent.get("best_throughput") == table.get("best_throughput")
+        assert s.extensions["dynbatch"].worker_view(a.address).benchmark == table.get("best_throughput")
 
     check()

@@ -1,4 +1,4 @@
-"""Compiled execution with batch-size buckets (issue 11): the ladder, padding, the controller on a
+"""Compiled execution with batch-size buckets: the ladder, padding, the controller on a
 ladder, background compilation with eager serving meanwhile, and the fallback when compiling fails.
 
 Compilation runs for real (``torch.compile``, inductor on this CPU) on a small MLP. Where a test must
@@ -9,7 +9,6 @@ itself, so nothing depends on timing.
 from __future__ import annotations
 
 import asyncio
-import gc
 import warnings
 
 import numpy as np
@@ -17,19 +16,11 @@ import pytest
 from distributed.utils_test import gen_cluster
 
 import dask_dynbatch as ddb
-from dask_dynbatch.compiled import (
-    bucket_for,
-    bucket_ladder,
-    compile_mode,
-    floor_rung,
-    next_rung,
-    pad_rows,
-    trim_rows,
-)
-from dask_dynbatch.control import BatchSizeController
-from dask_dynbatch.dashboard import compile_text
+from dask_dynbatch.core.controller import BatchSizeController
+from dask_dynbatch.core.ladder import bucket_for, bucket_ladder, compile_mode, floor_rung, next_rung
 from dask_dynbatch.examples import build_affine, build_torch_mlp
-from dask_dynbatch.runtime import LoadedModel
+from dask_dynbatch.scheduler.dashboard import compile_text
+from dask_dynbatch.worker.model import LoadedModel, pad_rows, trim_rows
 
 torch = pytest.importorskip("torch")
 
@@ -205,7 +196,7 @@ def test_padded_rows_do_not_change_the_real_rows():
 def test_serving_full_and_padded_tensor_batches_compiles_nothing_more():
     """On a GPU batches arrive as device tensors (staged in the transfer thread). A padded one made
     under inference mode is an inference tensor; the graph was warmed with an ordinary one, and
-    dynamo recompiled for it while every batch waited (seconds each, on the H200)."""
+    dynamo recompiled for it while every batch waited."""
     import torch._dynamo.utils
 
     loaded, jobs = compiled_mlp(8)
@@ -303,8 +294,8 @@ async def test_compiled_model_on_a_cluster(c, s, a):
     assert sizes <= {1, 2, 4, 8, 16}  # the controller proposes rungs only
     # the worker's heartbeat carries it too (the dashboard's source)
     await a.heartbeat()
-    metrics = s.workers[a.address].metrics["dynbatch"]["models"]["mlp"]["compile"]
-    assert metrics["mode"] == "default" and metrics["ready"]
+    (server,) = s.extensions["dynbatch"].workers[a.address]["servers"]
+    assert server["compile"]["mode"] == "default" and server["compile"]["ready"]
     batcher.close()
 
 
@@ -385,7 +376,7 @@ def test_a_compiled_call_during_another_threads_tracing_runs_eagerly(monkeypatch
 
 
 def test_short_batches_compile_their_bucket_only_when_they_keep_coming():
-    from dask_dynbatch.compiled import MIN_SHORT_BATCHES
+    from dask_dynbatch.worker.compile import MIN_SHORT_BATCHES
 
     loaded, jobs = compiled_mlp(16)
     xs = vectors(16)
@@ -404,7 +395,7 @@ def test_warming_the_compile_caches_in_a_child_process():
 
     from distributed.protocol.pickle import dumps
 
-    from dask_dynbatch.compiled import warm_in_subprocess
+    from dask_dynbatch.worker.compile import warm_in_subprocess
 
     spec = ddb.ModelSpec("mlp", load=build_torch_mlp, compile=True, max_batch_size=8)
     xs = vectors(8)
@@ -443,22 +434,3 @@ def test_unloading_stops_compiling():
     summary = loaded.compiler.summary()
     assert summary["ready"] == [] and summary["buckets"] == {}  # nothing compiled, nothing left queued
     np.testing.assert_array_equal(loaded(xs), eager_mlp(xs))  # still serves, eagerly
-
-
-def test_full_collections_are_counted_with_their_pauses():
-    from dask_dynbatch.compiled import GcPauses
-
-    pauses = GcPauses()
-    pauses.install()
-    pauses.install()  # once
-    try:
-        gc.collect(1)  # not a full collection
-        assert pauses.count == 0
-        gc.collect()
-        gc.collect()
-        assert pauses.count == 2 and 0 <= pauses.max_s <= pauses.total_s
-        summary = pauses.summary()
-        assert set(summary) == {"full_collections", "max_pause_s", "total_s", "frozen_objects", "recent"}
-        assert len(summary["recent"]) == 2 and all(0 <= s <= pauses.max_s for _, s in summary["recent"])
-    finally:
-        gc.callbacks.remove(pauses._callback)

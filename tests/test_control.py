@@ -1,4 +1,4 @@
-"""Tests of dask_dynbatch.control: the Mann-Kendall test and the batch-size controller.
+"""Tests of dask_dynbatch.core.controller: the Mann-Kendall test and the batch-size controller.
 
 The controller is driven by deterministic fakes (seeded NumPy generators, no clock, no Dask):
 latency = a + b * size + noise for the latency-limited cases, and a service time
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from dask_dynbatch.control import BatchSizeController, MKResult, mann_kendall, size_bucket
+from dask_dynbatch.core.controller import BatchSizeController, MKResult, Phase, mann_kendall
+from dask_dynbatch.core.estimate import fine_bin
 
 # -------------------------------------------------------------------------------------------------
 # Mann-Kendall
@@ -92,44 +93,6 @@ def test_mann_kendall_matches_pymannkendall(n, kind):
         assert ours.trend == ref.trend
 
 
-@pytest.mark.parametrize("lag", [None, 3])
-def test_mann_kendall_hamed_rao_matches_pymannkendall(lag):
-    pymannkendall = pytest.importorskip("pymannkendall")
-    corrected = compared = 0
-    for n in (10, 20, 40, 100):
-        for seed in range(8):
-            x = _series_for_reference(seed, n, "ar1")
-            ref = pymannkendall.hamed_rao_modification_test(x, alpha=0.05, lag=lag)
-            plain = mann_kendall(x)
-            if not (np.isfinite(ref.var_s) and ref.var_s > 0):
-                continue  # pymannkendall yields NaN where the factor is <= 0; we keep the plain variance
-            ours = mann_kendall(x, alpha=0.05, hamed_rao=True, lag=lag)
-            compared += 1
-            corrected += not math.isclose(ours.var_s, plain.var_s)
-            assert ours.var_s == pytest.approx(ref.var_s)
-            assert ours.z == pytest.approx(ref.z, abs=1e-9)
-            assert ours.p == pytest.approx(ref.p, abs=1e-9)
-            assert ours.trend == ref.trend
-    assert compared >= 25
-    assert corrected >= 10  # the correction itself was exercised, not only the factor-1 path
-
-
-def test_hamed_rao_on_controller_windows_is_inert_or_harmful():
-    """The facts the module docstring gives for not using Hamed-Rao in the controller."""
-    inert = [
-        [1, 2, 3, 4, 5, 6, 7, 8],  # a growth run
-        [8, 9, 10, 11, 12, 13, 14, 16],
-        [90, 90, 90, 90, 90, 101, 113, 127],  # a run after a hold
-        [118, 132, 116, 102, 90, 90, 90, 90],  # a shrink run, then holds
-    ]
-    for window in inert:
-        assert mann_kendall(window, hamed_rao=True) == mann_kendall(window)
-    thrash = [100, 112] * 4
-    plain, corrected = mann_kendall(thrash), mann_kendall(thrash, hamed_rao=True)
-    assert plain.var_s / corrected.var_s == pytest.approx(2.26, abs=0.01)  # variance shrinks
-    assert abs(corrected.z) > abs(plain.z)  # ... so thrashing looks more like a trend
-
-
 # -------------------------------------------------------------------------------------------------
 # Deterministic fakes and the plain additive baseline
 # -------------------------------------------------------------------------------------------------
@@ -199,9 +162,6 @@ class PlainAdditiveController:
         self.target = latency_target
         self.size = initial_size
 
-    def set_target(self, latency_target: float) -> None:
-        self.target = latency_target
-
     def observe(self, size: int, latency: float, service_time: float) -> int:
         step = max(1, self.size // 8)
         self.size = self.size + step if latency <= self.target else max(1, self.size - step)
@@ -221,22 +181,19 @@ def simulate(
     batches: int,
     *,
     seed: int,
-    target_at: Callable[[int], float] | None = None,
     queue_at: Callable[[int], int] | None = None,
     in_flight: int = 1,
 ) -> Trace:
     """Feed ``batches`` batches through ``controller``.
 
-    ``target_at(k)`` changes the target before batch k; ``queue_at(k)`` limits how many requests
-    are waiting (a batch runs ``min(proposal, queue)``); with ``in_flight > 1`` each observation
-    arrives ``in_flight - 1`` batches after the batch was formed, as with a pipelined client.
+    ``queue_at(k)`` limits how many requests are waiting (a batch runs ``min(proposal, queue)``);
+    with ``in_flight > 1`` each observation arrives ``in_flight - 1`` batches after the batch was
+    formed, as with a pipelined client.
     """
     rng = np.random.default_rng(seed)
     proposals, ran, latencies = [], [], []
     formed: deque[int] = deque()
     for k in range(batches):
-        if target_at is not None:
-            controller.set_target(target_at(k))
         size = controller.size if queue_at is None else min(controller.size, queue_at(k))
         formed.append(size)
         if len(formed) < in_flight:
@@ -309,37 +266,6 @@ def test_trend_gate_halves_direction_changes_of_plain_additive(noise_s):
         plain_throughput = np.mean([model.throughput(s) for s in plain.ran[50:]])
         assert gated_throughput >= 0.95 * plain_throughput
         assert np.mean(gated.latencies[50:] > TARGET) <= 0.5 * np.mean(plain.latencies[50:] > TARGET)
-
-
-@pytest.mark.parametrize("noise_s", [0.0, 0.005])
-def test_recovers_after_target_tightens_and_loosens(noise_s):
-    model = LinearLatencyModel(noise_s=noise_s)
-    targets = {0: 0.11, 200: 0.06, 350: 0.16}  # best sizes 100, 50, 150
-
-    def target_at(k: int) -> float:
-        return targets[max(t for t in targets if t <= k)]
-
-    for seed in range(3):
-        trace = simulate(BatchSizeController(0.11), model, 500, seed=seed, target_at=target_at)
-        tighter, looser = model.largest_size_within(0.06), model.largest_size_within(0.16)
-        # tighter: every late batch shrinks, so within 8 batches the size meets the new target ...
-        assert int(np.argmax(trace.proposals[200:] <= tighter)) <= 8
-        # ... and stays within about one step of it
-        assert np.percentile(trace.proposals[215:350], 95) <= 1.15 * tighter
-        assert np.median(trace.proposals[215:350]) >= 0.65 * tighter
-        # looser: growth restarts without waiting for patience, 75 % of the new size within 25 batches
-        assert int(np.argmax(trace.proposals[350:] >= 0.75 * looser)) <= 25
-        assert np.median(trace.proposals[400:]) >= 0.75 * looser
-
-
-def test_set_target_validates_and_same_target_is_a_no_op():
-    controller = BatchSizeController(0.1, initial_size=10)
-    before = controller.state()
-    controller.set_target(0.1)
-    assert controller.state() == before
-    for bad in (0, -1.0, float("nan"), float("inf"), "fast"):
-        with pytest.raises(ValueError):
-            controller.set_target(bad)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -577,8 +503,6 @@ def test_failed_probes_back_off_and_success_resets():
         controller.observe(size, *model.run(size, np.random.default_rng(0)))
         patience.append(controller.state()["patience"])
     assert patience[0] == 4 and max(patience) == 32 == patience[-1]
-    controller.set_target(0.2)
-    assert controller.state()["patience"] == 4
 
 
 def test_continuing_growth_needs_the_size_trend_after_three_steps():
@@ -648,17 +572,17 @@ def test_invalid_observations():
     assert controller.state()["throughput"] == {}
 
 
-def test_size_bucket():
-    assert [size_bucket(s) for s in (1, 8, 16)] == [1, 8, 16]
-    assert [size_bucket(s) for s in (32, 64, 128, 512)] == [32, 64, 128, 512]
-    buckets = [size_bucket(s) for s in range(1, 2000)]
+def test_fine_bin():
+    assert [fine_bin(s) for s in (1, 8, 16)] == [1, 8, 16]
+    assert [fine_bin(s) for s in (32, 64, 128, 512)] == [32, 64, 128, 512]
+    buckets = [fine_bin(s) for s in range(1, 2000)]
     assert buckets == sorted(buckets)
-    assert all(abs(size_bucket(s) - s) / s <= 0.06 for s in range(17, 2000))
+    assert all(abs(fine_bin(s) - s) / s <= 0.06 for s in range(17, 2000))
 
 
 def test_size_returns_after_memory_squeeze():
     """A cap that squeezed the size down and then lifts gives the size chosen before it back."""
-    from dask_dynbatch.control import BatchSizeController
+    from dask_dynbatch.core.controller import BatchSizeController
 
     c = BatchSizeController(1.0, initial_size=300)
     c.set_cap(1)
@@ -683,15 +607,13 @@ def test_slow_start_doubles_until_the_first_late_batch():
     assert int(np.argmax(pipelined.proposals >= 512)) <= 20
 
 
-def test_slow_start_on_a_ladder_and_after_a_looser_target():
+def test_slow_start_on_a_ladder():
     ladder = (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
     controller = BatchSizeController(1.0, initial_size=8, ladder=ladder)
     sizes = [controller.observe(controller.size, 0.01, 0.01) for _ in range(4)]
     assert sizes == [16, 32, 64, 128]  # the smallest rung at least twice the size
     controller.observe(128, 2.0, 0.5)  # late: slow start ends, one rung down
     assert controller.size == 112 and not controller.state()["slow_start"]
-    controller.set_target(3.0)  # looser: slow start again
-    assert controller.state()["slow_start"]
 
 
 def test_a_bucket_averages_its_first_batches_plainly():
@@ -772,3 +694,38 @@ def test_a_fall_below_a_well_measured_best_counts_as_before():
     for _ in range(2):
         controller.observe(512, 0.01, 512 / 7_800)
     assert controller.size == 256 and "settle at 256" in controller.reason
+
+
+def test_phase_follows_the_moves():
+    controller = BatchSizeController(0.1, initial_size=48)
+    assert controller.phase is Phase.CLIMB and controller.state()["phase"] == "climb"
+    assert controller.observe(48, 0.11, 0.05) == 42  # late: shrink, then rest
+    assert controller.phase is Phase.HOLD
+    for _ in range(4):  # patience 4 under target: probe
+        controller.observe(42, 0.06, 0.05)
+    assert controller.size == 47 and controller.phase is Phase.PROBE
+    assert controller.observe(47, 0.11, 0.05) == 42  # the probe was late: rest, patience doubled
+    assert controller.phase is Phase.HOLD and controller.state()["patience"] == 8
+    controller.set_cap(20)  # a memory squeeze is no trend of ours: a fresh growth run once it lifts
+    assert controller.phase is Phase.CLIMB and controller.state()["phase"] == "climb"
+
+
+def test_throughput_at_reads_the_size_bin():
+    controller = BatchSizeController(1.0, initial_size=64, b_delta=1)
+    assert controller.throughput_at(64) is None
+    for service in (0.032, 0.064):  # 2,000 and 1,000 samples/s
+        controller.observe(64, 0.05, service)
+    assert controller.throughput_at(64) == pytest.approx(1500)
+    assert controller.throughput_at(63) == controller.throughput_at(64) == controller.state()["throughput"][64]
+    assert controller.throughput_at(32) is None
+
+
+def test_a_probe_that_advanced_resets_patience():
+    controller = _shrink_then_hold([0.06] * 4)  # probes 42 -> 47 ...
+    assert controller.observe(47, 0.11, 0.05) == 42  # ... which fails: patience 8
+    for _ in range(8):
+        controller.observe(42, 0.06, 0.05)
+    assert controller.size == 47 and controller.phase is Phase.PROBE  # probes again, and this time
+    assert controller.observe(47, 0.06, 0.05) == 52  # 47 is on time: the run goes on
+    assert controller.observe(52, 0.11, 0.05) == 47  # late: back to 47, above where the probe began
+    assert controller.phase is Phase.HOLD and controller.state()["patience"] == 4

@@ -67,14 +67,14 @@ def test_shape_ladder_warms_each_rung_once_and_pads_without_changing_results(mon
     """On CUDA an eager torch module gets its batches on a shape ladder, padded to their rung, and
     the rungs up to 1,024 are warmed before the first batch. Exercised here on the CPU by asking
     for that behaviour on a CPU device."""
-    from dask_dynbatch.runtime import LoadedModel
+    from dask_dynbatch.worker.model import LoadedModel
 
     monkeypatch.setattr(ddb.ModelSpec, "pads_shapes", lambda self, device: True)
     loaded = LoadedModel(ddb.ModelSpec("cnn", load=build_tiny_cnn), "cpu")
     assert loaded.ladder[:12] == (1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80)
     ran = []
-    forward = loaded._forward
-    loaded._forward = lambda model, batch: ran.append(len(batch)) or forward(model, batch)
+    forward = loaded.forward
+    loaded.forward = lambda model, batch: ran.append(len(batch)) or forward(model, batch)
     images = tiny_cnn_images(3)
     assert loaded.wants_shape_warmup
     assert loaded.warm_shapes(images, 64) == len(ran)
@@ -265,18 +265,18 @@ def test_multiprocess_cluster_end_to_end():
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_large_batches_travel_in_chunks_and_are_joined_on_the_worker(c, s, a):
-    import dask_dynbatch.client as dclient
+    import dask_dynbatch.client.transport as transport
 
     await c.register_plugin(ddb.DynBatchPlugin())
     batcher = await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine, max_batch_size=16))
     xs = [np.full((160, 160, 3), float(i), dtype=np.float32) for i in range(40)]  # 300 KB each
     remote = c.submit(np.full, (160, 160, 3), 99.0, dtype=np.float32, pure=False)
-    chunk_bytes = dclient.SEND_CHUNK_BYTES
-    dclient.SEND_CHUNK_BYTES = 1_000_000  # 3 samples a chunk: batches of 16 go as 6 chunks
+    chunk_bytes = transport.SEND_CHUNK_BYTES
+    transport.SEND_CHUNK_BYTES = 1_000_000  # 3 samples a chunk: shipments of 16 go as 6 chunks
     try:
         results = await asyncio.gather(*batcher.map(xs + [remote]))
     finally:
-        dclient.SEND_CHUNK_BYTES = chunk_bytes
+        transport.SEND_CHUNK_BYTES = chunk_bytes
     for i, r in enumerate(results[:40]):
         np.testing.assert_array_equal(r, xs[i] * 2 + 1)
     np.testing.assert_array_equal(results[40], np.full((160, 160, 3), 199.0, dtype=np.float32))
@@ -285,12 +285,12 @@ async def test_large_batches_travel_in_chunks_and_are_joined_on_the_worker(c, s,
 
 
 def test_stack_in_chunks_round_trip():
-    from dask_dynbatch.batching import join_chunks, stack_in_chunks
+    from dask_dynbatch.core.rows import stack_in_chunks
 
     xs = [np.full((10,), i, dtype=np.float64) for i in range(7)]  # 80 bytes each
     whole = stack_in_chunks(xs, 10_000)
     assert isinstance(whole, np.ndarray) and whole.shape == (7, 10)
     chunks = stack_in_chunks(xs, 250)  # 3 samples a chunk
     assert [len(c) for c in chunks] == [3, 3, 1]
-    np.testing.assert_array_equal(join_chunks(chunks), whole)
+    np.testing.assert_array_equal(np.concatenate(chunks), whole)
     assert [len(c) for c in stack_in_chunks(xs, 10)] == [1] * 7  # a sample larger than a chunk travels alone

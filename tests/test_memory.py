@@ -9,9 +9,8 @@ import pytest
 from distributed.utils_test import gen_cluster
 
 import dask_dynbatch as ddb
-from dask_dynbatch.runtime import LoadedModel
-from dask_dynbatch.sizing import MemorySizer
-from dask_dynbatch.telemetry import FakeMemory
+from dask_dynbatch.core.memory import FakeMemory, MemorySizer
+from dask_dynbatch.worker.model import LoadedModel
 
 torch = pytest.importorskip("torch")
 
@@ -34,6 +33,11 @@ def build_identity(device="cpu"):
     return lambda batch: batch
 
 
+def server_of(worker, name: str):
+    (server,) = [s for s in worker.extensions["dynbatch"].servers.values() if s.name == name]
+    return server
+
+
 def install_fake_memory(worker, total: int, free: int, **kw) -> FakeMemory:
     plugin = worker.extensions["dynbatch"]
     fake = FakeMemory(total=total, free=free)
@@ -53,8 +57,9 @@ async def test_oom_loses_no_request_and_batches_settle_below_the_failing_size(c,
     stats = batcher.stats()
     assert stats["delivered"] == 3000 and stats["failed"] == 0
     plugin = a.extensions["dynbatch"]
-    assert plugin.stats["oom"].ooms >= 1
-    assert plugin.stats["oom"].samples == 3000  # no row ran twice successfully
+    server = server_of(a, "oom")
+    assert server.stats.ooms >= 1
+    assert server.stats.rows == 3000  # no row ran twice successfully
     cap = plugin.sizers["cpu"].cap("oom")
     assert cap is not None and cap <= OOM_ABOVE
     batcher.close()
@@ -76,16 +81,20 @@ async def test_cap_follows_free_memory_and_reaches_the_batcher_as_an_event(c, s,
 async def _cap_follows_free_memory(c, a, fake):
     batcher = await ddb.Batcher(c, ddb.ModelSpec("ident", load=build_identity, max_batch_size=1000))
     await batcher.submit(np.zeros(2))
-    slot = next(iter(batcher._slots.values()))
-    assert slot.cap == 128  # 16 GiB free / (1/8 GiB per sample), from the reply
-    # another process takes memory: the worker's poll publishes new caps, the batcher applies them
+
+    def advice():
+        (worker,) = batcher.stats()["workers"].values()
+        return worker["controller"]
+
+    assert advice()["cap"] == 128  # 16 GiB free / (1/8 GiB per sample), from the reply
+    # another process takes memory: the worker's poll pushes new advice, the batcher takes it
     fake.free = 2 * GiB
-    while slot.cap != 16:
+    while advice()["cap"] != 16:
         await asyncio.sleep(0.02)
-    assert slot.controller.size <= 16
+    assert advice()["size"] <= 16
     # memory comes back: the cap grows again
     fake.free = 8 * GiB
-    while slot.cap != 64:
+    while advice()["cap"] != 64:
         await asyncio.sleep(0.02)
     results = await asyncio.gather(*batcher.map([np.full(2, float(i)) for i in range(500)]))
     assert len(results) == 500
@@ -100,9 +109,11 @@ async def test_memory_budget_from_plugin_reaches_workers(c, s, a):
     await batcher.submit(np.zeros(2))
     plugin = a.extensions["dynbatch"]
     assert plugin.sizers["cpu"].budget == 0.6
-    # the heartbeat carries device telemetry and per-model caps
-    metrics = plugin.heartbeat_metrics(a)
-    assert "cpu" in metrics["devices"] and "ident" in metrics["models"]
+    # the heartbeat carries device telemetry and every model server's state, cap included
+    data = plugin.heartbeat()
+    assert "cpu" in data["devices"]
+    (server,) = data["servers"]
+    assert server["name"] == "ident" and server["batches"] == 1
     batcher.close()
 
 
@@ -112,10 +123,10 @@ async def test_replanning_is_event_driven(c, s, a):
     (an hour), so a test that passes saw every event act at once."""
     from distributed import Worker
 
-    import dask_dynbatch.client as dclient
+    import dask_dynbatch.client.dispatcher as dispatcher
 
-    periodic = dclient.REFRESH_INTERVAL
-    dclient.REFRESH_INTERVAL = 3600.0
+    periodic = dispatcher.REFRESH_INTERVAL
+    dispatcher.REFRESH_INTERVAL = 3600.0
     try:
         await c.register_plugin(ddb.DynBatchPlugin())
         batcher = await ddb.Batcher(
@@ -128,11 +139,11 @@ async def test_replanning_is_event_driven(c, s, a):
         assert [r[0] for r in results] == [0.0, 1.0, 2.0, 3.0, 4.0]
         # a worker joining, then leaving
         async with Worker(s.address, nthreads=1) as w:
-            while w.address not in batcher._slots:
+            while w.address not in batcher.stats()["workers"]:
                 await asyncio.sleep(0.01)
-        while w.address in batcher._slots and batcher._slots[w.address].alive:
+        while w.address in batcher.stats()["workers"] and batcher.stats()["workers"][w.address]["alive"]:
             await asyncio.sleep(0.01)
         # free memory changing: test_cap_follows_free_memory_and_reaches_the_batcher_as_an_event
         batcher.close()
     finally:
-        dclient.REFRESH_INTERVAL = periodic
+        dispatcher.REFRESH_INTERVAL = periodic

@@ -1,4 +1,4 @@
-"""Pipelines: chains of grouped CPU steps and batched model steps, one future per job (issue 6)."""
+"""Pipelines: chains of grouped CPU steps and batched model steps, one future per job."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for dask_dynbatch.placement: workload figure, plan() and proportional split.
+"""Tests for dask_dynbatch.core.placement: the workload figure and plan().
 
 The simulations below use a fake clock: an event loop of completions, no real time.
 """
@@ -12,20 +12,22 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from dask_dynbatch.placement import (
+from dask_dynbatch.core.placement import (
     WorkerLoad,
     WorkloadWeights,
     common_finish_time,
     effective_throughput,
     fill_unknown_throughputs,
     hardware_slowdown,
-    ideal_makespan,
-    makespan,
     plan,
-    proportional_split,
     water_filling_shares,
     workload,
 )
+
+
+def ideal_makespan(n: int, throughputs) -> float:
+    """Makespan of the ideal (fractional) split of ``n`` samples: ``n / sum(r)``."""
+    return n / sum(throughputs)
 
 # ----------------------------------------------------------------------------------------------
 # A deterministic event-loop simulation of a batcher driving plan()
@@ -42,7 +44,6 @@ class SimWorker:
     slots: int = 1
     per_batch_overhead_s: float = 0.0
     memory_utilization: float = 0.0
-    compute_utilization: float = 0.0
     cap: int | None = None
     known_rate: float | None = None  # what placement is told before anything is measured
     learn: bool = True  # replace known_rate with measured samples/s after each batch
@@ -61,7 +62,6 @@ class SimWorker:
             throughput=self.known_rate,
             inflight_samples=self.inflight,
             memory_utilization=self.memory_utilization,
-            compute_utilization=self.compute_utilization,
             cap=self.cap,
             free_slots=self.slots - self.busy_slots,
             batch_size=self.batch_size,
@@ -221,17 +221,8 @@ def test_memory_pressure_in_single_plan():
     assert plan(100, workers)[0][0] == "a"  # least workload first
 
 
-def test_compute_utilization_by_others_receives_less_work():
-    workers = [
-        WorkerLoad("a", 100.0, batch_size=1000),
-        WorkerLoad("b", 100.0, compute_utilization=0.5, batch_size=1000),
-    ]
-    sizes = dict(plan(300, workers))
-    assert sizes == {"a": 180, "b": 120}  # rates 100 and 100/1.5
-
-
 def test_workload_formula_and_weights():
-    w = WorkerLoad("a", 100.0, inflight_samples=30, queued_samples=20, batch_size=50)
+    w = WorkerLoad("a", 100.0, inflight_samples=50, batch_size=50)
     assert workload(w) == pytest.approx(1.0)
     # Memory below threshold: no penalty; at 0.9 with threshold 0.8: 1 + 4 * 0.5 = 3.
     w.memory_utilization = 0.5
@@ -239,9 +230,7 @@ def test_workload_formula_and_weights():
     w.memory_utilization = 0.9
     assert hardware_slowdown(w) == pytest.approx(3.0)
     assert workload(w) == pytest.approx(3.0)
-    w.compute_utilization = 0.25
-    assert workload(w) == pytest.approx(3.25)
-    custom = WorkloadWeights(memory_weight=1.0, memory_threshold=0.5, compute_weight=0.0)
+    custom = WorkloadWeights(memory_weight=1.0, memory_threshold=0.5)
     assert workload(w, custom) == pytest.approx(1.0 * (1 + 0.4 / 0.5))
     # The cap bounds the batch counted in the figure.
     w2 = WorkerLoad("b", 10.0, batch_size=100, cap=10)
@@ -256,8 +245,10 @@ def test_workload_formula_and_weights():
 
 
 def test_effective_throughput_clamps_utilisation():
-    w = WorkerLoad("a", 100.0, memory_utilization=1.7, compute_utilization=-3)
+    w = WorkerLoad("a", 100.0, memory_utilization=1.7)
     assert effective_throughput(w) == pytest.approx(100.0 / 5.0)
+    w.memory_utilization = -3
+    assert effective_throughput(w) == pytest.approx(100.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,10 +330,8 @@ def test_plan_invariants_random():
                 WorkerLoad(
                     address=f"w{i}",
                     throughput=rng.choice([None, rng.uniform(1, 10_000)]),
-                    inflight_samples=rng.randint(0, 500),
-                    queued_samples=rng.randint(0, 50),
+                    inflight_samples=rng.randint(0, 550),
                     memory_utilization=rng.random(),
-                    compute_utilization=rng.random(),
                     cap=rng.choice([None, 0, rng.randint(1, 300)]),
                     free_slots=rng.randint(0, 3),
                     batch_size=rng.randint(1, 512),
@@ -412,43 +401,6 @@ def test_unknown_worker_learns_in_simulation():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_proportional_split_largest_remainder():
-    assert proportional_split(10, {"a": 1, "b": 1, "c": 1}) == {"a": 4, "b": 3, "c": 3}
-    assert proportional_split(10, {"a": 3, "b": 1}) == {"a": 8, "b": 2}  # 7.5 / 2.5, tie -> faster
-    assert proportional_split(7, {"a": 5, "b": 2}) == {"a": 5, "b": 2}
-    assert proportional_split(0, {"a": 1}) == {"a": 0}
-    assert proportional_split(5, {}) == {}
-
-
-def test_proportional_split_caps_redistribute():
-    result = proportional_split(100, {"a": 8, "b": 1, "c": 1}, {"a": 20})
-    assert result == {"a": 20, "b": 40, "c": 40}
-    result = proportional_split(100, {"a": 8, "b": 1, "c": 1}, {"a": 20, "b": 10})
-    assert result == {"a": 20, "b": 10, "c": 70}
-    # Caps cannot hold n: everyone gets its cap.
-    assert proportional_split(100, {"a": 1, "b": 1}, {"a": 5, "b": 7}) == {"a": 5, "b": 7}
-    # Cap 0 and zero throughput get nothing.
-    assert proportional_split(9, {"a": 1, "b": 0, "c": 2}, {"a": 0}) == {"a": 0, "b": 0, "c": 9}
-    # All zero: equal split.
-    assert proportional_split(4, {"a": 0, "b": 0}) == {"a": 2, "b": 2}
-
-
-def test_proportional_split_random_invariants():
-    rng = random.Random(7)
-    for _ in range(2000):
-        k = rng.randint(1, 6)
-        rates = {f"w{i}": rng.uniform(0.1, 100) for i in range(k)}
-        caps = {f"w{i}": rng.choice([None, rng.randint(0, 50)]) for i in range(k)}
-        n = rng.randint(0, 400)
-        result = proportional_split(n, rates, caps)
-        capacity = sum(math.inf if c is None else c for c in caps.values())
-        assert sum(result.values()) == min(n, capacity)
-        for a, v in result.items():
-            assert v >= 0
-            if caps[a] is not None:
-                assert v <= caps[a]
-
-
 def test_common_finish_time_and_shares():
     assert common_finish_time(400, [300, 100]) == pytest.approx(1.0)
     assert water_filling_shares(400, [300, 100]) == pytest.approx([300, 100])
@@ -459,12 +411,6 @@ def test_common_finish_time_and_shares():
     assert sum(shares) == pytest.approx(100)
     with pytest.raises(ValueError):
         common_finish_time(1, [0.0])
-
-
-def test_makespan_helpers():
-    assert makespan({"a": 300, "b": 100}, {"a": 300, "b": 100}) == pytest.approx(1.0)
-    assert makespan({"a": 0, "b": 100}, {"a": 300, "b": 100}, {"a": 9.0}) == pytest.approx(1.0)
-    assert ideal_makespan(400, [300, 100]) == pytest.approx(1.0)
 
 
 def test_fill_unknown_throughputs():

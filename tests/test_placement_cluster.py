@@ -26,9 +26,9 @@ async def test_shares_follow_throughput(c, s, fast, slow):
     await asyncio.gather(*batcher.map([np.zeros(1)] * 200))  # warm up: both workers measured
     workers = {fast.address: fast, slow.address: slow}
 
-    def worker_totals():  # what each worker's own stats say: samples run, seconds in the model
-        return {a: (w.extensions["dynbatch"].stats["timed"].samples, w.extensions["dynbatch"].stats["timed"].compute_seconds)
-                for a, w in workers.items()}
+    def worker_totals():  # what each worker's model server says: rows run, seconds in the model
+        stats = {a: next(iter(w.extensions["dynbatch"].servers.values())).stats for a, w in workers.items()}
+        return {a: (st.rows, st.compute_seconds) for a, st in stats.items()}
 
     before = worker_totals()
     xs = [np.full(1, float(i)) for i in range(10_000)]
@@ -54,18 +54,25 @@ def build_identity(device="cpu"):
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)], timeout=120)
 async def test_worker_with_memory_nearly_full_gets_less_work(c, s, a, b):
-    await c.register_plugin(ddb.DynBatchPlugin())
-    batcher = await ddb.Batcher(c, ddb.ModelSpec("ident", load=build_identity, max_batch_size=64))
-    await asyncio.gather(*batcher.map([np.zeros(1)] * 200))
-    # worker b's telemetry says its device memory is 98 % used
-    batcher._slots[b.address].view = dict(batcher._slots[b.address].view, dynbatch={"devices": {"cpu": {"used_fraction": 0.98}}})
-    loads = {s.address: batcher._load(s, 1000.0) for s in batcher._slots.values()}
-    from dask_dynbatch.placement import plan, workload
+    """Two workers of equal speed; b's device memory is 98 % used (a fake memory source): its model
+    server says so in its advice, and placement gives b a smaller share of work that both could
+    take at once (a backlog larger than both can hold keeps both busy)."""
+    from dask_dynbatch.core.memory import FakeMemory, MemorySizer
 
-    assert workload(loads[b.address]) > workload(loads[a.address])
-    # with a backlog that both could share, the full worker's share is smaller
-    shares = {}
-    for address, size in plan(100, list(loads.values())):
-        shares[address] = shares.get(address, 0) + size
-    assert shares.get(b.address, 0) < shares.get(a.address, 0)
+    await c.register_plugin(ddb.DynBatchPlugin())
+    total = 16 * 2**30
+    b.extensions["dynbatch"].sizers["cpu"] = MemorySizer(FakeMemory(total=total, free=total // 50), safety_margin=0.0)
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("timed", load=timed_model({0: 0.0005, 1: 0.0005}),
+                                                 max_batch_size=32))
+    await asyncio.gather(*batcher.map([np.zeros(1)] * 200))  # both workers measured
+    assert batcher.stats()["workers"][b.address]["controller"]["memory_used"] > 0.97
+
+    def rows(worker):
+        return next(iter(worker.extensions["dynbatch"].servers.values())).stats.rows
+
+    before = {w.address: rows(w) for w in (a, b)}
+    for _ in range(30):
+        await asyncio.gather(*batcher.map([np.zeros(1)] * 40))
+    served = {w.address: rows(w) - before[w.address] for w in (a, b)}
+    assert served[b.address] < served[a.address] / 2, served
     batcher.close()

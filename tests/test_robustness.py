@@ -1,4 +1,4 @@
-"""Nothing lost: worker death, malformed input, poison requests, overload, lifecycle (issue 8).
+"""Nothing lost: worker death, malformed input, poison requests, overload, lifecycle.
 
 In-process clusters (``gen_cluster``) for most; real processes only where a process must die
 (SIGKILL, nanny restart). Every test waits on futures with a timeout: a hang fails, it does not block CI.
@@ -23,7 +23,7 @@ from distributed import Client, LocalCluster, Worker
 from distributed.utils_test import gen_cluster
 
 import dask_dynbatch as ddb
-from dask_dynbatch.batching import Request, RequestFuture, RequestQueue
+from dask_dynbatch.core.requests import Request, RequestFuture, RequestQueue
 from dask_dynbatch.examples import build_affine
 
 WAIT = 60  # seconds any single result may take before the test counts it as a hang
@@ -453,6 +453,11 @@ async def test_overload_block_waits_for_room_without_deadlock(c, s, a, gate):
 # -- lifecycle ----------------------------------------------------------------------------------
 
 
+def loaded(worker) -> set[str]:
+    """Names of the models the worker serves now."""
+    return {server.name for server in worker.extensions["dynbatch"].servers.values()}
+
+
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_registering_the_plugin_again_keeps_models_and_batchers(c, s, a):
     await c.register_plugin(ddb.DynBatchPlugin())
@@ -461,9 +466,9 @@ async def test_registering_the_plugin_again_keeps_models_and_batchers(c, s, a):
     assert (await batcher.submit(np.zeros(2))).tolist() == [1.0, 1.0]
     await c.register_plugin(ddb.DynBatchPlugin())
     await c.register_plugin(ddb.DynBatchPlugin(tune_malloc=False))
-    assert s.extensions["dynbatch"] is plugin and "affine" in plugin.models
+    assert s.extensions["dynbatch"] is plugin and "affine" in plugin.registry.models
     assert (await batcher.submit(np.ones(2))).tolist() == [3.0, 3.0]
-    assert "affine" in a.extensions["dynbatch"].models  # not reloaded from scratch
+    assert a.extensions["dynbatch"].loads[("affine", 1)] == 1  # not reloaded
     batcher.close()
 
 
@@ -521,17 +526,17 @@ async def test_client_disconnect_resolves_its_requests_and_frees_its_state(c, s,
     await _until(lambda: solo.stats()["in_flight"] == 1)
     queued = solo.map([np.zeros(2)] * 20)
     await _until(lambda: any(b.get("model") == "gated" for b in plugin.batchers.values()))
-    assert "gated" in a.extensions["dynbatch"].models
+    assert "gated" in loaded(a)
 
     await c2.close()
     await _settled([in_flight, *queued])
     assert isinstance(in_flight.exception(), ddb.BatcherClosedError)
     assert all(f.cancelled() for f in queued)
     assert not [b for b in plugin.batchers.values() if b.get("client") == c2.id]  # reports dropped
-    assert "gated" not in plugin.models  # no client left for it
-    await _until(lambda: "gated" not in a.extensions["dynbatch"].models)  # unloaded from the worker
-    gate.set()
-    assert "affine" in plugin.models and "affine" in a.extensions["dynbatch"].models  # still used by c
+    assert "gated" not in plugin.registry.models  # no client left for it
+    gate.set()  # the worker finishes what it holds of it, then unloads it
+    await _until(lambda: "gated" not in loaded(a))
+    assert "affine" in plugin.registry.models and "affine" in loaded(a)  # still used by c
     assert (await shared.submit(np.ones(2))).tolist() == [3.0, 3.0]
     shared.close()
 

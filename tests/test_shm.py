@@ -266,12 +266,12 @@ def test_client_that_leaves_frees_its_slots_on_worker_processes():
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_first_batch_through_each_new_slot_is_not_shown_to_the_controller(c, s, a):
-    """A slot's first batch pays one-time costs (the client's first writes fault its pages in, the
-    worker maps and on a GPU page-locks it): on an H100 they staged 5-20x slower than the batches
-    after them, which the controller took for a throughput fall at that size. Every later batch
+    """A slot's first shipment pays one-time costs (the client's first writes fault its pages in,
+    the worker maps and on a GPU page-locks it): its device batch is slower than its size says, which
+    the server's controller would take for a throughput fall at that size. Every later shipment
     through the same slot is shown to the controller."""
     from dask_dynbatch import shm as shm_module
-    from dask_dynbatch.pacing import BusyForecast
+    from dask_dynbatch.core.pacing import BusyForecast
 
     created, forecast_rows = [], []
     original_init, original_observe = shm_module.ShmSlot.__init__, BusyForecast.observe
@@ -308,10 +308,12 @@ async def test_first_batch_through_each_new_slot_is_not_shown_to_the_controller(
     assert 2 <= len(created) <= 4
     # hidden: the first batch of 16 (a new shape, and the first through its slot) and the first
     # batch through every other new slot; shown: all the rest (the cold batch of 2 is hidden too)
-    assert worker["controller"]["observations"] == len(history) - len(created)
+    (server,) = a.extensions["dynbatch"].servers.values()
+    observations = server.controller.state()["observations"]
+    assert observations == len(history) - len(created)
     hidden = [h["reason"] for h in history if h["decision"] == "not shown"]
     assert hidden == ["new_shape"] + ["new_slot"] * (len(created) - 1)
     # the pacing forecast learns from the same batches as the controller, and only from them
-    assert len(forecast_rows) == worker["controller"]["observations"]
+    assert len(forecast_rows) == observations
     assert all(h["reason"] for h in history)  # every batch says what the controller made of it
     batcher.close()

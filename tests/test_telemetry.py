@@ -1,4 +1,4 @@
-"""Tests of dask_dynbatch.telemetry: memory sources and snapshots (no GPU needed)."""
+"""Memory sources and snapshots (dask_dynbatch.worker.telemetry; no GPU needed)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from dask_dynbatch import telemetry
-from dask_dynbatch.telemetry import (
+from dask_dynbatch.core.memory import DeviceMemory, FakeMemory, MemorySource
+from dask_dynbatch.worker import telemetry
+from dask_dynbatch.worker.telemetry import (
     CupyMemory,
-    DeviceMemory,
-    FakeMemory,
     HostMemory,
-    MemorySource,
     NvmlMemory,
     TorchCudaMemory,
     detect_memory_source,
@@ -224,27 +222,10 @@ def test_nvml_memory_maps_visible_devices(monkeypatch):
     assert asked[-1] == ("index", 2)
 
 
-def test_telemetry_imports_no_gpu_library():
-    package_dir = Path(telemetry.__file__).parent
-    code = (
-        "import sys, types\n"
-        "pkg = types.ModuleType('dask_dynbatch'); pkg.__path__ = [%r]\n"
-        "sys.modules['dask_dynbatch'] = pkg\n"
-        "before = set(sys.modules)\n"
-        "import dask_dynbatch.telemetry as telemetry\n"
-        "telemetry.device_telemetry(telemetry.detect_memory_source('cpu', limit_fraction=1.0))\n"
-        "heavy = sorted(m for m in set(sys.modules) - before if m.split('.')[0] in "
-        "('torch', 'cupy', 'pynvml', 'distributed'))\n"
-        "assert not heavy, heavy\n"
-    ) % str(package_dir)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-
-
 def test_torch_cuda_allocator_stats_reads_the_nested_statistics_once(monkeypatch):
     import torch
 
-    from dask_dynbatch.telemetry import torch_cuda_allocator_stats
+    from dask_dynbatch.worker.telemetry import torch_cuda_allocator_stats
 
     calls = []
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from distributed import Future as DaskFuture
+from distributed import as_completed
 
 from ..core.requests import Request, RequestFuture, RequestQueue
 from ..core.rows import as_numpy_sample
@@ -209,9 +210,7 @@ class Batcher:
                         for x, sample in zip(xs[start:start + MAP_CHUNK], samples[start:start + MAP_CHUNK])]
             self._ledger.count("submitted", len(requests))
             self._enqueue([req for req in requests if req.dask_future is None], deadline)
-            for req in requests:
-                if req.dask_future is not None:
-                    self._wait_for_input(req)
+            self._wait_for_inputs([req for req in requests if req.dask_future is not None])
             futures.extend(r.future for r in requests)
         return futures
 
@@ -307,40 +306,52 @@ class Batcher:
         except RuntimeError:
             return False
 
-    def _wait_for_input(self, req: Request) -> None:
-        """A Dask-Future input joins the queue once its value exists on a worker (its data stays
-        there; the worker fetches it)."""
+    def _wait_for_inputs(self, reqs: list[Request]) -> None:
+        """Requests whose input is a Dask Future join the queue once its value exists on a worker
+        (the value stays there; the worker fetches it)."""
+        if not reqs:
+            return
         with self._waiting_lock:
-            self._waiting_for_inputs += 1
-        req.dask_future.add_done_callback(  # runs in distributed's callback thread
-            lambda _: self._loop.call_soon_threadsafe(self._dispatcher.in_background, self._input_ready(req)))
+            self._waiting_for_inputs += len(reqs)
+        if self._on_loop_thread():
+            self._dispatcher.in_background(self._inputs_ready(reqs))
+        else:
+            self._loop.call_soon_threadsafe(lambda: self._dispatcher.in_background(self._inputs_ready(reqs)))
+
+    async def _inputs_ready(self, reqs: list[Request]) -> None:
+        by_future: dict[Any, list[Request]] = {}
+        for req in reqs:
+            by_future.setdefault(req.dask_future, []).append(req)
+        async for dask_future in as_completed(list(by_future), loop=self.client.loop):
+            for req in by_future.pop(dask_future, ()):
+                try:
+                    await self._input_ready(req)
+                finally:
+                    with self._waiting_lock:
+                        self._waiting_for_inputs -= 1
 
     async def _input_ready(self, req: Request) -> None:
         dask_future = req.dask_future
-        try:
-            if dask_future.status == "finished":
-                if req.future.done():
-                    if req.future.cancelled():  # by its user, while its input was computed
-                        self._ledger.count("cancelled")
-                elif self._closed:
-                    if req.future.cancel():
-                        self._ledger.count("cancelled")
-                else:
-                    self._queue.push([req])
-                    self._dispatcher.wake()
-                return
-            exc = None
-            if dask_future.status == "error":
-                exc = await dask_future.exception(asynchronous=True)
-            if exc is None:
-                exc = RuntimeError(f"the Dask Future given as input is {dask_future.status}: {dask_future.key!r}")
-            if not req.future.done():
-                self._ledger.fail([req], exc)
-            elif req.future.cancelled():
-                self._ledger.count("cancelled")
-        finally:
-            with self._waiting_lock:
-                self._waiting_for_inputs -= 1
+        if dask_future.status == "finished":
+            if req.future.done():
+                if req.future.cancelled():  # by its user, while its input was computed
+                    self._ledger.count("cancelled")
+            elif self._closed:
+                if req.future.cancel():
+                    self._ledger.count("cancelled")
+            else:
+                self._queue.push([req])
+                self._dispatcher.wake()
+            return
+        exc = None
+        if dask_future.status == "error":
+            exc = await dask_future.exception(asynchronous=True)
+        if exc is None:
+            exc = RuntimeError(f"the Dask Future given as input is {dask_future.status}: {dask_future.key!r}")
+        if not req.future.done():
+            self._ledger.fail([req], exc)
+        elif req.future.cancelled():
+            self._ledger.count("cancelled")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -436,8 +447,10 @@ class Batcher:
     def _report(self) -> dict[str, Any]:
         """What the scheduler shows of this Batcher (dashboard, /metrics)."""
         stats = self.stats()
-        for worker in stats["workers"].values():
+        figures = self._dispatcher.workloads()
+        for address, worker in stats["workers"].items():
             worker.pop("forecast", None)
+            worker["workload"] = figures.get(address)
         return stats
 
     def history(self) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import weakref
 from collections import deque
@@ -23,7 +24,7 @@ import numpy as np
 
 from .. import protocol
 from ..core.pacing import BusyForecast
-from ..core.placement import WorkerLoad, fill_unknown_throughputs, plan
+from ..core.placement import WorkerLoad, fill_unknown_throughputs, plan, workload
 from ..core.requests import Request, RequestQueue
 from ..core.rows import split_rows
 from ..errors import BatcherClosedError, RequestTimeoutError
@@ -231,6 +232,17 @@ class Dispatcher:
             return oldest + self.model.spec.max_delay - now
         send_at = slot.forecast.send_at(size)
         return send_at - now if now < send_at else None
+
+    def workloads(self) -> dict[str, float | None]:
+        """Each worker's placement figure now (seconds until a new shipment would be done)."""
+        live = list(self.slots.values())
+        rates = fill_unknown_throughputs({s.address: s.advice.throughput for s in live},
+                                         {s.address: s.view.benchmark for s in live})
+        out = {}
+        for slot in live:
+            figure = workload(self._load(slot, rates.get(slot.address)))
+            out[slot.address] = figure if math.isfinite(figure) else None
+        return out
 
     def _load(self, slot: WorkerSlot, throughput: float | None) -> WorkerLoad:
         """The placement inputs for one worker, from its server's advice."""

@@ -40,7 +40,7 @@ def learn(slot: WorkerSlot, delivery: Delivery, rows: int, oldest: float, max_de
         comm_s = max(0.0, (done - sent) - reply.worker_s)
         slot.forecast.observe(rows, reply.compute_s, (sent - delivery.formed) + comm_s / 2 + reply.stage_s)
     last = records[-1] if records else None
-    formation_wait = min(sent - oldest, max_delay)
+    formation_wait = min(max(0.0, sent - oldest), max_delay)
     return HistoryRecord(
         time=time.time(), worker=slot.address, version=reply.version, size=rows,
         device_batch=max((r.rows for r in records), default=rows), latency=(done - sent) + formation_wait,

@@ -99,7 +99,7 @@ class Transport:
         inline = [r.sample for r in reqs if r.dask_future is None]
         keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
         message: dict[str, Any] = {"model": self.model, "version": version, "client": self.client.id, "n": len(reqs),
-                                   "queued_s": formed - min(r.enqueued for r in reqs)}
+                                   "queued_s": max(0.0, formed - min(r.enqueued for r in reqs))}
         priorities = _priority_runs(reqs)
         if priorities is not None:
             message["priorities"] = priorities

@@ -282,6 +282,7 @@ class ThroughputTable:
         return fall
 
     def _still_below(self, fall: int, best_size: int) -> bool:
+        """The fallen bin's last average (even if forgotten since) still below the best's bound."""
         fallen, best = self._seen.get(fine_bin(fall)), self._seen.get(fine_bin(best_size))
         if fallen is None or best is None or fallen.get("throughput") is None or best.get("throughput") is None:
             return False
@@ -289,7 +290,8 @@ class ThroughputTable:
 
     def state(self) -> dict[str, Any]:
         """``best_size``, ``best_throughput``, ``best_throughput_bound``, ``throughput_noise`` and
-        ``throughput`` (``{bin: samples/s}``) for :meth:`BatchSizeController.state`."""
+        ``throughput`` (``{bin: samples/s}``, forgotten bins included) for
+        :meth:`BatchSizeController.state`."""
         best = self.best()
         throughput = {key: float(bin_.get("throughput")) for key, bin_ in sorted(self._seen.items())
                       if bin_.get("throughput") is not None}
@@ -372,13 +374,23 @@ _UNCONFIRMED_RUN_STEPS = 3  # Mann-Kendall cannot confirm a trend from fewer ste
 
 
 class Phase(Enum):
-    """Where the controller is between its moves (``state()["phase"]``)."""
+    """Where the controller is between its moves (``state()["phase"]`` holds the value).
 
-    #: a growth run from a fresh start, a memory cap or a bound; past 3 steps the size trend must agree
+    Attributes
+    ----------
+    CLIMB
+        A growth run from a fresh start, or resumed after a memory cap or a bound: its first
+        3 steps are taken untested, later ones only while the size trend is increasing.
+    PROBE
+        A growth run that started from rest, gated like a climb; how it ends sets ``patience``
+        (doubled when it ends at or below where it started, reset when it got further).
+    HOLD
+        Not growing: the last move was a hold or a shrink.  Growing from here is a probe, which
+        waits for ``patience`` batches under target and for the trends to allow it.
+    """
+
     CLIMB = "climb"
-    #: a growth run that started from rest; how it ends sets ``patience``
     PROBE = "probe"
-    #: not growing (the last move was a hold or a shrink): growth must wait for ``patience``
     HOLD = "hold"
 
 
@@ -394,6 +406,71 @@ class _Decision(NamedTuple):
     decision: str  # "grow", "shrink" or "hold"
     reason: str
     effect: str = "normal"
+
+
+class _PhaseState:
+    """The controller's :class:`Phase`, the counters its rules read, and the transitions after each
+    move (a hold, a growth step or a shrink) and after the memory cap moves the size."""
+
+    def __init__(self, size: int, window: int, slow_start: bool) -> None:
+        self.phase = Phase.CLIMB  # a fresh controller is a growth run that has not taken a step yet
+        self.run_steps = 0  # steps taken by the current growth run
+        self.slow_start = slow_start  # growth doubles until the first shrink or throughput fall
+        self.base_patience = max(2, window // 2)
+        self.max_patience = 4 * window
+        self.patience = self.base_patience  # batches under target at rest before a probe
+        self.holds_under_target = 0  # consecutive full batches under target held at this size
+        self.probe_origin: int | None = None  # in PROBE: the size the probe started from
+        self.last_growth_from = size  # the proposal before the last growth step
+
+    @property
+    def just_grew(self) -> bool:
+        """Whether the last move was a growth step (no hold, bound or cap since)."""
+        return self.phase is not Phase.HOLD and self.run_steps > 0
+
+    def held(self, proposal: int, at_bound: bool, under_target: bool) -> None:
+        """The size stayed; ``at_bound``: only the cap or ``max_size`` stopped growth."""
+        if at_bound:
+            self.restart_growth_run()  # grow as a fresh run once the bound lifts
+        else:
+            if self.phase is Phase.PROBE and proposal > self.probe_origin:
+                self.patience = self.base_patience  # the probe advanced before the trend stopped it
+            self._rest()
+        self.holds_under_target = self.holds_under_target + 1 if under_target else 0
+
+    def grew(self, proposal: int, probe: bool) -> None:
+        """The size grew from ``proposal``; ``probe``: from rest."""
+        if probe:
+            self.phase, self.probe_origin, self.run_steps = Phase.PROBE, proposal, 1
+        elif self.phase is Phase.HOLD:
+            self.phase, self.run_steps = Phase.CLIMB, 1
+        else:
+            self.run_steps += 1
+        self.holds_under_target = 0
+        self.last_growth_from = proposal
+
+    def shrank(self, new_size: int) -> None:
+        """The size shrank to ``new_size``: slow start is over, and a probe is judged."""
+        self.slow_start = False
+        if self.phase is Phase.PROBE:
+            failed = new_size <= self.probe_origin  # the probe found nothing better: wait longer next time
+            self.patience = min(self.max_patience, 2 * self.patience) if failed else self.base_patience
+        self._rest()
+        self.holds_under_target = 0
+
+    def squeezed(self) -> None:
+        """The memory cap lowered the size: a fresh growth run once it lifts (no probe to judge)."""
+        self.phase, self.run_steps, self.probe_origin = Phase.CLIMB, 0, None
+
+    def restart_growth_run(self, reset_patience: bool = False) -> None:
+        """A growth run from here, without waiting for ``patience`` (a probe stays a probe)."""
+        if reset_patience:
+            self.patience = self.base_patience
+        self.phase = Phase.PROBE if self.phase is Phase.PROBE else Phase.CLIMB
+        self.run_steps = 0
+
+    def _rest(self) -> None:
+        self.phase, self.run_steps, self.probe_origin = Phase.HOLD, 0, None
 
 
 class BatchSizeController:
@@ -455,22 +532,12 @@ class BatchSizeController:
         self._range = _SizeRange(int(min_size), None if max_size is None else int(max_size),
                                  None if b_delta is None else int(b_delta), _sorted_ladder(ladder))
         self._table = ThroughputTable(self._target, throughput_tolerance, forget_after=16 * self._window)
-        self._base_patience = max(2, self._window // 2)
-        self._max_patience = 4 * self._window
-
         self._size = self._range.bounded(int(initial_size))
         self._recent_sizes: deque[int] = deque([self._size], maxlen=self._window)
         self._history: deque[tuple[int, float]] = deque(maxlen=4 * self._window)  # (size, latency)
         self._observations = 0
         self._observed_at: float | None = None
-
-        self._phase = Phase.CLIMB  # a fresh controller is a growth run that has not taken a step yet
-        self._run_steps = 0  # steps taken by the current growth run
-        self._slow_start = b_delta is None  # growth doubles until the first shrink or throughput fall
-        self._patience = self._base_patience
-        self._holds_under_target = 0  # consecutive full batches under target held at this size
-        self._probe_origin: int | None = None  # in PROBE: the size the probe started from
-        self._last_growth_from = self._size  # the proposal before the last growth step
+        self._phases = _PhaseState(self._size, self._window, slow_start=b_delta is None)
         self._size_before_cap: int | None = None  # the size chosen before a memory cap squeezed it
 
         self._size_trend = mann_kendall(self._recent_sizes, alpha=self._alpha)
@@ -507,7 +574,7 @@ class BatchSizeController:
     @property
     def phase(self) -> Phase:
         """Where the controller is between its moves."""
-        return self._phase
+        return self._phases.phase
 
     def throughput_at(self, size: int) -> float | None:
         """Average throughput (samples/s) of recent batches of about ``size`` rows (its size bin),
@@ -587,7 +654,8 @@ class BatchSizeController:
             ``"shrink"`` or ``"hold"``), ``reason``, ``best_size``, ``best_throughput`` (its
             average), ``best_throughput_bound`` (what the rules compare with: the average less what
             luck may have added), ``throughput_noise`` (one batch's relative standard deviation, or
-            None until measured), ``throughput`` (``{size bin: samples/s}``), ``phase``
+            None until measured), ``throughput`` (``{size bin: samples/s}``, bins not seen for
+            ``16 * window`` batches included), ``phase``
             (:class:`Phase` value), ``patience``, ``slow_start``, ``ladder`` (bucket sizes, or None),
             ``observations`` and ``observed_at`` (clock reading of the last observation, or None).
         """
@@ -608,9 +676,9 @@ class BatchSizeController:
             "decision": self._decision,
             "reason": self._reason,
             **self._table.state(),
-            "phase": self._phase.value,
-            "patience": self._patience,
-            "slow_start": self._slow_start,
+            "phase": self._phases.phase.value,
+            "patience": self._phases.patience,
+            "slow_start": self._phases.slow_start,
             "ladder": list(self._range.ladder) if self._range.ladder is not None else None,
             "observations": self._observations,
             "observed_at": self._observed_at,
@@ -643,14 +711,14 @@ class BatchSizeController:
         if proposal <= self._range.lower():
             return _Decision(proposal, "hold", f"{late} but already at the smallest size {proposal}")
         new_size = self._range.down(proposal)
-        if self._phase is not Phase.HOLD and self._run_steps > 0:
-            # right after a growth step, undo that step: the size before it met the target
-            new_size = max(new_size, self._last_growth_from)
+        if self._phases.just_grew:  # undo that step: the size before it met the target
+            new_size = max(new_size, self._phases.last_growth_from)
         new_size = self._range.bounded(new_size)
         reason = f"{late}: shrink {proposal} -> {new_size} (a late batch overrides the trend gate)"
         return _Decision(new_size, "shrink", reason)
 
     def _on_target_met(self, size: int, latency: float, proposal: int) -> _Decision:
+        """A full batch under target: the first of the rules below that applies decides."""
         met = f"latency {latency:.4g}s <= target {self._target:.4g}s"
         best = self._table.best()
         settle = self._throughput_rule(size, proposal, best, met)
@@ -660,15 +728,11 @@ class BatchSizeController:
             cap = self._range.cap
             bound = "memory cap" if cap is not None and cap == self._range.upper() else "max_size"
             return _Decision(proposal, "hold", f"{met}, but at the {bound} ({proposal})", "at_bound")
-        grown = self._range.bounded(self._range.up(proposal, doubling=self._slow_start))
-        fall = self._table.fall_in_force(best.size)
-        if fall is not None and grown >= fall:
-            # back to the best, as when the fall was found, rather than park between the two
-            new_size = self._range.bounded(min(best.size, proposal))
-            reason = (f"{met}, but throughput fell at {fall} within the last {self._table.forget_after} batches: "
-                      + (f"back to the best, {best.size}" if new_size < proposal else "hold"))
-            return _Decision(new_size, "shrink" if new_size < proposal else "hold", reason)
-        if self._phase is Phase.HOLD:
+        grown = self._range.bounded(self._range.up(proposal, doubling=self._phases.slow_start))
+        held_back = self._known_fall_rule(proposal, grown, best, met)
+        if held_back is not None:
+            return held_back
+        if self._phases.phase is Phase.HOLD:
             return self._probe_rule(proposal, grown, met)
         return self._growth_run_rule(proposal, grown, met)
 
@@ -679,15 +743,16 @@ class BatchSizeController:
         fall = self._table.confirm_fall(size, below)  # one slow batch may be a busy neighbour: need two
         tolerance = self._table.tolerance
         current = self._table.throughput_at(size)
-        if below and fall is None and self._slow_start:
-            self._slow_start = False  # doubling again before a second batch could confirm would overshoot twice as far
+        if below and fall is None and self._phases.slow_start:
+            # doubling again before a second batch could confirm the fall would overshoot twice as far
+            self._phases.slow_start = False
             reason = (f"{met}, but throughput at {size} ({current:.4g}/s) fell more than "
                       f"{tolerance:.0%} below the best ({best.bound:.4g}/s at {best.size}): "
                       "slow start ends, hold")
             return _Decision(proposal, "hold", reason)
         if fall is None:
             return None
-        self._slow_start = False
+        self._phases.slow_start = False
         self._table.remember_fall(fall, best.size)
         new_size = self._range.bounded(min(best.size, proposal))
         reason = (
@@ -696,10 +761,22 @@ class BatchSizeController:
         )
         return _Decision(new_size, "shrink" if new_size < proposal else "hold", reason)
 
+    def _known_fall_rule(self, proposal: int, grown: int, best: BestSize, met: str) -> _Decision | None:
+        """No growth to a size where throughput fell not long ago, while the fall holds: back to the
+        best size, as when the fall was found, rather than park between the two."""
+        fall = self._table.fall_in_force(best.size)
+        if fall is None or grown < fall:
+            return None
+        new_size = self._range.bounded(min(best.size, proposal))
+        reason = (f"{met}, but throughput fell at {fall} within the last {self._table.forget_after} batches: "
+                  + (f"back to the best, {best.size}" if new_size < proposal else "hold"))
+        return _Decision(new_size, "shrink" if new_size < proposal else "hold", reason)
+
     def _growth_run_rule(self, proposal: int, grown: int, met: str) -> _Decision:
         """A growth run goes on for its first steps untested, then while the size trend agrees."""
-        if self._run_steps < _UNCONFIRMED_RUN_STEPS:
-            reason = f"{met}: grow {proposal} -> {grown} (run step {self._run_steps + 1}, too early to test)"
+        steps = self._phases.run_steps
+        if steps < _UNCONFIRMED_RUN_STEPS:
+            reason = f"{met}: grow {proposal} -> {grown} (run step {steps + 1}, too early to test)"
             return _Decision(grown, "grow", reason)
         trend = f"size trend z={self._size_trend.z:.2f} p={self._size_trend.p:.2g}"
         if self._size_trend.trend == "increasing":
@@ -709,7 +786,8 @@ class BatchSizeController:
     def _probe_rule(self, proposal: int, grown: int, met: str) -> _Decision:
         """From rest, probe upwards after ``patience`` batches under target, once the sizes no
         longer trend down and latency does not creep up at this size."""
-        wait = self._patience - self._holds_under_target - 1
+        holds = self._phases.holds_under_target
+        wait = self._phases.patience - holds - 1
         if wait > 0:
             return _Decision(proposal, "hold", f"{met}: hold, probe upward after {wait} more batches under target")
         trend = f"size trend z={self._size_trend.z:.2f} p={self._size_trend.p:.2g}"
@@ -722,7 +800,7 @@ class BatchSizeController:
                 f"(residual trend z={residuals.z:.2f} p={residuals.p:.2g}): hold"
             )
             return _Decision(proposal, "hold", reason)
-        reason = f"{met} for {self._holds_under_target + 1} batches: probe {proposal} -> {grown}"
+        reason = f"{met} for {holds + 1} batches: probe {proposal} -> {grown}"
         return _Decision(grown, "grow", reason, "probe")
 
     # ------------------------------------------------------------------ phase transitions
@@ -732,49 +810,14 @@ class BatchSizeController:
         if decision.effect == "neutral":  # a batch that says nothing about the proposal changes nothing
             return
         if decision.size == proposal:
-            self._after_hold(proposal, at_bound=decision.effect == "at_bound")
+            under_target = bool(self._history) and self._history[-1][1] <= self._target
+            self._phases.held(proposal, decision.effect == "at_bound", under_target)
         elif decision.size > proposal:
-            self._after_growth(proposal, probe=decision.effect == "probe")
+            self._phases.grew(proposal, probe=decision.effect == "probe")
         else:
-            self._after_shrink(decision.size)
+            self._phases.shrank(decision.size)
         self._size = decision.size
         self._recent_sizes.append(decision.size)
-
-    def _after_hold(self, proposal: int, at_bound: bool) -> None:
-        if at_bound:
-            self._restart_growth_run()  # grow as a fresh run once the bound lifts
-        else:
-            if self._phase is Phase.PROBE and proposal > self._probe_origin:
-                self._patience = self._base_patience  # the probe advanced before the trend stopped it
-            self._enter_hold()
-        under_target = bool(self._history) and self._history[-1][1] <= self._target
-        self._holds_under_target = self._holds_under_target + 1 if under_target else 0
-
-    def _after_growth(self, proposal: int, probe: bool) -> None:
-        if probe:
-            self._phase, self._probe_origin, self._run_steps = Phase.PROBE, proposal, 1
-        elif self._phase is Phase.HOLD:
-            self._phase, self._run_steps = Phase.CLIMB, 1
-        else:
-            self._run_steps += 1
-        self._holds_under_target = 0
-        self._last_growth_from = proposal
-
-    def _after_shrink(self, new_size: int) -> None:
-        self._slow_start = False
-        if self._phase is Phase.PROBE:
-            failed = new_size <= self._probe_origin  # the probe found nothing better: wait longer next time
-            self._patience = min(self._max_patience, 2 * self._patience) if failed else self._base_patience
-        self._enter_hold()
-        self._holds_under_target = 0
-
-    def _enter_hold(self) -> None:
-        self._phase, self._run_steps, self._probe_origin = Phase.HOLD, 0, None
-
-    def _restart_growth_run(self) -> None:
-        """A growth run from here, without waiting for ``patience`` (a probe stays a probe)."""
-        self._phase = Phase.PROBE if self._phase is Phase.PROBE else Phase.CLIMB
-        self._run_steps = 0
 
     def _squeeze(self, cap: int, bounded: int) -> None:
         """The cap lowered the size: an outside clamp, no trend of ours, so restart the window."""
@@ -782,13 +825,12 @@ class BatchSizeController:
         self._size_before_cap = max(self._size, self._size_before_cap or 0)
         self._size = bounded
         self._recent_sizes = deque([bounded], maxlen=self._window)
-        self._phase, self._run_steps, self._probe_origin = Phase.CLIMB, 0, None
+        self._phases.squeezed()
 
     def _lift(self, cap: int | None) -> None:
         """The cap that held the size down lifted: return to the size chosen before the squeeze
         (within the new cap) rather than climb back step by step."""
-        self._patience = self._base_patience
-        self._restart_growth_run()
+        self._phases.restart_growth_run(reset_patience=True)
         before = self._size_before_cap
         if before is None or before <= self._size:
             return

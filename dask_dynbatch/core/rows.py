@@ -27,7 +27,7 @@ def stack_in_chunks(samples: Sequence[np.ndarray], chunk_bytes: int) -> np.ndarr
     Why chunks: a receiving Dask comm allocates one buffer per frame, and glibc serves a buffer
     above 32 MiB (its largest mmap threshold) with a fresh mmap that is page-faulted on every
     message; buffers below it are reused from the heap. One frame per sample would cost a read
-    call per sample instead. :func:`join_chunks` undoes this on the worker."""
+    call per sample instead. The worker takes the chunks as they are: they join in the copy to the device (or into one array)."""
     if not samples:
         return np.stack(samples)
     per_sample = max(1, samples[0].nbytes)
@@ -35,13 +35,6 @@ def stack_in_chunks(samples: Sequence[np.ndarray], chunk_bytes: int) -> np.ndarr
     if rows >= len(samples):
         return np.stack(samples)
     return [np.stack(samples[i : i + rows]) for i in range(0, len(samples), rows)]
-
-
-def join_chunks(batch: np.ndarray | list[np.ndarray]) -> np.ndarray:
-    """One stacked array from what :func:`stack_in_chunks` made."""
-    if isinstance(batch, list):
-        return batch[0] if len(batch) == 1 else np.concatenate(batch)
-    return batch
 
 
 def split_rows(outputs: Any, n: int) -> list[Any]:

@@ -67,6 +67,7 @@ class DynBatchPlugin(SchedulerPlugin):
         self.scheduler: Scheduler | None = None
         self.registry = ModelRegistry()
         self.workers: dict[str, dict[str, Any]] = {}  # address -> the worker half's last heartbeat
+        self.ready: set[str] = set()  # workers whose worker half has started
         self.batchers: dict[str, dict[str, Any]] = {}  # batcher id -> its last report
         self._tasks: set[asyncio.Task] = set()
         self._handlers = {
@@ -86,9 +87,11 @@ class DynBatchPlugin(SchedulerPlugin):
 
         dashboard.add_dashboard_pages(scheduler)
         metrics.register_collector(scheduler)
-        await scheduler.register_worker_plugin(
+        responses = await scheduler.register_worker_plugin(
             None, dumps(DynBatchWorkerPlugin(**self.worker_options)), name=protocol.PLUGIN_NAME, idempotent=True
         )
+        # their worker half has started (set up in the plugin-add call answered here)
+        self.ready.update(a for a, r in (responses or {}).items() if isinstance(r, dict) and r.get("status") == "OK")
 
     async def close(self) -> None:
         """Undo :meth:`start`: handlers, extension, dashboard sampling, metrics and the worker half."""
@@ -112,16 +115,21 @@ class DynBatchPlugin(SchedulerPlugin):
             await scheduler.unregister_worker_plugin(None, protocol.PLUGIN_NAME)
 
     # -- cluster events -----------------------------------------------------------------------------
-    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
-        scheduler.log_event(protocol.CLUSTER_TOPIC, {"action": "add", "worker": worker})
+    def log_event(self, topic: str, msg: Any) -> None:
+        """A worker half announced itself ready (its handlers are in place): clients may use it now."""
+        if topic == protocol.CLUSTER_TOPIC and isinstance(msg, dict) and msg.get("action") == "ready":
+            self.ready.add(msg["worker"])
+            self.workers.setdefault(msg["worker"], {"device": msg.get("device", "cpu")})
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         self.workers.pop(worker, None)
+        self.ready.discard(worker)
         scheduler.log_event(protocol.CLUSTER_TOPIC, {"action": "remove", "worker": worker})
 
     def heartbeat(self, ws: WorkerState, data: dict[str, Any]) -> None:
         """The worker half's heartbeat data (scheduler extension hook)."""
         self.workers[ws.address] = data
+        self.ready.add(ws.address)
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
         """A client left: drop its Batchers' reports, and every model no connected client uses any
@@ -197,13 +205,14 @@ class DynBatchPlugin(SchedulerPlugin):
                           resources=dict(ws.resources), benchmark=(ours or {}).get("benchmark"))
 
     def workers_for(self, model: str) -> dict[str, dict[str, Any]]:
-        """Handler: running workers able to run ``model`` (its resources and device), with their views."""
+        """Handler: running workers whose worker half is ready and that can run ``model`` (its
+        resources and device), with their views."""
         entry = self.registry.models.get(model)
         if entry is None:
             return {}
         out = {}
         for address, ws in self.scheduler.workers.items():
-            if ws.status.name != "running":
+            if ws.status.name != "running" or (address not in self.ready and address not in self.workers):
                 continue
             if any(ws.resources.get(k, 0) < v for k, v in entry.resources.items()):
                 continue

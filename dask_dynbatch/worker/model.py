@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._compat import dynamo_tolerates_nested_tracing
 from ..core.ladder import bucket_for, floor_rung
 from ..core.memory import estimate_bytes_per_sample, is_oom_error
 from ..spec import ModelSpec, call_load
@@ -267,7 +268,7 @@ class LoadedModel:
                 # which fails the guards of a graph warmed with an ordinary one, and dynamo then
                 # recompiles in this thread while every batch waits
                 padded = pad_rows(batch, bucket)
-                with torch.inference_mode():
+                with torch.inference_mode(), dynamo_tolerates_nested_tracing():
                     result = self._to_host(trim_rows(self.forward(compiled, padded), n))
             except Exception as exc:
                 if is_oom_error(exc):

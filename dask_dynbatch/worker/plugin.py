@@ -92,7 +92,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         })
         worker.extensions[protocol.PLUGIN_NAME] = self
         # pushed to clients: a worker that can serve is ready now, not at their next refresh
-        worker.log_event(protocol.CLUSTER_TOPIC, {"action": "ready", "worker": worker.address})
+        worker.log_event(protocol.CLUSTER_TOPIC, {"action": "ready", "worker": worker.address,
+                                                  "device": "cuda" if self.gpu_count else "cpu"})
 
     def teardown(self, worker: Worker) -> None:
         self._poller.stop()
@@ -136,8 +137,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             try:
                 await server.serve(shipment)
             finally:
-                if server.retiring and server.idle:
-                    self._drop(server)
+                server.check_retired()
         except (ShmUnavailable, ModelSuperseded) as exc:  # expected: the client re-sends
             return error_reply(exc)
         except Exception as exc:  # the shipment could not run at all
@@ -219,19 +219,14 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         )
         self.loads[(name, version)] += 1
         server = ModelServer(loaded, sizer, self._device_thread(device), self.stager,
-                             call_as_worker=functools.partial(call_as_worker, self.worker), pin_slot=self._pin_slot)
+                             call_as_worker=functools.partial(call_as_worker, self.worker), pin_slot=self._pin_slot,
+                             on_retired=self._drop)
         self.servers[(name, version)] = server
         logger.info("dynbatch: loaded model %r version %d on %s in %.2fs", name, version, device, loaded.load_seconds)
         for (other, v), old in list(self.servers.items()):
             if other == name and v < version:
-                self._retire(old)
+                old.retire()
         return server
-
-    def _retire(self, server: ModelServer) -> None:
-        """Serve what is queued and in flight, then drop it (a newer version, or no client left)."""
-        server.retiring = True
-        if server.idle:
-            self._drop(server)
 
     def _drop(self, server: ModelServer) -> None:
         if self.servers.get((server.name, server.version)) is server:
@@ -245,7 +240,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         retired = []
         for (name, version), server in list(self.servers.items()):
             if name in names and (below is None or version < below):
-                self._retire(server)
+                server.retire()
                 retired.append(name)
         return retired
 

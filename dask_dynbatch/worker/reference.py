@@ -1,17 +1,15 @@
-"""Load-performance tables: how fast a device runs a model at several batch sizes (S1).
+"""The reference benchmark: how fast a device runs a reference model at several batch sizes.
 
-Step S1 of the batch-dynamic-adjustment method benchmarks each processor with a reference model
-(ResNet-50) at several batch sizes; the result is a *load-performance table*: samples/s, latency
-and the largest batch that ran, per batch size.  This module provides
+Opt-in (``dynbatch.benchmark.on-start``, or :func:`dask_dynbatch.rerun_benchmark`): each worker can
+measure its device with a reference model (torchvision ResNet-50 with random weights when
+torchvision is importable, else a small built-in CNN), in its per-device variant (fp16 and
+channels-last on CUDA, fp32 on CPU). The result, a :class:`LoadPerformanceTable` (samples/s and
+latency per batch size), gives placement a prior for workers that have not run a model yet; once
+a worker's model server has measured the model itself, its own figure wins.
 
-* :class:`LoadPerformanceTable` (with :class:`LoadPerformanceRow`), serialisable to plain dicts;
-* :func:`measure_table`, the timing loop (any ``run_batch(n)`` callable, any clock), with a
-  total time budget and out-of-memory handling;
-* :func:`reference_model` and :func:`benchmark_device`: the reference model (torchvision
-  ResNet-50 with random weights when torchvision is importable, else a small built-in CNN),
-  in its per-device variant (S10: fp16 + channels-last on CUDA, fp32 on CPU), and its table;
-* :class:`LazyModelTable`: the per-user-model table built from the batches a worker actually
-  runs, which placement prefers to the reference score once it exists.
+* :func:`measure_table`: the timing loop (any ``run_batch(n)``, any clock), with a total time
+  budget and out-of-memory handling;
+* :func:`reference_model` and :func:`benchmark_device`: the reference model and its table.
 
 torch (and torchvision) are imported lazily, inside the functions that need them.
 """
@@ -22,21 +20,20 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
+
+from ..core.memory import is_oom_error
 
 __all__ = [
     "CPU_BATCH_SIZES",
     "CUDA_BATCH_SIZES",
     "DEFAULT_BATCH_SIZES",
-    "LazyModelTable",
     "LoadPerformanceRow",
     "LoadPerformanceTable",
     "ReferenceModel",
     "benchmark_device",
-    "looks_like_oom",
     "measure_table",
     "reference_model",
-    "size_bucket",
     "small_cnn",
 ]
 
@@ -51,7 +48,6 @@ STATUS_OK = "ok"
 STATUS_OOM = "out of memory"
 STATUS_SKIPPED_BUDGET = "skipped: time budget spent"
 STATUS_SKIPPED_AFTER_OOM = "skipped: a smaller size ran out of memory"
-STATUS_OBSERVED = "observed"
 
 _MIN_SECONDS = 1e-9
 
@@ -78,7 +74,7 @@ class LoadPerformanceRow:
     runs : int
         How many timed runs the figures come from (or observations, for a lazy table).
     status : str
-        ``"ok"``, ``"out of memory"``, ``"skipped: ..."`` or ``"observed"``.
+        ``"ok"``, ``"out of memory"`` or ``"skipped: ..."``.
     """
 
     batch_size: int
@@ -91,7 +87,7 @@ class LoadPerformanceRow:
 
 @dataclass
 class LoadPerformanceTable:
-    """Samples/s and latency per batch size for one model on one device (S1).
+    """Samples/s and latency per batch size for one model on one device .
 
     Parameters
     ----------
@@ -160,58 +156,6 @@ class LoadPerformanceTable:
                 return r
         return None
 
-    # -- interpolation -----------------------------------------------------------------------
-
-    def latency_at(self, batch_size: int) -> float | None:
-        """Estimated seconds for one batch of ``batch_size``.
-
-        Latency is close to affine in the batch size (fixed cost plus per-sample cost), so it is
-        interpolated linearly between the measured sizes that ran.  Below the smallest measured
-        size the line through the two smallest is extended, clamped between "same per-sample
-        time" and "same time as the smallest batch".  Above the largest size that ran, the
-        batch is assumed to be split into batches of that size (same samples/s).
-
-        Parameters
-        ----------
-        batch_size : int
-            Samples in the batch (>= 1).
-
-        Returns
-        -------
-        float or None
-            Seconds, or ``None`` when no size ran.
-        """
-        rows = self.ran_rows
-        if not rows or batch_size <= 0:
-            return None
-        n = float(batch_size)
-        sizes = [float(r.batch_size) for r in rows]
-        latencies = [float(r.latency_s) for r in rows]  # type: ignore[arg-type]
-        if n >= sizes[-1]:
-            return latencies[-1] * n / sizes[-1]
-        if n <= sizes[0]:
-            if len(rows) == 1:
-                return latencies[0]
-            slope = (latencies[1] - latencies[0]) / (sizes[1] - sizes[0])
-            estimate = latencies[0] - slope * (sizes[0] - n)
-            return min(latencies[0], max(latencies[0] * n / sizes[0], estimate))
-        for k in range(1, len(sizes)):
-            if n <= sizes[k]:
-                fraction = (n - sizes[k - 1]) / (sizes[k] - sizes[k - 1])
-                return latencies[k - 1] + fraction * (latencies[k] - latencies[k - 1])
-        return latencies[-1] * n / sizes[-1]  # pragma: no cover (unreachable)
-
-    def throughput_at(self, batch_size: int) -> float | None:
-        """Estimated samples/s at ``batch_size`` (``batch_size / latency_at(batch_size)``).
-
-        Exact at measured sizes; see :meth:`latency_at` for the interpolation.  ``None`` when no
-        size ran.
-        """
-        latency = self.latency_at(batch_size)
-        if latency is None or latency <= 0:
-            return None
-        return batch_size / latency
-
     # -- serialisation -----------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,48 +166,10 @@ class LoadPerformanceTable:
         data["best_batch_size"] = self.best_batch_size
         return data
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LoadPerformanceTable:
-        """Inverse of :meth:`to_dict` (summary keys are recomputed, not read)."""
-        rows = [LoadPerformanceRow(**dict(r)) for r in data.get("rows", [])]
-        return cls(
-            device=str(data["device"]),
-            model_name=str(data["model_name"]),
-            rows=sorted(rows, key=lambda r: r.batch_size),
-            device_name=data.get("device_name"),
-            dtype=data.get("dtype"),
-            time_budget_s=data.get("time_budget_s"),
-            elapsed_s=float(data.get("elapsed_s", 0.0)),
-            measured_at=data.get("measured_at"),
-        )
-
 
 # ----------------------------------------------------------------------------------------------
 # The timing loop
 # ----------------------------------------------------------------------------------------------
-
-
-def looks_like_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error (host or device, torch or CuPy).
-
-    Parameters
-    ----------
-    exc : BaseException
-        The exception raised by a batch.
-
-    Returns
-    -------
-    bool
-        True for ``MemoryError``, any exception class named ``OutOfMemoryError`` (torch,
-        CuPy), and errors whose message says "out of memory".
-    """
-    if isinstance(exc, MemoryError):
-        return True
-    for klass in type(exc).__mro__:
-        if klass.__name__ in ("OutOfMemoryError", "OutOfMemory"):
-            return True
-    message = str(exc).lower()
-    return "out of memory" in message or "cuda_error_out_of_memory" in message
 
 
 def measure_table(
@@ -273,7 +179,7 @@ def measure_table(
     time_budget_s: float = 2.0,
     warmup: int = 1,
     clock: Callable[[], float] = time.perf_counter,
-    is_oom: Callable[[BaseException], bool] = looks_like_oom,
+    is_oom: Callable[[BaseException], bool] = is_oom_error,
     min_runs: int = 1,
     max_runs: int = 50,
     device: str = "unknown",
@@ -392,7 +298,7 @@ def measure_table(
 
 @dataclass
 class ReferenceModel:
-    """A model ready to benchmark on one device (its S10 variant applied).
+    """A model ready to benchmark on one device (its per-device variant applied).
 
     Parameters
     ----------
@@ -457,7 +363,7 @@ def _torchvision_resnet50() -> Any | None:
 
 
 def reference_model(device: Any = "cpu", *, prefer: str = "auto") -> ReferenceModel:
-    """Build the reference model for ``device``, in its per-device variant (S10).
+    """Build the reference model for ``device``.
 
     Parameters
     ----------
@@ -528,7 +434,7 @@ def benchmark_device(
     prefer: str = "auto",
     clock: Callable[[], float] = time.perf_counter,
 ) -> LoadPerformanceTable:
-    """Measure the load-performance table of a device with the reference model (S1).
+    """Measure the load-performance table of a device with the reference model .
 
     Each batch is a forward pass under ``torch.inference_mode()`` on random inputs created on
     the device (created once per size, outside the timed calls after warm-up); on CUDA every
@@ -600,7 +506,7 @@ def benchmark_device(
                 if on_cuda:
                     torch.cuda.synchronize(torch_device)
         except Exception as exc:
-            if looks_like_oom(exc):
+            if is_oom_error(exc):
                 inputs.clear()
                 if on_cuda:
                     torch.cuda.empty_cache()
@@ -620,187 +526,3 @@ def benchmark_device(
         )
     finally:
         inputs.clear()
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-user-model tables, fed from real batches
-# ----------------------------------------------------------------------------------------------
-
-
-def size_bucket(batch_size: int) -> int:
-    """Power-of-two bucket of a batch size: the largest power of two <= ``batch_size``."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    return 1 << (int(batch_size).bit_length() - 1)
-
-
-@dataclass
-class _BucketEstimate:
-    mean_batch_size: float
-    mean_seconds: float
-    observations: int = 1
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.mean_batch_size / max(self.mean_seconds, _MIN_SECONDS)
-
-
-class LazyModelTable:
-    """Load-performance table of one user model on one worker, learned from real batches.
-
-    Every batch the worker runs is reported with :meth:`observe`.  Observations are grouped in
-    power-of-two buckets of batch size (1, 2-3, 4-7, 8-15, ...); per bucket an exponentially
-    weighted moving average (EWMA) is kept of the batch size and of the seconds per batch, and
-    the bucket's samples/s is their ratio (a ratio of averages, robust to sizes that vary
-    within a bucket).  The first observation of a bucket sets its averages; later ones move
-    them by ``alpha``::
-
-        mean <- (1 - alpha) * mean + alpha * new
-
-    Parameters
-    ----------
-    model_name : str
-        The model's name (for the exported table).
-    device : str
-        The device (for the exported table).
-    alpha : float
-        EWMA weight of a new observation, in (0, 1].
-    prior_throughput : float, optional
-        Samples/s to report before any batch was observed (e.g. a benchmark score converted
-        to this model); ``None``: unknown.
-    """
-
-    def __init__(
-        self,
-        model_name: str = "model",
-        device: str = "unknown",
-        *,
-        alpha: float = 0.3,
-        prior_throughput: float | None = None,
-    ) -> None:
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-        self.model_name = model_name
-        self.device = device
-        self.alpha = float(alpha)
-        self.prior_throughput = prior_throughput
-        self._buckets: dict[int, _BucketEstimate] = {}
-
-    def observe(self, batch_size: int, seconds: float) -> bool:
-        """Record that a batch of ``batch_size`` samples took ``seconds`` of device time.
-
-        Parameters
-        ----------
-        batch_size : int
-            Samples in the batch (>= 1).
-        seconds : float
-            Service time of the batch (the worker's compute seconds, not queueing).
-
-        Returns
-        -------
-        bool
-            False (and nothing recorded) when ``seconds`` is not a positive finite number.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        if seconds is None or not math.isfinite(seconds) or seconds <= 0:
-            return False
-        bucket = size_bucket(batch_size)
-        estimate = self._buckets.get(bucket)
-        if estimate is None:
-            self._buckets[bucket] = _BucketEstimate(float(batch_size), float(seconds))
-        else:
-            a = self.alpha
-            estimate.mean_batch_size = (1 - a) * estimate.mean_batch_size + a * batch_size
-            estimate.mean_seconds = (1 - a) * estimate.mean_seconds + a * seconds
-            estimate.observations += 1
-        return True
-
-    @property
-    def observations(self) -> int:
-        """Total batches observed."""
-        return sum(e.observations for e in self._buckets.values())
-
-    def bucket_throughputs(self) -> dict[int, float]:
-        """Samples/s per observed bucket (key: the bucket's power of two)."""
-        return {b: e.samples_per_s for b, e in sorted(self._buckets.items())}
-
-    def throughput(self, batch_size: int | None = None) -> float | None:
-        """Best estimate of samples/s, for placement.
-
-        Parameters
-        ----------
-        batch_size : int, optional
-            The batch size the worker will run (e.g. the controller's size).  Given: the
-            estimate of its bucket, or of the nearest observed bucket (in powers of two; ties
-            go to the larger).  Not given: the highest estimate over observed buckets, i.e.
-            what the worker delivers at its best observed size.
-
-        Returns
-        -------
-        float or None
-            Samples/s, else ``prior_throughput`` when nothing was observed (``None`` if unset).
-        """
-        if not self._buckets:
-            return self.prior_throughput
-        if batch_size is None:
-            return max(e.samples_per_s for e in self._buckets.values())
-        target = size_bucket(max(1, int(batch_size))).bit_length()
-        nearest = min(self._buckets, key=lambda b: (abs(b.bit_length() - target), -b))
-        return self._buckets[nearest].samples_per_s
-
-    def to_table(self) -> LoadPerformanceTable:
-        """The observations as a :class:`LoadPerformanceTable` (one row per bucket)."""
-        rows = []
-        for bucket, estimate in sorted(self._buckets.items()):
-            rows.append(
-                LoadPerformanceRow(
-                    batch_size=bucket,
-                    samples_per_s=estimate.samples_per_s,
-                    latency_s=estimate.mean_seconds * bucket / estimate.mean_batch_size,
-                    ran=True,
-                    runs=estimate.observations,
-                    status=STATUS_OBSERVED,
-                )
-            )
-        return LoadPerformanceTable(device=self.device, model_name=self.model_name, rows=rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-dict state (for reports to the scheduler)."""
-        return {
-            "model_name": self.model_name,
-            "device": self.device,
-            "alpha": self.alpha,
-            "prior_throughput": self.prior_throughput,
-            "buckets": {
-                str(b): {
-                    "mean_batch_size": e.mean_batch_size,
-                    "mean_seconds": e.mean_seconds,
-                    "observations": e.observations,
-                    "samples_per_s": e.samples_per_s,
-                }
-                for b, e in sorted(self._buckets.items())
-            },
-            "throughput": self.throughput(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LazyModelTable:
-        """Inverse of :meth:`to_dict`."""
-        table = cls(
-            data.get("model_name", "model"),
-            data.get("device", "unknown"),
-            alpha=float(data.get("alpha", 0.3)),
-            prior_throughput=data.get("prior_throughput"),
-        )
-        for key, value in data.get("buckets", {}).items():
-            table._buckets[int(key)] = _BucketEstimate(
-                float(value["mean_batch_size"]), float(value["mean_seconds"]), int(value["observations"])
-            )
-        return table
-
-    def __repr__(self) -> str:
-        return (
-            f"LazyModelTable(model_name={self.model_name!r}, device={self.device!r}, "
-            f"observations={self.observations}, throughput={self.throughput()!r})"
-        )

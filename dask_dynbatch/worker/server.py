@@ -162,11 +162,14 @@ class ModelServer:
         ``call_as_worker(fn, *args)``: runs ``fn`` so that ``distributed.get_worker()`` works in it.
     pin_slot
         ``pin_slot(shipment) -> bool``: page-lock the client slot a shipment's rows are in.
+    on_retired
+        Called once a retiring server has nothing left to do (the owner drops it then).
     """
 
     def __init__(self, loaded: LoadedModel, sizer: MemorySizer, device_thread: Executor, stager: Executor, *,
                  call_as_worker: Callable[..., Any] = lambda fn, *args, **kwargs: fn(*args, **kwargs),
-                 pin_slot: Callable[[Shipment], bool] = lambda shipment: False):
+                 pin_slot: Callable[[Shipment], bool] = lambda shipment: False,
+                 on_retired: Callable[[ModelServer], None] = lambda server: None):
         spec = loaded.spec
         self.loaded = loaded
         self.name = spec.name
@@ -186,6 +189,7 @@ class ModelServer:
         self._stager = stager
         self._call_as_worker = call_as_worker
         self._pin_slot = pin_slot
+        self._on_retired = on_retired
         self._max_delay = float(spec.max_delay)
         self._ahead = 0  # device batches formed and not started yet
         self._running: DeviceBatch | None = None
@@ -219,7 +223,7 @@ class ModelServer:
         c = self.controller
         return Advice(size=c.size, cap=c.cap, throughput=c.throughput_at(c.size),
                       memory_used=self.sizer.used_fraction(), decision=c.decision, reason=c.reason,
-                      phase=c.state().get("phase", ""))
+                      phase=c.phase.value)
 
     def _update_cap(self) -> None:
         self.controller.set_cap(self.sizer.cap(self.name))
@@ -245,7 +249,21 @@ class ModelServer:
         self._ahead += 1
         task = asyncio.ensure_future(self._run(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self.check_retired()
+
+    def retire(self) -> None:
+        """Serve what is queued and in flight, then hand back to the owner (a newer version
+        replaced this one, or no client uses it)."""
+        self.retiring = True
+        self.check_retired()
+
+    def check_retired(self) -> None:
+        if self.retiring and self.idle:
+            self._on_retired(self)
 
     def _partial_due(self, rows: int) -> float:
         """When a partial batch of ``rows`` should form: a staging lead before the running batch is
@@ -279,7 +297,14 @@ class ModelServer:
             if self._ahead and self._running is not batch:
                 self._ahead -= 1  # it never started
             result = DeviceResult([], {row: exc for row in range(batch.rows)}, 0.0)
-        self._finish(batch, result)
+        try:
+            self._finish(batch, result)
+        except Exception as exc:  # a bug here must not leave requests waiting: their rows fail
+            logger.exception("dynbatch: results of a device batch of model %r could not be delivered", self.name)
+            for part in batch.parts:
+                shipment = part.owner
+                shipment.errors.update((row, exc) for row in shipment.positions(part.offset, len(part)))
+                shipment.settle(len(part))
 
     def _arrays(self, batch: DeviceBatch) -> tuple[list[Any], bool, bool]:
         arrays = [part.rows for part in batch.parts]
@@ -323,7 +348,13 @@ class ModelServer:
         done = time.monotonic()
         if self._running is batch:
             self._running = None
-        record = self._learn(batch, result, done)
+        try:
+            record = self._learn(batch, result, done)
+        except Exception:  # never let bookkeeping keep results from their requests
+            logger.exception("dynbatch: learning from a device batch of model %r failed", self.name)
+            record = {"compute_s": result.compute_s, "stage_s": result.stage_s, "wait_s": result.wait_s,
+                      "service_s": result.compute_s, "latency_s": result.compute_s, "decision": "not shown",
+                      "reason": "error"}
         owners = batch.owners()
         for part, start in zip(batch.parts, batch.starts):
             self._deliver(part, start, result)
@@ -368,7 +399,7 @@ class ModelServer:
         service_s = max(result.compute_s, done - since)
         self._prev_done = done
         owners = batch.owners()
-        formation_wait = min(max(o.queued_s for o in owners), self._max_delay)
+        formation_wait = min(max(0.0, *(o.queued_s for o in owners)), self._max_delay)
         latency = formation_wait + service_s
         failed = len(result.errors)
         stats = self.stats
