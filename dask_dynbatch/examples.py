@@ -13,7 +13,7 @@ import numpy as np
 
 
 def build_tiny_cnn(device: str = "cpu") -> Any:
-    """The CPU case of MISSION.md: a 3-conv CNN on 64x64x3 uint8 images -> 10 logits (float32)."""
+    """The benchmarks' CPU case: a 3-conv CNN on 64x64x3 uint8 images -> 10 logits (float32)."""
     import torch
     from torch import nn
 
@@ -103,7 +103,7 @@ def build_torch_mlp(device: str = "cpu", features: int = 16, hidden: int = 32, c
 def build_resnet50(device: str = "cpu") -> Any:
     """ResNet-50 (torchvision, random weights: nothing is downloaded) for uint8 224x224x3 images.
 
-    The S10 variant per device: fp16 and channels-last on CUDA, fp32 on CPU. Inputs arrive as the
+    A variant per device: fp16 and channels-last on CUDA, fp32 on CPU. Inputs arrive as the
     client sent them (uint8, NHWC); the conversion runs on the device inside ``forward``.
     """
     import torch

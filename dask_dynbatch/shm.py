@@ -1,10 +1,9 @@
 """Same-host transport of batches through shared memory (``/dev/shm``).
 
 A batch of ResNet-sized images is tens of megabytes. Sent through a Dask comm (TCP, even on
-localhost), it is copied by the kernel twice and received into a fresh buffer per frame, and on the
-GPU machine that capped the whole data path at 4-10k images/s, about half of what the model runs
-(``benchmarks/results/earlier/gpu_probe_h100_fp32.json``). When the client and the worker share a host, dask-dynbatch
-instead stacks the batch straight into a shared-memory slot and sends only the slot's name, shape
+localhost), it is copied by the kernel twice and received into a fresh buffer per frame, which can
+cap the whole data path below what a GPU runs. When the client and the worker share a host,
+dask-dynbatch instead stacks the batch straight into a shared-memory slot and sends only the slot's name, shape
 and dtype over the comm; the worker maps the slot once and copies the batch out of it (into pinned
 memory and on to the GPU, or into a private array on a CPU). Triton's "system shared memory" and
 Ray's object store do the same for clients on the same host.
@@ -100,12 +99,10 @@ class ShmSlot:
         C-contiguous rows are written by ``pwritev``: one system call per 1,024 rows, the GIL
         released once for all of them. NumPy's stacking releases the GIL and takes it back for
         every row; while another thread runs Python without pause, each taking back waits up to the
-        interpreter's switch interval (5 ms). ``benchmarks/stack_probe.py`` on the H100 host,
-        1,280 ResNet images (193 MB): NumPy in four threads 17-24 ms alone, 2.2 s beside a thread
-        running Python; this 49-50 ms alone, 65-69 ms beside it. End to end NumPy did better there
-        (the event loop leaves the GIL often), so it is the client's default
-        (``dynbatch.transport.shared-memory-copy``). Other rows (strided views) are stacked by
-        NumPy."""
+        interpreter's switch interval. This is slower than NumPy alone and much faster beside a
+        busy thread (``benchmarks/stack_probe.py`` measures both); NumPy stays the client's default
+        (``dynbatch.transport.shared-memory-copy``), since the event loop leaves the GIL often.
+        Other rows (strided views) are stacked by NumPy."""
         if not rows:
             return
         first = rows[0]

@@ -71,8 +71,7 @@ class ModelSpec:
     initial_batch_size
         Where each worker's batch-size controller starts, bounded by ``max_batch_size`` and the
         memory cap; the controller moves it from there. Default: 8 on CPU workers, 64 on GPU
-        workers (a GPU is launch-bound below that: ResNet-50 on an H100 runs batch 1 at 1/40 of
-        its batch-64 throughput).
+        workers (a GPU is launch-bound below that: small batches run far below its throughput).
     max_delay
         Longest time a batch waits for more requests once a worker has free capacity and a batch is
         already running there (seconds or string).

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from dask_dynbatch.core.controller import BatchSizeController, MKResult, Phase, mann_kendall
+from dask_dynbatch.core.controller import BatchSizeController, Phase
+from dask_dynbatch.core.trend import MKResult, mann_kendall
 from dask_dynbatch.core.estimate import fine_bin
 
 # -------------------------------------------------------------------------------------------------

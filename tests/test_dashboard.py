@@ -1,5 +1,8 @@
 """The dashboard page, its menu entries and the Prometheus series, on real in-process clusters.
 
+Per (model, worker), what the page and ``/metrics`` show comes from the worker's model server (its
+heartbeat); request counts and latency come from the model's Batchers, added up over clients.
+
 The browser test drives Debian's ``chromium`` through the DevTools protocol: it opens the page
 while requests flow, waits until BokehJS holds rows in the page's data sources and has drawn the
 plots, and saves a screenshot. It is skipped when chromium is not installed (ci/test.sh installs
@@ -13,27 +16,48 @@ import base64
 import json
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed import Client
 from distributed.utils_test import gen_cluster
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.websocket import websocket_connect
 
 import dask_dynbatch as ddb
-from dask_dynbatch.dashboard import (
+from dask_dynbatch.examples import build_affine, build_identity
+from dask_dynbatch.scheduler.dashboard import (
     APPLICATIONS,
     BatchSizeTimeseries,
     DynBatchWorkers,
     ModelTimeseries,
+    Summary,
     get_recorder,
 )
-from dask_dynbatch.examples import build_affine, build_identity
+from dask_dynbatch.scheduler.summary import model_summaries
 
 DASHBOARD = {"dashboard": True, "dashboard_address": "127.0.0.1:0"}
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser")) if p), None)
+GATE = threading.Event()  # the gated model waits for it: holds the device busy on purpose
+
+
+def build_gated_double(device="cpu"):
+    def run(batch):
+        if not GATE.wait(30):
+            raise TimeoutError("test gate never opened")
+        return batch * 2
+
+    return run
+
+
+@pytest.fixture
+def gate():
+    GATE.clear()
+    yield GATE
+    GATE.set()
 
 
 async def until(condition, what: str, deadline_s: float = 60.0, interval: float = 0.05):
@@ -59,6 +83,21 @@ def reported(s, batcher, n: int) -> bool:
     """The batcher's report at the scheduler says that ``n`` requests were delivered."""
     report = s.extensions["dynbatch"].batchers.get(batcher.id) or {}
     return report.get("delivered") == n
+
+
+def servers(s, model: str) -> dict[str, dict]:
+    """Per worker address, its model server of ``model`` in the last heartbeat the scheduler got."""
+    out = {}
+    for address, heartbeat in s.extensions["dynbatch"].workers.items():
+        for server in heartbeat.get("servers") or ():
+            if server["name"] == model:
+                out[address] = server
+    return out
+
+
+def served(s, model: str) -> int:
+    """Rows of ``model`` the workers' heartbeats say their model servers ran."""
+    return sum(server["samples"] for server in servers(s, model).values())
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], scheduler_kwargs=DASHBOARD)
@@ -99,23 +138,16 @@ async def test_components_show_the_work_done(c, s, a, b):
     batcher = await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine, latency_target="50ms"))
     await asyncio.gather(*batcher.map([np.full(2, float(i)) for i in range(300)]))
     await until(lambda: reported(s, batcher, 300), "the batcher's report reached the scheduler")
-
-    def workers_ran() -> int:
-        return sum(
-            ((ws.metrics.get("dynbatch") or {}).get("models") or {}).get("affine", {}).get("samples", 0)
-            for ws in s.workers.values()
-        )
-
-    await until(lambda: workers_ran() == 300, "the workers' heartbeats count 300 samples")
+    await until(lambda: served(s, "affine") == 300, "the workers' heartbeats count 300 samples")
 
     recorder = get_recorder(s)
     recorder.sample()
     assert recorder.default_model() == "affine"
-    used = sorted(batcher.stats()["workers"])
+    used = sorted(servers(s, "affine"))
 
     sizes = BatchSizeTimeseries(s)
     sizes.update()
-    assert sorted(f"tcp://{w}" for w in sizes.lines.data["worker"]) == used  # one line per worker
+    assert sorted(f"tcp://{w}" for w in sizes.lines.data["worker"]) == used  # one line per serving worker
     assert all(len(ys) >= 1 and all(y >= 1 for y in ys) for ys in sizes.lines.data["ys"])
     assert set(sizes.source.data["decision"]) <= {"grow", "shrink", "hold"}
     assert "affine" in sizes.root.title.text
@@ -133,8 +165,89 @@ async def test_components_show_the_work_done(c, s, a, b):
     assert sorted(table["address"]) == sorted(s.workers)
     assert sum(table["samples"]) == 300
     assert sum(table["share"]) == pytest.approx(1.0)
-    assert all(free for free in table["free_memory"])  # host memory left under the worker's limit
+    serving = [i for i, address in enumerate(table["address"]) if address in used]
+    assert all(table["free_memory"][i] for i in serving)  # host memory left on the devices the model runs on
+    assert all(table["version"][i] == "1" for i in serving)
+    assert all(table["shared_batches"][i] == 0 for i in serving)  # one client: no batch is shared
     batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], scheduler_kwargs=DASHBOARD)
+async def test_two_clients_of_one_model_show_as_one_model_served_by_the_worker(c, s, a, gate):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    spec = ddb.ModelSpec("gated", load=build_gated_double, max_batch_size=64, initial_batch_size=64)
+    c2 = await Client(s.address, asynchronous=True)
+    mine, theirs = await ddb.Batcher(c, spec), await ddb.Batcher.from_name(c2, "gated")
+    blocker = mine.submit(np.zeros(2))  # the device is busy with it until the gate opens
+    (server,) = await until(lambda: list(a.extensions["dynbatch"].servers.values()), "the worker loaded the model")
+    await until(lambda: server.stats.shipments == 1, "the first shipment reached the worker")
+    filler = theirs.submit(np.ones(2))  # the device batch formed ahead, behind the running one
+    await until(lambda: server.stats.shipments == 2 and not len(server.queue), "the next batch formed")
+    ours = mine.map([np.full(2, float(i)) for i in range(5)])
+    others = theirs.map([np.full(2, 100.0 + i) for i in range(7)])
+    await until(lambda: len(server.queue) == 12, "both clients' rows wait for the device")
+    gate.set()  # the 12 waiting rows of two clients run as one device batch
+    await asyncio.gather(blocker, filler, *ours, *others)
+    await until(lambda: reported(s, mine, 6) and reported(s, theirs, 8), "both batchers reported")
+    await until(lambda: served(s, "gated") == 14, "the worker's heartbeat counts every row")
+
+    recorder = get_recorder(s)
+    recorder.sample()
+    assert list(recorder.summaries) == ["gated"]  # one model, not one per client
+    summary = recorder.summaries["gated"]
+    assert summary["batchers"] == 2 and summary["version"] == 1
+    assert summary["submitted"] == summary["delivered"] == 14  # 6 + 8: the two clients' requests add up
+
+    (row,) = recorder.worker_rows("gated")
+    (heartbeat,) = [srv for srv in recorder.state["workers"][a.address]["servers"] if srv["name"] == "gated"]
+    assert row["batch_size"] == heartbeat["controller"]["size"]  # the server's controller, not a client's advice
+    assert row["memory_cap"] == heartbeat["memory_cap"]
+    assert row["samples"] == 14 and row["batches"] == 3
+    assert row["shared_batches"] == 1  # the one device batch that carried rows of both clients
+
+    table = DynBatchWorkers(s)
+    table.update()
+    assert table.source.data["shared_batches"] == [1] and table.source.data["version"] == ["1"]
+    line = Summary(s)
+    line.update()
+    assert "<b>gated</b> v1: 2 batcher(s)" in line.root.text and "submitted 14" in line.root.text
+    mine.close()
+    theirs.close()
+    await c2.close()
+
+
+def test_worker_rows_come_from_the_newest_server_and_add_up_the_clients():
+    """A worker still finishing an old version shows the new one; in-flight rows add up over
+    clients, and the workload is the largest figure that rests on a measured rate (see
+    ``worker_summary``)."""
+
+    def server(version, size, samples):
+        return {"name": "m", "version": version, "device": "cpu", "memory_cap": 500, "samples": samples,
+                "batches": 1, "shared_batches": 0, "controller": {"size": size, "decision": "hold"}}
+
+    def report(client, inflight, workload, throughput=100.0, closed=False):
+        slot = {"inflight_samples": inflight, "workload": workload, "throughput": throughput,
+                "controller": {"size": 999}}  # a client's copy of the advice: not what the page shows
+        return {"model": "m", "client": client, "submitted": 10, "delivered": 8, "queued": 2,
+                "latency_p95": 0.01 * inflight, "closed": closed, "workers": {"tcp://w": slot}}
+
+    state = {
+        "models": {"m": {"name": "m", "version": 2}},
+        "workers": {"tcp://w": {"address": "tcp://w", "servers": [server(1, 8, 100), server(2, 32, 5)]}},
+        "batchers": {
+            "b1": report("c1", 4, 0.05),
+            "b2": report("c2", 6, 0.02),
+            "b3": report("c3", 0, 9.0, throughput=None),  # no rate measured yet: an assumed figure
+            "b4": report("c4", 0, 7.0, closed=True),  # its last figure before it closed
+        },
+    }
+    (summary,) = model_summaries(state).values()
+    assert summary["submitted"] == 40 and summary["queued"] == 8 and summary["batchers"] == 4
+    assert summary["latency_p95"] == pytest.approx(0.06)  # the worst batcher's
+    worker = summary["workers"]["tcp://w"]
+    assert (worker["version"], worker["batch_size"], worker["samples"]) == (2, 32, 5)
+    assert worker["inflight_samples"] == 10
+    assert worker["workload"] == 0.05
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)], scheduler_kwargs=DASHBOARD)
@@ -160,6 +273,9 @@ async def test_metrics_endpoint_counts_the_work_done(c, s, a, b):
     def worker_samples(metrics) -> float:
         return sum(v for (name, _), v in metrics.items() if name == "dask_dynbatch_worker_samples_total")
 
+    def per_worker(metrics, series: str) -> dict[str, float]:
+        return {dict(labels)["worker"]: v for (name, labels), v in metrics.items() if name == series}
+
     metrics = await until(
         lambda: _when(scrape(), lambda m: worker_samples(m) == n), "the workers' heartbeats count every sample"
     )
@@ -179,8 +295,10 @@ async def test_metrics_endpoint_counts_the_work_done(c, s, a, b):
         dict(labels)["worker"] for (name, labels), v in metrics.items() if name.endswith("device_free_bytes") and v > 0
     }
     assert ran and ran <= free  # every worker that ran the model reports its device's free memory
-    sizes = {dict(labels)["worker"]: v for (name, labels), v in metrics.items() if name == "dask_dynbatch_batch_size"}
-    assert set(sizes) == set(batcher.stats()["workers"]) and all(1 <= v <= 16 for v in sizes.values())
+    assert metrics[("dask_dynbatch_model_version", model)] == 1
+    sizes = per_worker(metrics, "dask_dynbatch_batch_size")
+    assert set(sizes) == ran and all(1 <= v <= 16 for v in sizes.values())  # from the workers' servers
+    assert set(per_worker(metrics, "dask_dynbatch_shared_batches_total").values()) == {0}  # one client
     batcher.close()
 
 
@@ -324,14 +442,14 @@ async def test_page_renders_with_data_in_chromium(c, s, a, b, tmp_path):
                 ready = (
                     state
                     and all(state["drawn"].values())
-                    and state["batch_size_lines"] == 2
-                    and state["batch_size_points"] >= 4  # at least two samples per worker: a line
+                    and state["batch_size_lines"] == len(servers(s, "affine")) >= 1  # one per serving worker
+                    and state["batch_size_points"] >= 2 * state["batch_size_lines"]  # two samples a worker: a line
                     and state["model_rows"] >= 2
                     and state["worker_rows"] == 2
                 )
                 return state if ready else None
 
-            state = await until(page_state, "the page shows both workers' batch sizes and the model's series", 90)
+            state = await until(page_state, "the page shows the workers' batch sizes and the model's series", 90)
             # let the periodic updates draw once more before the picture
             await asyncio.sleep(1.0)
             shot = await browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
@@ -343,7 +461,7 @@ async def test_page_renders_with_data_in_chromium(c, s, a, b, tmp_path):
         batcher.close()
 
     assert state["menu_link"]  # the dashboard's menu, rendered by distributed's template
-    assert state["decisions"] >= 4  # decision markers drawn (the browser's two sources may be one update apart)
+    assert state["decisions"] >= 2  # decision markers drawn (the browser's two sources may be one update apart)
     assert "affine" in state["summary"] and "served" in state["summary"]
     assert (tmp_path / "dynbatch-page.png").stat().st_size > 10_000
     # the server side of the same page: a session that Chromium opened, in which every batch-size
@@ -354,4 +472,4 @@ async def test_page_renders_with_data_in_chromium(c, s, a, b, tmp_path):
     doc = sessions[0].document
     points = doc.get_model_by_name("dynbatch-batch-size").data
     lines = doc.get_model_by_name("dynbatch-batch-size-lines").data
-    assert len(points["decision"]) == sum(len(ys) for ys in lines["ys"]) >= 4
+    assert len(points["decision"]) == sum(len(ys) for ys in lines["ys"]) >= 2

@@ -472,6 +472,24 @@ async def test_registering_the_plugin_again_keeps_models_and_batchers(c, s, a):
     batcher.close()
 
 
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], scheduler_kwargs={"dashboard": True, "dashboard_address": ":0"})
+async def test_closing_the_plugin_undoes_what_it_started(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    plugin = s.extensions["dynbatch"]
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine))
+    assert (await batcher.submit(np.zeros(2))).tolist() == [1.0, 1.0]
+    batcher.close()
+    assert "dynbatch_register_model" in s.handlers and "dynbatch-dashboard" in s.periodic_callbacks
+    await plugin.close()
+    assert not [op for op in s.handlers if op.startswith("dynbatch_")]
+    assert "dynbatch" not in s.extensions and "dynbatch-dashboard" not in s.periodic_callbacks
+    await _until(lambda: "dynbatch" not in a.extensions)  # the worker half is gone too
+    assert "dynbatch_run" not in a.handlers
+    await a.heartbeat()  # and heartbeats carry nothing for an extension that is gone
+    with pytest.raises(ddb.PluginNotRegisteredError):
+        await ddb.Batcher(c, ddb.ModelSpec("affine", load=build_affine))
+
+
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_close_cancels_queued_requests_and_delivers_sent_ones(c, s, a, gate):
     await c.register_plugin(ddb.DynBatchPlugin())

@@ -1,4 +1,5 @@
-"""Tests of dask_dynbatch.core.memory: profiles, caps, reservations, OOM split-and-retry.
+"""Tests of dask_dynbatch.core.memory, .profile and .oom: profiles, caps, reservations, OOM
+split-and-retry.
 
 Deterministic: memory comes from FakeMemory, nothing asserts on wall-clock time
 and no GPU is needed.
@@ -19,15 +20,9 @@ import numpy as np
 import pytest
 
 from dask_dynbatch import errors
-from dask_dynbatch.core.memory import (
-    FakeMemory,
-    MemoryProfile,
-    MemorySizer,
-    OutputChunk,
-    estimate_bytes_per_sample,
-    is_oom_error,
-    run_split_on_oom,
-)
+from dask_dynbatch.core.memory import FakeMemory, MemorySizer
+from dask_dynbatch.core.oom import OutputChunk, is_oom_error, run_split_on_oom
+from dask_dynbatch.core.profile import MemoryProfile, estimate_bytes_per_sample
 from dask_dynbatch.errors import SampleTooLargeError
 
 MB = 1 << 20

@@ -22,13 +22,13 @@ from distributed import Future as DaskFuture
 from distributed import as_completed
 
 from ..core.requests import Request, RequestFuture, RequestQueue
-from ..core.rows import as_numpy_sample
-from ..errors import BatcherClosedError, InputSignatureError, PluginNotRegisteredError, QueueFullError, RequestTimeoutError
+from ..errors import BatcherClosedError, PluginNotRegisteredError, QueueFullError, RequestTimeoutError
 from ..protocol import HistoryRecord
 from ..spec import ModelSpec, parse_seconds
 from .dispatcher import Dispatcher, closed_error
 from .ledger import Ledger
 from .registration import RegisteredModel, fetch_spec
+from .samples import check_sample
 from .transport import Transport
 
 if TYPE_CHECKING:
@@ -43,8 +43,6 @@ MAP_CHUNK = 1024
 #: map() sleeps this long between chunks (from another thread than the event loop's), so that the
 #: event loop and the stacking threads get the GIL and the first shipments leave meanwhile
 MAP_YIELD_S = 0.0005
-#: dtype kinds a learned input signature accepts: booleans, integers, floats, complex numbers
-_NUMERIC_KINDS = "biufc"
 
 
 def _sync_or_async(client: Client, make: Callable[[], Awaitable[T]]) -> T | Awaitable[T]:
@@ -195,7 +193,7 @@ class Batcher:
         now = time.monotonic()
         deadline = None if timeout is None else now + parse_seconds(timeout, "timeout")
         xs = xs if isinstance(xs, (list, tuple)) else list(xs)
-        samples = [None if isinstance(x, DaskFuture) else self._as_sample(x) for x in xs]
+        samples = [None if isinstance(x, DaskFuture) else check_sample(x, self._model) for x in xs]
         spec = self.spec
         if spec.overload == "reject" and spec.max_queue is not None:
             inline = sum(1 for sample in samples if sample is not None)
@@ -221,45 +219,6 @@ class Batcher:
             return Request(None, future, priority=priority, deadline=deadline, enqueued=now, dask_future=x)
         return Request(sample, future, priority=priority, deadline=deadline, enqueued=now,
                        as_torch=type(x).__module__.startswith("torch"))
-
-    def _as_sample(self, x: Any) -> np.ndarray:
-        """``x`` as a NumPy sample that matches the model's input signature, or a clear error."""
-        name = self.spec.name
-        signature = self._model.signature
-        try:
-            sample = as_numpy_sample(x)
-        except TypeError:
-            raise
-        except Exception as exc:  # ragged nested lists, objects whose __array__ fails
-            if signature is not None:
-                takes = f"model {name!r} expects one sample of shape {signature[0]} and dtype {signature[1]}"
-            else:
-                takes = f"model {name!r} takes one sample as an array"
-            raise InputSignatureError(f"{takes}; could not make an array of the {type(x).__name__} given ({exc})") from None
-        if signature is not None:  # the hot path: one comparison per request, no string formatting
-            shape, dtype = signature
-            if sample.shape == shape and sample.dtype == dtype:
-                return sample
-            raise InputSignatureError(
-                f"model {name!r} expects one sample of shape {shape} and dtype {dtype} "
-                f"(no batch dimension); {_received(x, sample)}"
-            )
-        received = _received(x, sample)
-        # no signature yet: this sample sets it, if it can be one
-        if sample.dtype.kind not in _NUMERIC_KINDS:
-            raise InputSignatureError(
-                f"model {name!r} takes arrays of numbers or booleans; {received}. To send other values, "
-                "declare ModelSpec(input_shape=..., input_dtype=...)"
-            )
-        if sample.ndim == 0:
-            raise InputSignatureError(
-                f"model {name!r}: a sample must be an array with at least one dimension, not a scalar; {received}. "
-                "For scalar samples declare ModelSpec(input_shape=(), input_dtype=...)"
-            )
-        if sample.size == 0:
-            raise InputSignatureError(f"model {name!r}: a sample must not be empty; {received}")
-        self._model.signature = (sample.shape, sample.dtype)
-        return sample
 
     def _enqueue(self, requests: list[Request], deadline: float | None = None) -> None:
         if not requests:
@@ -467,11 +426,6 @@ class Batcher:
         says little about its size, and ``reason``: the controller's words, or why it was not shown:
         ``"cold"``, ``"compiling"``, ``"new_shape"``, ``"new_slot"``)."""
         return [record.to_dict() for record in self._history.copy()]
-
-
-def _received(x: Any, sample: np.ndarray) -> str:
-    text = f"received shape {sample.shape} and dtype {sample.dtype}"
-    return text if isinstance(x, np.ndarray) else f"{text} (from a {type(x).__name__})"
 
 
 def rerun_benchmark(client: Client, workers: Iterable[str] | None = None):

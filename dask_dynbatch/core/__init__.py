@@ -8,6 +8,9 @@
 - :mod:`.controller`: batch size from latency and throughput, gated by a Mann-Kendall trend test
 - :mod:`.pacing`: when a partial batch leaves for a busy device
 - :mod:`.placement`: the workload figure and which workers get the next batches
-- :mod:`.memory`: memory readings, caps from free memory, reservations, OOM split-and-retry
+- :mod:`.memory`: memory readings, caps from free memory, reservations
+- :mod:`.profile`: a model's memory per batch, fitted from measured peaks and out-of-memory errors
+- :mod:`.oom`: out-of-memory errors recognised, a batch split and retried
+- :mod:`.trend`, :mod:`.throughput`: the controller's trend test and its throughput table
 - :mod:`.ladder`: the bucket and shape ladders batches are formed on
 """

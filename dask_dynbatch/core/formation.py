@@ -112,15 +112,3 @@ class PartQueue:
             if room <= 0:
                 break
         return out
-
-    def oldest_arrival(self) -> float | None:
-        """When the longest-waiting part arrived (None when empty)."""
-        heads = [dq[0].arrived for dq in self._by_priority.values() if dq]
-        return min(heads) if heads else None
-
-    def drain(self) -> list[Part]:
-        """Remove and return every part."""
-        out = [part for priority in sorted(self._by_priority, reverse=True) for part in self._by_priority[priority]]
-        self._by_priority.clear()
-        self._rows = 0
-        return out

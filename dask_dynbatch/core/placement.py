@@ -5,9 +5,9 @@
   one figure: the expected number of seconds until a new batch sent to it now would be finished.
 * :func:`plan` decides which workers receive the next batches and how large they are: the backlog
   is split so that all workers finish it together ("water filling" over their current loads),
-  least workload first, within memory caps and free slots. A worker so slow that any batch given
-  to it would finish after the faster workers have finished everything gets nothing, so adding a
-  slow CPU worker beside a GPU worker never lowers the total throughput.
+  within memory caps and free slots. A worker so slow that any batch given to it would finish
+  after the faster workers have finished everything gets nothing, so adding a slow CPU worker
+  beside a GPU worker never lowers the total throughput.
 
 Pure: no Dask, no torch, no clock. Everything is deterministic for given inputs.
 """
@@ -47,41 +47,22 @@ def _clamp01(value: float) -> float:
 
 @dataclass
 class WorkerLoad:
-    """What placement knows about one worker for one model at the moment of a decision.
+    """What placement knows about one worker for one model at the moment of a decision."""
 
-    Parameters
-    ----------
-    address : str
-        The worker's address (unique key).
-    throughput : float or None
-        Samples per second this worker achieves for this model: measured from its recent
-        batches when there are any, else derived from its benchmark score.  ``None`` (or a
-        non-positive / non-finite value) means unknown; placement then assumes the mean of the
-        known workers so that a new worker is probed with real work.
-    inflight_samples : int, default 0
-        Samples sent to the worker whose results have not come back yet.
-    memory_utilization : float, default 0.0
-        Fraction (0..1) of the device memory in use, from telemetry.  Memory that the framework
-        holds in its cache but does not use (e.g. torch's reserved-but-unallocated blocks)
-        should be counted as free, or the worker's own caching would penalise it.
-    cap : int or None, default None
-        Memory cap: the largest batch that fits on the device now.  ``None`` means no known
-        cap.  ``0`` means nothing fits now: the worker receives no batch and no share.
-    free_slots : int, default 1
-        How many more batches the worker may be given now (concurrency limit minus batches in
-        flight).  Placement never returns more batches than this for a worker.
-    batch_size : int, default 1
-        The batch size the latency controller proposes for this worker and model.  A batch
-        never exceeds ``min(batch_size, cap)``.
-    """
-
-    address: str
+    address: str  # unique key
+    #: samples/s for this model: measured from recent batches, else from the benchmark score.
+    #: None (or non-positive, non-finite) is unknown: placement assumes the mean of the known
+    #: workers, so that a new worker is probed with real work
     throughput: float | None
-    inflight_samples: int = 0
+    inflight_samples: int = 0  # sent, results not back yet
+    #: fraction (0..1) of the device memory in use; memory our framework caches but does not use
+    #: should count as free, or the worker's own caching would penalise it
     memory_utilization: float = 0.0
+    #: largest batch that fits on the device now; None: no known cap; 0: nothing fits, the worker
+    #: gets no batch and no share
     cap: int | None = None
-    free_slots: int = 1
-    batch_size: int = 1
+    free_slots: int = 1  # more batches it may be given now (concurrency limit minus in flight)
+    batch_size: int = 1  # the latency controller's proposal for this worker and model
 
     @property
     def pending_samples(self) -> int:
@@ -93,26 +74,16 @@ class WorkerLoad:
 class WorkloadWeights:
     """Weights of the hardware state in the workload figure (configurable).
 
-    The workload figure (see :func:`workload`) divides a worker's throughput by a *slowdown*
-    factor::
+    :func:`workload` divides a worker's throughput by a *slowdown* factor::
 
         slowdown = 1 + memory_weight * max(0, m - memory_threshold) / (1 - memory_threshold)
 
-    with ``m`` the memory utilisation, clamped to 0..1.
-
-    Parameters
-    ----------
-    memory_weight : float, default 4.0
-        Penalty for memory pressure.  Below ``memory_threshold`` memory use costs nothing; from
-        there it grows linearly to ``1 + memory_weight`` (5x slower with the default) at 100 %
-        use.  A nearly full device risks out-of-memory splits and retries and can only take
-        small batches, so it should receive less work, but it is never excluded outright.
-    memory_threshold : float, default 0.8
-        Memory utilisation from which the memory penalty starts.  Must be in [0, 1).
-    unknown_throughput : float, default 1.0
-        Samples per second assumed for a worker of unknown throughput when no worker's
-        throughput is known.  Its scale does not matter for the split (all workers are then
-        equal); it only sets the unit of the workload figure.
+    with ``m`` the memory utilisation, clamped to 0..1: free below ``memory_threshold`` (in
+    [0, 1)), then growing linearly to ``1 + memory_weight`` at 100 % use. A nearly full device
+    risks out-of-memory splits and retries and can only take small batches, so it should receive
+    less work, but it is never excluded outright. ``unknown_throughput`` (samples/s) is assumed
+    when no worker's throughput is known; its scale does not matter for the split (all workers
+    are then equal), it only sets the unit of the workload figure.
     """
 
     memory_weight: float = 4.0
@@ -131,26 +102,10 @@ class WorkloadWeights:
 DEFAULT_WEIGHTS = WorkloadWeights()
 
 
-# ----------------------------------------------------------------------------------------------
-# The workload figure
-# ----------------------------------------------------------------------------------------------
-
-
+# -- The workload figure -----------------------------------------------------------------------
 def hardware_slowdown(worker: WorkerLoad, weights: WorkloadWeights = DEFAULT_WEIGHTS) -> float:
-    """Factor (>= 1) by which the hardware state stretches this worker's service time.
-
-    Parameters
-    ----------
-    worker : WorkerLoad
-        The worker; only ``memory_utilization`` is used.
-    weights : WorkloadWeights
-        See :class:`WorkloadWeights` for the formula.
-
-    Returns
-    -------
-    float
-        ``1 + w_mem * max(0, m - threshold) / (1 - threshold)``.
-    """
+    """Factor (>= 1) by which memory pressure stretches this worker's service time (the formula:
+    :class:`WorkloadWeights`)."""
     memory = _clamp01(worker.memory_utilization)
     memory_pressure = max(0.0, memory - weights.memory_threshold) / (1.0 - weights.memory_threshold)
     return 1.0 + weights.memory_weight * memory_pressure
@@ -159,22 +114,9 @@ def hardware_slowdown(worker: WorkerLoad, weights: WorkloadWeights = DEFAULT_WEI
 def fallback_throughput(
     workers: Iterable[WorkerLoad], weights: WorkloadWeights = DEFAULT_WEIGHTS
 ) -> float:
-    """Throughput to assume for workers whose throughput is unknown.
-
-    Parameters
-    ----------
-    workers : iterable of WorkerLoad
-        All workers able to run the model.
-    weights : WorkloadWeights
-        Supplies ``unknown_throughput`` when no worker's throughput is known.
-
-    Returns
-    -------
-    float
-        The mean of the known (raw, not slowed-down) throughputs, else
-        ``weights.unknown_throughput``.  Using the mean gives a new worker an average share, so
-        that it is probed with real batches and gets a measured throughput quickly.
-    """
+    """Throughput to assume for workers whose throughput is unknown: the mean of the known (raw)
+    ones, else ``weights.unknown_throughput``. The mean gives a new worker an average share, so
+    that it is probed with real batches and gets a measured throughput quickly."""
     known = [float(w.throughput) for w in workers if _usable_rate(w.throughput)]
     if not known:
         return float(weights.unknown_throughput)
@@ -187,23 +129,8 @@ def effective_throughput(
     *,
     fallback: float | None = None,
 ) -> float:
-    """Samples per second this worker is expected to deliver given its hardware state.
-
-    Parameters
-    ----------
-    worker : WorkerLoad
-        The worker.
-    weights : WorkloadWeights
-        Weights of the hardware state.
-    fallback : float, optional
-        Raw throughput to assume when ``worker.throughput`` is unknown (:func:`plan` passes the
-        mean of the known workers).  Defaults to ``weights.unknown_throughput``.
-
-    Returns
-    -------
-    float
-        ``throughput / hardware_slowdown(worker)``, always > 0.
-    """
+    """Samples/s this worker is expected to deliver now: ``throughput / hardware_slowdown``, > 0.
+    An unknown throughput is taken as ``fallback``, else ``weights.unknown_throughput``."""
     if _usable_rate(worker.throughput):
         raw = float(worker.throughput)
     elif _usable_rate(fallback):
@@ -214,20 +141,8 @@ def effective_throughput(
 
 
 def batch_limit(worker: WorkerLoad, sizes: Mapping[str, int] | None = None) -> int:
-    """Largest batch this worker may be given now: ``min(batch size, memory cap)``.
-
-    Parameters
-    ----------
-    worker : WorkerLoad
-        The worker.
-    sizes : mapping of address to int, optional
-        Controller batch sizes overriding ``worker.batch_size``.
-
-    Returns
-    -------
-    int
-        0 when the memory cap is 0 (nothing fits now), else at least 1.
-    """
+    """Largest batch this worker may be given now: ``min(batch size, memory cap)``, 0 when the cap
+    is 0, else at least 1. ``sizes`` (address -> size) overrides ``worker.batch_size``."""
     size = worker.batch_size
     if sizes is not None and worker.address in sizes:
         size = sizes[worker.address]
@@ -251,32 +166,11 @@ def workload(
 
         W = \\frac{q + b}{T} \\cdot \\Big(1 + w_{mem} \\frac{\\max(0, m - \\theta)}{1 - \\theta}\\Big)
 
-    where
-
-    * ``q`` = ``inflight_samples`` (work already committed to the worker),
-    * ``b`` = ``min(batch_size, cap)`` (the batch it would get now),
-    * ``T`` = ``throughput`` in samples/s (what the worker's model server measured, else a
-      calibrated benchmark score; unknown: ``fallback``, else ``weights.unknown_throughput``),
-    * ``m`` = memory utilisation (0..1),
-    * ``w_mem`` = ``weights.memory_weight`` (default 4.0), ``theta`` =
-      ``weights.memory_threshold`` (default 0.8).
-
-    The figure is in seconds, so it compares directly across GPUs and CPUs of any speed: the
-    smallest figure is the worker that would return a new batch first.
-
-    Parameters
-    ----------
-    worker : WorkerLoad
-        The worker.
-    weights : WorkloadWeights
-        Weights of the hardware state.
-    fallback : float, optional
-        Raw throughput assumed when the worker's is unknown.
-
-    Returns
-    -------
-    float
-        Expected seconds; ``math.inf`` when the worker's memory cap is 0 (nothing fits).
+    with ``q`` the samples in flight, ``b = min(batch_size, cap)`` the batch it would get now,
+    ``T`` its throughput (unknown: ``fallback``), ``m`` its memory utilisation and ``w_mem``,
+    ``theta`` from ``weights``. In seconds, so it compares directly across GPUs and CPUs of any
+    speed: the smallest figure is the worker that would return a new batch first. ``math.inf``
+    when the memory cap is 0 (nothing fits).
     """
     limit = batch_limit(worker)
     if limit == 0:
@@ -285,32 +179,15 @@ def workload(
     return (worker.pending_samples + limit) / rate
 
 
-# ----------------------------------------------------------------------------------------------
-# Splitting work so that workers finish together
-# ----------------------------------------------------------------------------------------------
-
-
+# -- Splitting work so that workers finish together --------------------------------------------
 def common_finish_time(
     samples: float, throughputs: Sequence[float], busy_seconds: Sequence[float] | None = None
 ) -> float:
-    """Time at which workers finish ``samples`` together when each starts after its current load.
+    """Seconds from now at which workers finish ``samples`` together, each starting after its
+    current load (``busy_seconds``, default 0; ``throughputs`` all > 0).
 
     Solves ``sum_i r_i * max(0, t - busy_i) = samples`` for ``t`` ("water filling"): workers
-    whose current load lasts past ``t`` take no part.
-
-    Parameters
-    ----------
-    samples : float
-        Work to share, in samples (>= 0).
-    throughputs : sequence of float
-        Samples/s per worker (all > 0).
-    busy_seconds : sequence of float, optional
-        Seconds until each worker is done with its current load (default all 0).
-
-    Returns
-    -------
-    float
-        The common finish time in seconds from now (``min(busy)`` for ``samples == 0``).
+    whose current load lasts past ``t`` take no part. ``min(busy)`` for ``samples == 0``.
     """
     rates = [float(r) for r in throughputs]
     if not rates:
@@ -335,32 +212,12 @@ def common_finish_time(
 def water_filling_shares(
     samples: float, throughputs: Sequence[float], busy_seconds: Sequence[float] | None = None
 ) -> list[float]:
-    """Continuous shares of ``samples`` that make all participating workers finish together.
-
-    Parameters
-    ----------
-    samples : float
-        Work to share, in samples.
-    throughputs : sequence of float
-        Samples/s per worker (all > 0).
-    busy_seconds : sequence of float, optional
-        Seconds until each worker is done with its current load (default all 0).
-
-    Returns
-    -------
-    list of float
-        ``r_i * max(0, t - busy_i)`` with ``t`` from :func:`common_finish_time`; sums to
-        ``samples``.  With no current load the shares are proportional to throughput.
-    """
+    """Continuous shares of ``samples`` that make all participating workers finish together:
+    ``r_i * max(0, t - busy_i)`` with ``t`` from :func:`common_finish_time`, summing to ``samples``
+    (with no current load: proportional to throughput)."""
     busy = [0.0] * len(throughputs) if busy_seconds is None else [max(0.0, float(b)) for b in busy_seconds]
     level = common_finish_time(samples, throughputs, busy)
     return [float(r) * max(0.0, level - b) for r, b in zip(throughputs, busy)]
-
-
-
-
-
-
 
 
 def fill_unknown_throughputs(
@@ -371,19 +228,8 @@ def fill_unknown_throughputs(
     A worker that has not yet run a model has only its benchmark score (reference model,
     another unit).  The median ratio ``measured / score`` over workers that have both converts
     scores into this model's samples/s.  When no worker has a measured value the scores are
-    returned as they are (their ratios are what the split needs).
-
-    Parameters
-    ----------
-    measured : mapping of address to float or None
-        Throughput measured for this model, ``None`` when unknown.
-    scores : mapping of address to float or None
-        Benchmark score (e.g. best samples/s of the reference model), ``None`` when unknown.
-
-    Returns
-    -------
-    dict of address to float or None
-        Measured values where known, else calibrated scores, else ``None``.
+    returned as they are (their ratios are what the split needs). Returns, per address, the
+    measured value where known, else the calibrated score, else ``None``.
     """
     addresses = list(dict.fromkeys([*measured, *scores]))
     known_measured = {a: float(measured[a]) for a in measured if _usable_rate(measured.get(a))}
@@ -403,11 +249,7 @@ def fill_unknown_throughputs(
     return result
 
 
-# ----------------------------------------------------------------------------------------------
-# The plan
-# ----------------------------------------------------------------------------------------------
-
-
+# -- The plan ----------------------------------------------------------------------------------
 @dataclass
 class _Candidate:
     worker: WorkerLoad
@@ -447,24 +289,11 @@ def plan(
        worker's first batch; each further batch on the same worker adds ``limit / r_i``): least
        workload first.  Ties go by address.
 
-    Parameters
-    ----------
-    backlog : int
-        Samples waiting to be placed.
-    workers : sequence of WorkerLoad
-        Workers able to run the model (resources and device requirements already filtered).
-        Addresses must be unique.
-    sizes : mapping of address to int, optional
-        Controller batch sizes overriding each ``WorkerLoad.batch_size``.
-    weights : WorkloadWeights, optional
-        Weights of the hardware state (default :class:`WorkloadWeights`).
-
-    Returns
-    -------
-    list of (address, size)
-        Batches to form now, least workload first.  Every size is >= 1 and at most the
-        worker's ``min(batch size, cap)``; no worker appears more often than its
-        ``free_slots``; the sizes sum to at most ``backlog``.
+    ``workers`` are those able to run the model (resources and device already filtered), with
+    unique addresses; ``sizes`` (address -> size) overrides their ``batch_size``. Returns
+    ``(address, size)`` batches to form now, least workload first: every size is >= 1 and at most
+    the worker's ``min(batch size, cap)``, no worker appears more often than its ``free_slots``,
+    and the sizes sum to at most ``backlog``.
     """
     weights = weights or DEFAULT_WEIGHTS
     backlog = int(backlog)
@@ -473,7 +302,20 @@ def plan(
     addresses = [w.address for w in workers]
     if len(set(addresses)) != len(addresses):
         raise ValueError("worker addresses must be unique")
+    candidates = _candidates(workers, sizes, weights)
+    if not candidates:
+        return []
+    rates = [c.rate for c in candidates]
+    busy = [c.busy for c in candidates]
+    shares = water_filling_shares(backlog, rates, busy)
+    counts = _round_shares(backlog, shares, rates, busy, [c.worker.address for c in candidates])
+    return _batches(candidates, counts)
 
+
+def _candidates(
+    workers: Sequence[WorkerLoad], sizes: Mapping[str, int] | None, weights: WorkloadWeights
+) -> list[_Candidate]:
+    """Step 1 of :func:`plan`: the workers able to take a batch now, with their rates and busy times."""
     fallback = fallback_throughput(workers, weights)
     candidates: list[_Candidate] = []
     for worker in workers:
@@ -482,14 +324,11 @@ def plan(
             continue
         rate = effective_throughput(worker, weights, fallback=fallback)
         candidates.append(_Candidate(worker, rate, worker.pending_samples / rate, limit))
-    if not candidates:
-        return []
+    return candidates
 
-    rates = [c.rate for c in candidates]
-    busy = [c.busy for c in candidates]
-    shares = water_filling_shares(backlog, rates, busy)
-    counts = _round_shares(backlog, shares, rates, busy, [c.worker.address for c in candidates])
 
+def _batches(candidates: Sequence[_Candidate], counts: Sequence[int]) -> list[tuple[str, int]]:
+    """Steps 3 and 4 of :func:`plan`: each worker's count as batches in its free slots, ordered."""
     batches: list[tuple[float, str, int]] = []
     for candidate, count in zip(candidates, counts):
         slots = max(0, int(candidate.worker.free_slots))

@@ -23,10 +23,12 @@ because they are added by the plugin's ``start``: ``Scheduler(plugins=[DynBatchP
 
 The menu link ("Dynbatch") shows on pages opened after the plugin started; the Bokeh server's
 existing sessions keep their menu. The scheduler's ``/metrics`` gets the dynbatch series the same
-way (:mod:`dask_dynbatch.metrics`).
+way (:mod:`dask_dynbatch.scheduler.metrics`).
 
 A :class:`DynBatchRecorder` samples the plugin's state (``DynBatchPlugin.state()``) every second
-on the scheduler, so a page opened late still shows the last minutes. The components are
+on the scheduler, so a page opened late still shows the last minutes; it merges the state per
+model with :func:`~dask_dynbatch.scheduler.summary.model_summaries`, as ``/metrics`` does, so the
+page and the series show the same numbers. The components are
 :class:`~distributed.dashboard.components.DashboardComponent` s like distributed's own, drawn with
 its theme and page template; each browser session updates them twice a second.
 
@@ -61,13 +63,15 @@ from bokeh.plotting import figure
 from bokeh.transform import factor_mark
 from dask.utils import format_bytes
 from distributed.dashboard.components import DashboardComponent, add_periodic_callback
-from distributed.dashboard.components.scheduler import BOKEH_THEME, env
-from distributed.dashboard.utils import update
 from distributed.utils import log_errors
 
-from .._compat import add_bokeh_application, dashboard_bokeh_app, dashboard_template_variables
-from ..core.placement import WorkerLoad, workload
-from .metrics import model_summaries
+from .._compat import (
+    add_bokeh_application,
+    bokeh_theme_and_template,
+    dashboard_bokeh_app,
+    dashboard_template_variables,
+)
+from .summary import model_summaries, worker_summary
 
 if TYPE_CHECKING:
     from bokeh.document import Document
@@ -95,7 +99,7 @@ DECISION_MARKERS = ["triangle", "inverted_triangle", "circle"]
 # ------------------------------------------------------------------------------------------------
 class DynBatchRecorder:
     """The plugin's state, sampled every second: per model counts and latencies, per (model,
-    worker) the controller's batch size, memory cap and decision.
+    worker) the model server's batch size, memory cap and its controller's decision.
 
     Parameters
     ----------
@@ -147,15 +151,16 @@ class DynBatchRecorder:
                 }
             )
             for address, worker in summary["workers"].items():
-                controller = worker.get("controller") or {}
-                cap = worker.get("memory_cap")
+                if worker["batch_size"] is None:
+                    continue  # the worker has not loaded the model: no server, no batch size
                 self.controllers.setdefault((name, address), deque(maxlen=self.length)).append(
                     {
                         "time": now,
-                        "size": controller.get("size"),
-                        "cap": cap if cap is not None else controller.get("cap"),
-                        "decision": controller.get("decision"),
-                        "reason": controller.get("reason"),
+                        "size": worker["batch_size"],
+                        "cap": worker["memory_cap"],
+                        "decision": worker["decision"],
+                        "reason": worker["reason"],
+                        "phase": worker["phase"],
                     }
                 )
 
@@ -166,33 +171,24 @@ class DynBatchRecorder:
         return max(self.summaries, key=lambda name: self.summaries[name]["submitted"])
 
     def worker_rows(self, model: str | None) -> list[dict[str, Any]]:
-        """One row per worker of the cluster: hardware state, and its part in ``model``'s work."""
-        summary = self.summaries.get(model) if model is not None else None
-        batcher_view = summary["workers"] if summary else {}
+        """One row per worker of the cluster: its device, and its part in ``model``'s work
+        (:func:`~dask_dynbatch.scheduler.summary.worker_summary`; empty for a worker that has
+        nothing to do with the model)."""
+        merged = self.summaries[model]["workers"] if model in self.summaries else {}
         rows = []
         for address, view in sorted(self.state.get("workers", {}).items()):
-            ours = view.get("dynbatch") or {}
-            ran = ((ours.get("models") or {}).get(model) or {}) if model is not None else {}
-            slot = batcher_view.get(address) or {}
-            free, used_fraction = device_memory(view, ran.get("device"))
-            cap = slot.get("memory_cap")
+            worker = merged.get(address) or worker_summary(None, [])
+            free, used_fraction = device_memory(view, worker["device"])
             rows.append(
                 {
+                    **worker,
                     "address": address,
                     "name": str(view.get("name", address)),
                     "device": view.get("device", "cpu"),
                     "free_bytes": free,
                     "memory_used": used_fraction,
-                    "utilization": _utilization(view),
-                    "benchmark_score": (ours.get("benchmark") or {}).get("best_throughput"),
-                    "throughput": slot.get("throughput") or ran.get("recent_throughput"),
-                    "inflight_samples": slot.get("inflight_samples") or 0,
-                    "workload": _workload(address, view, slot),
-                    "batch_size": (slot.get("controller") or {}).get("size"),
-                    "memory_cap": cap if cap is not None else ran.get("memory_cap"),
-                    "batches": ran.get("batches") or 0,
-                    "samples": ran.get("samples") or 0,
-                    "compiled": compile_text(slot.get("compile") or ran.get("compile")),
+                    "benchmark_score": view.get("benchmark"),
+                    "compiled": compile_text(worker["compile"]),
                     "color": self.color(address),
                 }
             )
@@ -234,56 +230,25 @@ def _rate(history: deque[dict[str, Any]], now: float, delivered: int) -> float:
 
 
 def device_memory(view: dict[str, Any], device: str | None = None) -> tuple[int | None, float | None]:
-    """Free memory of a worker's device (bytes) and the fraction in use, from what is known.
+    """Free memory of a worker's device (bytes) and the fraction in use, from the worker half's
+    readings (``devices``, see :func:`dask_dynbatch.worker.telemetry.device_telemetry`).
 
-    In order: the worker half's own reading of ``device`` (``dynbatch.devices``, see
-    :func:`dask_dynbatch.telemetry.device_telemetry`; without ``device``, its fullest device, as
-    placement counts it), NVML on the heartbeat, the worker's memory limit against its process
-    memory.
+    ``device``: the one the model runs on; without it, the worker's fullest device, the one that
+    limits it. ``(None, None)`` before the worker has read any (it reads a device once a model
+    loads there).
     """
     readings = {
         name: reading
-        for name, reading in ((view.get("dynbatch") or {}).get("devices") or {}).items()
+        for name, reading in (view.get("devices") or {}).items()
         if reading.get("effective_free") is not None
     }
-    if readings:
-        reading = readings.get(device) or max(readings.values(), key=lambda r: r.get("used_fraction") or 0.0)
-        return int(reading["effective_free"]), reading.get("used_fraction")
-    total, used = view.get("gpu_memory_total"), view.get("gpu_memory_used")
-    if not total:
-        total, used = view.get("memory_limit"), view.get("memory_process")
-    if not total or used is None:
+    if not readings:
         return None, None
-    return max(0, int(total - used)), min(1.0, max(0.0, used / total))
-
-
-def _utilization(view: dict[str, Any]) -> float | None:
-    """Compute utilisation 0..1: the GPU's on GPU workers, the worker process's CPU otherwise."""
-    if view.get("gpu_utilization") is not None:
-        return view["gpu_utilization"] / 100.0
-    if view.get("cpu_percent") is not None:
-        return view["cpu_percent"] / 100.0 / max(1, view.get("nthreads") or 1)
-    return None
-
-
-def _workload(address: str, view: dict[str, Any], slot: dict[str, Any]) -> float | None:
-    """The placement workload figure (seconds until a new batch would finish), from what the
-    batcher reported, with the inputs the batcher gives placement (compute utilisation left out:
-    NVML's figure includes our own batches)."""
-    if not slot or not slot.get("throughput"):
-        return None
-    _, memory_used = device_memory(view)
-    figure_s = workload(
-        WorkerLoad(
-            address=address,
-            throughput=slot["throughput"],
-            inflight_samples=slot.get("inflight_samples") or 0,
-            memory_utilization=memory_used or 0.0,
-            cap=slot.get("memory_cap"),
-            batch_size=max(1, (slot.get("controller") or {}).get("size") or 1),
-        )
-    )
-    return figure_s if math.isfinite(figure_s) else None
+    if device in readings:
+        reading = readings[device]
+    else:
+        reading = max(readings.values(), key=lambda r: r.get("used_fraction") or 0.0)
+    return int(reading["effective_free"]), reading.get("used_fraction")
 
 
 _recorders: weakref.WeakKeyDictionary[Scheduler, DynBatchRecorder] = weakref.WeakKeyDictionary()
@@ -357,7 +322,7 @@ def _time_figure(title: str, x_range: DataRange1d | None, name: str, **kwargs: A
 
 
 class BatchSizeTimeseries(DashboardComponent):
-    """Per worker: the controller's batch size (solid), the memory cap (dashed) and the
+    """Per worker: its model server's batch size (solid), the memory cap (dashed) and the
     controller's decisions (triangle up: grow, down: shrink, circle: hold) over time."""
 
     @log_errors
@@ -367,7 +332,7 @@ class BatchSizeTimeseries(DashboardComponent):
         self.lines = ColumnDataSource({"xs": [], "ys": [], "worker": [], "color": []}, name="dynbatch-batch-size-lines")
         self.caps = ColumnDataSource({"xs": [], "ys": [], "worker": [], "color": []}, name="dynbatch-memory-cap-lines")
         self.source = ColumnDataSource(
-            {"time": [], "size": [], "worker": [], "decision": [], "reason": [], "color": []},
+            {"time": [], "size": [], "worker": [], "decision": [], "reason": [], "phase": [], "color": []},
             name="dynbatch-batch-size",
         )
         # log scale: a memory cap of 100,000 samples and batches of 8 are both readable
@@ -390,6 +355,7 @@ class BatchSizeTimeseries(DashboardComponent):
                     ("batch size", "@size"),
                     ("decision", "@decision"),
                     ("why", "@reason"),
+                    ("phase", "@phase"),
                 ],
             )
         )
@@ -421,11 +387,12 @@ class BatchSizeTimeseries(DashboardComponent):
                 points["worker"].append(label)
                 points["decision"].append(str(p["decision"] or "hold"))
                 points["reason"].append(str(p["reason"] or ""))
+                points["phase"].append(str(p["phase"] or ""))
                 points["color"].append(color)
         self.root.title.text = f"Batch size: {model}" if model else "Batch size (no model registered yet)"
-        update(self.lines, lines)
-        update(self.caps, caps)
-        update(self.source, points)
+        _set_data(self.lines, lines)
+        _set_data(self.caps, caps)
+        _set_data(self.source, points)
 
 
 class ModelTimeseries(DashboardComponent):
@@ -465,7 +432,7 @@ class ModelTimeseries(DashboardComponent):
     def update(self) -> None:
         model = self.choice.model
         history = self.recorder.models.get(model, ()) if model else ()
-        update(
+        _set_data(
             self.source,
             {
                 "time": [p["time"] * 1000 for p in history],
@@ -483,21 +450,24 @@ class ModelTimeseries(DashboardComponent):
 
 
 class DynBatchWorkers(DashboardComponent):
-    """Per worker: free device memory, utilisation, benchmark score, workload figure, share of work."""
+    """Per worker: device memory, benchmark score, the model server's state and counts (version,
+    batch size, batches shared by clients, ...), the clients' in-flight rows and workload figure,
+    and the worker's share of the model's samples."""
 
     COLUMNS: ClassVar[dict[str, str]] = {
         "name": "worker",
         "device": "device",
         "free_memory": "free memory",
         "memory_used": "memory used",
-        "utilization": "utilisation",
         "benchmark_score": "benchmark score",
+        "version": "version",
         "throughput": "samples/s",
         "workload": "workload (s)",
         "inflight_samples": "in flight",
         "batch_size": "batch size",
         "memory_cap": "memory cap",
         "batches": "batches",
+        "shared_batches": "shared batches",
         "samples": "samples",
         "compiled": "compiled buckets",
         "share_text": "share",
@@ -544,14 +514,15 @@ class DynBatchWorkers(DashboardComponent):
             "device": [r["device"] for r in rows],
             "free_memory": [format_bytes(r["free_bytes"]) if r["free_bytes"] is not None else "" for r in rows],
             "memory_used": [_percent(r["memory_used"]) for r in rows],
-            "utilization": [_percent(r["utilization"]) for r in rows],
             "benchmark_score": [_fmt(r["benchmark_score"], "{:,.1f}") for r in rows],
+            "version": [_fmt(r["version"], "{}") for r in rows],
             "throughput": [_fmt(r["throughput"], "{:,.1f}") for r in rows],
             "workload": [_fmt(r["workload"], "{:.4f}") for r in rows],
             "inflight_samples": [r["inflight_samples"] for r in rows],
             "batch_size": [_fmt(r["batch_size"], "{}") for r in rows],
             "memory_cap": [_fmt(r["memory_cap"], "{}") for r in rows],
             "batches": [r["batches"] for r in rows],
+            "shared_batches": [r["shared_batches"] for r in rows],
             "samples": [r["samples"] for r in rows],
             "compiled": [r["compiled"] for r in rows],
             "share_text": [_percent(r["share"]) for r in rows],
@@ -565,7 +536,7 @@ class DynBatchWorkers(DashboardComponent):
             self.table.height = _table_height(len(rows))
             self.share.height = min(600, 80 + 30 * max(1, len(rows)))
         self.share.title.text = f"Share of work: {model}" if model else "Share of work"
-        update(self.source, data)
+        _set_data(self.source, data)
 
 
 class Summary(DashboardComponent):
@@ -586,8 +557,10 @@ class Summary(DashboardComponent):
                 "its state shows here within a second or two."
             )
         else:
+            version = f" v{summary['version']}" if summary["version"] is not None else ""
             text = (
-                f"<b>{model}</b>: {summary['batchers']} batcher(s) &middot; submitted {summary['submitted']:,} &middot; "
+                f"<b>{model}</b>{version}: {summary['batchers']} batcher(s) &middot; "
+                f"submitted {summary['submitted']:,} &middot; "
                 f"served {summary['delivered']:,} &middot; failed {summary['failed']:,} &middot; "
                 f"timed out {summary['timed_out']:,} &middot; queued {summary['queued']:,} &middot; "
                 f"latency p50 {_fmt(_ms(summary['latency_p50']), '{:.1f}')} ms, "
@@ -635,9 +608,10 @@ def dynbatch_doc(scheduler: Scheduler, extra: dict[str, Any], doc: Document) -> 
             sizing_mode="stretch_width",
         )
     )
-    doc.template = env.get_template("simple.html")
+    theme, template = bokeh_theme_and_template()
+    doc.template = template
     doc.template_variables.update(extra)
-    doc.theme = BOKEH_THEME
+    doc.theme = theme
 
 
 @log_errors
@@ -648,7 +622,7 @@ def individual_dynbatch_doc(cls, scheduler: Scheduler, extra: dict[str, Any], do
     add_periodic_callback(doc, component, UPDATE_INTERVAL_MS)
     doc.add_root(getattr(component, fig_attr))
     doc.title = "Dask: Dynamic batching"
-    doc.theme = BOKEH_THEME
+    doc.theme = bokeh_theme_and_template()[0]
 
 
 def _individual(cls, fig_attr="root"):
@@ -713,6 +687,13 @@ def _template_variables(scheduler: Scheduler, bokeh_app) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # Formatting
 # ------------------------------------------------------------------------------------------------
+def _set_data(source: ColumnDataSource, data: dict[str, list]) -> None:
+    """Replace a source's data only when it changed: an unchanged update would still travel to
+    every open browser."""
+    if source.data != data:
+        source.data.update(data)
+
+
 def _table_height(rows: int) -> int:
     return min(600, 30 + 26 * max(1, rows))
 

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from .._compat import allow_recompiles
 from ..core.ladder import next_rung
-from ..core.memory import is_oom_error
+from ..core.oom import is_oom_error
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +47,7 @@ def compile_static(module: Any, mode: str, shapes: int) -> Any:
     that ``shapes`` batch sizes (a recompile of the same code object each) all compile."""
     import torch
 
-    dynamo_config = torch._dynamo.config
-    limit = shapes + 8
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if getattr(dynamo_config, knob, limit) < limit:
-            setattr(dynamo_config, knob, limit)
+    allow_recompiles(shapes + 8)
     return torch.compile(module, mode=mode, dynamic=False)
 
 
@@ -313,9 +310,8 @@ def warm_in_subprocess(payload: bytes, device: str, bucket: int, template: np.nd
     The child loads the model on ``device``, compiles it the way the worker does and runs a batch of
     ``bucket`` copies of ``template`` (one host input row) through it. What it leaves behind is
     inductor's on-disk caches (FX graph, kernels, autotuning), so the worker's own compile of that
-    bucket is mostly cache hits: measured on an H100, a ResNet-50 bucket whose shape another process
-    had compiled took 2-3 s in the worker, against 18-30 s cold. The child competes for no lock and
-    no GIL of the worker. ``stop`` set: the child is killed. Returns the child's seconds, or None
+    bucket is mostly cache hits, seconds instead of tens of seconds. The child competes for no lock
+    and no GIL of the worker. ``stop`` set: the child is killed. Returns the child's seconds, or None
     when it failed, timed out or was stopped (the worker then compiles from cold, or not at all).
     """
     with tempfile.TemporaryDirectory(prefix="dynbatch-warm-") as tmp:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.memory import MemorySizer, run_split_on_oom
+from ..core.memory import MemorySizer
+from ..core.oom import run_split_on_oom
 from .model import LoadedModel
 
 #: an eager CUDA model's shape-ladder rungs up to this many rows are warmed before its first batch

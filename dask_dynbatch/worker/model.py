@@ -17,7 +17,8 @@ import numpy as np
 
 from .._compat import dynamo_tolerates_nested_tracing
 from ..core.ladder import bucket_for, floor_rung
-from ..core.memory import estimate_bytes_per_sample, is_oom_error
+from ..core.oom import is_oom_error
+from ..core.profile import estimate_bytes_per_sample
 from ..spec import ModelSpec, call_load
 from .compile import BucketCompiler
 from .staging import PinnedBuffer, join_on_host, stage_on_device

@@ -195,6 +195,7 @@ class ModelServer:
         self._running: DeviceBatch | None = None
         self._running_since = 0.0
         self._prev_done: float | None = None
+        self._last_rows = 0  # rows of the last device batch
         self._cold = True
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -221,7 +222,9 @@ class ModelServer:
         """What clients should know now: the batch size, the cap, the throughput at the size."""
         self._update_cap()
         c = self.controller
-        return Advice(size=c.size, cap=c.cap, throughput=c.throughput_at(c.size),
+        # the rate at the size batches actually run at (they are often shorter than the proposal)
+        throughput = c.throughput_at(self._last_rows) if self._last_rows else None
+        return Advice(size=c.size, cap=c.cap, throughput=throughput or self.stats.to_dict()["recent_throughput"],
                       memory_used=self.sizer.used_fraction(), decision=c.decision, reason=c.reason,
                       phase=c.phase.value)
 
@@ -398,6 +401,7 @@ class ModelServer:
         since = self._prev_done if self._prev_done is not None and first_arrival < self._prev_done else first_arrival
         service_s = max(result.compute_s, done - since)
         self._prev_done = done
+        self._last_rows = batch.rows
         owners = batch.owners()
         formation_wait = min(max(0.0, *(o.queued_s for o in owners)), self._max_delay)
         latency = formation_wait + service_s

@@ -1,30 +1,14 @@
 """Memory sources: how much device memory is free *now*.
 
-Every source answers one question, :meth:`~dask_dynbatch.core.memory.MemorySource.read`, with a
-:class:`~dask_dynbatch.core.memory.DeviceMemory` snapshot.  The sizer (:mod:`dask_dynbatch.core.memory`) turns
-snapshots into batch-size caps; the worker plugin reports them on the
-heartbeat (:func:`device_telemetry`).
+Every source answers :meth:`~dask_dynbatch.core.memory.MemorySource.read` with a
+:class:`~dask_dynbatch.core.memory.DeviceMemory` snapshot; the sizer
+(:mod:`dask_dynbatch.core.memory`) turns snapshots into batch-size caps, and the worker plugin
+reports them on the heartbeat (:func:`device_telemetry`). Sources: :class:`TorchCudaMemory`,
+:class:`CupyMemory`, :class:`NvmlMemory` (GPUs) and :class:`HostMemory` (CPU workers);
+:func:`detect_memory_source` picks one.
 
-Sources
--------
-``TorchCudaMemory``
-    ``torch.cuda.mem_get_info`` (free/total as the driver sees it, other
-    processes included) plus torch's caching-allocator cache that is reserved
-    but unused (our own allocator reuses it before asking the driver).
-``CupyMemory``
-    ``cupy.cuda.runtime.memGetInfo`` plus the default memory pool's unused
-    bytes (``total_bytes() - used_bytes()``).
-``NvmlMemory``
-    NVML (``pynvml`` from ``nvidia-ml-py``), initialised the way
-    ``distributed.diagnostics.nvml`` does it.  Sees every process; knows
-    nothing about a framework's cache.
-``HostMemory``
-    Host RAM for CPU workers: ``psutil.virtual_memory().available`` and, when
-    the Dask worker has a ``memory_limit``, that limit minus this process's
-    RSS.  The smaller of the two is free.
-
-GPU libraries (torch.cuda, cupy, pynvml) are imported inside functions only,
-so this module imports on a CPU-only machine without them.
+GPU libraries (torch.cuda, cupy, pynvml) are imported inside functions only, so this module
+imports on a CPU-only machine without them.
 """
 
 from __future__ import annotations
@@ -39,25 +23,9 @@ from typing import Any
 from ..core.memory import DeviceMemory, MemorySource
 
 
-
 def parse_device(device: str) -> tuple[str, int]:
-    """Split a device string into kind and index.
-
-    Parameters
-    ----------
-    device : str
-        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"gpu:0"``.
-
-    Returns
-    -------
-    tuple of (str, int)
-        ``("cpu", 0)`` or ``("cuda", index)``.
-
-    Raises
-    ------
-    ValueError
-        For any other device string.
-    """
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"gpu:0"`` -> ``("cpu", 0)`` or ``("cuda", index)``;
+    ValueError for any other device string."""
     text = str(device).strip().lower()
     kind, _, index_text = text.partition(":")
     if kind == "gpu":
@@ -136,14 +104,10 @@ def _nvml_free_or_none(device_index: int) -> int | None:
 
 
 class NvmlMemory:
-    """Device memory as NVML sees it (every process on the GPU counted).
-
-    Parameters
-    ----------
-    device_index : int
-        CUDA device index as this process sees it (mapped through
-        ``CUDA_VISIBLE_DEVICES`` to the physical device).
-    """
+    """Device memory as NVML (``pynvml`` from ``nvidia-ml-py``, initialised the way
+    ``distributed.diagnostics.nvml`` does it) sees it: every process on the GPU counted, nothing
+    known about a framework's cache. ``device_index`` is the CUDA index as this process sees it
+    (mapped through ``CUDA_VISIBLE_DEVICES`` to the physical device)."""
 
     name = "nvml"
 
@@ -193,7 +157,7 @@ def torch_cuda_allocator_stats(device: Any) -> dict[str, int]:
     """torch's caching allocator on ``device``: bytes ``allocated`` now, their ``peak`` since the
     last ``reset_peak_memory_stats``, and ``reserved`` (cached). One read of the allocator's
     statistics: ``torch.cuda.memory_allocated`` and friends each flatten the whole statistics
-    dictionary in Python, which made ~6 % of the device thread's time on the H200 (py-spy)."""
+    dictionary in Python, a cost the device thread pays on every batch."""
     import torch  # lazy
 
     stats = torch.cuda.memory_stats_as_nested_dict(device)
@@ -204,24 +168,11 @@ def torch_cuda_allocator_stats(device: Any) -> dict[str, int]:
 
 
 class TorchCudaMemory:
-    """CUDA memory as torch sees it: driver free plus torch's unused cache.
-
-    Parameters
-    ----------
-    device_index : int
-        CUDA device index (as torch numbers devices).
-    include_nvml : bool, default False
-        Also read NVML's free bytes into ``nvml_free`` (for telemetry).
-
-    Notes
-    -----
-    ``torch.cuda.mem_get_info`` returns free and total bytes as the driver
-    sees them, other processes included.  torch's caching allocator keeps
-    freed blocks reserved; ``memory_reserved - memory_allocated`` of them can
-    be reused by our next batch without the driver, so the effective free
-    memory is driver free plus that cache.  A per-process memory fraction set
-    with ``torch.cuda.set_per_process_memory_fraction`` becomes ``limit``.
-    """
+    """CUDA memory as torch sees it: driver free (``torch.cuda.mem_get_info``, other processes
+    included) plus torch's unused cache, since the caching allocator keeps freed blocks reserved
+    and our next batch reuses ``reserved - allocated`` of them without the driver. A per-process
+    memory fraction (``torch.cuda.set_per_process_memory_fraction``) becomes ``limit``.
+    ``include_nvml``: also read NVML's free bytes into ``nvml_free`` (for telemetry)."""
 
     name = "torch-cuda"
 
@@ -264,20 +215,9 @@ class TorchCudaMemory:
 
 # --------------------------------------------------------------------- cupy
 class CupyMemory:
-    """CUDA memory as CuPy sees it: driver free plus the default pool's unused bytes.
-
-    Parameters
-    ----------
-    device_index : int
-        CUDA device index.
-    include_nvml : bool, default False
-        Also read NVML's free bytes into ``nvml_free``.
-
-    Notes
-    -----
-    A limit set on the default pool (``cupy.get_default_memory_pool().set_limit``)
-    becomes ``limit`` and clips ``free``.
-    """
+    """CUDA memory as CuPy sees it: ``memGetInfo`` free plus the default pool's unused bytes
+    (``total_bytes() - used_bytes()``). A limit set on the default pool becomes ``limit`` and
+    clips ``free``. ``include_nvml``: also read NVML's free bytes into ``nvml_free``."""
 
     name = "cupy"
 
@@ -317,23 +257,13 @@ class CupyMemory:
 
 # --------------------------------------------------------------------- host
 class HostMemory:
-    """Host RAM for CPU workers.
+    """Host RAM for CPU workers: ``free = min(psutil.virtual_memory().available, limit - RSS)``
+    with ``limit = memory_limit * limit_fraction`` (``memory_limit``: the Dask worker's, None or 0
+    for none); ``framework_used`` is the process RSS.
 
-    Parameters
-    ----------
-    memory_limit : int or None
-        The Dask worker's ``memory_limit`` in bytes (None or 0: no limit).
-    limit_fraction : float, default 1.0
-        Fraction of ``memory_limit`` that batches may fill the process up to.
-        Dask pauses a worker at ``distributed.worker.memory.pause`` (0.8 by
-        default) of its limit; :func:`detect_memory_source` passes that
-        fraction so that a batch never pushes the worker into pausing.
-
-    Notes
-    -----
-    ``free = min(psutil.virtual_memory().available, limit - RSS)`` where
-    ``limit = memory_limit * limit_fraction``.  ``framework_used`` is the
-    process RSS.
+    Dask pauses a worker at ``distributed.worker.memory.pause`` (0.8 by default) of its limit;
+    :func:`detect_memory_source` passes that fraction as ``limit_fraction`` so that a batch never
+    pushes the worker into pausing.
     """
 
     name = "host"
@@ -413,33 +343,12 @@ def detect_memory_source(
     prefer: str | None = None,
     limit_fraction: float | None = None,
 ) -> MemorySource:
-    """Choose the memory source for a device.
+    """The memory source for ``device`` (``"cpu"``, ``"cuda"`` or ``"cuda:N"``).
 
-    Parameters
-    ----------
-    device : str
-        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-    memory_limit : int or None
-        The Dask worker's memory limit (CPU devices only).
-    prefer : {"torch", "cupy", "nvml"} or None
-        For CUDA devices, which library to ask first.  By default the library
-        already imported in this process is asked first (torch before CuPy
-        when both are), then the other, then NVML.
-    limit_fraction : float or None
-        For CPU devices: fraction of ``memory_limit`` batches may fill up to.
-        None reads Dask's worker pause threshold
-        (``distributed.worker.memory.pause``, 0.8 by default).
-
-    Returns
-    -------
-    MemorySource
-
-    Raises
-    ------
-    RuntimeError
-        When a CUDA device is asked for and no library can see it.
-    ValueError
-        For an unknown device string.
+    CPU: :class:`HostMemory` with ``memory_limit`` and ``limit_fraction`` (default: Dask's worker
+    pause threshold). CUDA: the library ``prefer`` names (``"torch"``, ``"cupy"``, ``"nvml"``) is
+    asked first; by default the one already imported in this process (torch before CuPy when both
+    are), then the other, then NVML. RuntimeError when no library can see the CUDA device.
     """
     kind, index = parse_device(device)
     if kind == "cpu":
@@ -471,19 +380,9 @@ def detect_memory_source(
 
 
 def device_telemetry(source: MemorySource) -> dict[str, Any]:
-    """JSON-able snapshot of a source's reading, for heartbeats and dashboards.
-
-    Parameters
-    ----------
-    source : MemorySource
-
-    Returns
-    -------
-    dict
-        The fields of :class:`DeviceMemory` plus ``capacity``,
-        ``effective_free`` and ``used_fraction``; or ``{"source": ...,
-        "error": "..."}`` when reading failed (telemetry never raises).
-    """
+    """JSON-able snapshot of a source's reading, for heartbeats and dashboards: the fields of
+    :class:`DeviceMemory` plus ``capacity``, ``effective_free`` and ``used_fraction``; or
+    ``{"source": ..., "error": "..."}`` when reading failed (telemetry never raises)."""
     name = getattr(source, "name", type(source).__name__)
     try:
         reading = source.read()
@@ -500,11 +399,9 @@ def device_telemetry(source: MemorySource) -> dict[str, Any]:
 
 
 class CachedMemorySource:
-    """A source whose readings are reused for ``max_age`` seconds.
-
-    A batch asks for free memory several times (its cap, its reservation, the cap sent back);
-    torch's allocator statistics cost about a millisecond a reading, so one reading serves them all.
-    """
+    """A source whose readings are reused for ``max_age`` seconds: a batch asks for free memory
+    several times (its cap, its reservation, the cap sent back), and a reading of torch's
+    allocator statistics is costly, so one reading serves them all."""
 
     def __init__(self, source: MemorySource, max_age: float = 0.005, clock=time.monotonic):
         self.source = source
