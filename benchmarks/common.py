@@ -52,19 +52,26 @@ def machine_stamp() -> dict:
     return stamp
 
 
-def _benchmark_done(dask_worker=None) -> bool:
+def _server_states(dask_worker=None) -> list[dict]:
     plugin = dask_worker.extensions.get("dynbatch")
-    return plugin is None or plugin.benchmark is not None
+    return plugin.server_states() if plugin is not None else []
 
 
-def wait_for_reference_benchmark(client, timeout: float = 180.0) -> None:
-    """Wait until every worker's start-up reference benchmark (run when the plugin is registered,
-    in the device thread) is done: a raw loop measured meanwhile shares the device with it."""
-    deadline = time.monotonic() + timeout
-    while not all(client.run(_benchmark_done).values()):
-        if time.monotonic() > deadline:
-            raise TimeoutError("the workers' reference benchmark did not finish")
-        time.sleep(0.2)
+def server_states(client) -> dict[str, list[dict]]:
+    """Every worker's model servers (``DynBatchWorkerPlugin.server_states()``): per worker address,
+    one dict per loaded (model, version) with ``controller`` (the full controller state),
+    ``batches``, ``samples``, ``shared_batches``, ``loads``, ..."""
+    return client.run(_server_states)
+
+
+def server_state(client, model: str) -> dict[str, dict]:
+    """The state of ``model``'s newest loaded version on each worker that has it (address -> state)."""
+    out = {}
+    for address, states in server_states(client).items():
+        mine = [s for s in states if s["name"] == model]
+        if mine:
+            out[address] = max(mine, key=lambda s: s["version"])
+    return out
 
 
 def rate(n: int, fn) -> tuple[float, float]:
@@ -132,8 +139,10 @@ def open_loop(batcher, samples, rate_per_s: float, seconds: float, seed: int = 0
     }
 
 
-def save(name: str, result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def save(name: str, result: dict, directory: str | Path | None = None) -> Path:
+    """Write ``result`` as ``<directory>/<name>.json`` (default: ``benchmarks/results``)."""
+    directory = Path(directory) if directory is not None else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(result, indent=2, default=float))
     return path

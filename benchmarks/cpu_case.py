@@ -10,7 +10,13 @@ with one task per request, hand-chunked plain Dask (16/64/256), dask-dynbatch wi
 The baselines also run once under Dask's default worker settings, before the plugin is registered
 (the others run under the same settings as dask-dynbatch: the worker half tunes malloc).
 
+Each dask-dynbatch contender records the worker's model server as it was after the timed run
+(``controller``: the full batch-size controller state, ``server``: its batch counts) beside what the
+Batcher's ``stats()`` shows of it (``advice``), and a history row per shipment (``device_batch``: the
+rows of the device batch it ran in).
+
     python benchmarks/cpu_case.py            # writes benchmarks/results/cpu_case.{json,png}
+    python benchmarks/cpu_case.py --quick --out /tmp/cpu_quick   # a smoke test: small sizes, 1 round
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_stamp, open_loop, rate, save, wait_for_reference_benchmark  # noqa: E402
+from common import RESULTS, machine_stamp, open_loop, rate, save, server_state  # noqa: E402
 
 import dask_dynbatch as ddb  # noqa: E402
 from dask_dynbatch import baselines  # noqa: E402
@@ -50,6 +56,10 @@ def raw(client, images) -> dict:
     return {str(k): v for k, v in table.items()}
 
 
+#: what each contender keeps of ``Batcher.history()``, one row per shipment
+HISTORY_COLUMNS = ("time", "size", "device_batch", "controller_size", "latency", "service_s", "decision")
+
+
 def dynbatch_closed_loop(client, images, name, **spec_kw) -> dict:
     spec = ddb.ModelSpec(name, load=build_tiny_cnn, **spec_kw)
     with ddb.Batcher(client, spec) as batcher:
@@ -59,15 +69,19 @@ def dynbatch_closed_loop(client, images, name, **spec_kw) -> dict:
         throughput, _ = rate(len(images), lambda: [f.result() for f in batcher.map(images)])
         stats = batcher.stats()
         history = batcher.history()
-    sizes = [h["size"] for h in history]
+        (server,) = server_state(client, name).values()  # the worker's model server: it owns the size
+    sizes = [h["device_batch"] for h in history]
     return {
         "throughput": throughput,
         "mean_batch": float(np.mean(sizes[-50:])) if sizes else None,
         "latency_p50_ms": stats["latency_p50"] * 1e3,
         "latency_p99_ms": stats["latency_p99"] * 1e3,
-        "controller": next(iter(stats["workers"].values()))["controller"],
-        "history_columns": ("time", "size", "latency", "service_s", "decision"),
-        "history": [(h["time"], h["size"], h["latency"], h["service_s"], h["decision"]) for h in history],
+        "advice": next(iter(stats["workers"].values()))["controller"],
+        "controller": server["controller"],
+        "server": {k: server.get(k) for k in ("batches", "samples", "shipments", "shared_batches", "loads",
+                                               "recent_mean_batch", "recent_throughput")},
+        "history_columns": HISTORY_COLUMNS,
+        "history": [tuple(h[k] for k in HISTORY_COLUMNS) for h in history],
         # the controller's reasons for every batch it did not simply hold on (index into history)
         "decisions": [(i, h["decision"], h["reason"]) for i, h in enumerate(history) if h["decision"] != "hold"],
     }
@@ -89,12 +103,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--requests", type=int, default=30_000)
     parser.add_argument("--single", type=int, default=1_000, help="requests for one-task-per-request")
     parser.add_argument("--front-end", type=int, default=100_000, help="requests through the no-op model")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of every contender, baselines included (means reported)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and one round, for a smoke test (writes cpu_case_quick.*)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of every contender, baselines included (means reported; default 3, 1 with --quick)")
+    parser.add_argument("--out", default=str(RESULTS), help="directory for the JSON and PNG")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.single, args.front_end = 2_000, 200, 5_000
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     images = tiny_cnn_images(args.requests)
     result: dict = {"machine": machine_stamp(), "case": "cpu: 3-conv CNN, 64x64 uint8, 1 worker x 1 thread",
                     "requests": args.requests}
@@ -105,7 +123,6 @@ def main(argv=None) -> dict:
         print(result["dask_default"], flush=True)
 
         client.register_plugin(ddb.DynBatchPlugin())
-        wait_for_reference_benchmark(client)
         print("the raw model under dask-dynbatch's worker settings", flush=True)
         raw_same = raw(client, images)
         print(raw_same, flush=True)
@@ -171,8 +188,8 @@ def main(argv=None) -> dict:
     }
     print(result["ratios"], flush=True)
     name = "cpu_case_quick" if args.quick else "cpu_case"
-    save(name, result)
-    plot(result, RESULTS / f"{name}.png")
+    save(name, result, args.out)
+    plot(result, Path(args.out) / f"{name}.png")
     return result
 
 
@@ -199,13 +216,16 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     hist = dyn["default"]["history"]
     if hist:
-        t0 = hist[0][0]
+        col = {k: i for i, k in enumerate(dyn["default"]["history_columns"])}
+        size = col.get("device_batch", col["size"])  # files before the rebuild: the batch's own size
+        t0 = hist[0][col["time"]]
+        t = [h[col["time"]] - t0 for h in hist]
         ax = axes[1]
-        ax.plot([h[0] - t0 for h in hist], [h[1] for h in hist], ".", ms=3)
+        ax.plot(t, [h[size] for h in hist], ".", ms=3)
         ax.set_xlabel("s")
-        ax.set_ylabel("batch size (default settings)")
+        ax.set_ylabel("device batch size (default settings)")
         ax2 = ax.twinx()
-        ax2.plot([h[0] - t0 for h in hist], [h[2] * 1e3 for h in hist], "r.", ms=2, alpha=0.5)
+        ax2.plot(t, [h[col["latency"]] * 1e3 for h in hist], "r.", ms=2, alpha=0.5)
         ax2.set_ylabel("batch latency ms", color="r")
         ax.set_title("controller: size and latency over time")
     ax = axes[2]

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_stamp, open_loop, rate, wait_for_reference_benchmark  # noqa: E402
+from common import machine_stamp, open_loop, rate, server_state  # noqa: E402
 
 import dask_dynbatch as ddb  # noqa: E402
 from dask_dynbatch import baselines  # noqa: E402
@@ -69,7 +69,6 @@ def start_cluster(**kw):
 
 
 def sec_raw(client, images, res, args):
-    wait_for_reference_benchmark(client)
     ((_, table),) = client.run(baselines.raw_loop, build_resnet50, images[0], [1, 64, 128, 256, 512], 3.0).items()
     res["raw"] = {str(k): v for k, v in table.items()}
     res["ceiling"] = max(table.values())
@@ -114,7 +113,8 @@ def sec_rawcompiled(client, images, res, args):
     res["compiled_ceiling"] = max(table["throughput"].values())
 
 
-COMPILED_COLUMNS = ("time", "size", "latency", "compute_s", "wait_s", "stage_s", "queued_s", "round_trip_s", "stack_s")
+COMPILED_COLUMNS = ("time", "size", "latency", "compute_s", "wait_s", "stage_s", "queued_s", "round_trip_s", "stack_s",
+                    "device_batch", "controller_size")
 
 
 def _dynamo_counters():
@@ -313,6 +313,7 @@ def closed_loop(client, images, name, n, profile_dir=None, passes=3, **spec_kw):
             p.wait(timeout=30)
         stats = batcher.stats()
         hist = batcher.history()
+        servers = server_state(client, name)  # the workers' model servers: they own the batch size
     timed = [h for h in hist if h["time"] >= t_timed]
     return {
         "throughput": throughput,
@@ -324,13 +325,35 @@ def closed_loop(client, images, name, n, profile_dir=None, passes=3, **spec_kw):
         "latency_p50_ms": stats["latency_p50"] * 1e3,
         "latency_p99_ms": stats["latency_p99"] * 1e3,
         "timed_mean_batch": sum(h["size"] for h in timed) / max(1, len(timed)),
+        "timed_mean_device_batch": sum(h["device_batch"] for h in timed) / max(1, len(timed)),
         "workers": {a: {k: w[k] for k in ("device", "samples", "batches", "memory_cap", "throughput", "transport")}
                     | {"controller_size": w["controller"]["size"], "reason": w["controller"]["reason"],
-                       "mean_batch": w["samples"] / max(1, w["batches"])}
+                       "phase": w["controller"]["phase"], "mean_batch": w["samples"] / max(1, w["batches"])}
+                    | server_summary(servers.get(a))
                     for a, w in stats["workers"].items()},
-        "history": [(h["time"], h["worker"], h["size"], h["latency"], h["cap"], h["compute_s"], h["wait_s"], h["stage_s"])
-                    for h in hist[-3000:]],
+        # the first 8 columns as before the rebuild (plot_gpu.py reads them by position)
+        "history_columns": CLOSED_COLUMNS,
+        "history": [tuple(h[k] for k in CLOSED_COLUMNS) for h in hist[-3000:]],
     }
+
+
+#: ``closed_loop``'s history rows; ``size``: rows of the shipment, ``device_batch``: of the device
+#: batch it ran in (rows of every client), ``controller_size``: the server's size after it
+CLOSED_COLUMNS = ("time", "worker", "size", "latency", "cap", "compute_s", "wait_s", "stage_s", "device_batch",
+                  "controller_size")
+
+
+def server_summary(state: dict | None) -> dict:
+    """What a worker's model server did (from ``server_states()`` on the worker): device batches,
+    their mean size, and the controller's final size and phase."""
+    if not state:
+        return {}
+    controller = state.get("controller") or {}
+    return {"server_batches": state.get("batches"), "server_samples": state.get("samples"),
+            "server_mean_batch": state["samples"] / max(1, state["batches"]) if state.get("batches") else None,
+            "server_shared_batches": state.get("shared_batches"), "loads": state.get("loads"),
+            "server_controller_size": controller.get("size"), "server_phase": controller.get("phase"),
+            "server_best_size": controller.get("best_size")}
 
 
 def sec_dynbatch(client, images, res, args):
@@ -386,7 +409,8 @@ def sec_frontendgpu(client, images, res, args):
     res["frontend_gpu"] = {"throughput": throughput, "seconds": seconds, "transport": worker["transport"],
                            "device": worker["device"], "mean_batch": worker["samples"] / max(1, worker["batches"]),
                            "mean_stage_ms": 1e3 * sum(h["stage_s"] for h in hist) / max(1, len(hist)),
-                           "mean_rows": sum(h["size"] for h in hist) / max(1, len(hist))}
+                           "mean_rows": sum(h["size"] for h in hist) / max(1, len(hist)),
+                           "mean_device_batch": sum(h["device_batch"] for h in hist) / max(1, len(hist))}
 
 
 def sec_dynbatchprof(client, images, res, args):
@@ -405,7 +429,7 @@ def sec_dynbatchcomm(client, images, res, args):
 
 
 OPEN_COLUMNS = ("time", "size", "latency", "controller_size", "compute_s", "wait_s", "stage_s", "queued_s",
-                "round_trip_s", "worker_s", "stack_s")
+                "round_trip_s", "worker_s", "stack_s", "device_batch")
 
 
 class ClientPauses:
@@ -460,6 +484,7 @@ def sec_open(client, images, res, args, freeze=False, key="open_loop"):
                     "client_gc": pauses.summary(),
                     "forecast": {a: w.get("forecast") for a, w in batcher.stats()["workers"].items()},
                     "mean_batch": sum(h["size"] for h in hist) / max(1, len(hist)),
+                    "mean_device_batch": sum(h["device_batch"] for h in hist) / max(1, len(hist)),
                     "history_columns": OPEN_COLUMNS,
                     "history": [tuple(h[k] for k in OPEN_COLUMNS) for h in hist[-1500:]]}
             out.append(got)
@@ -599,7 +624,9 @@ def sec_pressure(images, res, args):
     (worker,) = stats["workers"].values()
     out["dynbatch"] = {
         "requests": len(samples), "failed": len(failed), "delivered": stats["delivered"], "errors": errors,
-        "history": [(h["time"] - origin, h["size"], h["cap"], h["latency"], h["controller_size"]) for h in hist],
+        "history_columns": ("t", "size", "cap", "latency", "controller_size", "device_batch"),
+        "history": [(h["time"] - origin, h["size"], h["cap"], h["latency"], h["controller_size"], h["device_batch"])
+                    for h in hist],
         "final_controller": worker["controller"]["size"], "memory_cap": worker["memory_cap"],
     }
     event(f"dynbatch: {len(failed)} of {len(samples)} failed")
@@ -645,11 +672,16 @@ def sec_hetero(images, res, args):
             loop_nannies.append(cluster.sync(Nanny, cluster.scheduler_address, nthreads=4 if i else 1,
                                              env=env, name=f"{'gpu' if i == 0 else 'cpu'}-{i}"))
         client.wait_for_workers(3)
-        time.sleep(4)  # reference benchmarks (scores) reach the scheduler
+        # the reference benchmark is no longer run at worker start: measure now, for placement's
+        # prior until each worker has run a batch; the scores reach the scheduler with a heartbeat
+        tables = ddb.rerun_benchmark(client)
+        time.sleep(4)
         gpu_only = closed_loop(client, images, "resnet50-gpu-only", args.requests // 2, resources=None, device="cuda")
         both = closed_loop(client, images, "resnet50-hetero", args.requests // 2)
         res["hetero"] = both | {"gpu_only_throughput": gpu_only["throughput"],
-                                "ratio_to_gpu_only": both["throughput"] / gpu_only["throughput"]}
+                                "ratio_to_gpu_only": both["throughput"] / gpu_only["throughput"],
+                                "reference_benchmark": {a: (t or {}).get("best_throughput", (t or {}).get("error"))
+                                                        for a, t in tables.items()}}
     finally:
         for n in locals().get("loop_nannies", []):
             cluster.sync(n.close)
@@ -732,7 +764,7 @@ def sec_multigpu(images, res, args):
         hog_out = hog.communicate(timeout=30)[0]
         memory = client.run(lambda dask_worker: {
             d: {k: r.get(k) for k in ("effective_free", "used_fraction", "capacity")}
-            for d, r in ((dask_worker.extensions["dynbatch"].heartbeat_metrics(dask_worker) or {}).get("devices") or {}).items()})
+            for d, r in (dask_worker.extensions["dynbatch"].heartbeat().get("devices") or {}).items()})
         out["unequal"] = unequal | {"shares": shares(unequal), "worker_gpu": worker_gpu,
                                     "memory_after": memory, "hog_output": hog_out[-1500:],
                                     "hog_gpu": gpus - 1, "hog_keep_gib": args.hog_keep_gib}

@@ -23,7 +23,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from dask_dynbatch.core.controller import MKResult, mann_kendall
+from dask_dynbatch.core.trend import MKResult, mann_kendall
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Plots of the GPU case: ``python benchmarks/plot_gpu.py`` reads benchmarks/results/gpu_case*.json
-and writes a PNG beside each."""
+and writes a PNG beside each; ``python benchmarks/plot_gpu.py DIR/gpu_case.json ...`` plots those
+files only (a PNG beside each)."""
 
 from __future__ import annotations
 
@@ -55,11 +56,16 @@ def plot_main(r: dict, path: Path) -> None:
         ax.set_title("open loop (Poisson)")
         ax.legend(fontsize=8)
     hist = (r.get("dynbatch") or {}).get("history") or []
-    if hist and len(hist[0]) >= 8:  # (time, worker, size, latency, cap, compute_s, wait_s, stage_s)
+    if hist and len(hist[0]) >= 8:  # (time, worker, size, latency, cap, compute_s, wait_s, stage_s[, device_batch, ...])
         ax = axes[2]
         t0 = hist[0][0]
         t = [h[0] - t0 for h in hist]
-        ax.plot(t, [h[2] for h in hist], ".-", ms=3, lw=0.5, label="batch size")
+        if len(hist[0]) >= 9:  # since the rebuild: the device batch (the server's), beside the shipment
+            ax.plot(t, [h[8] for h in hist], ".-", ms=3, lw=0.5, label="device batch")
+            ax.plot(t, [h[2] for h in hist], ".", ms=2, alpha=0.5, label="shipment")
+            ax.legend(fontsize=8, loc="lower right")
+        else:
+            ax.plot(t, [h[2] for h in hist], ".-", ms=3, lw=0.5, label="batch size")
         ax.set_xlabel("s (warm-up, then the timed closed loop)")
         ax.set_ylabel("batch size")
         ax2 = ax.twinx()
@@ -80,7 +86,8 @@ def plot_pressure(p: dict | None, ax) -> None:
         return
     d = p["dynbatch"]
     hist = d["history"]
-    ax.plot([h[0] for h in hist], [h[1] for h in hist], "b.", ms=3, label="batch size")
+    size = 5 if hist and len(hist[0]) > 5 else 1  # since the rebuild: (t, size, cap, latency, controller_size, device_batch)
+    ax.plot([h[0] for h in hist], [h[size] for h in hist], "b.", ms=3, label="device batch" if size == 5 else "batch size")
     ax.plot([h[0] for h in hist], [h[2] for h in hist], "k-", lw=0.8, label="memory cap (rows)")
     ax.set_yscale("log")
     ax.set_xlabel("s since the hog first took the memory")
@@ -98,10 +105,12 @@ def plot_pressure(p: dict | None, ax) -> None:
                  f"{d['failed']} of {d['requests']:,} failed\nplain Dask under the same neighbour: {fixed}", fontsize=8)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """One PNG per result file: the main figure where it has the dynbatch closed loop, else the
     pressure figure where it has that section."""
-    for path in sorted(RESULTS.glob("gpu_case*.json")):
+    args = sys.argv[1:] if argv is None else argv
+    paths = [Path(a) for a in args] if args else sorted(RESULTS.glob("gpu_case*.json"))
+    for path in paths:
         r = json.loads(path.read_text())
         if "raw" in r and "dynbatch" in r:
             plot_main(r, path.with_suffix(".png"))

@@ -1,16 +1,32 @@
-"""Rewrite the README's "Latest benchmark results" section from benchmarks/results/*.json.
+"""Rewrite the "Latest benchmark results" section from benchmarks/results/*.json.
 
-    python benchmarks/readme_results.py
+    python benchmarks/readme_results.py              # into README.md, or else benchmarks/README.md
+    python benchmarks/readme_results.py --target FILE
+    python benchmarks/readme_results.py --print      # the section on stdout, nothing written
+
+The section goes between the lines ``## Latest benchmark results`` and ``## Configuration`` of the
+target (the first of README.md and benchmarks/README.md that has both, unless ``--target`` names
+one); image links are written relative to the target's folder.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "## Latest benchmark results", "## Configuration"
+#: where results/ is seen from the file the section goes into (set by main)
+_LINK_BASE = ROOT
+
+
+def link(path: str) -> str:
+    """``path`` (relative to the repository root) as a link from the target file's folder."""
+    return os.path.relpath(ROOT / path, _LINK_BASE)
 
 
 def load_result(name: str, required: bool = False) -> dict | None:
@@ -59,7 +75,7 @@ round, figures the means; images/s; noisy from run to run on this machine, so re
 - Open loop at 30/70/100 % of capacity: {ol} (latency target {c['open_loop_latency_target_ms']:.0f} ms).
 - The worker allocator tuning lifts the raw model from {max(dd['raw'].values()):,.0f} to {max(same['raw'].values()):,.0f} images/s.
 {previous_cpu_runs()}
-![CPU case](benchmarks/results/cpu_case.png)
+![CPU case]({link("benchmarks/results/cpu_case.png")})
 """
 
 
@@ -93,11 +109,12 @@ def pressure_story(q: dict) -> str:
     events = {name: t for t, name in q["events"]}
     released, again, again_off = events.get("hog released"), events.get("hog holds again"), events.get("hog released again")
     hist = q["dynbatch"]["history"]
+    size = 5 if hist and len(hist[0]) > 5 else 1  # since the rebuild: the device batch, not the shipment
 
     def phase(t0, t1):
         rows = [h for h in hist if (t0 is None or h[0] >= t0) and (t1 is None or h[0] < t1)]
         caps = sorted(h[2] for h in rows if h[2])
-        sizes = [h[1] for h in rows]
+        sizes = [h[size] for h in rows]
         return (caps[len(caps) // 2] if caps else None), (min(sizes), max(sizes)) if sizes else (None, None)
 
     cap1, (lo1, hi1) = phase(None, released)
@@ -171,8 +188,9 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
                 f"{', '.join(f'{x:,.0f}' for x in c['untimed_passes'])} and the timed 120,000 at {c['throughput']:,.0f}: "
                 f"**{c['ratio_to_eager_ceiling']:.2f}x** the eager ceiling (target 1.4x: "
                 f"{met(c['ratio_to_eager_ceiling'] >= 1.4)}), {c['ratio_to_compiled_ceiling']:.0%} of the compiled one; "
-                f"{'dynamo compiled again during the passes' if recompiled else 'dynamo compiled nothing during the passes'}, "
-                f"{gcs.get('full_collections', 0)} full collection in the worker ({gcs.get('total_s', 0):.2f} s).\n")
+                f"{'dynamo compiled again during the passes' if recompiled else 'dynamo compiled nothing during the passes'}"
+                + (f", {gcs.get('full_collections', 0)} full collection in the worker ({gcs.get('total_s', 0):.2f} s)"
+                   if gcs else "") + ".\n")
     if p and p.get("pressure", {}).get("dynbatch"):
         q = p["pressure"]
         dq = q["dynbatch"]
@@ -193,9 +211,9 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
     out += (f"- CuPy MLP: {g['cupy']['throughput']:,.0f} samples/s, largest difference to NumPy "
             f"{g['cupy']['max_abs_error_vs_numpy']:.1e}.\n")
     out += other_gpu_runs()
-    out += "\n![GPU case](benchmarks/results/gpu_case.png)\n"
+    out += f"\n![GPU case]({link('benchmarks/results/gpu_case.png')})\n"
     if p and p.get("pressure", {}).get("dynbatch"):
-        out += "\n![memory pressure](benchmarks/results/gpu_case_pressure.png)\n"
+        out += f"\n![memory pressure]({link('benchmarks/results/gpu_case_pressure.png')})\n"
     return out
 
 
@@ -211,7 +229,10 @@ def small_batch_ms(r: dict) -> float | None:
     launch-bound its host was."""
     for o in r.get("open_loop") or []:
         if o["load"] == 0.3 and o.get("history"):
-            size, compute = o["history_columns"].index("size"), o["history_columns"].index("compute_s")
+            columns = o["history_columns"]
+            # since the rebuild a shipment may run in device batches with other rows: their size counts
+            size = columns.index("device_batch" if "device_batch" in columns else "size")
+            compute = columns.index("compute_s")
             small = sorted(h[compute] for h in o["history"] if 20 <= h[size] <= 60 and h[compute])
             if small:
                 return small[len(small) // 2] * 1e3
@@ -262,7 +283,7 @@ def other_gpu_runs() -> str:
             "small batch cost the worker 4-6 ms it was met, where it cost 6.5-10 ms the forecast (one average "
             "time per row, learned from the 30 % load's small batches) put the device's end 2-5x too late, "
             "partial batches stopped overlapping the device and batches of 1,000 rows formed at the start of "
-            f"every 70 % run (`dask_dynbatch/pacing.py`){with_it}:\n"
+            f"every 70 % run (`dask_dynbatch/core/pacing.py` since the rebuild){with_it}:\n"
             + "\n".join(lines) + "\n")
 
 
@@ -362,10 +383,31 @@ def cpu_compile_section() -> str:
             f"CPU model).\n")
 
 
-def main() -> None:
+def sharing_section() -> str:
+    """Two client processes on one model (``sharing_case.json``)."""
+    r = load_result("sharing_case")
+    if r is None:
+        return ""
+    m, mean, cfg = r["machine"], r["means"], r["config"]
+    rounds = "; ".join(f"round {i + 1}: {x['b_over_a']:.2f}, p99 ratio {x['p99_ratio']:.2f}"
+                       for i, x in enumerate(r["rounds"]))
+    return (f"**Sharing** (`sharing_case.json`, `python benchmarks/sharing_case.py`; {m.get('cpu')}, "
+            f"{m['cpu_count']} cores, {m['date']}): one worker x 1 thread, a model that sleeps 4 ms + 50 us per row; "
+            f"two client processes, {cfg['requests']:,} requests each in closed loop, {r['rounds_run']} rounds, the "
+            f"order rotated, means: "
+            f"one client {mean['a_throughput']:,.0f} requests/s, two clients together {mean['b_throughput']:,.0f} "
+            f"(**{mean['b_over_a']:.2f}x**, target 0.9: {met(mean['b_over_a'] >= 0.9)}; "
+            f"{mean['b_shared_fraction']:.0%} of their device batches held rows of both), the model loaded "
+            f"{r['loads']} time(s) on the worker (target 1: {met(r['loads'] == 1)}); open loop, each client at "
+            f"{cfg['open_fraction']:.0%} of one client's throughput: p99 {mean['c_p99_ms'][0]:.0f} / "
+            f"{mean['c_p99_ms'][1]:.0f} ms, larger / smaller {mean['p99_ratio']:.2f} (target at most 1.5: "
+            f"{met(mean['p99_ratio'] <= 1.5)}). Per round (two / one, p99 ratio): {rounds}.\n")
+
+
+def section() -> str:
     c, g = load_result("cpu_case", required=True), load_result("gpu_case", required=True)
     p = load_result("gpu_case_pressure")
-    section = f"""{START}
+    return f"""{START}
 Recorded under `benchmarks/results/` (JSON with the machine stamp, plus PNG); this section is written
 by `python benchmarks/readme_results.py`. Rerun with `python benchmarks/cpu_case.py` (about 4 minutes
 here) and, on the GPU machine, `bash benchmarks/gpu_run.sh` (the GPU case, the pressure section and the
@@ -373,17 +415,46 @@ pipeline case on the host's CPUs, with the wheels of ../shared/device/README.md;
 `python benchmarks/plot_gpu.py` here). Earlier runs are in `benchmarks/results/earlier/` (its README says what each shows).
 
 {cpu_section(c)}
+{sharing_section()}
 {placement_section()}
 {pipeline_section()}
 {gpu_section(g, p)}
 {earlier_gpu_section()}
 {cpu_compile_section()}
 """
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+
+
+def has_markers(path: Path) -> bool:
+    if not path.exists():
+        return False
+    text = path.read_text()
+    return START in text and END in text.split(START, 1)[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    global _LINK_BASE
+    parser = argparse.ArgumentParser(description="Write the benchmark results section (see the module docstring).")
+    parser.add_argument("--target", help="the Markdown file to write the section into")
+    parser.add_argument("--print", action="store_true", help="print the section instead of writing it")
+    args = parser.parse_args(argv)
+    if args.target:
+        target = Path(args.target).resolve()
+    else:
+        target = next((t for t in (ROOT / "README.md", ROOT / "benchmarks" / "README.md") if has_markers(t)), None)
+    if args.print:
+        _LINK_BASE = target.parent if target is not None else ROOT
+        print(section())
+        return
+    if target is None or not has_markers(target):
+        sys.exit(f"readme_results.py: no file with the lines {START!r} and {END!r} to write between "
+                 f"(looked in {'the target' if args.target else 'README.md and benchmarks/README.md'}); "
+                 "add them, pass --target, or use --print")
+    _LINK_BASE = target.parent
+    text = target.read_text()
     before, rest = text.split(START, 1)
     _, after = rest.split(END, 1)
-    readme.write_text(before + section + END + after)
+    target.write_text(before + section() + END + after)
+    print(f"wrote the results section into {target}")
 
 
 if __name__ == "__main__":

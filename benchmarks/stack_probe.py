@@ -1,7 +1,8 @@
 """How long the client takes to stack a batch of ResNet images into a shared-memory slot, alone and
 beside a thread running Python (as the client's event loop does while it delivers results):
-``pwritev`` from a helper thread (``write``, the client's default), NumPy in one thread or in four
-parallel parts (``numpy_1``, ``numpy_4``: ``dynbatch.transport.shared-memory-copy: numpy``), and
+``pwritev`` from a helper thread (``write``: ``dynbatch.transport.shared-memory-copy: write``), NumPy
+in one thread or in four parallel parts (``numpy_1``, ``numpy_4``: ``shared-memory-copy: numpy``, the
+client's default), and
 ``torch.stack`` in one or four parts (for the record: torch copies each row with its own thread
 pool, whose threads wait for each other). Why it matters: ``dask_dynbatch.shm.ShmSlot.write_rows``.
 
@@ -41,7 +42,7 @@ def stack_torch(samples, out, parts, pool):
 
 
 def write_rows(samples, out_fd, parts, pool):
-    """What the client does by default (dask_dynbatch.shm.ShmSlot.write_rows): pwritev."""
+    """What the client does with ``shared-memory-copy: write`` (dask_dynbatch.shm.ShmSlot.write_rows): pwritev."""
     per_row = samples[0].nbytes
     for start in range(0, len(samples), 1024):
         os.pwritev(out_fd, samples[start:start + 1024], start * per_row)
