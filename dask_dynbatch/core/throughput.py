@@ -4,6 +4,7 @@ them: the best size under noise, and a remembered fall of throughput above it (p
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from typing import Any, NamedTuple
 
@@ -81,7 +82,7 @@ class ThroughputTable:
         self._deviations.append(deviation)
         if len(self._deviations) >= _NOISE_MIN_BATCHES:
             # the median, not a mean of squares, so that a late batch or a stall does not dominate it
-            self.noise = min(_MAX_NOISE, _MAD_TO_SD * float(np.median(self._deviations)))
+            self.noise = min(_MAX_NOISE, _MAD_TO_SD * statistics.median(self._deviations))
 
     def throughput_at(self, size: int) -> float | None:
         """Average throughput of the bin of ``size`` (samples/s), None if unknown."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -83,16 +84,20 @@ def mann_kendall(x: Iterable[float], *, alpha: float = 0.05) -> MKResult:
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    values = np.asarray(x if isinstance(x, np.ndarray) else list(x), dtype=float).ravel()
-    values = values[~np.isnan(values)]
-    n = int(values.size)
+    # plain Python: the controller's series are a few dozen points, where NumPy's per-call costs
+    # would be most of the time of every batch
+    values = [v for v in map(float, x) if v == v]  # (v == v drops NaN)
+    n = len(values)
     if n < 2:
         return MKResult(0.0, 0.0, 0.0, 1.0, n, "no trend")
 
-    i, j = _pairs(n)
-    s = float(np.sign(values[j] - values[i]).sum())
-    _, tie_counts = np.unique(values, return_counts=True)
-    var_s = float(n * (n - 1) * (2 * n + 5) - np.sum(tie_counts * (tie_counts - 1) * (2 * tie_counts + 5))) / 18.0
+    s = 0
+    for i, earlier in enumerate(values):
+        for later in values[i + 1 :]:
+            s += (later > earlier) - (later < earlier)
+    s = float(s)
+    ties = sum(t * (t - 1) * (2 * t + 5) for t in Counter(values).values())
+    var_s = float(n * (n - 1) * (2 * n + 5) - ties) / 18.0
 
     z = 0.0 if s == 0.0 or var_s <= 0.0 else (s - math.copysign(1.0, s)) / math.sqrt(var_s)
     p = math.erfc(abs(z) / math.sqrt(2.0))
