@@ -1,4 +1,4 @@
-"""The CPU case of MISSION.md, every contender in one run on the same cluster.
+"""The CPU case, every contender in one run on the same cluster.
 
 3-conv CNN on 64x64 uint8 images; one worker process with one thread (and one torch thread, as the
 nanny sets OMP_NUM_THREADS=1). Every contender runs once per round (three rounds, the order rotated

@@ -1,4 +1,4 @@
-"""The GPU case of MISSION.md on the lent GPU machine: ResNet-50 fp16 channels-last on uint8
+"""The GPU case on a GPU machine: ResNet-50 fp16 channels-last on uint8
 224x224 images sent from the client, every contender on the same cluster in one run.
 
 Sections (``--sections``, comma separated; each writes into one JSON as it finishes):
@@ -23,7 +23,7 @@ Sections (``--sections``, comma separated; each writes into one JSON as it finis
   shared    two workers on the one GPU, one with a much smaller memory budget
   daskcuda  the dynbatch closed loop again on dask-cuda's LocalCUDACluster
   multigpu  LocalCUDACluster on 1 GPU vs all visible GPUs (scaling), then the GPUs made unequal:
-            another process holds most of the last GPU's memory (issue 10)
+            another process holds most of the last GPU's memory
 
     python benchmarks/gpu_case.py --out DIR --sections raw,plain,dynbatch,open,cupy
 """
@@ -690,7 +690,7 @@ def sec_hetero(images, res, args):
 
 
 def sec_shared(images, res, args):
-    """Two workers on one GPU, with memory budgets 0.5 and 0.05 (issue 10's one-GPU variant)."""
+    """Two workers on one GPU, with memory budgets 0.5 and 0.05 (the one-GPU variant of the several-GPU run)."""
     from distributed import Client, LocalCluster, Nanny
 
     cluster = LocalCluster(n_workers=0, processes=True, dashboard_address=":0")

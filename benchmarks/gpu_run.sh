@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole GPU measurement in one go on the lent GPU machine (see ../shared/device/README.md for the
-# wheels in .whl/): the GPU case, the memory-pressure section and the pipeline case on the GPU host's
+# The whole GPU measurement in one go on a GPU machine without internet access (dask, distributed and
+# their missing dependencies carried as Python 3.12 wheels in .whl/, see benchmarks/README.md): the GPU case, the memory-pressure section and the pipeline case on the GPU host's
 # CPUs, each under its own time limit, results and one log into $OUT (and, on request, the stacking probe).
 #   DYNBATCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_run.sh   (on the device machine)
 # PARTS picks some of "probe case pressure pipeline" (default: the last three, ~560 s; a device call

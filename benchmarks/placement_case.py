@@ -1,4 +1,4 @@
-"""Heterogeneous placement (issue 5): two workers whose speed for the same model differs 3x.
+"""Heterogeneous placement: two workers whose speed for the same model differs 3x.
 
 Each worker alone serves 10,000 requests (its own rate); then both together. The proportional
 ideal is ``N / (rate_fast + rate_slow)``; the run reports each worker's share against its

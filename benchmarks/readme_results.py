@@ -1,12 +1,11 @@
-"""Rewrite the "Latest benchmark results" section from benchmarks/results/*.json.
+"""Rewrite the "Latest results" section of benchmarks/README.md from benchmarks/results/*.json.
 
-    python benchmarks/readme_results.py              # into README.md, or else benchmarks/README.md
+    python benchmarks/readme_results.py              # into benchmarks/README.md
     python benchmarks/readme_results.py --target FILE
     python benchmarks/readme_results.py --print      # the section on stdout, nothing written
 
-The section goes between the lines ``## Latest benchmark results`` and ``## Configuration`` of the
-target (the first of README.md and benchmarks/README.md that has both, unless ``--target`` names
-one); image links are written relative to the target's folder.
+The section goes between the lines ``## Latest results`` and ``## Earlier results`` of the target;
+image links are written relative to the target's folder.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-START, END = "## Latest benchmark results", "## Configuration"
+START, END = "## Latest results", "## Earlier results"
 #: where results/ is seen from the file the section goes into (set by main)
 _LINK_BASE = ROOT
 
@@ -409,10 +408,8 @@ def section() -> str:
     p = load_result("gpu_case_pressure")
     return f"""{START}
 Recorded under `benchmarks/results/` (JSON with the machine stamp, plus PNG); this section is written
-by `python benchmarks/readme_results.py`. Rerun with `python benchmarks/cpu_case.py` (about 4 minutes
-here) and, on the GPU machine, `bash benchmarks/gpu_run.sh` (the GPU case, the pressure section and the
-pipeline case on the host's CPUs, with the wheels of ../shared/device/README.md; then
-`python benchmarks/plot_gpu.py` here). Earlier runs are in `benchmarks/results/earlier/` (its README says what each shows).
+by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier runs are in
+`benchmarks/results/earlier/` (its README says what each shows).
 
 {cpu_section(c)}
 {sharing_section()}
@@ -440,14 +437,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.target:
         target = Path(args.target).resolve()
     else:
-        target = next((t for t in (ROOT / "README.md", ROOT / "benchmarks" / "README.md") if has_markers(t)), None)
+        target = ROOT / "benchmarks" / "README.md"
     if args.print:
         _LINK_BASE = target.parent if target is not None else ROOT
         print(section())
         return
     if target is None or not has_markers(target):
         sys.exit(f"readme_results.py: no file with the lines {START!r} and {END!r} to write between "
-                 f"(looked in {'the target' if args.target else 'README.md and benchmarks/README.md'}); "
+                 f"(in {target}); "
                  "add them, pass --target, or use --print")
     _LINK_BASE = target.parent
     text = target.read_text()

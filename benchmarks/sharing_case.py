@@ -1,5 +1,5 @@
-"""Sharing: two client processes on one model, against one client alone (MISSION.md: "two clients
->= 0.9x one", one load per worker, shared device batches).
+"""Sharing: two client processes on one model, against one client alone (target: two clients together
+at least 0.9x one; one load per worker; shared device batches; neither client's p99 over 1.5x the other's).
 
 One LocalCluster (1 worker process x 1 thread) with the plugin registered. The model sleeps
 ``4 ms + 50 us per row`` and returns ``batch + 1`` (float32 rows of 16 values): its cost is the

@@ -152,7 +152,8 @@ class ShipmentReply(_Message):
     shipment rows, batch dimension first), ``errors`` (``(row, error message)`` of rows that failed
     alone), the device batches it ran in, the server's advice after them, and timings (seconds):
     ``compute_s`` on the device, ``stage_s`` copying in, ``wait_s`` for the device thread,
-    ``worker_s`` from arrival to reply."""
+    ``worker_s`` from arrival to reply. ``unrun``: rows the worker did not run because it is
+    closing (the client sends them elsewhere)."""
 
     pieces: list[tuple[list[int], Any]]
     errors: list[tuple[int, Any]]
@@ -166,6 +167,7 @@ class ShipmentReply(_Message):
     worker_s: float = 0.0
     cold: bool = False
     compile: dict[str, Any] | None = None
+    unrun: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 import weakref
 from collections import deque
@@ -117,6 +118,8 @@ class Dispatcher:
         self.no_worker_since: float | None = None
         self._loop = client.loop.asyncio_loop
         self._wake_event: asyncio.Event | None = None
+        self._wake_pending = False
+        self._wake_lock = threading.Lock()
         self._refresh_requested = False
         self._model_changed = False
         self._tasks: set[asyncio.Task] = set()
@@ -132,7 +135,12 @@ class Dispatcher:
         self.task = asyncio.ensure_future(self._main())
 
     def wake(self) -> None:
-        """From any thread: look at the queue now."""
+        """From any thread: look at the queue now. Wakes already pending are not repeated: a
+        request submitted at a time would otherwise write to the loop's wake-up pipe every time."""
+        with self._wake_lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
         try:
             self._loop.call_soon_threadsafe(self._set_wake)
         except RuntimeError:  # the client's loop is closed: nothing left to wake
@@ -157,6 +165,8 @@ class Dispatcher:
             except asyncio.TimeoutError:
                 pass
             self._wake_event.clear()
+            with self._wake_lock:
+                self._wake_pending = False
             if self.client.status in ("closing", "closed"):
                 self.on_client_gone(f"its client is {self.client.status}")
                 for slot in self.slots.values():  # the scheduler drops the workers' mappings
@@ -290,7 +300,15 @@ class Dispatcher:
             self._set_wake()
 
     def _deliver(self, slot: WorkerSlot, reqs: list[Request], delivery: Delivery) -> None:
-        self.ledger.latency(reqs, delivery.done)
+        ran = reqs
+        if delivery.reply.unrun:  # the worker is closing: those rows go elsewhere, no attempt used
+            self._worker_lost(slot, [reqs[row] for row in delivery.reply.unrun],
+                              RuntimeError("the worker is closing"), sent=False)
+            unrun = set(delivery.reply.unrun)
+            ran = [r for i, r in enumerate(reqs) if i not in unrun]
+            if not ran:
+                return
+        self.ledger.latency(ran, delivery.done)
         for row, exc in delivery.errors:
             self.ledger.fail([reqs[row]], exc)
         delivered = 0
@@ -299,8 +317,8 @@ class Dispatcher:
                 req = reqs[row]
                 delivered += self.ledger.deliver(req, _to_torch(value) if req.as_torch else value)
         self.ledger.count("delivered", delivered)
-        oldest = min(r.enqueued for r in reqs)
-        self.history.append(feedback.learn(slot, delivery, len(reqs), oldest, self.model.spec.max_delay,
+        oldest = min(r.enqueued for r in ran)
+        self.history.append(feedback.learn(slot, delivery, len(ran), oldest, self.model.spec.max_delay,
                                            self.model.name))
 
     def _worker_lost(self, slot: WorkerSlot, reqs: list[Request], exc: BaseException, *, sent: bool) -> None:

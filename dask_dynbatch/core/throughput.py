@@ -8,7 +8,6 @@ import statistics
 from collections import deque
 from typing import Any, NamedTuple
 
-import numpy as np
 
 from .estimate import Bin, SizeBins, fine_bin
 

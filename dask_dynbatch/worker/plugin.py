@@ -157,6 +157,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             worker_s=time.perf_counter() - received,
             cold=shipment.cold,
             compile=loaded.compile_summary() if loaded.spec.compile else None,
+            unrun=sorted(shipment.unrun),
         ).to_msg()
 
     async def _shipment(self, client, n, arrays, keyed, signature, priorities, queued_s, new_slot, slot):
@@ -292,7 +293,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
 
     def advice(self) -> list[dict[str, Any]]:
         """Every server's advice now."""
-        return [{"name": s.name, "version": s.version, **s.advice().to_msg()} for s in self.servers.values()]
+        return [{"name": s.name, "version": s.version, **s.advice(refresh=True).to_msg()} for s in self.servers.values()]
 
     def _poll_memory(self) -> None:
         """Re-plan event: free memory moved by more than the threshold -> push new advice at once."""

@@ -4,12 +4,11 @@ requests.
 Each shipment that reaches the worker (from any client and any Batcher) puts its rows into the
 server's queue (:class:`~dask_dynbatch.core.formation.PartQueue`). When the device is about to
 free, the server takes what waits, up to the size its controller and the memory cap allow, as one
-device batch: rows of different clients share device batches. One batch is formed ahead of the
-device: while batch *k* computes, batch *k + 1* is staged (joined, and copied to the GPU on a side
-stream), and batch *k + 2* forms only when *k + 1* starts, from everything that arrived meanwhile.
-A partial batch (fewer rows than the size) forms just before the running batch is expected to end
-(from the device time and staging lead learned per size), so that it carries every row that
-arrives until then.
+device batch: rows of different clients share device batches. Batches form ahead of the device, so
+that the next one is staged (joined, and copied to the GPU on a side stream) while one computes: full
+batches up to two ahead, a partial batch (fewer rows than the size) only one ahead and only just
+before the running batch is expected to end (from the device time and staging lead learned per
+size), so that it carries every row, of any client, that arrives until then.
 
 The server owns the batch size: its :class:`~dask_dynbatch.core.controller.BatchSizeController`
 sees every device batch, with the latency its rows saw (the client's formation wait plus the
@@ -37,11 +36,17 @@ from ..core.controller import BatchSizeController
 from ..core.formation import DeviceBatch, Part, PartQueue
 from ..core.memory import MemorySizer
 from ..core.pacing import LEAD_FACTOR, MARGIN_S, size_curve
-from ..protocol import Advice, DeviceBatchRecord
+from ..protocol import Advice, DeviceBatchRecord, ModelSuperseded
 from .executor import run_device_batch
 from .model import LoadedModel
 
 logger = logging.getLogger(__name__)
+
+#: device batches formed ahead of the one computing: full ones up to FULL_AHEAD, so that a backlog
+#: keeps the device thread fed even while the event loop is busy; a partial one only while fewer
+#: than PARTIAL_AHEAD wait, so that rows arriving meanwhile join it rather than the batch after
+FULL_AHEAD = 2
+PARTIAL_AHEAD = 1
 
 
 class Shipment:
@@ -69,6 +74,7 @@ class Shipment:
         self.slot = slot
         self.shared = slot is not None
         self.pinned = False
+        self.unrun: list[int] = []  # rows the worker could not run: it is closing (the client re-sends them)
         self.arrived = time.monotonic()
         self.pending = sum(len(a) for a in rows)
         self.pieces: list[tuple[list[int], Any]] = []
@@ -185,15 +191,17 @@ class ModelServer:
         self.stage_time = size_curve()  # staging seconds per size: how early a partial batch forms
         self.stats = ServerStats()
         self.retiring = False  # a newer version replaced it, or no client uses it: finish, then close
+        self.closed = False
         self._device_thread = device_thread
         self._stager = stager
         self._call_as_worker = call_as_worker
         self._pin_slot = pin_slot
         self._on_retired = on_retired
         self._max_delay = float(spec.max_delay)
-        self._ahead = 0  # device batches formed and not started yet
-        self._running: DeviceBatch | None = None
-        self._running_since = 0.0
+        # device batches formed and not finished, in the order the device runs them: the first
+        # computes (since _head_since), the second is staged behind it
+        self._formed: deque[DeviceBatch] = deque()
+        self._head_since = 0.0
         self._prev_done: float | None = None
         self._last_rows = 0  # rows of the last device batch
         self._cold = True
@@ -207,6 +215,8 @@ class ModelServer:
     # -- serving ----------------------------------------------------------------------------------
     async def serve(self, shipment: Shipment) -> None:
         """Queue a shipment's rows and return once every one of them has its result (or error)."""
+        if self.closed:
+            raise ModelSuperseded(self.name, None)
         self.stats.shipments += 1
         if shipment.shared and self.loaded.stages_on_device:
             shipment.pinned = self._pin_slot(shipment)
@@ -216,11 +226,14 @@ class ModelServer:
 
     @property
     def idle(self) -> bool:
-        return not len(self.queue) and not self._ahead and self._running is None and not self._tasks
+        return not len(self.queue) and not self._formed and not self._tasks
 
-    def advice(self) -> Advice:
-        """What clients should know now: the batch size, the cap, the throughput at the size."""
-        self._update_cap()
+    def advice(self, refresh: bool = False) -> Advice:
+        """What clients should know now: the batch size, the cap, the throughput at the size
+        (``refresh``: read free memory for the cap first; otherwise it is the one the last device
+        batch formed under)."""
+        if refresh:
+            self._update_cap()
         c = self.controller
         # the rate at the size batches actually run at (they are often shorter than the proposal)
         throughput = c.throughput_at(self._last_rows) if self._last_rows else None
@@ -234,12 +247,14 @@ class ModelServer:
     # -- forming device batches -------------------------------------------------------------------
     def _pump(self) -> None:
         """Form the next device batch if one may form now (see the module docstring)."""
-        if self._ahead or not len(self.queue):
+        if len(self._formed) >= FULL_AHEAD + 1 or not len(self.queue):
             return
         self._update_cap()
         size = self.controller.size
         waiting = len(self.queue)
-        if waiting < size and self._running is not None:
+        if waiting < size and len(self._formed) > PARTIAL_AHEAD:
+            return  # a partial batch waits here, where later rows (of any client) can join it
+        if waiting < size and self._formed:
             due = self._partial_due(waiting)
             now = time.monotonic()
             if now < due:
@@ -249,7 +264,9 @@ class ModelServer:
         rows = sum(len(p) for p in parts)
         batch = DeviceBatch(parts, formed=time.monotonic(), proposed=size,
                             new_shape=self.loaded.first_at_size(rows), compiling=self.loaded.compiling)
-        self._ahead += 1
+        if not self._formed:
+            self._head_since = batch.formed
+        self._formed.append(batch)
         task = asyncio.ensure_future(self._run(batch))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -271,12 +288,11 @@ class ModelServer:
     def _partial_due(self, rows: int) -> float:
         """When a partial batch of ``rows`` should form: a staging lead before the running batch is
         expected to end (now, before anything is measured)."""
-        running = self._running
-        device_s = self.device_time.at("s", running.rows) if running is not None else None
+        device_s = self.device_time.at("s", self._formed[0].rows) if self._formed else None
         if device_s is None:
             return 0.0
         lead = self.stage_time.at("s", rows) or 0.0
-        return self._running_since + device_s - LEAD_FACTOR * lead - MARGIN_S
+        return self._head_since + device_s - LEAD_FACTOR * lead - MARGIN_S
 
     def _wake_at(self, due: float) -> None:
         if self._timer is not None:
@@ -294,11 +310,16 @@ class ModelServer:
                 running = await self._loop.run_in_executor(self._stager, self._stage_then_submit, batch)
                 result = await asyncio.wrap_future(running)
             else:
-                result = await self._loop.run_in_executor(self._device_thread, self._execute, batch, None, None)
-        except Exception as exc:  # the batch could not run at all (staging failed, ...): its rows fail
+                result = await self._loop.run_in_executor(self._device_thread, self._execute, batch, None,
+                                                          (0.0, time.perf_counter()))
+        except Exception as exc:  # the batch could not run at all
+            if self.closed:  # the worker closes: nothing ran, the clients send the rows elsewhere
+                if batch in self._formed:
+                    self._formed.remove(batch)
+                for part in batch.parts:
+                    self._hand_back(part)
+                return
             logger.warning("dynbatch: device batch of %d rows of model %r failed: %r", batch.rows, self.name, exc)
-            if self._ahead and self._running is not batch:
-                self._ahead -= 1  # it never started
             result = DeviceResult([], {row: exc for row in range(batch.rows)}, 0.0)
         try:
             self._finish(batch, result)
@@ -308,6 +329,11 @@ class ModelServer:
                 shipment = part.owner
                 shipment.errors.update((row, exc) for row in shipment.positions(part.offset, len(part)))
                 shipment.settle(len(part))
+
+    @staticmethod
+    def _hand_back(part: Part) -> None:
+        part.owner.unrun.extend(part.owner.positions(part.offset, len(part)))
+        part.owner.settle(len(part))
 
     def _arrays(self, batch: DeviceBatch) -> tuple[list[Any], bool, bool]:
         arrays = [part.rows for part in batch.parts]
@@ -325,32 +351,27 @@ class ModelServer:
         stage_s = time.perf_counter() - started
         return self._device_thread.submit(self._execute, batch, staged, (stage_s, time.perf_counter()))
 
-    def _execute(self, batch: DeviceBatch, staged: Any, staging: tuple[float, float] | None) -> DeviceResult:
+    def _execute(self, batch: DeviceBatch, staged: Any, staging: tuple[float, float]) -> DeviceResult:
         """Device thread: run one device batch (joined here for a host model)."""
         started = time.perf_counter()
-        self._loop.call_soon_threadsafe(self._on_started, batch)
         if staged is None:
             arrays, shared, _ = self._arrays(batch)
             staged = self.loaded.stage(arrays, shared)
         pieces, errors = self._call_as_worker(run_device_batch, self.loaded, self.sizer, staged,
                                               full=batch.full, on_oom=self._count_oom)
-        stage_s, staged_at = staging if staging is not None else (0.0, started)
-        return DeviceResult(pieces, errors, time.perf_counter() - started, stage_s, started - staged_at)
+        stage_s, ready_at = staging  # ready: staged, or handed to the device thread
+        return DeviceResult(pieces, errors, time.perf_counter() - started, stage_s, started - ready_at)
 
     def _count_oom(self, rows: int) -> None:
         self.stats.ooms += 1  # (an int increment: safe from the device thread)
 
-    def _on_started(self, batch: DeviceBatch) -> None:
-        self._ahead -= 1
-        self._running = batch
-        self._running_since = time.monotonic()
-        self._pump()
-
     # -- results ----------------------------------------------------------------------------------
     def _finish(self, batch: DeviceBatch, result: DeviceResult) -> None:
         done = time.monotonic()
-        if self._running is batch:
-            self._running = None
+        if batch in self._formed:
+            self._formed.remove(batch)
+            self._head_since = done  # the next one starts as this one ends
+        self._update_cap()  # the batch taught the memory profile: the cap its shipments are told
         try:
             record = self._learn(batch, result, done)
         except Exception:  # never let bookkeeping keep results from their requests
@@ -422,7 +443,6 @@ class ModelServer:
             ("new_slot", any(o.new_slot for o in owners)), ("failed", failed == batch.rows),
         ) if flag), None)
         if hidden is None:
-            self._update_cap()
             self.controller.observe(batch.rows, latency, service_s, proposed=batch.proposed)
             decision, reason = self.controller.decision, self.controller.reason
             self.device_time.observe(batch.rows, s=result.compute_s)
@@ -453,9 +473,13 @@ class ModelServer:
         }
 
     def close(self) -> None:
-        """The server is dropped: compile nothing more, forget the model's memory profile."""
+        """The server is dropped (no client uses it, or the worker closes): compile nothing more,
+        forget the model's memory profile; rows still waiting are handed back unrun."""
+        self.closed = True
         if self._timer is not None:
             self._timer.cancel()
+        for part in self.queue.take(len(self.queue)):
+            self._hand_back(part)
         self.loaded.close()
         self.sizer.forget(self.name)
         self.loaded.free_cache()
