@@ -588,6 +588,8 @@ class BatchSizeController:
         """The last ``window`` latencies less ``slope * size``, with the Theil-Sen slope of latency on
         size over the whole history: what is left of latency once the controller's own sizes are
         taken out."""
+        if min(self._history)[0] == max(self._history)[0]:  # one size throughout: the slope is 0
+            return self._recent_latencies()
         sizes = np.array([s for s, _ in self._history], dtype=float)
         latencies = np.array([v for _, v in self._history], dtype=float)
         slope = theil_sen_slope(sizes, latencies)

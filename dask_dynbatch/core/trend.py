@@ -88,7 +88,7 @@ def mann_kendall(x: Iterable[float], *, alpha: float = 0.05) -> MKResult:
     # would be most of the time of every batch
     values = [v for v in map(float, x) if v == v]  # (v == v drops NaN)
     n = len(values)
-    if n < 2:
+    if n < 2 or min(values) == max(values):  # (all equal: S = Var S = 0, the usual series at a held size)
         return MKResult(0.0, 0.0, 0.0, 1.0, n, "no trend")
 
     s = 0

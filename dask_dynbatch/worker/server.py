@@ -245,11 +245,13 @@ class ModelServer:
         self.controller.set_cap(self.sizer.cap(self.name))
 
     # -- forming device batches -------------------------------------------------------------------
-    def _pump(self) -> None:
-        """Form the next device batch if one may form now (see the module docstring)."""
+    def _pump(self, cap_read: bool = False) -> None:
+        """Form the next device batch if one may form now (see the module docstring);
+        ``cap_read``: the caller read the memory cap just now."""
         if len(self._formed) >= FULL_AHEAD + 1 or not len(self.queue):
             return
-        self._update_cap()
+        if not cap_read:
+            self._update_cap()
         size = self.controller.size
         waiting = len(self.queue)
         if waiting < size and len(self._formed) > PARTIAL_AHEAD:
@@ -391,7 +393,7 @@ class ModelServer:
             owner.wait_s += result.wait_s
         for owner in owners:
             owner.settle(sum(len(p) for p in batch.parts if p.owner is owner))
-        self._pump()
+        self._pump(cap_read=True)
 
     def _deliver(self, part: Part, start: int, result: DeviceResult) -> None:
         """The outputs and errors of one part's rows, to its shipment."""
