@@ -10,8 +10,6 @@ from dask_dynbatch.worker.reference import (
     STATUS_OOM,
     STATUS_SKIPPED_AFTER_OOM,
     STATUS_SKIPPED_BUDGET,
-    LoadPerformanceRow,
-    LoadPerformanceTable,
     benchmark_device,
     measure_table,
     reference_model,

@@ -19,7 +19,6 @@ from distributed.utils_test import gen_cluster
 
 import dask_dynbatch as ddb
 from dask_dynbatch.core.formation import DeviceBatch, Part, PartQueue
-from dask_dynbatch.examples import build_affine
 from dask_dynbatch.scheduler.registry import ModelRegistry
 from dask_dynbatch.spec import fingerprint
 

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import pickle
 import random
-import subprocess
-import sys
 import threading
 import time
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
