@@ -6,9 +6,8 @@ server's queue (:class:`~dask_dynbatch.core.formation.PartQueue`). When the devi
 free, the server takes what waits, up to the size its controller and the memory cap allow, as one
 device batch: rows of different clients share device batches. Batches form ahead of the device, so
 that the next one is staged (joined, and copied to the GPU on a side stream) while one computes: full
-batches up to two ahead, a partial batch (fewer rows than the size) only one ahead and only just
-before the running batch is expected to end (from the device time and staging lead learned per
-size), so that it carries every row, of any client, that arrives until then.
+batches up to two ahead, a partial batch (fewer rows than the size) only one ahead, so that rows
+arriving while it waits for the device gather, from every client, into the batch after it.
 
 The server owns the batch size: its :class:`~dask_dynbatch.core.controller.BatchSizeController`
 sees every device batch, with the latency its rows saw (the client's formation wait plus the
@@ -35,7 +34,6 @@ import numpy as np
 from ..core.controller import BatchSizeController
 from ..core.formation import DeviceBatch, Part, PartQueue
 from ..core.memory import MemorySizer
-from ..core.pacing import LEAD_FACTOR, MARGIN_S, size_curve
 from ..protocol import Advice, DeviceBatchRecord, ModelSuperseded
 from .executor import run_device_batch
 from .model import LoadedModel
@@ -44,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 #: device batches formed ahead of the one computing: full ones up to FULL_AHEAD, so that a backlog
 #: keeps the device thread fed even while the event loop is busy; a partial one only while fewer
-#: than PARTIAL_AHEAD wait, so that rows arriving meanwhile join it rather than the batch after
+#: than PARTIAL_AHEAD wait staged, so that rows arriving meanwhile gather into the next batch
+#: rather than into many small ones
 FULL_AHEAD = 2
 PARTIAL_AHEAD = 1
 
@@ -187,8 +186,6 @@ class ModelServer:
             max_size=spec.batch_limit(loaded.device), ladder=loaded.ladder,
         )
         self.queue = PartQueue()
-        self.device_time = size_curve()  # device seconds per size: when the running batch ends
-        self.stage_time = size_curve()  # staging seconds per size: how early a partial batch forms
         self.stats = ServerStats()
         self.retiring = False  # a newer version replaced it, or no client uses it: finish, then close
         self.closed = False
@@ -199,13 +196,11 @@ class ModelServer:
         self._on_retired = on_retired
         self._max_delay = float(spec.max_delay)
         # device batches formed and not finished, in the order the device runs them: the first
-        # computes (since _head_since), the second is staged behind it
+        # computes, the ones behind it are staged
         self._formed: deque[DeviceBatch] = deque()
-        self._head_since = 0.0
         self._prev_done: float | None = None
         self._last_rows = 0  # rows of the last device batch
         self._cold = True
-        self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
         self._loop = asyncio.get_running_loop()
 
@@ -253,21 +248,12 @@ class ModelServer:
         if not cap_read:
             self._update_cap()
         size = self.controller.size
-        waiting = len(self.queue)
-        if waiting < size and len(self._formed) > PARTIAL_AHEAD:
+        if len(self.queue) < size and len(self._formed) > PARTIAL_AHEAD:
             return  # a partial batch waits here, where later rows (of any client) can join it
-        if waiting < size and self._formed:
-            due = self._partial_due(waiting)
-            now = time.monotonic()
-            if now < due:
-                self._wake_at(due)
-                return
         parts = self.queue.take(size)
         rows = sum(len(p) for p in parts)
         batch = DeviceBatch(parts, formed=time.monotonic(), proposed=size,
                             new_shape=self.loaded.first_at_size(rows), compiling=self.loaded.compiling)
-        if not self._formed:
-            self._head_since = batch.formed
         self._formed.append(batch)
         task = asyncio.ensure_future(self._run(batch))
         self._tasks.add(task)
@@ -286,24 +272,6 @@ class ModelServer:
     def check_retired(self) -> None:
         if self.retiring and self.idle:
             self._on_retired(self)
-
-    def _partial_due(self, rows: int) -> float:
-        """When a partial batch of ``rows`` should form: a staging lead before the running batch is
-        expected to end (now, before anything is measured)."""
-        device_s = self.device_time.at("s", self._formed[0].rows) if self._formed else None
-        if device_s is None:
-            return 0.0
-        lead = self.stage_time.at("s", rows) or 0.0
-        return self._head_since + device_s - LEAD_FACTOR * lead - MARGIN_S
-
-    def _wake_at(self, due: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(max(0.0, due - time.monotonic()), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._pump()
 
     # -- running them -----------------------------------------------------------------------------
     async def _run(self, batch: DeviceBatch) -> None:
@@ -372,7 +340,6 @@ class ModelServer:
         done = time.monotonic()
         if batch in self._formed:
             self._formed.remove(batch)
-            self._head_since = done  # the next one starts as this one ends
         self._update_cap()  # the batch taught the memory profile: the cap its shipments are told
         try:
             record = self._learn(batch, result, done)
@@ -447,9 +414,6 @@ class ModelServer:
         if hidden is None:
             self.controller.observe(batch.rows, latency, service_s, proposed=batch.proposed)
             decision, reason = self.controller.decision, self.controller.reason
-            self.device_time.observe(batch.rows, s=result.compute_s)
-            if result.stage_s:
-                self.stage_time.observe(batch.rows, s=result.stage_s)
         else:
             # a batch whose time says little about its size: the model was loaded for it, a bucket
             # compiled beside it, its shape was new on the device, a slot was mapped for it
@@ -468,7 +432,6 @@ class ModelServer:
             "queued": len(self.queue),
             "memory_cap": self.controller.cap,
             "controller": self.controller.state(),
-            "device_s": self.device_time.state("s"),
             "compile": self.loaded.compile_summary(),
             "retiring": self.retiring,
             **self.stats.to_dict(),
@@ -478,8 +441,6 @@ class ModelServer:
         """The server is dropped (no client uses it, or the worker closes): compile nothing more,
         forget the model's memory profile; rows still waiting are handed back unrun."""
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
         for part in self.queue.take(len(self.queue)):
             self._hand_back(part)
         self.loaded.close()
