@@ -26,6 +26,8 @@ def machine_stamp() -> dict:
     }
     if os.environ.get("DYNBATCH_COMMIT"):  # the device machine's copy of the tree has no usable git history
         stamp["commit"] = os.environ["DYNBATCH_COMMIT"]
+    else:
+        stamp["commit"] = _git_commit()
     try:
         with open("/proc/cpuinfo") as f:
             stamp["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
@@ -50,6 +52,21 @@ def machine_stamp() -> dict:
     except ImportError:
         pass
     return stamp
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, with ``+changes`` when files differ from it (None without git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                  "dask_dynbatch", "benchmarks/*.py"], capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
 def _server_states(dask_worker=None) -> list[dict]:

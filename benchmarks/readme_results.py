@@ -81,12 +81,15 @@ round, figures the means; images/s; noisy from run to run on this machine, so re
 def previous_cpu_runs() -> str:
     """The same ratios from runs kept in earlier/ (see its README for what each ran)."""
     lines = []
-    for name in ("cpu_case_run17", "cpu_case_run16", "cpu_case_run15", "cpu_case_run14"):
+    for name, what in (("cpu_case_previous_62afcda", "the code before the rebuild, run right after this one"),
+                       ("cpu_case_run20_a20ab76", "the same code, run just before this one"),
+                       ("cpu_case_run19_7b6f4c0", "the last recorded run before the rebuild"),
+                       ("cpu_case_run18", "earlier code"), ("cpu_case_run17", "earlier code")):
         r = load_result(f"earlier/{name}")
         if r is None:
             continue
         x = r["ratios"]
-        lines.append(f"- An earlier run (`earlier/{name}.json`, {r['machine']['date']}, earlier code): "
+        lines.append(f"- `earlier/{name}.json` ({r['machine']['date']}, {what}): "
                      f"max64 / best chunked {x['max64_vs_best_chunked_same_settings']:.2f}x, default / best fixed "
                      f"{x['default_vs_best_fixed']:.2f}, default / best chunked {x['default_vs_best_chunked_same_settings']:.2f}x.")
     return "\n".join(lines) + ("\n" if lines else "")
@@ -154,8 +157,8 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
 """ + "\n".join(rows) + "\n\n"
     p99_70 = next(o["p99_ms"] for o in g["open_loop"] if o["load"] == 0.7)
     ol = ", ".join(f"{o['load']:.0%}: p50 {o['p50_ms']:.0f} / p99 {o['p99_ms']:.0f} ms" for o in g["open_loop"])
-    out += (f"- dask-dynbatch with default settings: **{d['ratio_to_ceiling']:.0%}** of the eager ceiling (target 85 %: "
-            f"{met(d['ratio_to_ceiling'] >= 0.85)}), {d['throughput'] / best_chunked:.1f}x the best hand-chunked Dask; "
+    out += (f"- dask-dynbatch with default settings: **{d['ratio_to_ceiling']:.0%}** of the eager ceiling (target 95 %: "
+            f"{met(d['ratio_to_ceiling'] >= 0.95)}), {d['throughput'] / best_chunked:.1f}x the best hand-chunked Dask; "
             f"its first pass right after the model loaded ran at {d['first_pass_throughput']:,.0f} "
             f"({d['first_pass_throughput'] / ceiling:.0%}), while the controller climbed.\n")
     harness = g["open_loop"][0].get("harness", "every future kept to the end of the run")
@@ -185,8 +188,8 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
                 f"ready ({st['compile_seconds']:.0f} s of compiling in the background, {st['eager_batches']:,} batches "
                 f"served eagerly meanwhile), untimed passes of 40,000 ran at "
                 f"{', '.join(f'{x:,.0f}' for x in c['untimed_passes'])} and the timed 120,000 at {c['throughput']:,.0f}: "
-                f"**{c['ratio_to_eager_ceiling']:.2f}x** the eager ceiling (target 1.4x: "
-                f"{met(c['ratio_to_eager_ceiling'] >= 1.4)}), {c['ratio_to_compiled_ceiling']:.0%} of the compiled one; "
+                f"**{c['ratio_to_eager_ceiling']:.2f}x** the eager ceiling (target 1.5x: "
+                f"{met(c['ratio_to_eager_ceiling'] >= 1.5)}), {c['ratio_to_compiled_ceiling']:.0%} of the compiled one; "
                 f"{'dynamo compiled again during the passes' if recompiled else 'dynamo compiled nothing during the passes'}"
                 + (f", {gcs.get('full_collections', 0)} full collection in the worker ({gcs.get('total_s', 0):.2f} s)"
                    if gcs else "") + ".\n")
@@ -217,7 +220,7 @@ each closed loop: 40,000 requests timed after three untimed passes of the same; 
 
 
 #: GPU runs after the main table's, and the runs of the same session before it (see earlier/README.md)
-OTHER_GPU_RUNS = ("gpu_case_final", "earlier/gpu_h100_s7_numpy_ce4c9b6", "earlier/gpu_h100_s7_write_ce4c9b6", "earlier/gpu_h100_s7_012b44e",
+OTHER_GPU_RUNS = ("earlier/gpu_h100_final_b855689", "earlier/gpu_h100_9103f70", "earlier/gpu_h100_s7_numpy_ce4c9b6", "earlier/gpu_h100_s7_write_ce4c9b6", "earlier/gpu_h100_s7_012b44e",
                   "earlier/gpu_h100_open_1b4117e", "earlier/gpu_h200_s6_07eb74f", "earlier/gpu_h100_ab3_4715a18",
                   "earlier/gpu_h100_ab2_07eb74f", "earlier/gpu_h100_ab1_4715a18", "earlier/gpu_h100_warmup_4715a18",
                   "earlier/gpu_h100_3c04b38")
@@ -243,7 +246,7 @@ def p99_at_70(r: dict) -> float | None:
 
 
 #: the runs among OTHER_GPU_RUNS at code with the per-size pacing forecast (012b44e on)
-PER_SIZE_FORECAST_RUNS = OTHER_GPU_RUNS[:4]
+PER_SIZE_FORECAST_RUNS = OTHER_GPU_RUNS[:5]
 
 
 def other_gpu_runs() -> str:
@@ -277,8 +280,8 @@ def other_gpu_runs() -> str:
     forecast = [load_result(n) for n in PER_SIZE_FORECAST_RUNS]
     slow = [p99_at_70(r) for r in forecast if r and (small_batch_ms(r) or 0) >= 6.0 and p99_at_70(r)]
     with_it = f"; with it, p99 {min(slow):.0f}-{max(slow):.0f} ms on such hosts" if slow else ""
-    return ("\n**Other GPU runs of 2026-12-06** (newest first; the first four at the code with the per-size "
-            "pacing forecast, the first at the code of this session's end). Before that forecast the open loop at 70 % load depended on the host: where a "
+    return ("\n**Earlier GPU runs of 2026-12-06, before the rebuild** (newest first; the first five at the code "
+            "with the per-size pacing forecast, the first two at the last code before the rebuild). Before that forecast the open loop at 70 % load depended on the host: where a "
             "small batch cost the worker 4-6 ms it was met, where it cost 6.5-10 ms the forecast (one average "
             "time per row, learned from the 30 % load's small batches) put the device's end 2-5x too late, "
             "partial batches stopped overlapping the device and batches of 1,000 rows formed at the start of "
@@ -403,6 +406,31 @@ def sharing_section() -> str:
             f"{met(mean['p99_ratio'] <= 1.5)}). Per round (two / one, p99 ratio): {rounds}.\n")
 
 
+def launch_bound_section() -> str:
+    """The open loop on a model imitating a launch-bound GPU host (``launch_bound_case.json``)."""
+    r = load_result("launch_bound_case")
+    if r is None:
+        return ""
+    m = r["machine"]
+    rounds = "; ".join(", ".join(f"{o['load']:.0%}: p50 {o['p50_ms']:.0f} / p99 {o['p99_ms']:.0f} ms "
+                                 f"(batches of {o['mean_batch']:.0f})" for o in rnd["open_loop"])
+                       for rnd in r["rounds"])
+    others = []
+    for name, what in (("launch_bound_case_previous_62afcda", "the code before the rebuild"),
+                       ("launch_bound_case_hold_3cda1b6", "partial batches held until the running one's expected end")):
+        x = load_result(f"earlier/{name}")
+        if x is not None:
+            others.append(f"`earlier/{name}.json` ({what}): p99 at 70 % "
+                          + ", ".join(f"{p:.0f}" for p in x["p99_at_70_ms"]) + " ms")
+    return (f"**Launch-bound open loop** (`launch_bound_case.json`, `python benchmarks/launch_bound_case.py`; "
+            f"{m.get('cpu')}, {m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): a model that holds the GIL "
+            f"{r['spin'] * 1e3:.0f} ms per batch and sleeps {r['per_row'] * 1e6:.0f} us per row, as ResNet-50 on a slow GPU "
+            f"host; per round, 30 % and 70 % of the closed loop's rate: {rounds}; p99 at 70 % within 2x the "
+            f"{r['latency_target_ms']:.0f} ms target: {met(r['target_met'])}."
+            + (" The same run, in the same sitting, under other code: " + "; ".join(others) + "." if others else "")
+            + "\n")
+
+
 def section() -> str:
     c, g = load_result("cpu_case", required=True), load_result("gpu_case", required=True)
     p = load_result("gpu_case_pressure")
@@ -413,6 +441,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 
 {cpu_section(c)}
 {sharing_section()}
+{launch_bound_section()}
 {placement_section()}
 {pipeline_section()}
 {gpu_section(g, p)}
