@@ -588,9 +588,10 @@ class BatchSizeController:
         """The last ``window`` latencies less ``slope * size``, with the Theil-Sen slope of latency on
         size over the whole history: what is left of latency once the controller's own sizes are
         taken out."""
-        if min(self._history)[0] == max(self._history)[0]:  # one size throughout: the slope is 0
+        ran = [s for s, _ in self._history]
+        if min(ran) == max(ran):  # one size throughout: the slope is 0
             return self._recent_latencies()
-        sizes = np.array([s for s, _ in self._history], dtype=float)
+        sizes = np.array(ran, dtype=float)
         latencies = np.array([v for _, v in self._history], dtype=float)
         slope = theil_sen_slope(sizes, latencies)
         recent = slice(max(0, len(sizes) - self._window), len(sizes))
