@@ -295,10 +295,15 @@ async def test_malformed_inputs_fail_at_submit_with_clear_messages(c, s, a):
     for what, (value, message) in mismatches.items():
         with pytest.raises(ddb.InputSignatureError, match=message):
             batcher.submit(value)
-    # map checks every sample before queuing any
-    with pytest.raises(ddb.InputSignatureError):
-        batcher.map([np.zeros(3, dtype=np.float32), np.zeros(5, dtype=np.float32)])
-    assert batcher.stats()["queued"] == 0 and batcher.stats()["submitted"] == 1
+    # in map, a sample that does not match fails alone, its error naming its index
+    futures = batcher.map([np.zeros(3, dtype=np.float32), np.zeros(5, dtype=np.float32), "abc"])
+    await _settled(futures)
+    assert futures[0].result().tolist() == [1.0, 1.0, 1.0]
+    for i in (1, 2):
+        assert isinstance(futures[i].exception(), ddb.InputSignatureError)
+        assert str(futures[i].exception()).startswith(f"sample {i} of map(): model 'affine' expects one sample of shape (3,)")
+    stats = batcher.stats()
+    assert stats["queued"] == 0 and stats["submitted"] == 4 and stats["failed"] == 2, stats
     # nothing is stuck: good requests still flow
     results = await asyncio.wait_for(asyncio.gather(*batcher.map([np.ones(3, dtype=np.float32)] * 5)), WAIT)
     assert all(r.tolist() == [3.0, 3.0, 3.0] for r in results)

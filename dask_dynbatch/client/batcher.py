@@ -22,7 +22,13 @@ from distributed import Future as DaskFuture
 from distributed import as_completed
 
 from ..core.requests import Request, RequestFuture, RequestQueue
-from ..errors import BatcherClosedError, PluginNotRegisteredError, QueueFullError, RequestTimeoutError
+from ..errors import (
+    BatcherClosedError,
+    InputSignatureError,
+    PluginNotRegisteredError,
+    QueueFullError,
+    RequestTimeoutError,
+)
 from ..protocol import HistoryRecord
 from ..spec import ModelSpec, parse_seconds
 from .dispatcher import Dispatcher, closed_error
@@ -180,23 +186,26 @@ class Batcher:
         When the queue holds ``ModelSpec.max_queue`` requests, ``overload="block"`` waits for room
         and ``overload="reject"`` raises :class:`QueueFullError`.
         """
-        return self.map([x], priority=priority, timeout=timeout)[0]
+        return self._submit_all([x], priority, timeout, raise_rejected=True)[0]
 
     def map(self, xs: Iterable[Any], *, priority: int = 0, timeout: float | str | None = None) -> list[RequestFuture]:
         """Submit many samples; one future per sample, in order.
 
-        Every sample is checked before any is queued: one that does not match raises and none is
-        submitted. Then requests join the queue in chunks of :data:`MAP_CHUNK`, so that the first
-        shipments are on their way while the rest are still being made.
+        Requests are checked and queued in chunks of :data:`MAP_CHUNK`, so that the first shipments
+        are on their way while the rest are still being checked. A sample that does not match the
+        model's input signature fails its own future (the error names its index); the others run.
         """
+        return self._submit_all(xs, priority, timeout, raise_rejected=False)
+
+    def _submit_all(self, xs: Iterable[Any], priority: int, timeout: float | str | None, *,
+                    raise_rejected: bool) -> list[RequestFuture]:
         self._check_open()
         now = time.monotonic()
         deadline = None if timeout is None else now + parse_seconds(timeout, "timeout")
         xs = xs if isinstance(xs, (list, tuple)) else list(xs)
-        samples = [None if isinstance(x, DaskFuture) else check_sample(x, self._model) for x in xs]
         spec = self.spec
         if spec.overload == "reject" and spec.max_queue is not None:
-            inline = sum(1 for sample in samples if sample is not None)
+            inline = sum(1 for x in xs if not isinstance(x, DaskFuture))
             if len(self._queue) + inline > spec.max_queue:  # all or nothing
                 raise self._queue_full_error()
         futures: list[RequestFuture] = []
@@ -204,12 +213,23 @@ class Batcher:
         for start in range(0, len(xs), MAP_CHUNK):
             if yield_gil and start:
                 time.sleep(MAP_YIELD_S)
-            requests = [self._request(x, sample, priority, deadline, now)
-                        for x, sample in zip(xs[start:start + MAP_CHUNK], samples[start:start + MAP_CHUNK])]
-            self._ledger.count("submitted", len(requests))
+            requests, rejected = [], []
+            for i, x in enumerate(xs[start:start + MAP_CHUNK], start):
+                try:
+                    sample = None if isinstance(x, DaskFuture) else check_sample(x, self._model)
+                except (InputSignatureError, TypeError) as exc:
+                    if raise_rejected:
+                        raise
+                    rejected.append((Request(None, RequestFuture(), enqueued=now), type(exc)(f"sample {i} of map(): {exc}")))
+                    futures.append(rejected[-1][0].future)
+                    continue
+                requests.append(self._request(x, sample, priority, deadline, now))
+                futures.append(requests[-1].future)
+            self._ledger.count("submitted", len(requests) + len(rejected))
+            for req, exc in rejected:
+                self._ledger.fail([req], exc)
             self._enqueue([req for req in requests if req.dask_future is None], deadline)
             self._wait_for_inputs([req for req in requests if req.dask_future is not None])
-            futures.extend(r.future for r in requests)
         return futures
 
     def _request(self, x: Any, sample: np.ndarray | None, priority: int, deadline: float | None,

@@ -328,8 +328,8 @@ class _ModelStage:
                     pipe._fail(job, exc)
                 continue
             except Exception:
-                # Batcher.map validates every sample before queuing any: submit one by one so that
-                # a bad sample fails its own job only
+                # map() refused the whole group (a full queue with overload="reject"): submit one
+                # by one so that each job gets its own outcome
                 futures = []
                 for job, value in zip(group, values):
                     try:
