@@ -318,6 +318,7 @@ def closed_loop(client, images, name, n, profile_dir=None, passes=3, **spec_kw):
     return {
         "throughput": throughput,
         "seconds": seconds,
+        "timed_started": t_timed,  # epoch seconds: where the timed pass's history starts
         "requests": n,
         "failed": len(failed),
         "untimed_passes": warm,
@@ -340,7 +341,7 @@ def closed_loop(client, images, name, n, profile_dir=None, passes=3, **spec_kw):
 #: ``closed_loop``'s history rows; ``size``: rows of the shipment, ``device_batch``: of the device
 #: batch it ran in (rows of every client), ``controller_size``: the server's size after it
 CLOSED_COLUMNS = ("time", "worker", "size", "latency", "cap", "compute_s", "wait_s", "stage_s", "device_batch",
-                  "controller_size")
+                  "controller_size", "queued_s", "stack_s", "round_trip_s", "worker_s")
 
 
 def server_summary(state: dict | None) -> dict:
