@@ -38,6 +38,7 @@ _PUBLIC = {
             "BatcherClosedError",
             "CompileWarning",
             "DynBatchError",
+            "ExecutionTimeoutError",
             "InputSignatureError",
             "ModelConflictError",
             "PluginNotRegisteredError",
@@ -45,6 +46,7 @@ _PUBLIC = {
             "RequestTimeoutError",
             "SampleTooLargeError",
             "UnknownModelError",
+            "WorkerCrashError",
         )
     },
 }

@@ -64,7 +64,20 @@ class BatcherClosedError(DynBatchError, RuntimeError):
 
 
 class RequestTimeoutError(DynBatchError, TimeoutError):
-    """A request's deadline passed before its batch started; it was not run."""
+    """A request's deadline (``timeout=``) passed: while it waited (it was not run), or while its
+    batch ran (a result that arrives later is dropped); the message says which."""
+
+
+class WorkerCrashError(DynBatchError, RuntimeError):
+    """The request made its worker die (a segfault in an extension, a CUDA illegal address,
+    ``os._exit``): it died with its worker again once it was alone in its batch, or reached the bound
+    on the restarts one request may cause (``dynbatch.quarantine.max-restarts``). Its batchmates ran."""
+
+
+class ExecutionTimeoutError(DynBatchError, TimeoutError):
+    """The request's batch ran far past the time batches of its size take (the model server's
+    watchdog, ``ModelSpec.execution_timeout``), again once it was alone in its batch; its worker was
+    restarted each time. Its batchmates ran."""
 
 
 

@@ -41,6 +41,7 @@ GET_MODEL = "dynbatch_get_model"
 WORKERS = "dynbatch_workers"
 REPORT = "dynbatch_report"
 STATE = "dynbatch_state"
+RESTART_WORKER = "dynbatch_restart_worker"
 
 #: a worker's half ready (it started: ``{"action": "ready", "worker", "device"}``) or a worker gone
 #: (``{"action": "remove", "worker"}``)
@@ -62,6 +63,18 @@ class ModelSuperseded(Exception):
 
     def __reduce__(self):
         return (type(self), (self.name, self.version))
+
+
+class WorkerRestarting(Exception):
+    """The worker found a stuck batch and is about to be restarted: the shipment did not run (the
+    client sends it elsewhere, or here once the worker is back)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        super().__init__(f"worker {address} is restarting (a device batch was stuck)")
+
+    def __reduce__(self):
+        return (type(self), (self.address,))
 
 
 def unwrap(value: Any) -> Any:
@@ -159,7 +172,8 @@ class ShipmentReply(_Message):
     alone), the device batches it ran in, the server's advice after them, and timings (seconds):
     ``compute_s`` on the device, ``stage_s`` copying in, ``wait_s`` for the device thread,
     ``worker_s`` from arrival to reply. ``unrun``: rows the worker did not run because it is
-    closing (the client sends them elsewhere)."""
+    closing or restarting (the client sends them elsewhere). ``stuck``: rows of a device batch that
+    ran past ``stuck_limit`` seconds (the worker restarts; the client retries them in halves)."""
 
     pieces: list[tuple[list[int], Any]]
     errors: list[tuple[int, Any]]
@@ -174,6 +188,8 @@ class ShipmentReply(_Message):
     cold: bool = False
     compile: dict[str, Any] | None = None
     unrun: list[int] = field(default_factory=list)
+    stuck: list[int] = field(default_factory=list)
+    stuck_limit: float | None = None
 
 
 @dataclass
@@ -220,6 +236,8 @@ class HistoryRecord:
     service_s: float | None
     decision: str
     reason: str
+    outcome: str = "served"  # or "stuck", "worker died": the shipment's rows were retried in halves
+    isolated: bool = False  # a group of suspects after a worker died, run in device batches of its own
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -109,6 +109,12 @@ class ModelSpec:
         set-up on the GPU (~40 ms for ResNet-50: cuDNN builds its convolution plans per shape),
         which free batch sizes would pay again and again. Default ``True``; ``False`` for a module
         whose rows affect each other's outputs.
+    execution_timeout
+        A device batch running longer than this (seconds or a string such as ``"30s"``) is stuck:
+        its requests are retried elsewhere in halves, so that the one that hangs fails alone with
+        :class:`~dask_dynbatch.ExecutionTimeoutError`, and its worker is restarted (a Python thread
+        cannot be stopped). Default ``None``: 10 times the measured time of batches of its size,
+        at least 5 s, and 60 s before any batch finished (``dynbatch.watchdog`` configuration).
     """
 
     name: str
@@ -129,6 +135,7 @@ class ModelSpec:
     compile: bool | str = False
     buckets: Sequence[int] | None = None
     shape_buckets: bool = True
+    execution_timeout: float | str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -139,6 +146,8 @@ class ModelSpec:
             raise TypeError(f"ModelSpec.predict must be callable or None, not {self.predict!r}")
         object.__setattr__(self, "latency_target", parse_seconds(self.latency_target, "latency_target"))
         object.__setattr__(self, "max_delay", parse_seconds(self.max_delay, "max_delay"))
+        if self.execution_timeout is not None:
+            object.__setattr__(self, "execution_timeout", parse_seconds(self.execution_timeout, "execution_timeout"))
         for attr in ("max_batch_size", "max_queue", "initial_batch_size"):  # None allowed for each
             value = getattr(self, attr)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -228,7 +237,8 @@ def call_load(load: Callable[..., Any], device: str) -> Any:
 #: the fields that make a model what it is on the workers: two specs of one name are the same model
 #: when these agree (the others, max_delay, max_inflight, max_queue and overload, are each Batcher's own)
 IDENTITY_FIELDS = ("load", "predict", "variants", "device", "resources", "latency_target", "max_batch_size",
-                   "initial_batch_size", "input_shape", "input_dtype", "compile", "buckets", "shape_buckets")
+                   "initial_batch_size", "input_shape", "input_dtype", "compile", "buckets", "shape_buckets",
+                   "execution_timeout")
 
 
 def fingerprint(spec: ModelSpec) -> tuple[dict[str, str], dict[str, str]]:

@@ -89,7 +89,13 @@ class Batcher:
     Every request's future resolves exactly once, whatever fails:
 
     - a worker that dies or leaves with shipments in flight: their requests go back to the front of
-      the queue and run elsewhere (a request whose worker died 3 times fails);
+      the queue and run elsewhere; those that may have run there are retried in halves that run
+      alone, so that a request that kills its worker fails alone with :class:`WorkerCrashError`;
+    - a device batch that runs far past its time (``ModelSpec.execution_timeout``): its requests are
+      retried in halves the same way (the one that hangs fails with :class:`ExecutionTimeoutError`),
+      and its worker is restarted;
+    - a request's ``timeout`` passes, queued or running: it fails with :class:`RequestTimeoutError`
+      at once; a result that arrives later is dropped;
     - no worker able to run the model: requests wait for one to join, or fail at their
       ``timeout`` with a :class:`RequestTimeoutError` that says so;
     - a sample that does not match the input signature: ``submit`` raises
@@ -176,9 +182,10 @@ class Batcher:
         """Submit one sample (no batch dimension) or a Dask Future whose value is one sample.
 
         ``priority``: higher is batched first (also against other clients' requests on the worker).
-        ``timeout``: a request whose batch has not started this long after ``submit`` fails with
-        :class:`RequestTimeoutError` and is not run (also when it waits for a worker, or, with
-        ``overload="block"``, for room in the queue).
+        ``timeout``: a request without its result this long after ``submit`` fails with
+        :class:`RequestTimeoutError`: not run if it was still waiting (also for a worker, or, with
+        ``overload="block"``, for room in the queue); if its shipment was running, a result that
+        arrives later is dropped.
 
         A sample that does not match the model's input signature (declared in the
         :class:`ModelSpec`, else learned from the first sample: an array of numbers or booleans
@@ -369,7 +376,8 @@ class Batcher:
         return None
 
     def _busy(self) -> bool:
-        return bool(len(self._queue) or self._waiting_for_inputs or self._dispatcher.inflight)
+        return bool(len(self._queue) or self._waiting_for_inputs or self._dispatcher.inflight
+                    or len(self._dispatcher.quarantine))
 
     def _close_now(self, error: BaseException | None = None) -> None:
         """Close: cancel what is queued (what cannot be cancelled fails with ``error``); wake blocked submitters."""
@@ -383,6 +391,7 @@ class Batcher:
                 cancelled += 1
             else:  # re-queued after its worker died: running, so it cannot be cancelled
                 started.append(req)
+        started.extend(self._dispatcher.quarantine.drain())
         self._ledger.count("cancelled", cancelled)
         if started:
             self._ledger.fail(started, error or closed_error(
@@ -404,7 +413,13 @@ class Batcher:
     # -- introspection ------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Counts, queue depth, latency percentiles and, per worker, what its model server advised
-        (batch size, memory cap, throughput, the controller's last decision and why)."""
+        (batch size, memory cap, throughput, the controller's last decision and why).
+
+        Counts: ``submitted``, ``delivered``, ``failed``, ``cancelled``, ``timed_out`` (of which
+        ``timed_out_running`` after their shipment left), ``requeued`` (sent again after their
+        worker died, closed or restarted), ``stuck`` (requests in device batches declared stuck),
+        ``isolated`` (requests re-sent in groups of suspects), ``quarantined`` (of ``failed``: a
+        request that made its worker die or hang alone). ``quarantine``: suspects waiting now."""
         counts = self._ledger.counts()
         counts["cancelled"] += self._queue.cancelled
         dispatcher = self._dispatcher
@@ -414,6 +429,7 @@ class Batcher:
             "batcher": self.id,
             "latency_target": self.spec.latency_target,
             "queued": len(self._queue),
+            "quarantine": len(dispatcher.quarantine),
             "waiting_for_inputs": self._waiting_for_inputs,
             "in_flight": sum(len(reqs) for reqs in list(dispatcher.inflight.values())),
             "no_worker": dispatcher.no_worker_since is not None,
@@ -444,7 +460,10 @@ class Batcher:
         throughput is measured by); and what the server's batch-size controller made of it
         (``decision``: ``"grow"``, ``"shrink"``, ``"hold"``, or ``"not shown"`` for a batch whose time
         says little about its size, and ``reason``: the controller's words, or why it was not shown:
-        ``"cold"``, ``"compiling"``, ``"new_shape"``, ``"new_slot"``)."""
+        ``"cold"``, ``"compiling"``, ``"new_shape"``, ``"new_slot"``); ``outcome``: ``"served"``, or
+        ``"worker died"`` / ``"stuck"`` for a shipment whose rows were lost with their worker or in a
+        stuck device batch (they are retried in smaller groups), and ``isolated`` for a group of such
+        suspects that ran in device batches of its own."""
         return [record.to_dict() for record in self._history.copy()]
 
 

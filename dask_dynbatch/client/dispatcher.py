@@ -6,12 +6,18 @@ fallback. Each round: expire what passed its deadline, ask :func:`~dask_dynbatch
 which workers get the next shipments and how large (each worker's size is its model server's
 advice, within the memory cap), hold back a partial shipment for a busy worker until it would
 reach the device as it frees (:class:`~dask_dynbatch.core.pacing.BusyForecast`), and send. A
-shipment whose worker is lost goes back to the front of the queue.
+request's deadline holds while its shipment runs too: it fails at the deadline, and a result that
+arrives later is dropped. A shipment that did not run (its worker could not be reached, closes or
+restarts) goes back to the front of the queue; the requests of one whose worker died under it, or
+whose device batch was stuck, are retried in ever smaller groups that run alone
+(:class:`~dask_dynbatch.core.quarantine.Quarantine`), so that the culprit fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import math
 import threading
@@ -21,14 +27,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import dask.config
 import numpy as np
 
 from .. import protocol
 from ..core.pacing import BusyForecast
 from ..core.placement import WorkerLoad, fill_unknown_throughputs, plan, workload
+from ..core.quarantine import MAX_DEATHS, Quarantine
 from ..core.requests import Request, RequestQueue
 from ..core.rows import split_rows
-from ..errors import BatcherClosedError, RequestTimeoutError
+from ..errors import BatcherClosedError, ExecutionTimeoutError, RequestTimeoutError, WorkerCrashError
 from ..protocol import Advice, HistoryRecord, ModelSuperseded, WorkerView
 from ..shm import ShmRing
 from . import feedback
@@ -41,8 +49,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: a request is re-queued at most this many times after its worker died under its shipment
-MAX_ATTEMPTS = 3
 #: a worker that a shipment was lost with gets none for this long, even if the scheduler still
 #: lists it (the scheduler notices a dead worker a little later than the client)
 LOST_COOLDOWN = 2.0
@@ -55,6 +61,9 @@ REPORT_INTERVAL = 1.0
 #: partial shipments (fewer requests than the worker's size) are sent only while the worker has
 #: fewer than this many in flight; full ones go up to ModelSpec.max_inflight
 PARTIAL_INFLIGHT = 2
+#: the heap of deadlines of sent requests is rebuilt when it holds this many more entries than
+#: requests in flight (entries of requests that finished long ago keep their samples alive)
+DEADLINE_SLACK = 1024
 
 
 class WorkerSlot:
@@ -73,6 +82,7 @@ class WorkerSlot:
         self.compile: dict[str, Any] | None = None  # the worker's compile state (compiled models)
         self.shm = shm  # shared-memory slots for this worker (same host), see shm.py
         self.forecast = BusyForecast()  # when its device frees: paces partial shipments
+        self.isolating = False  # runs a group of suspects: nothing else is sent to it meanwhile
 
     def close_shm(self) -> list[str]:
         """Stop sending through shared memory; returns the slot names the worker still maps."""
@@ -114,6 +124,9 @@ class Dispatcher:
         self.batcher_id = ""
         self.slots: dict[str, WorkerSlot] = {}
         self.inflight: dict[int, list[Request]] = {}  # shipments sent and not answered yet
+        self.quarantine = Quarantine(int(dask.config.get("dynbatch.quarantine.max-restarts", MAX_DEATHS)))
+        self._running_deadlines: list[tuple[float, int, Request]] = []  # heap, of requests sent
+        self._deadline_seq = itertools.count()
         self.closed = False
         self.no_worker_since: float | None = None
         self._loop = client.loop.asyncio_loop
@@ -197,20 +210,23 @@ class Dispatcher:
         """Form and send as many shipments as workers have room for; seconds until the next try."""
         live = [s for s in self.slots.values() if s.alive and now >= s.lost_until]
         self._track_no_worker(live, now)
+        retry_in = self._expire_running(now)
         expired = self.queue.expire(now)
         if expired:
             self.ledger.fail(expired, self.timeout_error(now), "timed_out")
         spec = self.model.spec
-        if not len(self.queue) or not live or self.closed:
-            return TICK_INTERVAL
+        if not live or self.closed:
+            return retry_in
+        live = self._send_isolated(live, now)
+        if not len(self.queue) or not live:
+            return retry_in
         if all(s.inflight >= spec.max_inflight for s in live):
-            return TICK_INTERVAL
+            return retry_in
         rates = fill_unknown_throughputs({s.address: s.advice.throughput for s in live},
                                          {s.address: s.view.benchmark for s in live})
         # busy workers stay in the plan (no free slot): the split keeps their share for them
         loads = [self._load(s, rates.get(s.address)) for s in live]
         full_size = {load.address: min(load.batch_size, load.cap or load.batch_size) for load in loads}
-        retry_in = TICK_INTERVAL
         for address, size in plan(len(self.queue), loads):
             slot = self.slots[address]
             if size < full_size[address] and slot.inflight > 0:
@@ -222,13 +238,57 @@ class Dispatcher:
             if expired:
                 self.ledger.fail(expired, self.timeout_error(now), "timed_out")
             if batch:
-                slot.inflight += 1
-                slot.inflight_rows += len(batch)
-                self.inflight[id(batch)] = batch
-                slot.forecast.sent(len(batch), now)
-                self.in_background(self._send(slot, batch, now))
+                self._ship(slot, batch, now)
         self.ledger.notify_room()
         return retry_in
+
+    def _ship(self, slot: WorkerSlot, batch: list[Request], now: float, isolate: bool = False) -> None:
+        slot.inflight += 1
+        slot.inflight_rows += len(batch)
+        self.inflight[id(batch)] = batch
+        slot.forecast.sent(len(batch), now)
+        for req in batch:
+            if req.deadline is not None:
+                heapq.heappush(self._running_deadlines, (req.deadline, next(self._deadline_seq), req))
+        if isolate:
+            slot.isolating = True
+            self.ledger.count("isolated", len(batch))
+        self.in_background(self._send(slot, batch, now, isolate))
+
+    def _send_isolated(self, live: list[WorkerSlot], now: float) -> list[WorkerSlot]:
+        """Send waiting groups of suspects, one per worker, each to a worker with nothing else of
+        this Batcher in flight, so that a crash or a hang there is theirs alone. While groups wait,
+        the least busy other worker gets nothing new (it drains for the next group). Returns the
+        workers free for other shipments."""
+        for slot in live:
+            if not len(self.quarantine):
+                break
+            if not slot.isolating and slot.inflight == 0:
+                group = self.quarantine.pop()
+                if group:
+                    self._ship(slot, group, now, isolate=True)
+        free = [s for s in live if not s.isolating]
+        if len(self.quarantine) and free:
+            free.remove(min(free, key=lambda s: s.inflight))
+        return free
+
+    def _expire_running(self, now: float) -> float:
+        """Fail sent requests whose deadline passed; seconds until the next deadline."""
+        heap = self._running_deadlines
+        expired = []
+        while heap and heap[0][0] <= now:
+            req = heapq.heappop(heap)[2]
+            if not req.future.done():
+                expired.append(req)
+        if expired:
+            error = RequestTimeoutError(
+                f"request to model {self.model.name!r} timed out after it was sent to a worker: its result had not "
+                "come back by its deadline (a result that arrives later is dropped)")
+            self.ledger.count("timed_out_running", self.ledger.fail(expired, error, "timed_out"))
+        if len(heap) > 2 * sum(s.inflight_rows for s in self.slots.values()) + DEADLINE_SLACK:
+            self._running_deadlines = heap = [e for e in heap if not e[2].future.done()]
+            heapq.heapify(heap)
+        return min(TICK_INTERVAL, heap[0][0] - now) if heap else TICK_INTERVAL
 
     def _partial_wait(self, slot: WorkerSlot, size: int, now: float) -> float | None:
         """Seconds a partial shipment for a busy worker should keep filling here (None: send now).
@@ -271,23 +331,23 @@ class Dispatcher:
         )
 
     # -- one shipment -------------------------------------------------------------------------------
-    async def _send(self, slot: WorkerSlot, reqs: list[Request], formed: float) -> None:
-        """Send one shipment and deliver its results. Whatever happens, every request of it is
-        resolved or back in the queue when this returns."""
+    async def _send(self, slot: WorkerSlot, reqs: list[Request], formed: float, isolate: bool = False) -> None:
+        """Send one shipment and deliver its results (``isolate``: a group of suspects). Whatever
+        happens, every request of it is resolved or back in the queue when this returns."""
         try:
             delivery = await self.transport.send(slot, reqs, version=self.model.version, formed=formed,
-                                                 signature=self.model.signature)
+                                                 signature=self.model.signature, isolate=isolate)
         except WorkerLost as exc:
-            self._worker_lost(slot, reqs, exc.cause, sent=exc.sent)
+            self._worker_lost(slot, reqs, exc.cause, sent=exc.sent, isolated=isolate)
         except ModelSuperseded:  # nothing ran: the same requests go to the new version
-            self.queue.push(reqs, front=True)
+            self._requeue(reqs, isolate)
             self._model_changed = True
         except Exception as exc:  # the shipment could not run (model failed to load, inputs lost, ...)
             logger.warning("dynbatch: shipment of %d for model %r failed: %r", len(reqs), self.model.name, exc)
             self.ledger.fail(reqs, exc)
         else:
             try:
-                self._deliver(slot, reqs, delivery)
+                self._deliver(slot, reqs, delivery, isolate)
             except Exception as exc:  # outputs that cannot be split per request, ...
                 logger.warning("dynbatch: shipment of %d for model %r failed on the client: %r", len(reqs),
                                self.model.name, exc)
@@ -296,16 +356,24 @@ class Dispatcher:
             self.inflight.pop(id(reqs), None)
             slot.inflight -= 1
             slot.inflight_rows -= len(reqs)
+            if isolate:
+                slot.isolating = False
             slot.forecast.replied(len(reqs), time.monotonic())
             self._set_wake()
 
-    def _deliver(self, slot: WorkerSlot, reqs: list[Request], delivery: Delivery) -> None:
+    def _deliver(self, slot: WorkerSlot, reqs: list[Request], delivery: Delivery, isolated: bool = False) -> None:
         ran = reqs
-        if delivery.reply.unrun:  # the worker is closing: those rows go elsewhere, no attempt used
-            self._worker_lost(slot, [reqs[row] for row in delivery.reply.unrun],
-                              RuntimeError("the worker is closing"), sent=False)
-            unrun = set(delivery.reply.unrun)
-            ran = [r for i, r in enumerate(reqs) if i not in unrun]
+        reply = delivery.reply
+        if reply.stuck:  # the worker restarts: these ran in a stuck device batch, and are suspects
+            self.ledger.count("stuck", len(reply.stuck))
+            self._worker_lost(slot, [reqs[row] for row in reply.stuck], RuntimeError("a stuck device batch"),
+                              sent=True, isolated=isolated, stuck_limit=reply.stuck_limit or 0.0)
+        if reply.unrun:  # the worker closes or restarts: those rows go elsewhere, no attempt used
+            self._worker_lost(slot, [reqs[row] for row in reply.unrun],
+                              RuntimeError("the worker is closing or restarting"), sent=False, isolated=isolated)
+        if reply.stuck or reply.unrun:
+            skip = set(reply.stuck) | set(reply.unrun)
+            ran = [r for i, r in enumerate(reqs) if i not in skip]
             if not ran:
                 return
         self.ledger.latency(ran, delivery.done)
@@ -319,29 +387,57 @@ class Dispatcher:
         self.ledger.count("delivered", delivered)
         oldest = min(r.enqueued for r in ran)
         self.history.append(feedback.learn(slot, delivery, len(ran), oldest, self.model.spec.max_delay,
-                                           self.model.name))
+                                           self.model.name, isolated))
 
-    def _worker_lost(self, slot: WorkerSlot, reqs: list[Request], exc: BaseException, *, sent: bool) -> None:
-        """The shipment's worker died or could not be reached: its requests go back to the front of
-        the queue (``sent``: it may have run there; a request lost this way ``MAX_ATTEMPTS`` times
-        fails, in case it is what kills workers)."""
+    def _worker_lost(self, slot: WorkerSlot, reqs: list[Request], exc: BaseException, *, sent: bool,
+                     isolated: bool = False, stuck_limit: float | None = None) -> None:
+        """The shipment's worker died, could not be reached, closes or restarts, or its device batch
+        was stuck (``stuck_limit``: the limit it ran past). Not ``sent`` (nothing ran): the requests
+        go back to the front of the queue, or of the quarantine for a group of suspects. Otherwise
+        any of them may be the culprit: they are retried in smaller groups (:class:`Quarantine`),
+        and one that died alone again fails."""
         slot.alive = False
         slot.lost_until = time.monotonic() + LOST_COOLDOWN
         if self.closed:
             self.ledger.fail(reqs, closed_error(self.model.name, f"its worker {slot.address} was lost ({exc}) after the close"))
             return
-        logger.warning("dynbatch: lost contact with %s (%s); re-queuing %d requests", slot.address, exc, len(reqs))
-        retry, give_up = [], []
-        for req in reqs:
-            if sent:
-                req.attempts += 1
-            (retry if req.attempts < MAX_ATTEMPTS else give_up).append(req)
-        if give_up:
-            self.ledger.fail(give_up, RuntimeError(
-                f"model {self.model.name!r}: the worker running this request died {MAX_ATTEMPTS} times "
-                f"(last: {slot.address}, {exc}); it is not tried again"))
-        self.queue.push(retry, front=True)
-        self.ledger.count("requeued", len(retry))
+        if not sent:
+            logger.info("dynbatch: %s did not run %d requests (%s); they are sent again", slot.address, len(reqs), exc)
+            self._requeue(reqs, isolated)
+            self.ledger.count("requeued", len(reqs))
+            return
+        outcome = "worker died" if stuck_limit is None else "stuck"
+        logger.warning("dynbatch: %d requests of model %r were in a shipment whose %s (%s, %s); they are retried "
+                       "in smaller groups", len(reqs), self.model.name,
+                       "worker died" if stuck_limit is None else "device batch was stuck", slot.address, exc)
+        self.history.append(feedback.lost(slot, len(reqs), self.model.version, outcome, isolated))
+        failed = self.quarantine.lost(reqs)
+        for req in failed:
+            n = self.ledger.fail([req], self._quarantine_error(req, slot, exc, stuck_limit))
+            self.ledger.count("quarantined", n)
+        self.ledger.count("requeued", len(reqs) - len(failed))
+
+    def _requeue(self, reqs: list[Request], isolated: bool) -> None:
+        if isolated:
+            self.quarantine.put_back(reqs)
+        else:
+            self.queue.push(reqs, front=True)
+
+    def _quarantine_error(self, req: Request, slot: WorkerSlot, exc: BaseException,
+                          stuck_limit: float | None) -> Exception:
+        bound = self.quarantine.max_deaths
+        why = (f"the most one request may cause (dynbatch.quarantine.max-restarts={bound})" if req.attempts >= bound
+               else "the last time alone in its batch")
+        if stuck_limit is not None:
+            return ExecutionTimeoutError(
+                f"request to model {self.model.name!r}: its device batch ran past the execution timeout "
+                f"({stuck_limit:.1f} s) and its worker was restarted, {req.attempts} times, {why} (last: "
+                f"{slot.address}); it is not tried again. Its batchmates were retried without it. If the model "
+                "needs longer for it, raise ModelSpec.execution_timeout")
+        return WorkerCrashError(
+            f"request to model {self.model.name!r} made its worker die {req.attempts} times, {why} (last: "
+            f"{slot.address}: {exc!r}); it is not tried again. Its batchmates were retried without it; a request "
+            f"causes at most {bound} worker restarts")
 
     # -- the cluster view ---------------------------------------------------------------------------
     async def _refresh_workers(self) -> None:

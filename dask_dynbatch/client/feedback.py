@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from .transport import Delivery
 
 
-def learn(slot: WorkerSlot, delivery: Delivery, rows: int, oldest: float, max_delay: float, model: str) -> HistoryRecord:
+def learn(slot: WorkerSlot, delivery: Delivery, rows: int, oldest: float, max_delay: float, model: str,
+          isolated: bool = False) -> HistoryRecord:
     """Update ``slot`` from one shipment's reply; returns its history row."""
     reply = delivery.reply
     slot.advice = Advice.from_msg(reply.advice)
@@ -48,6 +49,7 @@ def learn(slot: WorkerSlot, delivery: Delivery, rows: int, oldest: float, max_de
         stage_s=reply.stage_s, queued_s=sent - oldest, stack_s=sent - delivery.formed, round_trip_s=done - sent,
         worker_s=reply.worker_s, service_s=last.service_s if last else None,
         decision=last.decision if last else "not shown", reason=last.reason if last else "no device batch ran",
+        isolated=isolated,
     )
 
 
@@ -61,3 +63,14 @@ def _on_compile_state(slot: WorkerSlot, state: dict, model: str) -> None:
             stacklevel=2,
         )
     slot.compile = state
+
+
+def lost(slot: WorkerSlot, rows: int, version: int, outcome: str, isolated: bool) -> HistoryRecord:
+    """The history row of a shipment whose rows were lost with their worker (``outcome``: "worker
+    died") or in a stuck device batch ("stuck"): they are retried in smaller groups."""
+    return HistoryRecord(
+        time=time.time(), worker=slot.address, version=version, size=rows, device_batch=rows, latency=0.0,
+        cap=slot.advice.cap, controller_size=slot.advice.size, compute_s=0.0, wait_s=0.0, stage_s=0.0, queued_s=0.0,
+        stack_s=0.0, round_trip_s=0.0, worker_s=0.0, service_s=None, decision="not shown", reason=outcome,
+        outcome=outcome, isolated=isolated,
+    )

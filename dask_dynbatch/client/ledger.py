@@ -17,7 +17,12 @@ import numpy as np
 
 from ..core.requests import Request
 
-COUNTS = ("submitted", "delivered", "failed", "cancelled", "timed_out", "requeued")
+#: ``timed_out_running``: of ``timed_out``, those whose deadline passed while their shipment ran;
+#: ``quarantined``: of ``failed``, those that made their worker die or hang alone in their batch
+#: (``WorkerCrashError``, ``ExecutionTimeoutError``); ``isolated``: requests re-sent in groups of
+#: suspects after a worker died or restarted under them; ``stuck``: requests of stuck device batches
+COUNTS = ("submitted", "delivered", "failed", "cancelled", "timed_out", "requeued", "timed_out_running",
+          "quarantined", "isolated", "stuck")
 
 
 class Ledger:

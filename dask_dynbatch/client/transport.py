@@ -25,7 +25,7 @@ from distributed.protocol import to_serialize
 
 from ..core.requests import Request
 from ..core.rows import stack_in_chunks
-from ..protocol import RUN, ShipmentReply, exception_from, raise_if_error, unwrap
+from ..protocol import RUN, ShipmentReply, WorkerRestarting, exception_from, raise_if_error, unwrap
 from ..shm import ShmRing, ShmSlot, ShmUnavailable, shm_supported
 
 if TYPE_CHECKING:
@@ -91,11 +91,13 @@ class Transport:
         self._stackers.shutdown(wait=False)
 
     async def send(self, slot: WorkerSlot, reqs: list[Request], *, version: int, formed: float,
-                   signature: tuple[tuple[int, ...], np.dtype] | None) -> Delivery:
+                   signature: tuple[tuple[int, ...], np.dtype] | None, isolate: bool = False) -> Delivery:
         """Send ``reqs`` to ``slot``'s worker as one shipment of ``version``; the decoded reply.
+        ``isolate``: the worker runs them in device batches of their own.
 
-        Raises :class:`WorkerLost` (the requests go back to the queue), the worker's error for a
-        shipment that could not run at all, or :class:`~dask_dynbatch.protocol.ModelSuperseded`."""
+        Raises :class:`WorkerLost` (the requests go back to the queue; also when the worker
+        answers that it is restarting), the worker's error for a shipment that could not run at
+        all, or :class:`~dask_dynbatch.protocol.ModelSuperseded`."""
         inline = [r.sample for r in reqs if r.dask_future is None]
         keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
         message: dict[str, Any] = {"model": self.model, "version": version, "client": self.client.id, "n": len(reqs),
@@ -103,6 +105,8 @@ class Transport:
         priorities = _priority_runs(reqs)
         if priorities is not None:
             message["priorities"] = priorities
+        if isolate:
+            message["isolate"] = True
         if keyed:
             message["keyed"] = keyed
             if signature is not None:  # lets the worker check inputs from Dask Futures
@@ -122,6 +126,8 @@ class Transport:
                 done = time.monotonic()
                 try:
                     raise_if_error(reply)
+                except WorkerRestarting as exc:  # nothing ran: elsewhere, or here once it is back
+                    raise WorkerLost(exc, sent=False) from exc
                 except ShmUnavailable as exc:
                     self._on_shm_error(slot, ring, shm_slot, exc)
                     shm_slot = None

@@ -13,4 +13,6 @@
 - :mod:`.oom`: out-of-memory errors recognised, a batch split and retried
 - :mod:`.trend`, :mod:`.throughput`: the controller's trend test and its throughput table
 - :mod:`.ladder`: the bucket and shape ladders batches are formed on
+- :mod:`.watchdog`: when a running device batch counts as stuck
+- :mod:`.quarantine`: requests lost with their worker, retried in halves until the culprit is alone
 """

@@ -26,14 +26,15 @@ class Part:
     rows: Any
     priority: int = 0
     arrived: float = 0.0
+    alone: bool = False  # runs in a device batch with rows of its own shipment only
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def split(self, n: int) -> tuple[Part, Part]:
         """The first ``n`` rows and the rest, as two parts (views, no copy)."""
-        head = Part(self.owner, self.offset, self.rows[:n], self.priority, self.arrived)
-        tail = Part(self.owner, self.offset + n, self.rows[n:], self.priority, self.arrived)
+        head = Part(self.owner, self.offset, self.rows[:n], self.priority, self.arrived, self.alone)
+        tail = Part(self.owner, self.offset + n, self.rows[n:], self.priority, self.arrived, self.alone)
         return head, tail
 
 
@@ -47,6 +48,8 @@ class DeviceBatch:
     new_shape: bool = False  # the first batch of its size on the device (one-time set-up)
     compiling: bool = False  # a bucket of the model compiled when it formed
     starts: list[int] = field(default_factory=list)
+    started: float | None = None  # when the device began running it (the watchdog's clock)
+    abandoned: bool = False  # its rows were handed back (stuck, or the worker restarts): skip it
 
     def __post_init__(self) -> None:
         self.starts = []
@@ -93,13 +96,25 @@ class PartQueue:
             dq.append(part)
             self._rows += len(part)
 
+    def drain(self) -> list[Part]:
+        """Every part, highest priority first."""
+        out = [part for priority in sorted(self._by_priority, reverse=True) for part in self._by_priority[priority]]
+        self._by_priority.clear()
+        self._rows = 0
+        return out
+
     def take(self, n: int) -> list[Part]:
-        """Up to ``n`` rows, highest priority first; the last part is cut to fit."""
+        """Up to ``n`` rows, highest priority first; the last part is cut to fit. A batch that
+        starts with an ``alone`` part holds only its shipment's rows; other batches stop before one."""
         out: list[Part] = []
         room = int(n)
         for priority in sorted(self._by_priority, reverse=True):
             dq = self._by_priority[priority]
             while dq and room > 0:
+                head = dq[0]
+                if out and (head.alone or out[0].alone) and head.owner is not out[0].owner:
+                    room = 0
+                    break
                 part = dq.popleft()
                 if len(part) > room:
                     part, rest = part.split(room)

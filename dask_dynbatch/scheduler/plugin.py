@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -69,6 +70,9 @@ class DynBatchPlugin(SchedulerPlugin):
         self.workers: dict[str, dict[str, Any]] = {}  # address -> the worker half's last heartbeat
         self.ready: set[str] = set()  # workers whose worker half has started
         self.batchers: dict[str, dict[str, Any]] = {}  # batcher id -> its last report
+        self.restarting: set[str] = set()  # workers restarted because a batch was stuck there
+        self.stuck_batches: Counter[str] = Counter()  # per model
+        self.restarts: deque[dict[str, Any]] = deque(maxlen=100)  # the latest, newest last
         self._tasks: set[asyncio.Task] = set()
         self._handlers = {
             protocol.REGISTER: self.register_model,
@@ -76,6 +80,7 @@ class DynBatchPlugin(SchedulerPlugin):
             protocol.WORKERS: self.workers_for,
             protocol.REPORT: self.report,
             protocol.STATE: self.state,
+            protocol.RESTART_WORKER: self.restart_worker,
         }
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -124,6 +129,7 @@ class DynBatchPlugin(SchedulerPlugin):
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         self.workers.pop(worker, None)
         self.ready.discard(worker)
+        self.restarting.discard(worker)
         scheduler.log_event(protocol.CLUSTER_TOPIC, {"action": "remove", "worker": worker})
 
     def heartbeat(self, ws: WorkerState, data: dict[str, Any]) -> None:
@@ -214,6 +220,8 @@ class DynBatchPlugin(SchedulerPlugin):
         for address, ws in self.scheduler.workers.items():
             if ws.status.name != "running" or (address not in self.ready and address not in self.workers):
                 continue
+            if address in self.restarting:
+                continue
             if any(ws.resources.get(k, 0) < v for k, v in entry.resources.items()):
                 continue
             view = self.worker_view(address)
@@ -221,6 +229,34 @@ class DynBatchPlugin(SchedulerPlugin):
                 continue
             out[address] = view.to_msg()
         return out
+
+    def restart_worker(self, worker: str, model: str, version: int, rows: int, seconds: float, limit: float,
+                       handed_back: int = 0) -> None:
+        """Handler: a worker's batch of ``model`` is stuck (it handed every row back): restart the
+        worker through its nanny (``Scheduler.restart_workers``; a worker without one is closed).
+        Clients stop sending to it at once (topic ``dynbatch-cluster``, action ``restarting``)."""
+        if self.scheduler is None or worker in self.restarting:
+            return
+        self.restarting.add(worker)
+        self.stuck_batches[model] += 1
+        event = {"time": time.time(), "worker": worker, "model": model, "version": version, "rows": rows,
+                 "seconds": seconds, "limit": limit, "handed_back": handed_back}
+        self.restarts.append(event)
+        logger.warning("dynbatch: restarting worker %s: a batch of %d rows of model %r ran %.1f s (limit %.1f s)",
+                       worker, rows, model, seconds, limit)
+        self.scheduler.log_event(protocol.CLUSTER_TOPIC, {"action": "restarting", **event})
+        self._in_background(self._restart(worker))
+
+    async def _restart(self, worker: str) -> None:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        try:
+            result = await scheduler.restart_workers([worker], wait_for_workers=False, on_error="return",
+                                                     stimulus_id=f"dynbatch-stuck-{time.time()}")
+            logger.info("dynbatch: restart of %s: %s", worker, result.get(worker))
+        except Exception:  # the worker may be gone already; nothing else can free its device
+            logger.exception("dynbatch: restarting worker %s failed", worker)
 
     def report(self, batcher: str, stats: dict[str, Any], client: str | None = None) -> None:
         """Handler: a Batcher's counts and latencies, for the dashboard and ``/metrics``."""
@@ -232,8 +268,11 @@ class DynBatchPlugin(SchedulerPlugin):
         ``models``: the registry (name -> version, clients, ...); ``workers``: address -> the
         worker's view plus its worker half's heartbeat (``servers``: each model server's state,
         controller included; ``devices``: memory readings; ``shared_memory``); ``batchers``: each
-        Batcher's last report (counts, latency percentiles, per-worker placement view)."""
+        Batcher's last report (counts, latency percentiles, per-worker placement view);
+        ``stuck_batches``: per model, batches the workers' watchdogs declared stuck; ``restarts``:
+        the latest worker restarts for them (worker, model, rows, seconds run, limit)."""
         workers = {}
         for address in self.scheduler.workers:
             workers[address] = {**self.worker_view(address).to_msg(), **self.workers.get(address, {})}
-        return {"models": self.registry.state(), "workers": workers, "batchers": dict(self.batchers)}
+        return {"models": self.registry.state(), "workers": workers, "batchers": dict(self.batchers),
+                "stuck_batches": dict(self.stuck_batches), "restarts": list(self.restarts)}

@@ -3,7 +3,9 @@
 Installed on every current and future worker by :class:`~dask_dynbatch.DynBatchPlugin`. Shipments
 arrive by direct RPC from clients (``dynbatch_run``, see :mod:`dask_dynbatch.protocol`); no Dask
 task is created for them. Each (model, version) gets one :class:`~dask_dynbatch.worker.server.ModelServer`,
-loaded once (concurrent first shipments wait for one load) and shared by every client.
+loaded once (concurrent first shipments wait for one load) and shared by every client. A batch that
+runs far past its time is stuck: the :mod:`~dask_dynbatch.worker.watchdog` hands every row back
+and has the worker restarted.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tornado.ioloop import PeriodicCallback
 from .. import protocol
 from .._compat import call_as_worker
 from ..core.memory import MemorySizer
-from ..protocol import ModelSuperseded, ShipmentReply, error_reply, raise_if_error
+from ..protocol import ModelSuperseded, ShipmentReply, WorkerRestarting, error_reply, raise_if_error
 from ..shm import ShmAttachments, ShmUnavailable
 from .compile import warm_in_subprocess
 from .intake import assemble_keyed, inline_arrays
@@ -34,6 +36,7 @@ from .model import LoadedModel, choose_device, visible_gpu_count
 from .server import ModelServer, Shipment
 from .staging import pin_host_memory, tune_malloc_for_inference
 from .telemetry import CachedMemorySource, detect_memory_source, device_telemetry
+from .watchdog import CHECK_INTERVAL, DeviceThread, Watchdog, execution_clock
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -67,7 +70,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self._load_locks: dict[tuple[str, int], asyncio.Lock] = {}
         # one thread per device: its batches run one after another while the event loop receives
         # the next shipments; GPU batches are staged in a transfer thread meanwhile
-        self.device_threads: dict[str, ThreadPoolExecutor] = {}
+        self.device_threads: dict[str, DeviceThread] = {}
         self.stager = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-stage")
         self.shm = ShmAttachments()  # shared-memory slots of clients on this host
         self._pin_slots = bool(dask.config.get("dynbatch.transport.page-lock", True))
@@ -83,6 +86,9 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             self._device_thread("cuda:0" if self.gpu_count else "cpu").submit(self._run_benchmark)
         self._poller = PeriodicCallback(self._poll_memory, MEMORY_POLL_INTERVAL * 1000)
         self._poller.start()
+        self.watchdog = Watchdog(worker, lambda: self.servers.values())
+        self._watch = PeriodicCallback(self.watchdog.check, CHECK_INTERVAL * 1000)
+        self._watch.start()
         worker.handlers.update({
             protocol.RUN: self.run,
             protocol.UNLOAD: self.unload,
@@ -97,6 +103,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
 
     def teardown(self, worker: Worker) -> None:
         self._poller.stop()
+        self._watch.stop()
         for server in self.servers.values():
             server.close()
         for op in (protocol.RUN, protocol.UNLOAD, protocol.BENCHMARK, protocol.SERVER_STATE):
@@ -113,7 +120,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                   shm: dict[str, Any] | None = None, keyed: list[tuple[int, Any]] | None = None,
                   signature: tuple[tuple[int, ...], str] | None = None,
                   priorities: list[tuple[int, int]] | None = None, queued_s: float = 0.0,
-                  new_slot: bool = False, shm_drop: list[str] | None = None) -> dict[str, Any]:
+                  new_slot: bool = False, shm_drop: list[str] | None = None, isolate: bool = False) -> dict[str, Any]:
         """Handler ``dynbatch_run``: serve one shipment of ``n`` rows of ``model`` version ``version``.
 
         Rows come inline in ``batch`` (stacked, or a list of stacked chunks), in the shared-memory
@@ -121,9 +128,21 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         :mod:`dask_dynbatch.shm`), and as Dask Futures ``keyed`` (``(row, key)``) that must match
         ``signature``. ``priorities``: ``(first row, priority)`` runs; ``queued_s``: how long the
         oldest row waited in the client; ``new_slot``: the slot is used for the first time;
-        ``shm_drop``: slots the client retired. Returns a :class:`~dask_dynbatch.protocol.ShipmentReply`,
+        ``shm_drop``: slots the client retired; ``isolate``: run these rows in device batches of their
+        own (suspects after a worker died). Returns a :class:`~dask_dynbatch.protocol.ShipmentReply`,
         or an error reply: the slot cannot be mapped (nothing ran), the version was replaced, the
-        model failed to load, an input was lost."""
+        worker restarts (nothing ran), the model failed to load, an input was lost."""
+        if self.watchdog.restarting is not None:
+            return error_reply(WorkerRestarting(self.worker.address))
+        self.watchdog.active_runs += 1
+        try:
+            return await self._serve(model, version, client, n, batch, shm, keyed, signature, priorities, queued_s,
+                                     new_slot, shm_drop, isolate)
+        finally:
+            self.watchdog.active_runs -= 1
+
+    async def _serve(self, model, version, client, n, batch, shm, keyed, signature, priorities, queued_s, new_slot,
+                     shm_drop, isolate) -> dict[str, Any]:
         received = time.perf_counter()
         if shm_drop:
             self.shm.drop(client, shm_drop)
@@ -133,12 +152,14 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                 arrays = [self.shm.array(client, shm["name"], shm["shape"], shm["dtype"])]
             server = await self.server_for(model, version)
             shipment = await self._shipment(client, n, arrays, keyed, signature, priorities, queued_s, new_slot,
-                                             slot=shm["name"] if shm is not None else None)
+                                             slot=shm["name"] if shm is not None else None, isolate=isolate)
+            if self.watchdog.restarting is not None:  # a batch got stuck while this one was taken in
+                raise WorkerRestarting(self.worker.address)
             try:
                 await server.serve(shipment)
             finally:
                 server.check_retired()
-        except (ShmUnavailable, ModelSuperseded) as exc:  # expected: the client re-sends
+        except (ShmUnavailable, ModelSuperseded, WorkerRestarting) as exc:  # expected: the client re-sends
             return error_reply(exc)
         except Exception as exc:  # the shipment could not run at all
             logger.warning("dynbatch: shipment of %d rows of model %r failed: %r", n, model, exc)
@@ -158,9 +179,11 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             cold=shipment.cold,
             compile=loaded.compile_summary() if loaded.spec.compile else None,
             unrun=sorted(shipment.unrun),
+            stuck=sorted(shipment.stuck),
+            stuck_limit=shipment.stuck_limit,
         ).to_msg()
 
-    async def _shipment(self, client, n, arrays, keyed, signature, priorities, queued_s, new_slot, slot):
+    async def _shipment(self, client, n, arrays, keyed, signature, priorities, queued_s, new_slot, slot, isolate):
         index = errors = None
         if keyed:
             data = await self._fetch(list({key for _, key in keyed}))
@@ -168,7 +191,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             arrays = [joined] if len(joined) else []
             slot = None  # the rows were copied out of the slot
         return Shipment(client, n, arrays, index=None if index is not None and len(index) == n else index,
-                        errors=errors, priorities=priorities, queued_s=queued_s, new_slot=new_slot, slot=slot)
+                        errors=errors, priorities=priorities, queued_s=queued_s, new_slot=new_slot, slot=slot,
+                        isolate=isolate)
 
     async def _fetch(self, keys: list) -> dict:
         """Values of Dask Futures given as inputs, from this worker's memory or its peers."""
@@ -221,7 +245,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.loads[(name, version)] += 1
         server = ModelServer(loaded, sizer, self._device_thread(device), self.stager,
                              call_as_worker=functools.partial(call_as_worker, self.worker), pin_slot=self._pin_slot,
-                             on_retired=self._drop)
+                             on_retired=self._drop, clock=execution_clock(spec))
         self.servers[(name, version)] = server
         logger.info("dynbatch: loaded model %r version %d on %s in %.2fs", name, version, device, loaded.load_seconds)
         for (other, v), old in list(self.servers.items()):
@@ -245,10 +269,10 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                 retired.append(name)
         return retired
 
-    def _device_thread(self, device: str) -> ThreadPoolExecutor:
+    def _device_thread(self, device: str) -> DeviceThread:
         executor = self.device_threads.get(device)
         if executor is None:
-            executor = self.device_threads[device] = ThreadPoolExecutor(1, thread_name_prefix=f"dynbatch-{device}")
+            executor = self.device_threads[device] = DeviceThread(f"dynbatch-{device}")
         return executor
 
     def _compile_submit(self, fn) -> None:
@@ -317,6 +341,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             "devices": {d: device_telemetry(sizer.source) for d, sizer in self.sizers.items()},
             "shared_memory": self.shm.summary(),
             "servers": self.server_states(),
+            "restarting": self.watchdog.restarting,
         }
 
     def server_states(self) -> list[dict[str, Any]]:

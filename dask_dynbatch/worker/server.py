@@ -15,6 +15,11 @@ batch's share of the device) and its throughput; clients read its :class:`~dask_
 from replies and from memory events. Threads: the worker's event loop runs the queue and replies;
 a transfer thread stages GPU batches; the device thread (one per device, shared by its models)
 runs them (:func:`~dask_dynbatch.worker.executor.run_device_batch`).
+
+A batch that runs far past the time batches of its size take is stuck
+(:class:`~dask_dynbatch.core.watchdog.ExecutionClock`, checked by the worker's
+:mod:`~dask_dynbatch.worker.watchdog`): the server hands its rows back as ``stuck`` and every other
+row as unrun (:meth:`ModelServer.evacuate`), and the worker is restarted.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 from ..core.controller import BatchSizeController
 from ..core.formation import DeviceBatch, Part, PartQueue
 from ..core.memory import MemorySizer
+from ..core.watchdog import ExecutionClock
 from ..protocol import Advice, DeviceBatchRecord, ModelSuperseded
 from .executor import run_device_batch
 from .model import LoadedModel
@@ -54,11 +60,12 @@ class Shipment:
     ``rows``: the host arrays of its rows that run (in order; rows that failed on arrival are left
     out and listed in ``errors``); ``index``: their positions among the message's rows (None: all,
     in order). ``slot``: the name of the client's shared-memory slot the arrays are views of
-    (``pinned`` once it is page-locked for the GPU)."""
+    (``pinned`` once it is page-locked for the GPU). ``isolate``: its rows run in device batches
+    of their own (the client's suspects after a worker died under them)."""
 
     def __init__(self, client: str, n: int, rows: list[np.ndarray], *, index: list[int] | None = None,
                  errors: dict[int, BaseException] | None = None, priorities: list[tuple[int, int]] | None = None,
-                 queued_s: float = 0.0, new_slot: bool = False, slot: str | None = None):
+                 queued_s: float = 0.0, new_slot: bool = False, slot: str | None = None, isolate: bool = False):
         self.client = client
         self.n = n
         self.rows = rows
@@ -74,6 +81,9 @@ class Shipment:
         self.shared = slot is not None
         self.pinned = False
         self.unrun: list[int] = []  # rows the worker could not run: it is closing (the client re-sends them)
+        self.isolate = isolate
+        self.stuck: list[int] = []  # rows of a device batch declared stuck (the client isolates them)
+        self.stuck_limit: float | None = None
         self.arrived = time.monotonic()
         self.pending = sum(len(a) for a in rows)
         self.pieces: list[tuple[list[int], Any]] = []
@@ -95,7 +105,7 @@ class Shipment:
             for start, end, priority in runs:
                 a, b = max(start, offset), min(end, stop)
                 if a < b:
-                    out.append(Part(self, a, array[a - offset : b - offset], priority, self.arrived))
+                    out.append(Part(self, a, array[a - offset : b - offset], priority, self.arrived, self.isolate))
             offset = stop
         return out
 
@@ -132,6 +142,7 @@ class ServerStats:
     shared_batches: int = 0  # device batches with rows from more than one client
     compute_seconds: float = 0.0
     ooms: int = 0
+    stuck_batches: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=64))  # (rows, service seconds)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,6 +156,7 @@ class ServerStats:
             "shared_batches": self.shared_batches,
             "compute_seconds": self.compute_seconds,
             "ooms": self.ooms,
+            "stuck_batches": self.stuck_batches,
             "recent_mean_batch": rows / len(self.recent) if self.recent else None,
             "recent_throughput": rows / seconds if seconds > 0 else None,
         }
@@ -169,12 +181,15 @@ class ModelServer:
         ``pin_slot(shipment) -> bool``: page-lock the client slot a shipment's rows are in.
     on_retired
         Called once a retiring server has nothing left to do (the owner drops it then).
+    clock
+        When a running batch is stuck (default: from ``ModelSpec.execution_timeout``).
     """
 
     def __init__(self, loaded: LoadedModel, sizer: MemorySizer, device_thread: Executor, stager: Executor, *,
                  call_as_worker: Callable[..., Any] = lambda fn, *args, **kwargs: fn(*args, **kwargs),
                  pin_slot: Callable[[Shipment], bool] = lambda shipment: False,
-                 on_retired: Callable[[ModelServer], None] = lambda server: None):
+                 on_retired: Callable[[ModelServer], None] = lambda server: None,
+                 clock: ExecutionClock | None = None):
         spec = loaded.spec
         self.loaded = loaded
         self.name = spec.name
@@ -187,6 +202,7 @@ class ModelServer:
         )
         self.queue = PartQueue()
         self.stats = ServerStats()
+        self.clock = clock or ExecutionClock(spec.execution_timeout)
         self.retiring = False  # a newer version replaced it, or no client uses it: finish, then close
         self.closed = False
         self._device_thread = device_thread
@@ -291,6 +307,8 @@ class ModelServer:
                 return
             logger.warning("dynbatch: device batch of %d rows of model %r failed: %r", batch.rows, self.name, exc)
             result = DeviceResult([], {row: exc for row in range(batch.rows)}, 0.0)
+        if batch.abandoned:  # its rows were handed back meanwhile (evacuate): the result goes nowhere
+            return
         try:
             self._finish(batch, result)
         except Exception as exc:  # a bug here must not leave requests waiting: their rows fail
@@ -323,6 +341,9 @@ class ModelServer:
 
     def _execute(self, batch: DeviceBatch, staged: Any, staging: tuple[float, float]) -> DeviceResult:
         """Device thread: run one device batch (joined here for a host model)."""
+        if batch.abandoned:  # handed back while it waited for the device: the worker restarts
+            return DeviceResult([], {}, 0.0)
+        batch.started = time.monotonic()
         started = time.perf_counter()
         if staged is None:
             arrays, shared, _ = self._arrays(batch)
@@ -340,6 +361,8 @@ class ModelServer:
         done = time.monotonic()
         if batch in self._formed:
             self._formed.remove(batch)
+        if result.compute_s > 0:
+            self.clock.observe(batch.rows, result.compute_s)
         self._update_cap()  # the batch taught the memory profile: the cap its shipments are told
         try:
             record = self._learn(batch, result, done)
@@ -421,6 +444,45 @@ class ModelServer:
         return {"compute_s": result.compute_s, "stage_s": result.stage_s, "wait_s": result.wait_s,
                 "service_s": service_s, "latency_s": latency, "decision": decision, "reason": reason}
 
+    # -- stuck batches ----------------------------------------------------------------------------
+    def running(self) -> DeviceBatch | None:
+        """The device batch the device runs now (None: none)."""
+        batch = self._formed[0] if self._formed else None
+        return batch if batch is not None and batch.started is not None and not batch.abandoned else None
+
+    def overdue(self, now: float) -> tuple[DeviceBatch, float] | None:
+        """The running batch and its limit, if it ran past the limit (it is stuck)."""
+        batch = self.running()
+        if batch is None:
+            return None
+        limit = self.clock.limit(batch.rows)
+        return (batch, limit) if now - batch.started > limit else None
+
+    def evacuate(self, stuck: DeviceBatch | None = None, limit: float | None = None) -> int:
+        """The worker restarts (a batch is stuck): hand every row back now, ``stuck``'s as stuck
+        and the others as unrun; whatever the device thread still returns is dropped. Serves
+        nothing more. Returns the rows handed back."""
+        self.closed = True
+        rows = 0
+        if stuck is not None:
+            self.stats.stuck_batches += 1
+        for batch in list(self._formed):
+            batch.abandoned = True
+            for part in batch.parts:
+                if batch is stuck:
+                    shipment = part.owner
+                    shipment.stuck.extend(shipment.positions(part.offset, len(part)))
+                    shipment.stuck_limit = limit
+                    shipment.settle(len(part))
+                else:
+                    self._hand_back(part)
+                rows += len(part)
+        self._formed.clear()
+        for part in self.queue.drain():
+            self._hand_back(part)
+            rows += len(part)
+        return rows
+
     # -- reporting --------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """JSON-able, for the heartbeat (dashboard, metrics)."""
@@ -441,7 +503,7 @@ class ModelServer:
         """The server is dropped (no client uses it, or the worker closes): compile nothing more,
         forget the model's memory profile; rows still waiting are handed back unrun."""
         self.closed = True
-        for part in self.queue.take(len(self.queue)):
+        for part in self.queue.drain():
             self._hand_back(part)
         self.loaded.close()
         self.sizer.forget(self.name)
