@@ -269,6 +269,20 @@ def test_hang_one_worker_request_fails_by_its_deadline_others_and_a_second_model
         assert [r["worker"] for r in state["restarts"]] == [worker_before]
         assert worker_before not in client.scheduler_info()["workers"]  # a new process serves
         assert any(h["outcome"] == "stuck" for h in batcher.history())
+
+        def summary():  # what the dashboard page and /metrics show, once the Batchers reported
+            from dask_dynbatch.scheduler.summary import model_summaries
+
+            return model_summaries(client.run_on_scheduler(
+                lambda dask_scheduler: dask_scheduler.extensions["dynbatch"].state()))["fragile"]
+
+        for _ in range(WAIT * 10):
+            if summary()["delivered"] == 95:
+                break
+            time.sleep(0.1)
+        shown = summary()
+        assert shown["stuck_batches"] == 1 and shown["timed_out_running"] == 1 and shown["stuck"] >= 1
+        assert shown["quarantined"] == 0
         batcher.close()
         other.close()
 

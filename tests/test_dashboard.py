@@ -284,6 +284,8 @@ async def test_metrics_endpoint_counts_the_work_done(c, s, a, b):
     assert metrics[("dask_dynbatch_requests_total", (("model", "identity"), ("outcome", "served")))] == n
     assert metrics[("dask_dynbatch_requests_total", (("model", "identity"), ("outcome", "failed")))] == 0
     assert metrics[("dask_dynbatch_queue_depth", model)] == 0
+    for series in ("requests_timed_out_running", "requests_quarantined", "requests_isolated", "stuck_batches"):
+        assert metrics[(f"dask_dynbatch_{series}_total", model)] == 0  # nothing hung or crashed
     assert metrics[("dask_dynbatch_batchers", model)] == 1
     assert metrics[("dask_dynbatch_latency_seconds", (("model", "identity"), ("quantile", "0.95")))] > 0
     batches = sum(v for (name, _), v in metrics.items() if name == "dask_dynbatch_worker_batches_total")

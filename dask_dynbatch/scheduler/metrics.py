@@ -16,6 +16,14 @@ name                                        type      labels and meaning
 ``dask_dynbatch_requests_submitted_total``  counter   ``model``: requests submitted to batchers
 ``dask_dynbatch_requests_total``            counter   ``model``, ``outcome`` (``served``,
                                                       ``failed``, ``cancelled``, ``timed_out``)
+``dask_dynbatch_requests_timed_out_running_total`` counter ``model``: of ``timed_out``, requests
+                                                      whose deadline passed while they ran
+``dask_dynbatch_requests_quarantined_total`` counter  ``model``: of ``failed``, requests that made
+                                                      their worker die or hang alone in a batch
+``dask_dynbatch_requests_isolated_total``   counter   ``model``: requests re-sent in groups of
+                                                      suspects after a worker died or hung
+``dask_dynbatch_stuck_batches_total``       counter   ``model``: device batches the watchdog
+                                                      declared stuck (each restarted its worker)
 ``dask_dynbatch_queue_depth``               gauge     ``model``: requests waiting in the batchers
 ``dask_dynbatch_latency_seconds``           gauge     ``model``, ``quantile`` (0.5, 0.95, 0.99):
                                                       latency requests experienced (worst
@@ -119,7 +127,19 @@ class DynBatchMetricCollector(PrometheusCollector):
         target = gauge("latency_target", "Latency target of a model", ["model"], unit="seconds")
         batchers = gauge("batchers", "Batchers attached to a model", ["model"])
         version = gauge("model_version", "Version of a model in the registry", ["model"])
+        timed_out_running = counter("requests_timed_out_running",
+                                    "Requests whose deadline passed while their shipment ran", ["model"])
+        quarantined = counter("requests_quarantined",
+                              "Requests that failed for making their worker die or hang alone in a batch", ["model"])
+        isolated = counter("requests_isolated", "Requests re-sent in groups of suspects after a worker died or hung",
+                           ["model"])
+        stuck = counter("stuck_batches", "Device batches declared stuck by the watchdog (each restarted its worker)",
+                        ["model"])
         for name, summary in models.items():
+            timed_out_running.add_metric([name], summary["timed_out_running"])
+            quarantined.add_metric([name], summary["quarantined"])
+            isolated.add_metric([name], summary["isolated"])
+            stuck.add_metric([name], summary["stuck_batches"])
             submitted.add_metric([name], summary["submitted"])
             for count, outcome in OUTCOMES.items():
                 requests.add_metric([name, outcome], summary[count])
@@ -132,7 +152,8 @@ class DynBatchMetricCollector(PrometheusCollector):
             batchers.add_metric([name], summary["batchers"])
             if summary["version"] is not None:
                 version.add_metric([name], summary["version"])
-        yield from (submitted, requests, queue, latency, target, batchers, version)
+        yield from (submitted, requests, queue, latency, target, batchers, version, timed_out_running, quarantined,
+                    isolated, stuck)
 
         per_worker = ["model", "worker"]
         batch_size = gauge("batch_size", "Rows the worker's model server puts in a device batch now", per_worker)

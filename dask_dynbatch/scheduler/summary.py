@@ -13,6 +13,8 @@ from typing import Any
 
 #: Batcher counts of finished requests and the ``outcome`` label ``/metrics`` publishes each under
 OUTCOMES = {"delivered": "served", "failed": "failed", "cancelled": "cancelled", "timed_out": "timed_out"}
+#: Batcher counts of requests caught up in hangs and crashes (see ``Batcher.stats``)
+CONTAINMENT = ("timed_out_running", "stuck", "isolated", "quarantined")
 #: Batcher latency percentiles and their Prometheus ``quantile`` label
 QUANTILES = {"latency_p50": "0.5", "latency_p95": "0.95", "latency_p99": "0.99"}
 
@@ -29,10 +31,12 @@ def model_summaries(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     -------
     dict
         ``{model: {"version", "batchers", "submitted", "delivered", "failed", "cancelled",
-        "timed_out", "queued", "latency_p50", "latency_p95", "latency_p99", "latency_target",
+        "timed_out", "timed_out_running", "stuck", "isolated", "quarantined", "stuck_batches",
+        "queued", "latency_p50", "latency_p95", "latency_p99", "latency_target",
         "workers"}}``, every model that the registry, a Batcher or a worker's server knows.
         ``version`` is the registry's (None once the registry dropped the model). Counts and
-        ``queued`` add up over the model's Batchers; latency percentiles are the worst Batcher's,
+        ``queued`` add up over the model's Batchers (``stuck_batches``: device batches the workers'
+        watchdogs declared stuck, each restarting its worker, from the scheduler); latency percentiles are the worst Batcher's,
         because averaging percentiles of different request streams means nothing. ``workers``
         maps each worker that serves the model or that a Batcher can send it to onto
         :func:`worker_summary`.
@@ -49,7 +53,9 @@ def model_summaries(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         summary: dict[str, Any] = {
             "version": (models.get(name) or {}).get("version"),
             "batchers": len(theirs),
-            **{count: sum(int(r.get(count) or 0) for r in theirs) for count in ("submitted", *OUTCOMES, "queued")},
+            **{count: sum(int(r.get(count) or 0) for r in theirs)
+               for count in ("submitted", *OUTCOMES, *CONTAINMENT, "queued")},
+            "stuck_batches": int((state.get("stuck_batches") or {}).get(name, 0)),
         }
         for quantile in QUANTILES:
             summary[quantile] = max((r[quantile] for r in theirs if r.get(quantile) is not None), default=None)
