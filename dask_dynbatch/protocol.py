@@ -43,8 +43,9 @@ REPORT = "dynbatch_report"
 STATE = "dynbatch_state"
 RESTART_WORKER = "dynbatch_restart_worker"
 
-#: a worker's half ready (it started: ``{"action": "ready", "worker", "device"}``) or a worker gone
-#: (``{"action": "remove", "worker"}``)
+#: a worker's half ready (it started: ``{"action": "ready", "worker", "device"}``), a worker about to
+#: be restarted for a stuck batch (``{"action": "restarting", "worker", "model", ...}``) or a worker
+#: gone (``{"action": "remove", "worker"}``)
 CLUSTER_TOPIC = "dynbatch-cluster"
 #: a worker's free memory moved: ``{"worker", "advice": {model: {version: Advice}}}``
 ADVICE_TOPIC = "dynbatch-advice"
