@@ -3,7 +3,7 @@
 # their missing dependencies carried as Python 3.12 wheels in .whl/, see benchmarks/README.md): the GPU case, the memory-pressure section and the pipeline case on the GPU host's
 # CPUs, each under its own time limit, results and one log into $OUT (and, on request, the stacking probe).
 #   DYNBATCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_run.sh   (on the device machine)
-# PARTS picks some of "probe case pressure pipeline compiled" (default: case, pressure and pipeline,
+# PARTS picks some of "probe case pressure pipeline compiled verify" (default: case, pressure and pipeline,
 # ~560 s; a device call may take 600). "compiled" (raw, compiled raw loop, compile=True; up to 560 s,
 # most of it compiling) needs a call of its own.
 set -u
@@ -19,6 +19,17 @@ echo "stack probe rc $?" | tee -a "$log"
 [[ $PARTS == *case* ]] && timeout 370 python3 benchmarks/gpu_case.py --out "$OUT" \
   --sections raw,plain,dynbatch,open,openfrozen,frontendgpu,cupy,daskcuda >>"$log" 2>&1
 echo "gpu_case rc $?" | tee -a "$log"
+# "verify": what the headline targets need, in one call of under 600 s: the ceiling, default
+# settings closed and open loop, memory pressure, the compiled ceiling and compile=True
+if [[ $PARTS == *verify* ]]; then
+  timeout 150 python3 benchmarks/gpu_case.py --out "$OUT" --sections raw,dynbatch,open >>"$log" 2>&1
+  echo "gpu_case rc $?" | tee -a "$log"
+  timeout 100 python3 benchmarks/gpu_case.py --out "$OUT" --name gpu_case_pressure --sections pressure >>"$log" 2>&1
+  echo "pressure rc $?" | tee -a "$log"
+  cp "$OUT/gpu_case.json" "$OUT/gpu_case_compiled.json"  # the eager ceiling, for the ratio
+  timeout 320 python3 benchmarks/gpu_case.py --out "$OUT" --name gpu_case_compiled --sections rawcompiled,compiled >>"$log" 2>&1
+  echo "compiled rc $?" | tee -a "$log"
+fi
 [[ $PARTS == *compiled* ]] && timeout 560 python3 benchmarks/gpu_case.py --out "$OUT" --name gpu_case_compiled \
   --sections raw,rawcompiled,compiled >>"$log" 2>&1
 echo "compiled rc $?" | tee -a "$log"
