@@ -137,7 +137,8 @@ class Advice(_Message):
     ``size``: rows a device batch takes now (the controller's size within the memory cap);
     ``cap``: the memory cap (None: none known yet); ``throughput``: rows/s it measured at
     ``size`` (None: not yet); ``memory_used``: fraction of the device's memory in use; the
-    controller's ``decision``, ``reason`` and ``phase``."""
+    controller's ``decision``, ``reason`` and ``phase``; for padded samples ``padding_waste``
+    (padded elements per real one, over every batch so far)."""
 
     size: int
     cap: int | None = None
@@ -146,6 +147,7 @@ class Advice(_Message):
     decision: str = "hold"
     reason: str = ""
     phase: str = ""
+    padding_waste: float | None = None  # padded samples: padded elements per real one, so far
 
 
 @dataclass
@@ -164,6 +166,7 @@ class DeviceBatchRecord(_Message):
     decision: str
     reason: str
     sources: int = 1
+    padding: float | None = None  # padded elements per real one, for a batch of padded samples
 
 
 @dataclass
@@ -239,6 +242,7 @@ class HistoryRecord:
     reason: str
     outcome: str = "served"  # or "stuck", "worker died": the shipment's rows were retried in halves
     isolated: bool = False  # a group of suspects after a worker died, run in device batches of its own
+    padding: float | None = None  # padded elements per real one in the device batch (padded samples)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -88,9 +88,9 @@ class ShmSlot:
             raise
         self._fd = fd  # kept for write_rows (the mapping and the file share their pages)
 
-    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A writable view of the slot's first bytes as an array of ``shape`` and ``dtype``."""
-        return _view(self._mm, shape, dtype)
+    def array(self, shape: tuple[int, ...], dtype: np.dtype, offset: int = 0) -> np.ndarray:
+        """A writable view of the slot's bytes from ``offset`` on as an array of ``shape`` and ``dtype``."""
+        return _view(self._mm, shape, dtype, offset)
 
     def write_rows(self, rows: list[np.ndarray]) -> None:
         """Stack ``rows`` (samples of one shape and dtype) into the slot's first bytes, as
@@ -272,7 +272,7 @@ class ShmAttachments:
                 logger.warning("dynbatch: could not unlock a shared-memory mapping's pages: %r", exc)
         _close_map(mm)
 
-    def array(self, client: str, name: str, shape, dtype) -> np.ndarray:
+    def array(self, client: str, name: str, shape, dtype, offset: int = 0) -> np.ndarray:
         """The batch a client stacked into slot ``name`` (a view: copy it out before replying)."""
         key = (str(client), str(name))
         with self._lock:
@@ -289,9 +289,9 @@ class ShmAttachments:
         shape = tuple(int(s) for s in shape)
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if nbytes > len(mm):
-            raise ShmUnavailable(f"shared-memory slot {name} holds {len(mm)} bytes, less than the batch's {nbytes}")
-        return _view(mm, shape, dtype)
+        if offset + nbytes > len(mm):
+            raise ShmUnavailable(f"shared-memory slot {name} holds {len(mm)} bytes, less than the batch's {offset + nbytes}")
+        return _view(mm, shape, dtype, int(offset))
 
     def _open(self, name: str) -> mmap.mmap:
         if not _NAME.match(str(name)):
@@ -331,9 +331,9 @@ class ShmAttachments:
                 self._close(mm)
 
 
-def _view(mm: mmap.mmap, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """The first bytes of a mapping as an array of ``shape`` and ``dtype`` (no copy)."""
-    return np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape, dtype=np.int64))).reshape(shape)
+def _view(mm: mmap.mmap, shape: tuple[int, ...], dtype, offset: int = 0) -> np.ndarray:
+    """The bytes of a mapping from ``offset`` on as an array of ``shape`` and ``dtype`` (no copy)."""
+    return np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset).reshape(shape)
 
 
 def _close_map(mm: mmap.mmap) -> None:

@@ -101,6 +101,16 @@ class ModelSpec:
         padded to its bucket on the worker and the padding cut from the outputs). Default with
         ``compile``: powers of two up to ``max_batch_size``. Given without ``compile``, batches
         are padded to them for the eager model too (for models that want static shapes).
+    pad_value
+        Declares that the samples' leaves may differ in length along their first axis (token
+        sequences): a number (every leaf of at least one dimension), or a dict from a dict sample's
+        key (or a leaf's path, such as ``"[1]"``) to the value of that leaf. Workers batch
+        requests of similar length together, pad each batch to its longest request, and cut every
+        output whose axis 1 has that padded length back to each request's own length.
+    cost
+        ``cost(sample) -> number``: what a request weighs in a batch (the controller's size, the
+        memory cap and a batch's budget are then in these units). Default with ``pad_value``: a
+        batch costs its rows times its padded length (tokens); otherwise one per row.
     shape_buckets
         On CUDA workers, for a torch module with the default ``predict`` (and no ``compile`` or
         ``buckets``): form batches in a ladder of sizes, four per doubling above 64
@@ -136,6 +146,8 @@ class ModelSpec:
     buckets: Sequence[int] | None = None
     shape_buckets: bool = True
     execution_timeout: float | str | None = None
+    pad_value: Any = None
+    cost: Callable[[Any], float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -172,6 +184,16 @@ class ModelSpec:
             ) or not len(self.buckets):
                 raise ValueError(f"ModelSpec.buckets must be a sequence of positive batch sizes, not {self.buckets!r}")
             object.__setattr__(self, "buckets", tuple(sorted(set(self.buckets))))
+        if self.pad_value is not None:
+            values = self.pad_value.values() if isinstance(self.pad_value, Mapping) else [self.pad_value]
+            if not all(isinstance(v, (int, float, bool, np.generic)) for v in values) or (
+                    isinstance(self.pad_value, Mapping) and not self.pad_value):
+                raise ValueError(f"ModelSpec.pad_value must be a number or a non-empty dict of numbers, not {self.pad_value!r}")
+            if self.compile or self.buckets is not None:
+                raise ValueError("ModelSpec.pad_value does not work with compile or buckets yet: batches of "
+                                 "padded samples are free-sized")
+        if self.cost is not None and not callable(self.cost):
+            raise TypeError(f"ModelSpec.cost must be callable or None, not {self.cost!r}")
         object.__setattr__(self, "resources", dict(self.resources or {}))
         object.__setattr__(self, "variants", dict(self.variants))
 
@@ -208,10 +230,25 @@ class ModelSpec:
             return None
         return bucket_ladder(spec.buckets, spec.max_batch_size)
 
+    @property
+    def structured(self) -> bool:
+        """Whether samples travel leaf by leaf (padded or weighed), even a plain array."""
+        return self.pad_value is not None or self.cost is not None
+
+    def pad_for(self, path: str, top_key: Any) -> Any:
+        """The pad value of the leaf at ``path`` (``top_key``: its dict sample's key), or None when
+        that leaf keeps one length."""
+        pad = self.pad_value
+        if pad is None or not isinstance(pad, Mapping):
+            return pad
+        if top_key is not None and top_key in pad and path == f"[{top_key!r}]":
+            return pad[top_key]
+        return pad.get(path)
+
     def pads_shapes(self, device: str | None) -> bool:
         """Whether eager batches on ``device`` are formed in the shape ladder (``shape_buckets``)."""
         return (bool(self.shape_buckets) and device is not None and device.split(":")[0] == "cuda"
-                and self.predict is None and self.buckets is None and compile_mode(self.compile) is None)
+                and self.predict is None and not self.structured and self.buckets is None and compile_mode(self.compile) is None)
 
 
 def call_load(load: Callable[..., Any], device: str) -> Any:
@@ -238,7 +275,7 @@ def call_load(load: Callable[..., Any], device: str) -> Any:
 #: when these agree (the others, max_delay, max_inflight, max_queue and overload, are each Batcher's own)
 IDENTITY_FIELDS = ("load", "predict", "variants", "device", "resources", "latency_target", "max_batch_size",
                    "initial_batch_size", "input_shape", "input_dtype", "compile", "buckets", "shape_buckets",
-                   "execution_timeout")
+                   "execution_timeout", "pad_value", "cost")
 
 
 def fingerprint(spec: ModelSpec) -> tuple[dict[str, str], dict[str, str]]:

@@ -269,14 +269,14 @@ async def test_malformed_inputs_fail_at_submit_with_clear_messages(c, s, a):
     # nothing learned yet: values that cannot be a sample are refused, and teach nothing
     refused = {
         "a string": ("hello", "arrays of numbers or booleans.*dtype <U5 \\(from a str\\)"),
-        "a dict": ({"x": 1}, "arrays of numbers or booleans.*dtype object \\(from a dict\\)"),
+        "a dict of text": ({"x": "text"}, r"\['x'\]: a leaf must be an array, a CPU tensor or a number, not a str"),
         "None": (None, "arrays of numbers or booleans.*from a NoneType"),
         "objects": (np.array([object(), object()]), "arrays of numbers or booleans.*dtype object"),
         "strings": (np.array(["a", "b"]), "arrays of numbers or booleans.*dtype <U1"),
         "empty": (np.zeros((0, 3)), "must not be empty.*shape \\(0, 3\\)"),
         "0-d": (np.float32(3.0), "not a scalar.*shape \\(\\)"),
         "a number": (3, "not a scalar"),
-        "ragged": ([[1, 2], [3]], "takes one sample as an array; could not make an array of the list"),
+        "a list with text": ([1.0, [2.0, "a"]], r"\[1\]\[1\]: a leaf must be an array, a CPU tensor or a number, not a str"),
     }
     for what, (value, message) in refused.items():
         with pytest.raises(ddb.InputSignatureError, match=message):

@@ -34,7 +34,7 @@ from ..spec import ModelSpec, parse_seconds
 from .dispatcher import Dispatcher, closed_error
 from .ledger import Ledger
 from .registration import RegisteredModel, fetch_spec
-from .samples import check_sample
+from .samples import check_any
 from .transport import Transport
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class Batcher:
         self._waiting_for_inputs = 0  # requests whose Dask-Future input is not computed yet
         self._waiting_lock = threading.Lock()
         self._history: deque[HistoryRecord] = deque(maxlen=5_000)
-        self._transport = Transport(client, spec.name)
+        self._transport = Transport(client, spec.name, weighed=spec.cost is not None)
         self._dispatcher = Dispatcher(client, self._model, self._queue, self._ledger, self._transport,
                                       self._history, report=self._report)
         self._dispatcher.batcher_id = self.id
@@ -223,7 +223,7 @@ class Batcher:
             requests, rejected = [], []
             for i, x in enumerate(xs[start:start + MAP_CHUNK], start):
                 try:
-                    sample = None if isinstance(x, DaskFuture) else check_sample(x, self._model)
+                    sample = None if isinstance(x, DaskFuture) else check_any(x, self._model)
                 except (InputSignatureError, TypeError) as exc:
                     if raise_rejected:
                         raise

@@ -105,6 +105,7 @@ class WorkerSlot:
             "forecast": self.forecast.state(),
             "compile": self.compile,
             "transport": "shared-memory" if self.shm is not None else "comm",
+            "padding_waste": advice.padding_waste,
         }
 
 

@@ -50,6 +50,7 @@ def learn(slot: WorkerSlot, delivery: Delivery, rows: int, oldest: float, max_de
         worker_s=reply.worker_s, service_s=last.service_s if last else None,
         decision=last.decision if last else "not shown", reason=last.reason if last else "no device batch ran",
         isolated=isolated,
+        padding=last.padding if last else None,
     )
 
 

@@ -25,8 +25,10 @@ from distributed.protocol import to_serialize
 
 from ..core.requests import Request
 from ..core.rows import stack_in_chunks
+from ..core.tree import Structure, TreeRows
 from ..protocol import RUN, ShipmentReply, WorkerRestarting, exception_from, raise_if_error, unwrap
 from ..shm import ShmRing, ShmSlot, ShmUnavailable, shm_supported
+from .samples import Sample
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -82,9 +84,10 @@ def shm_wanted(address: str) -> bool:
 class Transport:
     """Sends one Batcher's shipments (owns the helper threads that stack them)."""
 
-    def __init__(self, client: Client, model: str):
+    def __init__(self, client: Client, model: str, weighed: bool = False):
         self.client = client
         self.model = model
+        self.weighed = weighed  # rows carry their cost (ModelSpec.cost)
         self._stackers = concurrent.futures.ThreadPoolExecutor(STACK_THREADS, thread_name_prefix="dynbatch-stack")
 
     def close(self) -> None:
@@ -109,14 +112,19 @@ class Transport:
             message["isolate"] = True
         if keyed:
             message["keyed"] = keyed
-            if signature is not None:  # lets the worker check inputs from Dask Futures
+            if isinstance(signature, Structure):
+                message["signature"] = to_serialize(signature)
+            elif signature is not None:  # lets the worker check inputs from Dask Futures
                 message["signature"] = (signature[0], signature[1].str)
         while True:
             ring = slot.shm
             shm_slot = self._slot_for(ring, inline)
             new_slot = shm_slot is not None and not shm_slot.attached
             try:
-                rows = await self._stack(inline, shm_slot)
+                if inline and isinstance(inline[0], Sample):
+                    rows = await self._stack_tree(inline, shm_slot, signature)
+                else:
+                    rows = await self._stack(inline, shm_slot)
                 if ring is not None:
                     dropped = ring.take_retired()
                     if dropped:
@@ -142,10 +150,29 @@ class Transport:
     def _slot_for(self, ring: ShmRing | None, inline: list[np.ndarray]) -> ShmSlot | None:
         if ring is None or not inline:
             return None
-        nbytes = inline[0].nbytes * len(inline)
+        if isinstance(inline[0], Sample):
+            # each leaf may start up to an alignment later; a ragged one adds its offsets
+            nbytes = sum(s.nbytes for s in inline) + len(inline[0].leaves) * (2 * _ALIGN + 8 * (len(inline) + 1))
+        else:
+            nbytes = inline[0].nbytes * len(inline)
         if nbytes < int(dask.config.get("dynbatch.transport.shared-memory-min-bytes", 65536)):
             return None
         return ring.acquire(nbytes)
+
+    async def _stack_tree(self, inline: list[Sample], shm_slot: ShmSlot | None, structure: Any) -> dict[str, Any]:
+        """Structured rows as the message carries them: stacked leaf by leaf (ragged leaves joined,
+        with their offsets) over the comm, or laid out one after another in the slot."""
+        ragged = structure.ragged if isinstance(structure, Structure) else [False] * len(inline[0].leaves)
+        costs = [s.cost for s in inline] if self.weighed else None
+        loop = asyncio.get_running_loop()
+        big = sum(s.nbytes for s in inline) >= STACK_IN_THREAD_BYTES
+        if shm_slot is None:
+            make = lambda: TreeRows.stack(inline[0].tree, [s.leaves for s in inline], ragged, costs)  # noqa: E731
+            rows = await loop.run_in_executor(self._stackers, make) if big else make()
+            return {"batch": to_serialize(rows)}
+        write = lambda: tree_into_slot(shm_slot, inline, ragged)  # noqa: E731
+        layout = await loop.run_in_executor(self._stackers, write) if big else write()
+        return {"shm": {"name": shm_slot.name, "tree": inline[0].tree, "leaves": layout, "costs": costs}}
 
     async def _stack(self, inline: list[np.ndarray], shm_slot: ShmSlot | None) -> dict[str, Any]:
         """The inline rows as the message carries them: a slot reference, or stacked chunks."""
@@ -226,6 +253,41 @@ class Transport:
             slot.close_shm()
         logger.info("dynbatch: worker %s cannot map this client's shared memory (%s); shipments to it travel "
                     "over the comm", slot.address, error)
+
+
+#: where each leaf of a structured shipment starts in a slot: a multiple of this many bytes
+_ALIGN = 64
+
+
+def tree_into_slot(slot: ShmSlot, samples: list[Sample], ragged: list[bool]) -> list[list]:
+    """Lay structured rows out in ``slot`` leaf after leaf (a ragged leaf: its joined values, then
+    its offsets); returns the layout the worker reads them back by (:func:`~dask_dynbatch.worker.intake.tree_from_slot`)."""
+    layout: list[list] = []
+    at = 0
+
+    def place(array_shape: tuple, dtype: np.dtype) -> tuple[int, np.ndarray]:
+        nonlocal at
+        start = -(-at // _ALIGN) * _ALIGN
+        view = slot.array(array_shape, dtype, offset=start)
+        at = start + view.nbytes
+        return start, view
+
+    for j, is_ragged in enumerate(ragged):
+        column = [s.leaves[j] for s in samples]
+        first = column[0]
+        if not is_ragged:
+            start, view = place((len(column), *first.shape), first.dtype)
+            np.stack(column, out=view)
+            layout.append(["a", start, list(view.shape), first.dtype.str])
+            continue
+        lengths = [len(c) for c in column]
+        start, view = place((sum(lengths), *first.shape[1:]), first.dtype)
+        np.concatenate(column, out=view)
+        ostart, offsets = place((len(column) + 1,), np.dtype(np.int64))
+        offsets[0] = 0
+        np.cumsum(lengths, out=offsets[1:])
+        layout.append(["r", start, list(view.shape), first.dtype.str, ostart])
+    return layout
 
 
 def _stack_into(samples: list[np.ndarray], out: np.ndarray) -> None:

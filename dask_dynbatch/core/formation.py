@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(eq=False)
 class Part:
@@ -50,6 +52,9 @@ class DeviceBatch:
     starts: list[int] = field(default_factory=list)
     started: float | None = None  # when the device began running it (the watchdog's clock)
     abandoned: bool = False  # its rows were handed back (stuck, or the worker restarts): skip it
+    cost: float | None = None  # with a CostQueue: what it weighs (``proposed`` is a cost then too)
+    length: int | None = None  # padded samples: its longest row, which every row is padded to
+    real: int | None = None  # padded samples: the rows' own lengths together
 
     def __post_init__(self) -> None:
         self.starts = []
@@ -61,8 +66,16 @@ class DeviceBatch:
 
     @property
     def full(self) -> bool:
-        """Whether it is as large as the size it was formed under (not the short tail of a backlog)."""
+        """Whether it is as large as the size it was formed under (not the short tail of a backlog;
+        a weighed batch within a quarter of its budget, which rows of other lengths rarely fill)."""
+        if self.cost is not None:
+            return self.cost >= 0.75 * self.proposed
         return self.rows >= self.proposed
+
+    @property
+    def units(self) -> float:
+        """What the controller counts: its cost, else its rows."""
+        return self.cost if self.cost is not None else self.rows
 
     def owners(self) -> list[Any]:
         """The shipments with rows in it, each once, in order."""
@@ -126,4 +139,122 @@ class PartQueue:
                 del self._by_priority[priority]
             if room <= 0:
                 break
+        return out
+
+
+class CostQueue:
+    """Rows of padded or weighed samples waiting for a device batch, taken so that a batch holds
+    rows of similar length: the oldest row of the highest priority anchors the batch, and the
+    waiting rows of that priority whose lengths are closest to its length join it while the batch's
+    cost stays within the budget. A padded batch costs its rows times its longest row (what the
+    device holds); a weighed one the sum of its rows' costs. Lengths are the traffic's own: no
+    buckets are fixed in advance, and a batch of similar lengths wastes little padding.
+
+    Rows are held one part each (``Part.rows``: rows with ``len``, slicing, ``lengths()`` and
+    ``costs``). A batch anchored by an ``alone`` part holds rows of that part's shipment only, and
+    other batches none of them. Only the :data:`LOOKAHEAD` oldest rows of a priority are considered, which bounds
+    the work per batch. Not thread-safe: the model server touches it from its event loop only.
+    """
+
+    #: rows of a priority considered for one batch
+    LOOKAHEAD = 8192
+
+    def __init__(self, padded: bool) -> None:
+        self.padded = padded
+        self._by_priority: dict[int, deque[tuple[Part, float, float]]] = {}  # (part, length, cost)
+        self._rows = 0
+        self._cost = 0.0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    @property
+    def cost(self) -> float:
+        """The cost of every waiting row, each alone."""
+        return self._cost
+
+    def mean_cost(self) -> float | None:
+        return self._cost / self._rows if self._rows else None
+
+    def push(self, parts: list[Part]) -> None:
+        for part in parts:
+            n = len(part)
+            if not n:
+                continue
+            lengths = part.rows.lengths()
+            costs = getattr(part.rows, "costs", None)
+            dq = self._by_priority.setdefault(part.priority, deque())
+            for i in range(n):
+                one = part.split(i)[1].split(1)[0] if i else part.split(1)[0]
+                length = float(lengths[i]) if lengths is not None else 1.0
+                cost = float(costs[i]) if costs is not None else length
+                dq.append((one, length, cost))
+                self._cost += cost
+            self._rows += n
+
+    def _choose(self, window: list[tuple[Part, float, float]], budget: float, limit: int) -> list[int]:
+        """Indices into ``window`` of the rows of one batch; always the anchor (index 0)."""
+        if not self.padded:  # weighed: oldest first while the costs fit
+            chosen, total = [0], window[0][2]
+            for i in range(1, len(window)):
+                if len(chosen) >= limit or total + window[i][2] > budget:
+                    break
+                chosen.append(i)
+                total += window[i][2]
+            return chosen
+        # padded: rows sorted by length; a batch is a run of that order holding the anchor, as many
+        # rows as the budget allows at its longest row
+        lengths = np.fromiter((w[1] for w in window), dtype=np.float64, count=len(window))
+        order = np.argsort(lengths, kind="stable")
+        ordered = lengths[order]
+        at = int(np.flatnonzero(order == 0)[0])
+        prefix = np.concatenate([[0.0], np.cumsum(ordered)])
+        ends = np.arange(at, len(order))
+        rows = np.minimum(limit, np.maximum(1, budget // ordered[ends])).astype(np.int64)
+        starts = np.maximum(0, ends - rows + 1)
+        ok = starts <= at  # the run holds the anchor
+        ends, starts = ends[ok], starts[ok]
+        real = prefix[ends + 1] - prefix[starts]
+        padding = (ends - starts + 1) * ordered[ends] - real
+        # real elements less twice the padding: among runs that fill the budget, the one that wastes least;
+        # when the budget holds more than waits, the longest run
+        best = int(np.argmax(real - 2 * padding))
+        return order[starts[best] : ends[best] + 1].tolist()
+
+    def drain(self) -> list[Part]:
+        """Every row, highest priority first."""
+        out = [entry[0] for priority in sorted(self._by_priority, reverse=True) for entry in self._by_priority[priority]]
+        self._by_priority.clear()
+        self._rows = 0
+        self._cost = 0.0
+        return out
+
+    def batch_cost(self, lengths: list[float], costs: list[float]) -> float:
+        if self.padded:
+            return len(lengths) * max(lengths, default=0.0)
+        return sum(costs)
+
+    def take(self, budget: float, max_rows: int | None = None) -> list[Part]:
+        """Rows for one batch of at most ``budget`` cost (and ``max_rows`` rows); at least one row."""
+        if not self._rows:
+            return []
+        priority = max(self._by_priority)
+        dq = self._by_priority[priority]
+        window = [dq[i] for i in range(min(len(dq), self.LOOKAHEAD))]
+        limit = max(1, max_rows) if max_rows is not None else len(window)
+        head = window[0][0]
+        # an ``alone`` part (a client's suspects) shares its batch with rows of its shipment only
+        eligible = [i for i, (part, _, _) in enumerate(window)
+                    if (part.owner is head.owner if head.alone else not part.alone)]
+        chosen = [eligible[i] for i in self._choose([window[i] for i in eligible], budget, limit)]
+        taken = set(chosen)
+        out = [window[i][0] for i in sorted(chosen)]
+        keep = [window[i] for i in range(len(window)) if i not in taken]
+        for _ in range(len(window)):
+            dq.popleft()
+        dq.extendleft(reversed(keep))
+        if not dq:
+            del self._by_priority[priority]
+        self._rows -= len(out)
+        self._cost -= sum(window[i][2] for i in chosen)
         return out

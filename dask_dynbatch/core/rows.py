@@ -38,13 +38,19 @@ def stack_in_chunks(samples: Sequence[np.ndarray], chunk_bytes: int) -> np.ndarr
 
 
 def split_rows(outputs: Any, n: int) -> list[Any]:
-    """Per-row results of a batched output: array rows, or tuples/dicts of rows."""
+    """Per-row results of a batched output: array rows, tuples/dicts of them, or a list that holds
+    one element per row."""
     if isinstance(outputs, dict):
         parts = {k: split_rows(v, n) for k, v in outputs.items()}
         return [{k: parts[k][i] for k in parts} for i in range(n)]
-    if isinstance(outputs, (tuple, list)) and not isinstance(outputs, np.ndarray):
+    if isinstance(outputs, tuple):
         parts = [split_rows(v, n) for v in outputs]
-        return [type(outputs)(p[i] for p in parts) if isinstance(outputs, tuple) else [p[i] for p in parts] for i in range(n)]
+        return [tuple(p[i] for p in parts) for i in range(n)]
+    if isinstance(outputs, list):  # one element per row (labels, detections of any number...)
+        if len(outputs) != n:
+            raise ValueError(f"the model returned a list of {len(outputs)} for a batch of {n}: a list output "
+                             "must hold one element per row")
+        return outputs
     rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
     if rows != n:
         got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..core.memory import MemorySizer
 from ..core.oom import run_split_on_oom
+from ..core.tree import Batch
 from .model import LoadedModel
 
 #: an eager CUDA model's shape-ladder rungs up to this many rows are warmed before its first batch
@@ -29,13 +30,20 @@ def run_device_batch(loaded: LoadedModel, sizer: MemorySizer, batch: Any, *, ful
         loaded.warm_shapes(batch, min(SHAPE_WARMUP_ROWS, cap if cap is not None else SHAPE_WARMUP_ROWS))
 
     def run_reserved(part: Any) -> Any:
-        with sizer.reserve(name, loaded.rows_for(len(part))) as reservation:
+        with sizer.reserve(name, loaded.units(part)) as reservation:
             baseline = loaded.memory_mark()
             outputs = loaded(part, full=full)
             reservation.record(loaded.memory_peak(baseline, part, outputs))
         return outputs
 
+    def max_rows(cap: int | None) -> int | None:
+        if cap is not None and isinstance(batch, Batch) and len(batch):  # a cap in cost: rows of this batch's cost
+            return max(1, int(cap * len(batch) // max(1, loaded.units(batch))))
+        return loaded.max_rows(cap)
+
     def on_split(rows: int) -> None:
+        if isinstance(batch, Batch) and len(batch):  # the sizer counts cost
+            rows = max(1, rows * loaded.units(batch) // len(batch))
         sizer.on_oom(name, rows)
         if on_oom is not None:
             on_oom(rows)
@@ -46,7 +54,7 @@ def run_device_batch(loaded: LoadedModel, sizer: MemorySizer, batch: Any, *, ful
             stop - start,
             on_oom=on_split,
             free_cache=loaded.free_cache,
-            max_rows=lambda: loaded.max_rows(sizer.cap(name)),
+            max_rows=lambda: max_rows(sizer.cap(name)),
             on_sample_too_large="collect",
         )
         return [(start + c.start, start + c.stop, c.output, c.error) for c in chunks]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.tree import Ragged, Structure, TreeError, TreeRows, flatten
 from ..errors import InputSignatureError
 from ..protocol import unwrap
 
@@ -75,3 +76,69 @@ def assemble_keyed(n: int, inline: list[np.ndarray], keyed: list[tuple[int, Any]
             full[row] = value
     good = [r for r in range(n) if r not in errors]
     return (full if len(good) == n else full[good]), good, errors
+
+
+def as_tree(value: Any) -> Any:
+    """A tree that travelled as msgpack lists, as the tuples it was made of."""
+    if isinstance(value, list):
+        return tuple(as_tree(v) for v in value)
+    return value
+
+
+def tree_from_slot(read: Any, client: str, shm: dict[str, Any]) -> TreeRows:
+    """Structured rows a client laid out in its slot (``read(client, name, shape, dtype, offset)``
+    gives views); see :func:`~dask_dynbatch.client.transport.tree_into_slot`."""
+    name = shm["name"]
+    leaves: list[Any] = []
+    for entry in shm["leaves"]:
+        kind, start, shape, dtype = entry[:4]
+        values = read(client, name, tuple(shape), dtype, offset=start)
+        if kind == "r":
+            offsets = read(client, name, (len_rows(shm) + 1,), "<i8", offset=entry[4])
+            leaves.append(Ragged(values, offsets))
+        else:
+            leaves.append(values)
+    costs = shm.get("costs")
+    return TreeRows(as_tree(shm["tree"]), leaves, None if costs is None else np.asarray(costs, dtype=np.float64))
+
+
+def len_rows(shm: dict[str, Any]) -> int:
+    """Rows in a structured slot layout (offsets hold one more)."""
+    for entry in shm["leaves"]:
+        if entry[0] == "a":
+            return int(entry[2][0])
+    return int(shm["rows"])
+
+
+def assemble_keyed_tree(n: int, inline: list[TreeRows], keyed: list[tuple[int, Any]], data: dict,
+                        structure: Structure) -> tuple[TreeRows | None, list[int], dict[int, BaseException]]:
+    """:func:`assemble_keyed` for structured samples: the fetched values are checked against
+    ``structure`` leaf by leaf; inline rows keep their order among them."""
+    joined = TreeRows.concat(inline) if inline else None
+    keyed_rows = dict(keyed)
+    samples: list[list[np.ndarray]] = []
+    good: list[int] = []
+    errors: dict[int, BaseException] = {}
+    at = 0
+    for row in range(n):
+        if row not in keyed_rows:
+            samples.append(joined.row(at))
+            at += 1
+            good.append(row)
+            continue
+        key = keyed_rows[row]
+        try:
+            tree, leaves = flatten(data[key])
+            problem = structure.mismatch(tree, leaves)
+        except (TreeError, TypeError) as exc:
+            problem = str(exc)
+        if problem is not None:
+            errors[row] = InputSignatureError(f"input from Dask Future {key!r}: {problem}")
+            continue
+        samples.append(leaves)
+        good.append(row)
+    if not samples:
+        return None, good, errors
+    # rows fetched here were not weighed by the client: the shipment is weighed by the default
+    rows = TreeRows.stack(structure.tree, samples, structure.ragged)
+    return rows, good, errors

@@ -19,6 +19,7 @@ from .._compat import dynamo_tolerates_nested_tracing
 from ..core.ladder import bucket_for, floor_rung
 from ..core.oom import is_oom_error
 from ..core.profile import estimate_bytes_per_sample
+from ..core.tree import Batch, TreeRows, leaf_paths, top_keys
 from ..spec import ModelSpec, call_load
 from .compile import BucketCompiler
 from .staging import PinnedBuffer, join_on_host, stage_on_device
@@ -75,11 +76,25 @@ def to_numpy(value: Any) -> Any:
     return np.asarray(value)
 
 
+def _to_cupy(leaf: Any) -> Any:
+    try:
+        import cupy
+    except ImportError:
+        return leaf
+    return cupy.asarray(leaf)
+
+
 def pad_rows(batch: Any, rows: int) -> Any:
-    """``batch`` (NumPy array or torch tensor) grown to ``rows`` rows with copies of its last row."""
+    """``batch`` (NumPy array or torch tensor, or a structured batch of them) grown to ``rows``
+    rows with copies of its last row."""
     n = len(batch)
     if n >= rows:
         return batch
+    if isinstance(batch, Batch):
+        grown = batch.map(lambda leaf: pad_rows(leaf, rows))
+        if grown.lengths is not None:
+            grown.lengths = np.concatenate([grown.lengths, np.repeat(grown.lengths[-1:], rows - n)])
+        return grown
     if isinstance(batch, np.ndarray):
         return np.concatenate([batch, np.repeat(batch[-1:], rows - n, axis=0)])
     import torch
@@ -120,6 +135,7 @@ class LoadedModel:
         self._torch_device = None  # torch models: their device, and on CUDA a side stream to stage on
         self._copy_stream = None
         self._pinned = PinnedBuffer()  # where batches bound for a GPU are joined
+        self._pad_values: dict[tuple, list[Any]] = {}  # per sample tree: each leaf's pad value
         if self.is_torch:
             self._prepare_torch()
         self.load_seconds = time.perf_counter() - started
@@ -163,12 +179,44 @@ class LoadedModel:
         """Whether :meth:`stage` moves batches to the device (torch module on CUDA, default predict)."""
         return self.is_torch and self.spec.predict is None and self._copy_stream is not None
 
+    def stage_tree(self, parts: list[TreeRows], shared: bool) -> Batch:
+        """Rows of structured samples as one :class:`~dask_dynbatch.core.tree.Batch`: leaves joined,
+        ragged ones padded to the longest row (on the device when batches are staged there)."""
+        rows = TreeRows.concat(parts)
+        pads = self._pad_values.get(rows.tree)
+        if pads is None:
+            pads = self._pad_values[rows.tree] = [0 if p is None else p for p in
+                                            (self.spec.pad_for(path, key) for path, key in
+                                             zip(leaf_paths(rows.tree), top_keys(rows.tree)))]
+        leaves, length = rows.padded(pads)
+        if shared and len(parts) == 1:  # views of a client's slot: never aliased by outputs or later batches
+            leaves = [np.array(leaf) for leaf in leaves]
+        batch = Batch(rows.tree, leaves, length, rows.lengths() if length is not None else None)
+        if self.stages_on_device:
+            import torch
+
+            with torch.cuda.stream(self._copy_stream):
+                batch = batch.map(lambda leaf: torch.from_numpy(np.ascontiguousarray(leaf)).to(self._torch_device, non_blocking=False))
+            self._copy_stream.synchronize()
+        return batch
+
+    def units(self, batch: Any) -> int:
+        """What a batch weighs in the memory sizer: rows (of its bucket), or for padded or weighed
+        samples its cost (rows times padded length: tokens)."""
+        if isinstance(batch, Batch):
+            if batch.length is not None:
+                return len(batch) * batch.length
+            return len(batch)
+        return self.rows_for(len(batch))
+
     def stage(self, arrays: list[np.ndarray], shared: bool = False, pinned: bool = False) -> Any:
         """The rows of a device batch (host arrays) as :meth:`__call__` takes them: one tensor on
         the device (a torch module on CUDA with the default predict; called in the transfer thread,
         so that it overlaps the compute of the batch before), else one host array. ``shared``: the
         arrays are views of memory a client reuses, which the result never aliases; ``pinned``:
         that memory is page-locked, the device copies straight out of it."""
+        if arrays and isinstance(arrays[0], TreeRows):
+            return self.stage_tree(arrays, shared)
         if not self.stages_on_device:
             return join_on_host(arrays, shared)
         return stage_on_device(arrays, self._torch_device, self._copy_stream, self._pinned, pinned)
@@ -191,6 +239,12 @@ class LoadedModel:
         return not self._shapes_warmed and self.is_torch and self.spec.pads_shapes(self.device) and bool(self.ladder)
 
     def warm_shapes(self, example: Any, limit: int) -> int:
+        if isinstance(example, Batch):  # structured samples: their batches are not warmed ahead
+            self._shapes_warmed = True
+            return 0
+        return self._warm_shapes(example, limit)
+
+    def _warm_shapes(self, example: Any, limit: int) -> int:
         """Run each rung of the shape ladder up to ``limit`` rows once, with copies of ``example``'s
         first row, so that no served batch pays a shape's one-time set-up (cuDNN plans). Called in the
         device thread before the first batch; an out-of-memory error stops it. Returns the rungs
@@ -307,7 +361,22 @@ class LoadedModel:
         return self.forward(self.model, batch)
 
     def forward(self, model: Any, batch: Any) -> Any:
-        """``model`` (eager or compiled) on one batch; outputs as the model returns them."""
+        """``model`` (eager or compiled) on one batch; outputs as the model returns them. A batch
+        of structured samples calls ``model(**batch)`` for a dict, ``model(*batch)`` for a tuple or
+        list, ``model(batch)`` for an array (``predict`` gets the structure as it is)."""
+        if isinstance(batch, Batch):
+            if self.is_torch:
+                batch = batch.map(self._to_torch)
+            elif self.device.startswith("cuda"):
+                batch = batch.map(_to_cupy)
+            structure = batch.structure()
+            if self.spec.predict is not None:
+                return self.spec.predict(model, structure)
+            if batch.tree[0] == "dict":
+                return model(**structure)
+            if batch.tree[0] in ("tuple", "list"):
+                return model(*structure)
+            return model(structure)
         if self.spec.predict is not None:
             return self.spec.predict(model, batch)
         if self.is_torch:
@@ -324,6 +393,12 @@ class LoadedModel:
                 return self.model(batch)
             return self.model(cupy.asarray(batch))
         return self.model(batch)
+
+    def _to_torch(self, leaf: Any) -> Any:
+        import torch
+
+        x = leaf if isinstance(leaf, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(leaf))
+        return x if x.device == self._torch_device else x.to(self._torch_device, non_blocking=True)
 
     def as_input(self, rows: np.ndarray) -> Any:
         """Host rows as :meth:`__call__` receives them (on the device when batches are staged)."""
@@ -382,8 +457,8 @@ class LoadedModel:
             cupy = sys.modules.get("cupy")
             if cupy is not None:
                 return max(0, cupy.get_default_memory_pool().total_bytes() - baseline)
-        n = max(1, len(batch))
-        in_nbytes = sum(_nbytes(a) for a in _leaves(batch))
+        n = max(1, self.units(batch))
+        in_nbytes = sum(_nbytes(a) for a in _leaves(batch.leaves if isinstance(batch, Batch) else batch))
         out_nbytes = sum(_nbytes(a) for a in _leaves(outputs))
         return int(n * estimate_bytes_per_sample(in_nbytes / n, out_nbytes / n))
 

@@ -28,10 +28,11 @@ from tornado.ioloop import PeriodicCallback
 from .. import protocol
 from .._compat import call_as_worker
 from ..core.memory import MemorySizer
-from ..protocol import ModelSuperseded, ShipmentReply, WorkerRestarting, error_reply, raise_if_error
+from ..core.tree import Structure
+from ..protocol import ModelSuperseded, ShipmentReply, WorkerRestarting, error_reply, raise_if_error, unwrap
 from ..shm import ShmAttachments, ShmUnavailable
 from .compile import warm_in_subprocess
-from .intake import assemble_keyed, inline_arrays
+from .intake import assemble_keyed, assemble_keyed_tree, inline_arrays, tree_from_slot
 from .model import LoadedModel, choose_device, visible_gpu_count
 from .server import ModelServer, Shipment
 from .staging import pin_host_memory, tune_malloc_for_inference
@@ -148,8 +149,15 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             self.shm.drop(client, shm_drop)
         try:
             arrays = inline_arrays(batch)
-            if shm is not None:
+            if shm is not None and "tree" in shm:
+                shm["rows"] = n - len(keyed or ())
+                arrays = [tree_from_slot(self.shm.array, client, shm)]
+            elif shm is not None:
                 arrays = [self.shm.array(client, shm["name"], shm["shape"], shm["dtype"])]
+            carried = sum(len(a) for a in arrays)
+            if carried != n - len(keyed or ()):  # never leave a request without its answer
+                raise ValueError(f"the shipment of {n} rows carries {carried} inline and {len(keyed or ())} "
+                                 "from Dask Futures")
             server = await self.server_for(model, version)
             shipment = await self._shipment(client, n, arrays, keyed, signature, priorities, queued_s, new_slot,
                                              slot=shm["name"] if shm is not None else None, isolate=isolate)
@@ -187,8 +195,12 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         index = errors = None
         if keyed:
             data = await self._fetch(list({key for _, key in keyed}))
-            joined, index, errors = assemble_keyed(n, arrays, keyed, data, signature)
-            arrays = [joined] if len(joined) else []
+            signature = unwrap(signature)
+            if isinstance(signature, Structure):
+                joined, index, errors = assemble_keyed_tree(n, arrays, keyed, data, signature)
+            else:
+                joined, index, errors = assemble_keyed(n, arrays, keyed, data, signature)
+            arrays = [joined] if joined is not None and len(joined) else []
             slot = None  # the rows were copied out of the slot
         return Shipment(client, n, arrays, index=None if index is not None and len(index) == n else index,
                         errors=errors, priorities=priorities, queued_s=queued_s, new_slot=new_slot, slot=slot,

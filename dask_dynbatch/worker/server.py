@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from ..core.controller import BatchSizeController
-from ..core.formation import DeviceBatch, Part, PartQueue
+from ..core.formation import CostQueue, DeviceBatch, Part, PartQueue
 from ..core.memory import MemorySizer
+from ..core.tree import learn_fixed, trim_output_row
 from ..core.watchdog import ExecutionClock
 from ..protocol import Advice, DeviceBatchRecord, ModelSuperseded
 from .executor import run_device_batch
@@ -143,6 +144,8 @@ class ServerStats:
     compute_seconds: float = 0.0
     ooms: int = 0
     stuck_batches: int = 0
+    padded_elements: int = 0  # padding added to batches of padded samples
+    real_elements: int = 0  # and their own elements (along the padded axis)
     recent: deque = field(default_factory=lambda: deque(maxlen=64))  # (rows, service seconds)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,6 +160,7 @@ class ServerStats:
             "compute_seconds": self.compute_seconds,
             "ooms": self.ooms,
             "stuck_batches": self.stuck_batches,
+            "padding_waste": self.padded_elements / self.real_elements if self.real_elements else None,
             "recent_mean_batch": rows / len(self.recent) if self.recent else None,
             "recent_throughput": rows / seconds if seconds > 0 else None,
         }
@@ -200,7 +204,13 @@ class ModelServer:
             spec.latency_target, initial_size=spec.initial_size(loaded.device),
             max_size=spec.batch_limit(loaded.device), ladder=loaded.ladder,
         )
-        self.queue = PartQueue()
+        # padded or weighed samples: batches are formed by cost, and the controller's size and the
+        # memory cap are costs (tokens, for padded samples); clients are told rows, at the mean
+        # cost of a row
+        self.weighed = spec.structured
+        self.queue: PartQueue | CostQueue = CostQueue(padded=spec.pad_value is not None) if self.weighed else PartQueue()
+        self._row_cost: float | None = None  # mean cost of a row lately (weighed only)
+        self._fixed_outputs: set[str] = set()  # padded samples: outputs seen not to follow the padded length
         self.stats = ServerStats()
         self.clock = clock or ExecutionClock(spec.execution_timeout)
         self.retiring = False  # a newer version replaced it, or no client uses it: finish, then close
@@ -248,9 +258,15 @@ class ModelServer:
         c = self.controller
         # the rate at the size batches actually run at (they are often shorter than the proposal)
         throughput = c.throughput_at(self._last_rows) if self._last_rows else None
-        return Advice(size=c.size, cap=c.cap, throughput=throughput or self.stats.to_dict()["recent_throughput"],
+        size, cap = c.size, c.cap
+        if self.weighed and self._row_cost:  # clients count rows
+            per_row = self._row_cost
+            size = max(1, round(size / per_row))
+            cap = None if cap is None else max(1, int(cap // per_row))
+            throughput = None if throughput is None else throughput / per_row
+        return Advice(size=size, cap=cap, throughput=throughput or self.stats.to_dict()["recent_throughput"],
                       memory_used=self.sizer.used_fraction(), decision=c.decision, reason=c.reason,
-                      phase=c.phase.value)
+                      phase=c.phase.value, padding_waste=self.stats.to_dict()["padding_waste"])
 
     def _update_cap(self) -> None:
         self.controller.set_cap(self.sizer.cap(self.name))
@@ -261,6 +277,9 @@ class ModelServer:
         ``cap_read``: the caller read the memory cap just now."""
         if len(self._formed) >= FULL_AHEAD + 1 or not len(self.queue):
             return
+        if self.weighed:
+            self._form_weighed(cap_read)
+            return
         if not cap_read:
             self._update_cap()
         size = self.controller.size
@@ -270,6 +289,34 @@ class ModelServer:
         rows = sum(len(p) for p in parts)
         batch = DeviceBatch(parts, formed=time.monotonic(), proposed=size,
                             new_shape=self.loaded.first_at_size(rows), compiling=self.loaded.compiling)
+        self._launch(batch)
+
+    def _form_weighed(self, cap_read: bool) -> None:
+        """:meth:`_pump` for padded or weighed samples: a batch of at most the controller's cost."""
+        queue = self.queue
+        assert isinstance(queue, CostQueue)
+        if self._row_cost is None:  # the first rows tell what a row costs: the controller starts there
+            self._row_cost = queue.mean_cost() or 1.0
+            spec = self.loaded.spec
+            self.controller = BatchSizeController(
+                spec.latency_target, initial_size=max(1, round(spec.initial_size(self.device) * self._row_cost)))
+        if not cap_read:
+            self._update_cap()
+        size = self.controller.size
+        if queue.cost < size and len(self._formed) > PARTIAL_AHEAD:
+            return
+        parts = queue.take(size, max_rows=self.loaded.spec.batch_limit(self.device))
+        lengths = [float(p.rows.lengths()[0]) if queue.padded else 0.0 for p in parts]
+        costs = [float(p.rows.costs[0]) if p.rows.costs is not None else lengths[i] or 1.0 for i, p in enumerate(parts)]
+        longest = int(max(lengths)) if queue.padded else None
+        cost = queue.batch_cost(lengths, costs)
+        batch = DeviceBatch(parts, formed=time.monotonic(), proposed=size, compiling=self.loaded.compiling,
+                            cost=cost, length=longest, real=int(sum(lengths)) if queue.padded else None)
+        batch.new_shape = False  # free-sized: every batch has a new shape, none pays a set-up worth hiding
+        self._row_cost = 0.8 * self._row_cost + 0.2 * (cost / max(1, batch.rows))
+        self._launch(batch)
+
+    def _launch(self, batch: DeviceBatch) -> None:
         self._formed.append(batch)
         task = asyncio.ensure_future(self._run(batch))
         self._tasks.add(task)
@@ -372,8 +419,10 @@ class ModelServer:
                       "service_s": result.compute_s, "latency_s": result.compute_s, "decision": "not shown",
                       "reason": "error"}
         owners = batch.owners()
+        for _, _, outputs in result.pieces:
+            learn_fixed(outputs, batch.length, self._fixed_outputs)
         for part, start in zip(batch.parts, batch.starts):
-            self._deliver(part, start, result)
+            self._deliver(part, start, result, batch.length)
         for owner in owners:
             own = sum(len(p) for p in batch.parts if p.owner is owner)
             owner.records.append(DeviceBatchRecord(rows=batch.rows, own=own, sources=len({o.client for o in owners}),
@@ -385,21 +434,24 @@ class ModelServer:
             owner.settle(sum(len(p) for p in batch.parts if p.owner is owner))
         self._pump(cap_read=True)
 
-    def _deliver(self, part: Part, start: int, result: DeviceResult) -> None:
-        """The outputs and errors of one part's rows, to its shipment."""
+    def _deliver(self, part: Part, start: int, result: DeviceResult, length: int | None = None) -> None:
+        """The outputs and errors of one part's rows, to its shipment (``length``: the batch's
+        padded length, cut from every output back to the part's own length)."""
         shipment, stop = part.owner, start + len(part)
+        own = int(part.rows.lengths().max()) if length is not None else None
         for a, b, outputs in result.pieces:
             lo, hi = max(a, start), min(b, stop)
             if lo >= hi:
                 continue
             rows = shipment.positions(part.offset + lo - start, hi - lo)
-            if lo == a and hi == b:
-                shipment.pieces.append((rows, outputs))
-                continue
             try:
-                shipment.pieces.append((rows, slice_rows(outputs, lo - a, hi - a, b - a)))
+                piece = outputs if lo == a and hi == b else slice_rows(outputs, lo - a, hi - a, b - a)
             except ValueError as exc:  # outputs without the batch dimension cannot be cut per request
                 shipment.errors.update((r, exc) for r in rows)
+                continue
+            if own is not None:
+                piece = trim_output_row(piece, length, own, self._fixed_outputs)
+            shipment.pieces.append((rows, piece))
         for row, exc in result.errors.items():
             if start <= row < stop:
                 (position,) = shipment.positions(part.offset + row - start, 1)
@@ -414,7 +466,7 @@ class ModelServer:
         since = self._prev_done if self._prev_done is not None and first_arrival < self._prev_done else first_arrival
         service_s = max(result.compute_s, done - since)
         self._prev_done = done
-        self._last_rows = batch.rows
+        self._last_rows = batch.units
         owners = batch.owners()
         formation_wait = min(max(0.0, *(o.queued_s for o in owners)), self._max_delay)
         latency = formation_wait + service_s
@@ -425,6 +477,11 @@ class ModelServer:
         stats.failed_rows += failed
         stats.compute_seconds += result.compute_s
         stats.recent.append((batch.rows, service_s))
+        padding = None
+        if batch.length is not None and batch.real:
+            stats.padded_elements += batch.length * batch.rows - batch.real
+            stats.real_elements += batch.real
+            padding = (batch.length * batch.rows - batch.real) / batch.real
         if len({o.client for o in owners}) > 1:
             stats.shared_batches += 1
         cold, self._cold = self._cold, False
@@ -435,14 +492,15 @@ class ModelServer:
             ("new_slot", any(o.new_slot for o in owners)), ("failed", failed == batch.rows),
         ) if flag), None)
         if hidden is None:
-            self.controller.observe(batch.rows, latency, service_s, proposed=batch.proposed)
+            self.controller.observe(int(batch.units), latency, service_s, proposed=batch.proposed)
             decision, reason = self.controller.decision, self.controller.reason
         else:
             # a batch whose time says little about its size: the model was loaded for it, a bucket
             # compiled beside it, its shape was new on the device, a slot was mapped for it
             decision, reason = "not shown", hidden
         return {"compute_s": result.compute_s, "stage_s": result.stage_s, "wait_s": result.wait_s,
-                "service_s": service_s, "latency_s": latency, "decision": decision, "reason": reason}
+                "service_s": service_s, "latency_s": latency, "decision": decision, "reason": reason,
+                "padding": padding}
 
     # -- stuck batches ----------------------------------------------------------------------------
     def running(self) -> DeviceBatch | None:
@@ -515,8 +573,13 @@ def slice_rows(outputs: Any, start: int, stop: int, n: int) -> Any:
     rows; a ``ValueError`` when an output does not keep the batch dimension."""
     if isinstance(outputs, dict):
         return {k: slice_rows(v, start, stop, n) for k, v in outputs.items()}
-    if isinstance(outputs, (tuple, list)):
-        return type(outputs)(slice_rows(v, start, stop, n) for v in outputs)
+    if isinstance(outputs, tuple):
+        return tuple(slice_rows(v, start, stop, n) for v in outputs)
+    if isinstance(outputs, list):  # one element per row
+        if len(outputs) != n:
+            raise ValueError(f"the model returned a list of {len(outputs)} for a batch of {n}: a list output "
+                             "must hold one element per row")
+        return outputs[start:stop]
     rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
     if rows != n:
         got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"

@@ -1,0 +1,285 @@
+"""Structured samples (tuples, dicts, nested, scalar leaves), variable lengths with ``pad_value``,
+per-row list outputs and cost-based batches: the pure pieces, then real clusters (in-process, and
+processes over shared memory and over the comm), and a tiny BERT whose batched outputs equal each
+request run alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from distributed.utils_test import gen_cluster
+
+import dask
+import dask_dynbatch as ddb
+from dask_dynbatch.core.formation import CostQueue, Part
+from dask_dynbatch.core.tree import (
+    Ragged,
+    Structure,
+    TreeRows,
+    flatten,
+    leaf_paths,
+    learn_fixed,
+    trim_output_row,
+    unflatten,
+)
+
+WAIT = 60
+
+
+# -- pure pieces ---------------------------------------------------------------------------------
+
+
+def test_flatten_keeps_structure_paths_and_scalar_leaves():
+    sample = {"image": np.zeros((2, 2)), "meta": (3, np.float32(0.5)), "tags": [np.arange(2)]}
+    tree, leaves = flatten(sample)
+    assert leaf_paths(tree) == ["['image']", "['meta'][0]", "['meta'][1]", "['tags'][0]"]
+    assert [leaf.shape for leaf in leaves] == [(2, 2), (), (), (2,)]
+    back = unflatten(tree, leaves)
+    assert isinstance(back["meta"], tuple) and isinstance(back["tags"], list)
+    assert back["meta"][0] == 3 and back["image"].shape == (2, 2)
+
+
+def test_ragged_rows_slice_join_and_pad():
+    rows = TreeRows.stack(("dict", ("ids", "x"), (("leaf",), ("leaf",))),
+                          [[np.arange(1, 4), np.float32(1)], [np.arange(1, 2), np.float32(2)],
+                           [np.arange(1, 6), np.float32(3)]], ragged=[True, False])
+    assert len(rows) == 3 and rows.lengths().tolist() == [3, 1, 5]
+    tail = rows[1:]
+    assert tail.lengths().tolist() == [1, 5] and tail.leaves[1].tolist() == [2, 3]
+    joined = TreeRows.concat([rows[:1], tail])
+    leaves, length = joined.padded([0, None])
+    assert length == 5
+    assert leaves[0].tolist() == [[1, 2, 3, 0, 0], [1, 0, 0, 0, 0], [1, 2, 3, 4, 5]]
+    assert Ragged.of([np.ones(2), np.ones(2)]).padded(2, 0).shape == (2, 2)
+
+
+def test_structure_names_the_leaf_that_does_not_fit():
+    tree, leaves = flatten({"ids": np.arange(4), "mask": np.ones(4)})
+    structure = Structure(tree, [(None,), (None,)], [np.int64, np.float64], [0, 0])
+    assert structure.mismatch(tree, leaves) is None and structure.length(leaves) == 4
+    _, bad = flatten({"ids": np.arange(4), "mask": np.ones(3)})
+    assert "one length; leaf ['mask'] has 3, an earlier one 4" in structure.mismatch(tree, bad)
+    _, bad = flatten({"ids": np.arange(4.0), "mask": np.ones(4)})
+    assert "leaf ['ids'] must have shape (L,) and dtype int64" in structure.mismatch(tree, bad)
+    other, leaves = flatten((np.arange(4), np.ones(4)))
+    assert "received a tuple of 2" in structure.mismatch(other, leaves)
+
+
+def _queue_of(lengths, priority=0, padded=True, costs=None):
+    rows = TreeRows.stack(("leaf",), [[np.zeros(n, dtype=np.int8)] for n in lengths], [True], costs)
+    queue = CostQueue(padded=padded)
+    queue.push([Part("shipment", 0, rows, priority)])
+    return queue
+
+
+def test_cost_queue_batches_similar_lengths_within_the_budget_and_keeps_the_oldest_first():
+    lengths = [50, 10, 52, 11, 49, 12, 51, 9]
+    queue = _queue_of(lengths)
+    taken = queue.take(budget=4 * 52)
+    got = sorted(int(p.rows.lengths()[0]) for p in taken)
+    assert got == [49, 50, 51, 52]  # the oldest row (50) and its neighbours in length
+    assert len(queue) == 4 and queue.cost == 10 + 11 + 12 + 9
+    rest = queue.take(budget=1000)
+    assert sorted(int(p.rows.lengths()[0]) for p in rest) == [9, 10, 11, 12]
+    assert len(queue) == 0
+
+
+def test_cost_queue_takes_one_row_over_the_budget_and_honours_max_rows():
+    queue = _queue_of([300, 5, 5, 5])
+    (only,) = queue.take(budget=100)  # the oldest row alone, whatever it costs
+    assert int(only.rows.lengths()[0]) == 300
+    assert len(queue.take(budget=1000, max_rows=2)) == 2
+
+
+def test_weighed_queue_sums_costs_in_arrival_order():
+    queue = _queue_of([1, 1, 1, 1], padded=False, costs=[5.0, 1.0, 3.0, 2.0])
+    assert queue.mean_cost() == pytest.approx(2.75)
+    assert len(queue.take(budget=6.5)) == 2  # 5 + 1; 5 + 1 + 3 would exceed it
+    assert len(queue.take(budget=100)) == 2
+
+
+def test_padded_outputs_are_cut_back_unless_seen_to_keep_their_size():
+    length, hidden = 6, 6  # the pooled output's size happens to equal the padded length here
+    fixed: set[str] = set()
+    learn_fixed({"seq": np.zeros((3, 4, 8)), "pooled": np.zeros((3, hidden))}, 4, fixed)  # an earlier batch
+    assert fixed == {"['pooled']"}
+    row = {"seq": np.zeros((1, length, 8)), "pooled": np.zeros((1, hidden)), "labels": [np.arange(length)]}
+    trimmed = trim_output_row(row, length, 2, fixed)
+    assert trimmed["seq"].shape == (1, 2, 8) and trimmed["pooled"].shape == (1, hidden)
+    assert trimmed["labels"][0].tolist() == [0, 1]
+
+
+def test_pad_value_is_checked():
+    with pytest.raises(ValueError, match="pad_value must be a number or a non-empty dict"):
+        ddb.ModelSpec("m", load=lambda: None, pad_value="x")
+    with pytest.raises(ValueError, match="does not work with compile"):
+        ddb.ModelSpec("m", load=lambda: None, pad_value=0, compile=True)
+    with pytest.raises(TypeError, match="cost must be callable"):
+        ddb.ModelSpec("m", load=lambda: None, cost=3)
+
+
+# -- models of the cluster tests -----------------------------------------------------------------
+
+
+def build_tuple_model():
+    """``model(images, metas)``: each image's sum plus its meta value."""
+    return lambda images, metas: images.sum(axis=(1, 2)) + metas
+
+
+def build_encoder():
+    """A dict model of variable-length token ids: per-token features and a pooled output; a
+    sample whose first token is -1 makes it raise (a poison request)."""
+
+    def model(input_ids, attention_mask):
+        if (input_ids[:, 0] == -1).any():
+            raise ValueError("poison token")
+        hidden = input_ids[..., None] * np.arange(1.0, 4.0) + attention_mask[..., None]
+        return {"last_hidden_state": hidden, "pooler_output": (hidden * attention_mask[..., None]).sum(axis=1)}
+
+    return model
+
+
+def expected_encoder(ids: np.ndarray) -> dict:
+    hidden = ids[:, None] * np.arange(1.0, 4.0) + 1.0
+    return {"last_hidden_state": hidden, "pooler_output": hidden.sum(axis=0)}
+
+
+def build_labeller():
+    """One Python value per row: a list output."""
+    return lambda batch: [f"row-{int(v)}" * (1 + int(v) % 2) for v in batch[:, 0]]
+
+
+def token_requests(n: int, seed: int = 0, low: int = 2, high: int = 40) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 50, int(length)) for length in rng.integers(low, high, n)]
+
+
+def check_encoder_results(ids_list, futures):
+    for ids, future in zip(ids_list, futures):
+        out = future.result(timeout=WAIT)
+        want = expected_encoder(ids)
+        assert out["last_hidden_state"].shape == (len(ids), 3)
+        np.testing.assert_allclose(out["last_hidden_state"], want["last_hidden_state"])
+        np.testing.assert_allclose(out["pooler_output"], want["pooler_output"])
+
+
+# -- in-process clusters -------------------------------------------------------------------------
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)])
+async def test_tuple_dict_nested_and_list_outputs(c, s, a, b):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    tuples = await ddb.Batcher(c, ddb.ModelSpec("tuples", load=build_tuple_model))
+    results = await asyncio.gather(*tuples.map([(np.full((2, 2), float(i)), i) for i in range(60)]))
+    assert [float(r) for r in results] == [5.0 * i for i in range(60)]
+    with pytest.raises(ddb.InputSignatureError, match=r"leaf \[1\] must have shape \(\) and dtype int64"):
+        tuples.submit((np.zeros((2, 2)), 1.5))
+    with pytest.raises(ddb.InputSignatureError, match=r"received a dict with keys \['a'\]"):
+        tuples.submit({"a": np.zeros((2, 2))})
+    # in map, a sample that does not fit fails alone and its error names its index
+    futures = tuples.map([(np.ones((2, 2)), 1), (np.ones((3, 2)), 1), (np.ones((2, 2)), 2)])
+    await asyncio.gather(*futures, return_exceptions=True)
+    assert futures[0].result() == 5.0 and futures[2].result() == 6.0
+    assert str(futures[1].exception()).startswith("sample 1 of map(): model 'tuples': leaf [0] must have shape (2, 2)")
+    tuples.close()
+
+    nested = await ddb.Batcher(c, ddb.ModelSpec(
+        "nested", load=lambda: lambda x, opts: {"y": x * opts["scale"][:, None], "n": (opts["n"], opts["scale"])}))
+    out = await nested.submit({"x": np.arange(3.0), "opts": {"scale": 2.0, "n": 7}})
+    assert out["y"].tolist() == [0.0, 2.0, 4.0] and out["n"] == (7, 2.0)
+    nested.close()
+
+    labels = await ddb.Batcher(c, ddb.ModelSpec("labels", load=build_labeller))
+    got = await asyncio.gather(*labels.map([np.array([float(i)]) for i in range(30)]))
+    assert got == [f"row-{i}" * (1 + i % 2) for i in range(30)]
+    labels.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_padded_dict_samples_poison_futures_and_padding_waste(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("enc", load=build_encoder, pad_value=0))
+    ids_list = token_requests(300)
+    samples = [{"input_ids": ids, "attention_mask": np.ones_like(ids)} for ids in ids_list]
+    poison = {"input_ids": np.array([-1, 5, 6]), "attention_mask": np.ones(3, dtype=np.int64)}
+    futures = batcher.map(samples[:150] + [poison] + samples[150:])
+    await asyncio.gather(*futures, return_exceptions=True)
+    assert "poison token" in str(futures[150].exception())
+    check_encoder_results(ids_list, futures[:150] + futures[151:])
+    # Dask Futures as inputs: checked on the worker leaf by leaf
+    good = c.submit(lambda: {"input_ids": np.arange(1, 8), "attention_mask": np.ones(7, dtype=np.int64)}, pure=False)
+    bad = c.submit(lambda: {"input_ids": np.arange(1, 8), "attention_mask": np.ones(6, dtype=np.int64)}, pure=False)
+    from_futures = batcher.map([good, bad])
+    await asyncio.gather(*from_futures, return_exceptions=True)
+    check_encoder_results([np.arange(1, 8)], from_futures[:1])
+    assert "input from Dask Future" in str(from_futures[1].exception())
+    assert "one length; leaf ['attention_mask'] has 6" in str(from_futures[1].exception())
+    stats = batcher.stats()
+    (worker,) = stats["workers"].values()
+    assert worker["padding_waste"] is not None and 0 <= worker["padding_waste"] < 1
+    assert stats["failed"] == 2 and stats["delivered"] == 301
+    assert any(h["padding"] is not None for h in batcher.history())
+    batcher.close()
+
+
+# -- processes: shared memory and the comm -------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_padded_samples_over_shared_memory_and_the_comm(shared_memory):
+    with dask.config.set({"dynbatch.transport.shared-memory": shared_memory,
+                          "dynbatch.transport.shared-memory-min-bytes": 0}):
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            client.register_plugin(ddb.DynBatchPlugin())
+            spec = ddb.ModelSpec("enc-proc", load=build_encoder, pad_value={"input_ids": 0, "attention_mask": 0})
+            with ddb.Batcher(client, spec) as batcher:
+                ids_list = token_requests(400, seed=1)
+                futures = batcher.map([{"input_ids": ids, "attention_mask": np.ones_like(ids)} for ids in ids_list])
+                check_encoder_results(ids_list, futures)
+                transports = {w["transport"] for w in batcher.stats()["workers"].values()}
+                assert transports == {"shared-memory" if shared_memory else "comm"}
+                tuples = ddb.Batcher(client, ddb.ModelSpec("tuples-proc", load=build_tuple_model))
+                got = [f.result(timeout=WAIT) for f in tuples.map([(np.full((2, 2), float(i)), i) for i in range(100)])]
+                assert [float(g) for g in got] == [5.0 * i for i in range(100)]
+                tuples.close()
+
+
+# -- a tiny BERT ---------------------------------------------------------------------------------
+
+
+def build_tiny_bert():
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    return BertModel(config).eval()
+
+
+def test_tiny_bert_batched_outputs_equal_each_request_alone():
+    pytest.importorskip("transformers")
+    import torch
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(ddb.DynBatchPlugin())
+        spec = ddb.ModelSpec("tiny-bert", load=build_tiny_bert, pad_value=0)
+        ids_list = token_requests(120, seed=2, low=3, high=100)
+        with ddb.Batcher(client, spec) as batcher:
+            futures = batcher.map([{"input_ids": ids, "attention_mask": np.ones_like(ids)} for ids in ids_list])
+            results = [f.result(timeout=WAIT) for f in futures]
+            sizes = [h["device_batch"] for h in batcher.history()]
+        model = build_tiny_bert()
+        assert max(sizes) > 1  # requests of different lengths shared batches
+        with torch.inference_mode():
+            for ids, out in zip(ids_list, results):
+                alone = model(input_ids=torch.from_numpy(ids)[None], attention_mask=torch.ones(1, len(ids), dtype=torch.int64))
+                assert set(out) == {"last_hidden_state", "pooler_output"}
+                assert out["last_hidden_state"].shape == (len(ids), 32) and out["pooler_output"].shape == (32,)
+                np.testing.assert_allclose(out["last_hidden_state"], alone.last_hidden_state[0].numpy(), atol=1e-4)
+                np.testing.assert_allclose(out["pooler_output"], alone.pooler_output[0].numpy(), atol=1e-4)
