@@ -148,6 +148,7 @@ class Advice(_Message):
     reason: str = ""
     phase: str = ""
     padding_waste: float | None = None  # padded samples: padded elements per real one, so far
+    ship: int | None = None  # rows a shipment should carry, when not ``size`` (padded or weighed samples)
 
 
 @dataclass

@@ -317,8 +317,10 @@ class Dispatcher:
 
     def _load(self, slot: WorkerSlot, throughput: float | None) -> WorkerLoad:
         """The placement inputs for one worker, from its server's advice."""
-        size = slot.advice.size
+        size, cap = slot.advice.size, slot.advice.cap
         limit = self.model.spec.batch_limit(slot.view.device)
+        if slot.advice.ship is not None:  # the server forms its batches by cost from what it holds
+            size, cap, limit = slot.advice.ship, None, None
         if limit is not None:
             size = min(size, limit)
         return WorkerLoad(
@@ -326,7 +328,7 @@ class Dispatcher:
             throughput=throughput,
             inflight_samples=slot.inflight_rows,
             memory_utilization=min(1.0, slot.advice.memory_used or 0.0),
-            cap=slot.advice.cap,
+            cap=cap,
             free_slots=max(0, self.model.spec.max_inflight - slot.inflight),
             batch_size=max(1, size),
         )

@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 #: rather than into many small ones
 FULL_AHEAD = 2
 PARTIAL_AHEAD = 1
+#: padded or weighed samples: clients ship this many batches' worth of rows at once, so that the
+#: server's queue holds enough lengths to form batches of similar ones
+SORT_AHEAD = 8
 
 
 class Shipment:
@@ -258,15 +261,17 @@ class ModelServer:
         c = self.controller
         # the rate at the size batches actually run at (they are often shorter than the proposal)
         throughput = c.throughput_at(self._last_rows) if self._last_rows else None
-        size, cap = c.size, c.cap
+        size, cap, ship = c.size, c.cap, None
         if self.weighed and self._row_cost:  # clients count rows
             per_row = self._row_cost
             size = max(1, round(size / per_row))
             cap = None if cap is None else max(1, int(cap // per_row))
             throughput = None if throughput is None else throughput / per_row
+            # rows of several batches per shipment, so that the queue here holds lengths to choose from
+            ship = size * SORT_AHEAD
         return Advice(size=size, cap=cap, throughput=throughput or self.stats.to_dict()["recent_throughput"],
                       memory_used=self.sizer.used_fraction(), decision=c.decision, reason=c.reason,
-                      phase=c.phase.value, padding_waste=self.stats.to_dict()["padding_waste"])
+                      phase=c.phase.value, padding_waste=self.stats.to_dict()["padding_waste"], ship=ship)
 
     def _update_cap(self) -> None:
         self.controller.set_cap(self.sizer.cap(self.name))
