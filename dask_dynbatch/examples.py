@@ -55,6 +55,41 @@ def tiny_cnn_images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8)
 
 
+def build_tiny_text_encoder(device: str = "cpu") -> Any:
+    """A 2-layer transformer encoder of token ids (vocabulary 1,000, width 64), called as
+    ``model(input_ids=..., attention_mask=...)`` like a Hugging Face model; returns
+    ``{"last_hidden_state": (batch, length, 64), "pooler_output": (batch, 64)}`` (the mean over
+    the real tokens). Padding never changes a request's outputs."""
+    import torch
+    from torch import nn
+
+    class TinyTextEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(1000, 64)
+            self.position = nn.Embedding(512, 64)
+            layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            x = self.embed(input_ids) + self.position(positions)[None]
+            hidden = self.encoder(x, src_key_padding_mask=attention_mask == 0)
+            mask = attention_mask[..., None].to(hidden.dtype)
+            return {"last_hidden_state": hidden, "pooler_output": (hidden * mask).sum(1) / mask.sum(1)}
+
+    model = TinyTextEncoder()
+    _deterministic_init(model)
+    return model
+
+
+def token_ids(n: int, seed: int = 0, median: int = 40, longest: int = 300) -> list[np.ndarray]:
+    """``n`` requests of token ids (int64) with log-normal lengths from 2 to ``longest``."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.exp(rng.normal(np.log(median), 0.8, n)), 2, longest).astype(int)
+    return [rng.integers(1, 1000, int(length)) for length in lengths]
+
+
 def build_identity(device: str = "cpu"):
     """A no-op model (returns its input): measures the front end alone."""
     return _identity

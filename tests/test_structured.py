@@ -283,3 +283,21 @@ def test_tiny_bert_batched_outputs_equal_each_request_alone():
                 assert out["last_hidden_state"].shape == (len(ids), 32) and out["pooler_output"].shape == (32,)
                 np.testing.assert_allclose(out["last_hidden_state"], alone.last_hidden_state[0].numpy(), atol=1e-4)
                 np.testing.assert_allclose(out["pooler_output"], alone.pooler_output[0].numpy(), atol=1e-4)
+
+
+def tokenize(text: str) -> dict:
+    """A CPU step: text to a dict sample of token ids of the text's own length."""
+    ids = np.array([1 + ord(ch) % 40 for ch in text], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)])
+async def test_pipeline_tokenizes_on_cpu_then_runs_padded_dict_samples(c, s, a, b):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    encoder = await ddb.Batcher(c, ddb.ModelSpec("enc-pipe", load=build_encoder, pad_value=0))
+    pipe = ddb.Pipeline(c, [ddb.cpu(tokenize), ddb.model(encoder), ddb.cpu(lambda out: out["pooler_output"])])
+    texts = ["a" * (1 + i % 17) + "xyz"[: i % 3] for i in range(80)]
+    pooled = await asyncio.gather(*pipe.map(texts))
+    for text, got in zip(texts, pooled):
+        np.testing.assert_allclose(got, expected_encoder(tokenize(text)["input_ids"])["pooler_output"])
+    encoder.close()
