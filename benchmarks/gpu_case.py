@@ -725,7 +725,7 @@ def sec_daskcuda(images, res, args):
 
 
 def sec_multigpu(images, res, args):
-    """Issue 10: scaling from 1 GPU to every visible GPU, then the GPUs made unequal."""
+    """Scaling from 1 GPU to every visible GPU, then the GPUs made unequal."""
     from dask_cuda import LocalCUDACluster
     from distributed import Client
     from distributed.diagnostics import nvml

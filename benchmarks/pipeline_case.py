@@ -1,4 +1,4 @@
-"""Issue 6: a three-stage job chain (CPU -> model -> CPU) through ``Pipeline``, against each stage alone.
+"""A three-stage job chain (CPU -> model -> CPU) through ``Pipeline``, against each stage alone.
 
 Every stage costs about 1 ms per job: NumPy work (small matmul + tanh, calibrated on a worker) for
 the CPU steps. LocalCluster of 2 worker processes x 1 thread on this 2-core machine. Three setups:
