@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "Batcher": ".client.batcher",
     "rerun_benchmark": ".client.batcher",
+    "gather": ".client.bulk",
+    "progress": ".client.progress",
     "RequestFuture": ".core.requests",
     "DeviceVariant": ".spec",
     "ModelSpec": ".spec",
