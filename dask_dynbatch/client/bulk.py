@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..core.requests import RequestFuture
 from ..core.rows import as_numpy_sample
 from ..errors import InputSignatureError
 from .progress import ProgressBar
@@ -67,7 +68,7 @@ def predict(batcher: Batcher, x: Any, *, priority: int = 0, timeout: float | str
     """Run the model on every row of ``x`` (an array whose first dimension indexes the samples);
     see :meth:`Batcher.predict <dask_dynbatch.Batcher.predict>`."""
     rows, as_torch = _rows(batcher, x)
-    futures: list[Future] = []
+    futures: list[RequestFuture] = []
     bar = ProgressBar(futures, total=len(rows)) if progress and len(rows) else None  # shows the queueing too
     try:
         batcher._submit_all(rows, priority, timeout, raise_rejected=True, checked=True, into=futures)
@@ -96,9 +97,12 @@ def _rows(batcher: Batcher, x: Any) -> tuple[np.ndarray, bool]:
                                   "its first dimension indexing them; got a scalar")
     if len(array) == 0:
         return array, as_torch
-    if batcher._model.signature is None:
+    signature = batcher._model.signature
+    if signature is None:
         check_sample(array[0], batcher._model)  # learns the signature from the first row
-    shape, dtype = batcher._model.signature
+        signature = batcher._model.signature
+    assert signature is not None
+    shape, dtype = signature
     if array.shape[1:] != shape or array.dtype != dtype:
         raise InputSignatureError(
             f"model {batcher.spec.name!r} expects samples of shape {shape} and dtype {dtype}; predict() got "
