@@ -87,7 +87,9 @@ def _raw_variants(images_row, seconds=3.0):
 
     def measure(fn, x):
         with torch.inference_mode():
-            fn(x); fn(x); torch.cuda.synchronize()  # warm up
+            fn(x)  # warm up
+            fn(x)
+            torch.cuda.synchronize()
             return baselines.samples_per_second(lambda: fn(x), len(x), seconds, torch.cuda.synchronize)
 
     for n in (256, 512):

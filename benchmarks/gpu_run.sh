@@ -3,7 +3,7 @@
 # their missing dependencies carried as Python 3.12 wheels in .whl/, see benchmarks/README.md): the GPU case, the memory-pressure section and the pipeline case on the GPU host's
 # CPUs, each under its own time limit, results and one log into $OUT (and, on request, the stacking probe).
 #   DYNBATCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_run.sh   (on the device machine)
-# PARTS picks some of "probe case pressure pipeline compiled verify" (default: case, pressure and pipeline,
+# PARTS picks some of "probe case pressure pipeline compiled verify first" (default: case, pressure and pipeline,
 # ~560 s; a device call may take 600). "compiled" (raw, compiled raw loop, compile=True; up to 560 s,
 # most of it compiling) needs a call of its own.
 set -u
@@ -37,4 +37,6 @@ echo "compiled rc $?" | tee -a "$log"
 echo "pressure rc $?" | tee -a "$log"
 [[ $PARTS == *pipeline* ]] && timeout 90 python3 benchmarks/pipeline_case.py --setups split,io --out "$OUT" --name pipeline_case_gpuhost >>"$log" 2>&1
 echo "pipeline rc $?" | tee -a "$log"
+[[ $PARTS == *first* ]] && timeout 240 python3 benchmarks/first_result.py --out "$OUT" --rows 200000 >>"$log" 2>&1
+echo "first result rc $?" | tee -a "$log"
 rm -f "$OUT/hog.py"

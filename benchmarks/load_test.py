@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dask  # noqa: E402
 from common import machine_stamp, save  # noqa: E402
 
-import dask  # noqa: E402
 import dask_dynbatch as ddb  # noqa: E402
 
 FEATURES = 64

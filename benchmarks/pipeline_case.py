@@ -117,7 +117,7 @@ class CpuMeter:
         import psutil
 
         self.procs = {"client+scheduler": psutil.Process()}
-        for i, (address, pid) in enumerate(sorted(client.run(os.getpid).items())):
+        for i, (_address, pid) in enumerate(sorted(client.run(os.getpid).items())):
             self.procs[f"worker{i}"] = psutil.Process(pid)
 
     def read(self) -> dict[str, float]:

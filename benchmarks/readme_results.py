@@ -431,6 +431,28 @@ def launch_bound_section() -> str:
             + "\n")
 
 
+def first_result_section() -> str:
+    """Time to the first result and the front end through predict() (``first_result*.json``)."""
+    parts = []
+    for name in ("first_result", "first_result_gpu"):
+        r = load_result(name)
+        if r is None:
+            continue
+        m = r["machine"]
+        where = m.get("gpu") or f"{m.get('cpu')}, {m['cpu_count']} cores"
+        rounds = ", ".join(f"{x['first_result_s']:.2f} s (load {x['load_s']:.2f} s)" for x in r["rounds"])
+        text = (f"**First result** (`{name}.json`, `python benchmarks/first_result.py`; {where}, {m['date']}): "
+                f"{r['model']} on a fresh 1-worker cluster, `Batcher(...)` to the first result: {rounds}; the median "
+                f"{r['median_over_load_s']:.2f} s over the model's load (target {r['target_over_load_s']:.1f} s: "
+                f"{met(r['median_over_load_s'] <= r['target_over_load_s'])}).")
+        fe = r.get("front_end")
+        if fe:
+            text += (f" Front end: `predict()` of {fe['rows']:,} rows on a no-op model, {fe['rows_per_s']:,.0f} rows/s "
+                     f"(target 500,000: {met(fe['rows_per_s'] >= 500_000)}).")
+        parts.append(text + "\n")
+    return "\n".join(parts)
+
+
 def section() -> str:
     c, g = load_result("cpu_case", required=True), load_result("gpu_case", required=True)
     p = load_result("gpu_case_pressure")
@@ -440,6 +462,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 `benchmarks/results/earlier/` (its README says what each shows).
 
 {cpu_section(c)}
+{first_result_section()}
 {sharing_section()}
 {launch_bound_section()}
 {placement_section()}

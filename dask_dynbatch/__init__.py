@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "Batcher": ".client.batcher",
     "rerun_benchmark": ".client.batcher",
+    "gather": ".client.bulk",
+    "progress": ".client.progress",
     "RequestFuture": ".core.requests",
     "DeviceVariant": ".spec",
     "ModelSpec": ".spec",
@@ -67,9 +69,16 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_PUBLIC])
 
 
-def dask_setup(scheduler: Any) -> None:
+def dask_setup(service: Any) -> None:
     """``dask scheduler --preload dask_dynbatch``: register the scheduler plugin (and its dashboard
-    pages) on a scheduler started from the command line."""
+    pages) on a scheduler started from the command line.
+
+    The scheduler plugin installs the worker half on every worker, so ``dask worker --preload
+    dask_dynbatch`` (harmless) does nothing more than import the package early.
+    """
+    from distributed import Scheduler
+
     from .scheduler.plugin import DynBatchPlugin
 
-    scheduler.add_plugin(DynBatchPlugin())
+    if isinstance(service, Scheduler):
+        service.add_plugin(DynBatchPlugin())

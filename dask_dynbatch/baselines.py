@@ -16,8 +16,8 @@ def _model(load: Callable[..., Any], device: str) -> Any:
     key = (load, device)
     model = _models.get(key)
     if model is None:
-        from .worker.model import LoadedModel
         from .spec import ModelSpec
+        from .worker.model import LoadedModel
 
         model = _models[key] = LoadedModel(ModelSpec("baseline", load=load), device)
     return model
@@ -61,7 +61,9 @@ def raw_loop(load: Callable[..., Any], sample: np.ndarray, batch_sizes: list[int
             sync = lambda: None  # noqa: E731
             ctx = contextlib.nullcontext
         with ctx():
-            run(); run(); sync()  # warm up
+            run()  # warm up
+            run()
+            sync()
             out[n] = samples_per_second(run, n, seconds, sync)
     return out
 

@@ -147,6 +147,7 @@ def test_measure_table_validates_sizes():
 
 
 def test_small_cnn_shapes():
+    pytest.importorskip("torch")
     import torch
 
     model = small_cnn().eval()
@@ -156,6 +157,7 @@ def test_small_cnn_shapes():
 
 
 def test_reference_model_without_torchvision(monkeypatch):
+    pytest.importorskip("torch")
     real_import = builtins.__import__
 
     def fake_import(name, *args, **kwargs):
@@ -175,6 +177,7 @@ def test_reference_model_without_torchvision(monkeypatch):
 
 
 def test_benchmark_device_cpu_small_cnn():
+    pytest.importorskip("torch")
     reference = reference_model("cpu", prefer="small_cnn")
     table = benchmark_device("cpu", time_budget_s=0.5, model=reference, batch_sizes=(1, 4, 16))
     assert table.device == "cpu"
@@ -191,6 +194,7 @@ def test_benchmark_device_cpu_small_cnn():
 
 
 def test_benchmark_device_bare_module():
+    pytest.importorskip("torch")
     table = benchmark_device("cpu", time_budget_s=0.3, model=small_cnn(), batch_sizes=(1, 2), sample_shape=(3, 64, 64))
     assert table.model_name == "Sequential"
     assert table.ran_rows and table.best_throughput > 0

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from dask_dynbatch.core.controller import BatchSizeController, Phase
-from dask_dynbatch.core.trend import MKResult, mann_kendall
 from dask_dynbatch.core.estimate import fine_bin
+from dask_dynbatch.core.trend import MKResult, mann_kendall
 
 # -------------------------------------------------------------------------------------------------
 # Mann-Kendall

@@ -65,8 +65,8 @@ def test_load_gets_the_device_when_its_signature_asks_for_it():
 
 def test_shape_ladder_warms_each_rung_once_and_pads_without_changing_results(monkeypatch):
     """On CUDA an eager torch module gets its batches on a shape ladder, padded to their rung, and
-    the rungs up to 1,024 are warmed before the first batch. Exercised here on the CPU by asking
-    for that behaviour on a CPU device."""
+    the rungs are warmed once each. Exercised here on the CPU by asking for that behaviour on a CPU
+    device."""
     from dask_dynbatch.worker.model import LoadedModel
 
     monkeypatch.setattr(ddb.ModelSpec, "pads_shapes", lambda self, device: True)
@@ -85,6 +85,34 @@ def test_shape_ladder_warms_each_rung_once_and_pads_without_changing_results(mon
     out = loaded(images)  # 3 rows run as 4 (the rung), the copy of the last row cut off
     assert ran == [4]
     np.testing.assert_allclose(out, expected_cnn(images), rtol=1e-4, atol=1e-5)
+
+
+def test_shape_warmup_runs_beside_serving_not_before_the_first_batch(monkeypatch):
+    """The first batch runs alone (the first result waits for no warm-up); each later batch warms
+    one more rung of the ladder before it runs, until every rung up to the limit ran once."""
+    from dask_dynbatch.core.memory import MemorySizer
+    from dask_dynbatch.worker.executor import run_device_batch
+    from dask_dynbatch.worker.model import LoadedModel
+    from dask_dynbatch.worker.telemetry import detect_memory_source
+
+    monkeypatch.setattr(ddb.ModelSpec, "pads_shapes", lambda self, device: True)
+    monkeypatch.setattr("dask_dynbatch.worker.executor.SHAPE_WARMUP_ROWS", 16)
+    loaded = LoadedModel(ddb.ModelSpec("cnn", load=build_tiny_cnn), "cpu")
+    ran = []
+    forward = loaded.forward
+    loaded.forward = lambda model, batch: ran.append(len(batch)) or forward(model, batch)
+    sizer = MemorySizer(detect_memory_source("cpu"))
+    images = tiny_cnn_images(3)
+    batches = []
+    while loaded.wants_shape_warmup:
+        ran.clear()
+        loaded.first_at_size(len(images))  # as the server does when it forms a batch
+        pieces, errors = run_device_batch(loaded, sizer, images)
+        assert not errors and sum(b - a for a, b, _ in pieces) == 3
+        batches.append(list(ran))
+    assert batches[0] == [4]  # the batch alone, padded to its rung
+    assert all(len(b) == 2 and b[-1] == 4 for b in batches[1:-1])  # one rung, then the batch
+    assert sorted(b[0] for b in batches[1:] if len(b) == 2) == [1, 2, 8, 16]  # 4 ran as a batch
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)])

@@ -391,9 +391,20 @@ PAGE_STATE_JS = """
   if (!window.Bokeh || !Bokeh.documents.length) return null;
   const doc = Bokeh.documents[0];
   const rows = (name) => { const m = doc.get_model_by_name(name); return m == null ? -1 : m.get_length(); };
+  // Bokeh.index.find_one is newer than the lowest Bokeh supported; there, walk the views
+  const find_view = (m) => {
+    if (typeof Bokeh.index.find_one === "function") return Bokeh.index.find_one(m);
+    const stack = [...Object.values(Bokeh.index)];
+    while (stack.length) {
+      const v = stack.pop();
+      if (v.model === m) return v;
+      stack.push(...(v.child_views ?? []));
+    }
+    return null;
+  };
   const drawn = (name) => {
     const m = doc.get_model_by_name(name);
-    const view = m == null ? null : Bokeh.index.find_one(m);
+    const view = m == null ? null : find_view(m);
     return view != null && view.has_finished();
   };
   const plots = ["dynbatch_batch_size", "dynbatch_latency", "dynbatch_queue", "dynbatch_throughput",

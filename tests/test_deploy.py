@@ -32,6 +32,7 @@ def test_cli_scheduler_with_the_preload_serves_a_model(tmp_path):
                 break
             time.sleep(0.1)
         procs.append(subprocess.Popen([str(BIN / "dask"), "worker", "--scheduler-file", str(scheduler_file),
+                                       "--preload", "dask_dynbatch",  # accepted on workers too (does nothing more)
                                        "--nthreads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         with Client(scheduler_file=str(scheduler_file), timeout=60) as client:
             client.wait_for_workers(1, timeout=60)
@@ -47,6 +48,7 @@ def test_cli_scheduler_with_the_preload_serves_a_model(tmp_path):
 
 @pytest.mark.slow
 def test_the_readme_quickstart_runs_as_a_script(tmp_path):
+    pytest.importorskip("torch")  # the quickstart serves the tiny CNN
     text = README.read_text()
     (snippet,) = re.findall(r"```python\n(import numpy as np\n.*?)```", text, flags=re.S)
     script = tmp_path / "quickstart.py"

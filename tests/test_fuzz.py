@@ -9,7 +9,6 @@ that are not arrays, Dask Futures holding any of these): ``submit`` either raise
 from __future__ import annotations
 
 import concurrent.futures
-
 import itertools
 
 import numpy as np

@@ -3,7 +3,6 @@
 import math
 
 import numpy as np
-
 import pytest
 
 from dask_dynbatch.core.pacing import ALPHA, LEAD_FACTOR, MARGIN_S, WARM_UP, BusyForecast, size_curve

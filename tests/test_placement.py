@@ -307,7 +307,7 @@ def test_caps_and_free_slots_respected():
     ]
     decisions = plan(10_000, workers)
     counts: dict[str, int] = {}
-    for address, size in decisions:
+    for address, _size in decisions:
         counts[address] = counts.get(address, 0) + 1
     assert counts == {"a": 2, "b": 3}
     assert all(size == 10 for address, size in decisions if address == "a")

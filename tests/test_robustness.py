@@ -278,7 +278,7 @@ async def test_malformed_inputs_fail_at_submit_with_clear_messages(c, s, a):
         "a number": (3, "not a scalar"),
         "a list with text": ([1.0, [2.0, "a"]], r"\[1\]\[1\]: a leaf must be an array, a CPU tensor or a number, not a str"),
     }
-    for what, (value, message) in refused.items():
+    for _what, (value, message) in refused.items():
         with pytest.raises(ddb.InputSignatureError, match=message):
             batcher.submit(value)
     assert batcher.stats()["submitted"] == 0
@@ -292,7 +292,7 @@ async def test_malformed_inputs_fail_at_submit_with_clear_messages(c, s, a):
         "string": ("abc", r"received shape \(\) and dtype <U3 \(from a str\)"),
         "None": (None, r"received shape \(\) and dtype object \(from a NoneType\)"),
     }
-    for what, (value, message) in mismatches.items():
+    for _what, (value, message) in mismatches.items():
         with pytest.raises(ddb.InputSignatureError, match=message):
             batcher.submit(value)
     # in map, a sample that does not match fails alone, its error naming its index

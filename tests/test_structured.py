@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
+import dask
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from distributed.utils_test import gen_cluster
 
-import dask
 import dask_dynbatch as ddb
 from dask_dynbatch.core.formation import CostQueue, Part
 from dask_dynbatch.core.tree import (

@@ -221,6 +221,7 @@ def test_nvml_memory_maps_visible_devices(monkeypatch):
 
 
 def test_torch_cuda_allocator_stats_reads_the_nested_statistics_once(monkeypatch):
+    pytest.importorskip("torch")
     import torch
 
     from dask_dynbatch.worker.telemetry import torch_cuda_allocator_stats

@@ -33,6 +33,7 @@ from ..protocol import HistoryRecord
 from ..spec import ModelSpec, parse_seconds
 from .dispatcher import Dispatcher, closed_error
 from .ledger import Ledger
+from .progress import ProgressBar
 from .registration import RegisteredModel, fetch_spec
 from .samples import check_any
 from .transport import Transport
@@ -195,27 +196,56 @@ class Batcher:
         """
         return self._submit_all([x], priority, timeout, raise_rejected=True)[0]
 
-    def map(self, xs: Iterable[Any], *, priority: int = 0, timeout: float | str | None = None) -> list[RequestFuture]:
+    def map(self, xs: Iterable[Any], *, priority: int = 0, timeout: float | str | None = None,
+            progress: bool = False) -> list[RequestFuture]:
         """Submit many samples; one future per sample, in order.
 
         Requests are checked and queued in chunks of :data:`MAP_CHUNK`, so that the first shipments
         are on their way while the rest are still being checked. A sample that does not match the
         model's input signature fails its own future (the error names its index); the others run.
+        ``progress=True`` shows a progress bar (text on stderr, a widget in a notebook) that follows
+        the futures until all have finished; ``map`` itself returns at once.
         """
-        return self._submit_all(xs, priority, timeout, raise_rejected=False)
+        futures = self._submit_all(xs, priority, timeout, raise_rejected=False)
+        if progress:
+            ProgressBar(futures)
+        return futures
+
+    def predict(self, x: Any, *, priority: int = 0, timeout: float | str | None = None,
+                progress: bool = False) -> Any:
+        """Run the model on every sample of the array ``x`` (its first dimension indexes the
+        samples) and return the outputs as one array, in order (a list when their shapes differ).
+
+        The rows are checked against the input signature at once (:class:`InputSignatureError`
+        for the whole array); each row is one request, batched with everyone else's. Raises the
+        exception of the first row that failed. A torch tensor in gives a tensor out.
+        ``progress=True`` shows a progress bar while waiting.
+
+        Examples
+        --------
+        >>> outputs = batcher.predict(images)   # doctest: +SKIP
+        >>> outputs.shape                       # doctest: +SKIP
+        (100000, 10)
+        """
+        from .bulk import predict
+
+        return predict(self, x, priority=priority, timeout=timeout, progress=progress)
 
     def _submit_all(self, xs: Iterable[Any], priority: int, timeout: float | str | None, *,
-                    raise_rejected: bool) -> list[RequestFuture]:
+                    raise_rejected: bool, checked: bool = False,
+                    into: list[RequestFuture] | None = None) -> list[RequestFuture]:
+        """Queue ``xs``; ``checked``: they are NumPy rows already checked against the signature;
+        ``into``: the list the futures are appended to as they are made (a progress bar reads it)."""
         self._check_open()
         now = time.monotonic()
         deadline = None if timeout is None else now + parse_seconds(timeout, "timeout")
-        xs = xs if isinstance(xs, (list, tuple)) else list(xs)
+        xs = xs if isinstance(xs, (list, tuple, np.ndarray)) else list(xs)
         spec = self.spec
         if spec.overload == "reject" and spec.max_queue is not None:
-            inline = sum(1 for x in xs if not isinstance(x, DaskFuture))
+            inline = len(xs) if checked else sum(1 for x in xs if not isinstance(x, DaskFuture))
             if len(self._queue) + inline > spec.max_queue:  # all or nothing
                 raise self._queue_full_error()
-        futures: list[RequestFuture] = []
+        futures: list[RequestFuture] = [] if into is None else into
         yield_gil = len(xs) > MAP_CHUNK and not self._on_loop_thread()
         for start in range(0, len(xs), MAP_CHUNK):
             if yield_gil and start:
@@ -223,7 +253,7 @@ class Batcher:
             requests, rejected = [], []
             for i, x in enumerate(xs[start:start + MAP_CHUNK], start):
                 try:
-                    sample = None if isinstance(x, DaskFuture) else check_any(x, self._model)
+                    sample = x if checked else None if isinstance(x, DaskFuture) else check_any(x, self._model)
                 except (InputSignatureError, TypeError) as exc:
                     if raise_rejected:
                         raise
@@ -239,7 +269,7 @@ class Batcher:
             self._wait_for_inputs([req for req in requests if req.dask_future is not None])
         return futures
 
-    def _request(self, x: Any, sample: np.ndarray | None, priority: int, deadline: float | None,
+    def _request(self, x: Any, sample: Any, priority: int, deadline: float | None,
                  now: float) -> Request:
         future = RequestFuture()
         if sample is None:  # a Dask Future

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from distributed.protocol.pickle import dumps as pickle_dumps
 
+from ..core.tree import Structure
 from ..errors import PluginNotRegisteredError, UnknownModelError
 from ..protocol import Registration, raise_if_error
 from ..spec import ModelSpec, fingerprint
@@ -36,7 +37,7 @@ class RegisteredModel:
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.version = 0
-        self.signature = declared_signature(spec)
+        self.signature: tuple[tuple[int, ...], np.dtype] | Structure | None = declared_signature(spec)
         self._payload = pickle_dumps(spec)
         self._fingerprint, self._described = fingerprint(spec)
 

@@ -29,6 +29,7 @@ def check_sample(x: Any, model: RegisteredModel) -> np.ndarray:
     there is none yet), or a clear error."""
     name = model.name
     signature = model.signature
+    assert not isinstance(signature, Structure)  # check_any sends structured samples elsewhere
     try:
         sample = as_numpy_sample(x)
     except TypeError:

@@ -94,7 +94,7 @@ class Transport:
         self._stackers.shutdown(wait=False)
 
     async def send(self, slot: WorkerSlot, reqs: list[Request], *, version: int, formed: float,
-                   signature: tuple[tuple[int, ...], np.dtype] | None, isolate: bool = False) -> Delivery:
+                   signature: tuple[tuple[int, ...], np.dtype] | Structure | None, isolate: bool = False) -> Delivery:
         """Send ``reqs`` to ``slot``'s worker as one shipment of ``version``; the decoded reply.
         ``isolate``: the worker runs them in device batches of their own.
 

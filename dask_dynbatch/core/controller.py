@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .throughput import BestSize, ThroughputTable
-from .trend import theil_sen_slope, mann_kendall
+from .trend import mann_kendall, theil_sen_slope
 
 __all__ = ["BatchSizeController", "Phase"]
 

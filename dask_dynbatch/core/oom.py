@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 import traceback
 from collections import deque
-from typing import Any, Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 from ..errors import SampleTooLargeError
 

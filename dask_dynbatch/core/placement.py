@@ -17,8 +17,8 @@ from __future__ import annotations
 import heapq
 import math
 import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 __all__ = [
     "WorkerLoad",

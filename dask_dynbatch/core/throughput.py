@@ -8,9 +8,7 @@ import statistics
 from collections import deque
 from typing import Any, NamedTuple
 
-
 from .estimate import Bin, SizeBins, fine_bin
-
 
 _EWMA_WEIGHT = 0.25  # weight of a new batch in a size's averages, once past its plain start
 _WARM_UP = 4  # a size's first batches are averaged plainly, so its first batch's luck fades fast

@@ -288,7 +288,7 @@ class TreeRows:
         pad value); returns the leaves and that length (None without ragged leaves)."""
         lengths = self.lengths()
         longest = int(lengths.max()) if lengths is not None and len(lengths) else None
-        leaves = [leaf.padded(longest, pads[j]) if isinstance(leaf, Ragged) else leaf
+        leaves = [leaf.padded(longest, pads[j]) if isinstance(leaf, Ragged) and longest is not None else leaf
                   for j, leaf in enumerate(self.leaves)]
         return leaves, longest
 

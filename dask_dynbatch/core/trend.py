@@ -16,7 +16,6 @@ from typing import NamedTuple
 import numpy as np
 
 
-
 class MKResult(NamedTuple):
     """Result of :func:`mann_kendall`.
 

@@ -28,9 +28,9 @@ class ExecutionClock:
         The limit before any batch finished.
     """
 
-    def __init__(self, timeout: float | None = None, *, factor: float = 10.0, floor: float = 5.0,
+    def __init__(self, timeout: float | str | None = None, *, factor: float = 10.0, floor: float = 5.0,
                  first: float = 60.0):
-        self.timeout = timeout
+        self.timeout = None if timeout is None else float(timeout)  # ModelSpec parsed it to seconds
         self.factor = float(factor)
         self.floor = float(floor)
         self.first = max(float(first), self.floor)

@@ -331,7 +331,7 @@ class _ModelStage:
                 # map() refused the whole group (a full queue with overload="reject"): submit one
                 # by one so that each job gets its own outcome
                 futures = []
-                for job, value in zip(group, values):
+                for _job, value in zip(group, values):
                     try:
                         futures.append(self.batcher.submit(value, priority=priority, timeout=timeout))
                     except Exception as exc:

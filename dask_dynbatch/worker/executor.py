@@ -11,7 +11,8 @@ from ..core.oom import run_split_on_oom
 from ..core.tree import Batch
 from .model import LoadedModel
 
-#: an eager CUDA model's shape-ladder rungs up to this many rows are warmed before its first batch
+#: an eager CUDA model's shape-ladder rungs up to this many rows are warmed, one before each batch
+#: after its first (beside serving: the first result does not wait for the whole ladder)
 SHAPE_WARMUP_ROWS = 2048
 
 
@@ -25,9 +26,9 @@ def run_device_batch(loaded: LoadedModel, sizer: MemorySizer, batch: Any, *, ful
     memory profile from its measured peak; ``on_oom(rows)`` is told of every out-of-memory split.
     """
     name = loaded.spec.name
-    if loaded.wants_shape_warmup and len(batch):
+    if loaded.wants_shape_warmup and len(batch) and loaded.calls:
         cap = sizer.cap(name)
-        loaded.warm_shapes(batch, min(SHAPE_WARMUP_ROWS, cap if cap is not None else SHAPE_WARMUP_ROWS))
+        loaded.warm_shapes(batch, min(SHAPE_WARMUP_ROWS, cap if cap is not None else SHAPE_WARMUP_ROWS), rungs=1)
 
     def run_reserved(part: Any) -> Any:
         with sizer.reserve(name, loaded.units(part)) as reservation:

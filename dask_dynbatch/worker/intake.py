@@ -122,6 +122,7 @@ def assemble_keyed_tree(n: int, inline: list[TreeRows], keyed: list[tuple[int, A
     at = 0
     for row in range(n):
         if row not in keyed_rows:
+            assert joined is not None  # rows not fetched came inline
             samples.append(joined.row(at))
             at += 1
             good.append(row)

@@ -132,14 +132,15 @@ class LoadedModel:
         started = time.perf_counter()
         self.model = call_load(self.spec.load, device)
         self.is_torch = _is_torch_module(self.model)
-        self._torch_device = None  # torch models: their device, and on CUDA a side stream to stage on
-        self._copy_stream = None
+        self._torch_device: Any = None  # torch models: their device, and on CUDA a side stream to stage on
+        self._copy_stream: Any = None
         self._pinned = PinnedBuffer()  # where batches bound for a GPU are joined
         self._pad_values: dict[tuple, list[Any]] = {}  # per sample tree: each leaf's pad value
         if self.is_torch:
             self._prepare_torch()
         self.load_seconds = time.perf_counter() - started
         self._sizes_seen: set[int] = set()
+        self.calls = 0  # batches (and pieces of split batches) run
         self._shapes_warmed = False
         self.ladder = self.spec.ladder(device)
         self.compiler: BucketCompiler | None = None
@@ -238,28 +239,31 @@ class LoadedModel:
         """Eager torch model on CUDA with a shape ladder whose rungs are not warmed yet."""
         return not self._shapes_warmed and self.is_torch and self.spec.pads_shapes(self.device) and bool(self.ladder)
 
-    def warm_shapes(self, example: Any, limit: int) -> int:
+    def warm_shapes(self, example: Any, limit: int, rungs: int | None = None) -> int:
         if isinstance(example, Batch):  # structured samples: their batches are not warmed ahead
             self._shapes_warmed = True
             return 0
-        return self._warm_shapes(example, limit)
+        return self._warm_shapes(example, limit, rungs)
 
-    def _warm_shapes(self, example: Any, limit: int) -> int:
+    def _warm_shapes(self, example: Any, limit: int, rungs: int | None = None) -> int:
         """Run each rung of the shape ladder up to ``limit`` rows once, with copies of ``example``'s
-        first row, so that no served batch pays a shape's one-time set-up (cuDNN plans). Called in the
-        device thread before the first batch; an out-of-memory error stops it. Returns the rungs
-        warmed."""
-        self._shapes_warmed = True
+        first row, so that no served batch pays a shape's one-time set-up (cuDNN plans); ``rungs``:
+        at most this many now, the rest at later calls. Called in the device thread between batches;
+        an out-of-memory error stops it. Returns the rungs warmed."""
         import torch
 
         row = example[:1] if isinstance(example, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(example[:1]))
         row = row.to(self._torch_device)
         warmed = 0
+        self._shapes_warmed = True  # unless rungs are left for a later call (below)
         for rung in self.ladder:
             if rung > limit:
                 break
             if rung in self._sizes_seen:
                 continue
+            if rungs is not None and warmed >= rungs:
+                self._shapes_warmed = False
+                break
             try:
                 with torch.inference_mode():
                     self.forward(self.model, row.expand(rung, *row.shape[1:]).contiguous())
@@ -267,6 +271,7 @@ class LoadedModel:
                 if is_oom_error(exc):
                     self.free_cache()
                 logger.info("dynbatch: warming shape %d of model %r stopped: %r", rung, self.spec.name, exc)
+                self._shapes_warmed = True
                 break
             self._sizes_seen.add(rung)
             warmed += 1
@@ -297,6 +302,7 @@ class LoadedModel:
     def __call__(self, batch: Any, full: bool = True) -> Any:
         """Run one stacked batch (host array or device tensor); returns host NumPy outputs.
         ``full``: the batch is as large as the server's size (not the short tail of a backlog)."""
+        self.calls += 1
         n = len(batch)
         bucket = bucket_for(self.ladder, n) if self.ladder else None
         if bucket is None:

@@ -148,7 +148,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         if shm_drop:
             self.shm.drop(client, shm_drop)
         try:
-            arrays = inline_arrays(batch)
+            arrays: list[Any] = inline_arrays(batch)
             if shm is not None and "tree" in shm:
                 shm["rows"] = n - len(keyed or ())
                 arrays = [tree_from_slot(self.shm.array, client, shm)]

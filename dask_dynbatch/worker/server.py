@@ -229,7 +229,7 @@ class ModelServer:
         # computes, the ones behind it are staged
         self._formed: deque[DeviceBatch] = deque()
         self._prev_done: float | None = None
-        self._last_rows = 0  # rows of the last device batch
+        self._last_rows: float = 0  # rows (or cost) of the last device batch
         self._cold = True
         self._tasks: set[asyncio.Task] = set()
         self._loop = asyncio.get_running_loop()
@@ -261,7 +261,7 @@ class ModelServer:
             self._update_cap()
         c = self.controller
         # the rate at the size batches actually run at (they are often shorter than the proposal)
-        throughput = c.throughput_at(self._last_rows) if self._last_rows else None
+        throughput = c.throughput_at(int(self._last_rows)) if self._last_rows else None
         size, cap, ship = c.size, c.cap, None
         if self.weighed and self._row_cost:  # clients count rows
             per_row = self._row_cost
@@ -305,7 +305,7 @@ class ModelServer:
             self._row_cost = queue.mean_cost() or 1.0
             spec = self.loaded.spec
             self.controller = BatchSizeController(
-                spec.latency_target, initial_size=max(1, round(spec.initial_size(self.device) * self._row_cost)))
+                float(spec.latency_target), initial_size=max(1, round(spec.initial_size(self.device) * self._row_cost)))
         if not cap_read:
             self._update_cap()
         size = self.controller.size
@@ -520,7 +520,8 @@ class ModelServer:
         if batch is None:
             return None
         limit = self.clock.limit(batch.rows)
-        return (batch, limit) if now - batch.started > limit else None
+        started = batch.started
+        return (batch, limit) if started is not None and now - started > limit else None
 
     def evacuate(self, stuck: DeviceBatch | None = None, limit: float | None = None) -> int:
         """The worker restarts (a batch is stuck): hand every row back now, ``stuck``'s as stuck

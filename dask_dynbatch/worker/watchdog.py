@@ -79,7 +79,7 @@ class Watchdog:
             found = server.overdue(now)
             if found is not None:
                 batch, limit = found
-                self.declare_stuck(server, rows=batch.rows, seconds=now - batch.started, limit=limit, batch=batch)
+                self.declare_stuck(server, rows=batch.rows, seconds=now - (batch.started or now), limit=limit, batch=batch)
                 return
 
     def declare_stuck(self, server: ModelServer, *, rows: int, seconds: float, limit: float, batch: Any) -> None:
@@ -99,7 +99,7 @@ class Watchdog:
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.1)  # the last replies are written after their handlers return
         try:
-            await self.worker.scheduler.dynbatch_restart_worker(worker=self.worker.address, **self.restarting)
+            await self.worker.scheduler.dynbatch_restart_worker(worker=self.worker.address, **(self.restarting or {}))
         except Exception as exc:  # the scheduler is gone: nothing can restart this worker
             logger.error("dynbatch: could not ask the scheduler to restart this worker: %r", exc)
 
