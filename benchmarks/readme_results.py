@@ -431,6 +431,24 @@ def launch_bound_section() -> str:
             + "\n")
 
 
+def text_section() -> str:
+    """Variable-length text: a tiny BERT against hand-written loops (``text_case.json``)."""
+    r = load_result("text_case")
+    if r is None:
+        return ""
+    m, t, w = r["machine"], r["throughput"], r["padding_waste"]
+    loops = ", ".join(f"{k} {v:,.0f}" for k, v in t.items() if k != "dynbatch")
+    return (f"**Variable-length text** (`text_case.json`, `python benchmarks/text_case.py`; {m.get('cpu')}, "
+            f"{m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): tiny BERT (2 layers, hidden 128), "
+            f"{r['requests']:,} requests of {r['lengths']['min']}-{r['lengths']['max']} tokens (median "
+            f"{r['lengths']['median']:.0f}), one worker process, medians of the rounds: dask-dynbatch with `pad_value=0` "
+            f"and default settings {t['dynbatch']:,.0f} requests/s; by hand (batch size after the name) {loops}. "
+            f"**{r['ratio_to_sorted']:.2f}x** the best sorted-and-padded loop (target 0.9: "
+            f"{met(r['ratio_to_sorted'] >= 0.9)}), **{r['ratio_to_padmax']:.2f}x** the best pad-to-max loop (target 1.5: "
+            f"{met(r['ratio_to_padmax'] >= 1.5)}); padding waste {w['dynbatch']:.1%} (best sorted loop "
+            f"{w[r['best_sorted']]:.1%}), device batches of {r['dynbatch_mean_device_batch']:.0f} rows on average.\n")
+
+
 def first_result_section() -> str:
     """Time to the first result and the front end through predict() (``first_result*.json``)."""
     parts = []
@@ -463,6 +481,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 
 {cpu_section(c)}
 {first_result_section()}
+{text_section()}
 {sharing_section()}
 {launch_bound_section()}
 {placement_section()}
