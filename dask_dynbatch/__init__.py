@@ -46,6 +46,7 @@ _PUBLIC = {
             "PluginNotRegisteredError",
             "QueueFullError",
             "RequestTimeoutError",
+            "RowError",
             "SampleTooLargeError",
             "UnknownModelError",
             "WorkerCrashError",

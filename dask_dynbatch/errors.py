@@ -121,3 +121,8 @@ class CompileWarning(UserWarning):
     """A model with ``ModelSpec(compile=...)`` could not be compiled on a worker: it is served
     eagerly there (results are unaffected; ``Batcher.stats()["workers"][...]["compile"]["error"]``
     says why)."""
+
+
+class RowError(DynBatchError, RuntimeError):
+    """A row of a Dask collection given to ``Batcher.predict`` failed; the message names its
+    position (the original error is its ``__cause__``)."""

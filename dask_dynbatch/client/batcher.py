@@ -212,7 +212,7 @@ class Batcher:
         return futures
 
     def predict(self, x: Any, *, priority: int = 0, timeout: float | str | None = None,
-                progress: bool = False) -> Any:
+                progress: bool = False, on_error: str = "raise") -> Any:
         """Run the model on every sample of the array ``x`` (its first dimension indexes the
         samples) and return the outputs as one array, in order (a list when their shapes differ).
 
@@ -220,6 +220,14 @@ class Batcher:
         for the whole array); each row is one request, batched with everyone else's. Raises the
         exception of the first row that failed. A torch tensor in gives a tensor out.
         ``progress=True`` shows a progress bar while waiting.
+
+        ``x`` may also be a Dask collection: the result is then a lazy collection of the same kind
+        (a dask Array with the input's row chunks, a Bag, a DataFrame or Series with the index
+        kept; a frame's rows are dict samples keyed by column). Computing it runs each block's rows
+        through the model servers from the worker that holds the block, never through the client,
+        in dynamic batches across blocks. A row that fails fails the computation with an error
+        naming its position, or, with ``on_error="missing"``, its output is missing (NaN; None in
+        a Bag).
 
         Examples
         --------
@@ -229,7 +237,7 @@ class Batcher:
         """
         from .bulk import predict
 
-        return predict(self, x, priority=priority, timeout=timeout, progress=progress)
+        return predict(self, x, priority=priority, timeout=timeout, progress=progress, on_error=on_error)
 
     def _submit_all(self, xs: Iterable[Any], priority: int, timeout: float | str | None, *,
                     raise_rejected: bool, checked: bool = False,

@@ -65,9 +65,17 @@ def stack_results(results: list[Any]) -> Any:
 
 
 def predict(batcher: Batcher, x: Any, *, priority: int = 0, timeout: float | str | None = None,
-            progress: bool = False) -> Any:
-    """Run the model on every row of ``x`` (an array whose first dimension indexes the samples);
-    see :meth:`Batcher.predict <dask_dynbatch.Batcher.predict>`."""
+            progress: bool = False, on_error: str = "raise") -> Any:
+    """Run the model on every row of ``x`` (an array whose first dimension indexes the samples, or
+    a Dask collection); see :meth:`Batcher.predict <dask_dynbatch.Batcher.predict>`."""
+    from dask import is_dask_collection
+
+    if is_dask_collection(x):
+        from .dask_collections import predict_collection
+
+        return predict_collection(batcher, x, on_error=on_error, priority=priority, timeout=timeout)
+    if on_error != "raise":
+        raise ValueError("on_error applies to Dask collections; for an in-memory array use map() and each future")
     rows, as_torch = _rows(batcher, x)
     # rows of padded or structured models are checked one by one (each row is one sample)
     checked = not (batcher.spec.structured or isinstance(batcher._model.signature, Structure))
@@ -89,11 +97,6 @@ def predict(batcher: Batcher, x: Any, *, priority: int = 0, timeout: float | str
 
 def _rows(batcher: Batcher, x: Any) -> tuple[np.ndarray, bool]:
     """``x`` as a NumPy array of checked samples, and whether it was a torch tensor."""
-    from dask import is_dask_collection
-
-    if is_dask_collection(x):  # the place for dask arrays and dataframes: one request per row of each block
-        raise TypeError("predict() takes an in-memory array; for a Dask collection use Pipeline.map or "
-                        "map() over its computed blocks")
     as_torch = type(x).__module__.startswith("torch")
     array = as_numpy_sample(x)
     if array.ndim == 0:

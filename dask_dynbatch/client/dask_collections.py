@@ -1,0 +1,298 @@
+"""Inference over Dask collections where their data lives: ``Batcher.predict(collection)``.
+
+The result is an ordinary lazy collection of the same kind (Array -> Array with the row chunks of
+the input, Bag -> Bag, DataFrame/Series -> DataFrame or Series with the index kept). Each of its
+tasks takes one block or partition on the worker that holds it and sends the rows, as requests of
+that worker's own Batcher of the model (:func:`worker_batcher`, one per worker process and model),
+to the model servers: rows of every block, from every worker, meet in the same device batches, and
+no row passes through the client. A task waits for room under the worker's budget of bytes in
+flight (``dynbatch.collections.bytes-in-flight``; a block larger than it goes alone) holding its
+worker thread, then leaves the thread to the next task (``secede``) while its rows run: rows of
+several blocks are in flight at once, and their bytes stay under the budget (back-pressure: a
+collection of any length runs in bounded memory).
+
+A row that fails fails its task, with an error naming the row's position, unless
+``on_error="missing"``: its output is then missing (NaN in arrays and frames, None in bags). A
+task that Dask runs again (its worker died) sends its rows again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import RowError
+
+if TYPE_CHECKING:
+    from .batcher import Batcher
+
+ON_ERROR = ("raise", "missing")
+
+_batchers: dict[tuple[str, str], Batcher] = {}
+_batchers_lock = threading.Lock()
+
+
+class InFlight:
+    """Bytes of rows sent and not yet back, on this worker, under a budget."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._room = threading.Condition()
+
+    def acquire(self, nbytes: int, budget: int) -> None:
+        """Wait until ``nbytes`` fit under ``budget`` (at once when nothing is in flight)."""
+        with self._room:
+            self._room.wait_for(lambda: self.bytes == 0 or self.bytes + nbytes <= budget)
+            self.bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._room:
+            self.bytes -= nbytes
+            self._room.notify_all()
+
+
+_in_flight = InFlight()
+
+
+def worker_batcher(name: str) -> Batcher:
+    """This worker's Batcher of the model registered as ``name`` (made once per worker process and
+    client connection): the tasks of every collection on this worker share its queue."""
+    from distributed import get_client
+
+    from .batcher import Batcher
+
+    client = get_client()
+    key = (client.id, name)
+    with _batchers_lock:
+        batcher = _batchers.get(key)
+        if batcher is None or batcher._closed:
+            batcher = _batchers[key] = Batcher.from_name(client, name)
+    return batcher
+
+
+def run_array(name: str, block: np.ndarray, where: Any, on_error: str, priority: int,
+              timeout: float | None) -> Any:
+    """The outputs of an array block's rows as one array, through the bulk path (``predict``:
+    the block checked once); when a row failed, the rows again one by one, to name it (or leave
+    it missing)."""
+    from .bulk import predict
+
+    batcher = worker_batcher(name)
+    with _room(block.nbytes):
+        try:
+            return predict(batcher, block, priority=priority, timeout=timeout)
+        except Exception:  # a row failed: find which (rows that ran are run again)
+            pass
+    return run_rows(name, list(block), where, on_error, priority, timeout)
+
+
+class _room:
+    """Wait for room under the worker's bytes-in-flight budget, then leave the worker thread to
+    the next task while the rows run (``secede``; ``rejoin`` after)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+    def __enter__(self) -> None:
+        import dask.config
+        from distributed import secede
+
+        _in_flight.acquire(self.nbytes, int(dask.config.get("dynbatch.collections.bytes-in-flight", 256 * 2**20)))
+        secede()
+
+    def __exit__(self, *exc: Any) -> None:
+        from distributed import rejoin
+
+        try:
+            rejoin()
+        finally:
+            _in_flight.release(self.nbytes)
+
+
+def run_rows(name: str, rows: list[Any], where: Any, on_error: str, priority: int,
+             timeout: float | None) -> list[Any]:
+    """The outputs of ``rows`` (in order) from the model's servers, sent by this worker's Batcher;
+    a failed row raises :class:`RowError` naming its position (``where(i)``), or is None with
+    ``on_error="missing"``."""
+    if not rows:
+        return []
+    batcher = worker_batcher(name)
+    with _room(sum(_nbytes(r) for r in rows)):
+        futures = batcher.map(rows, priority=priority, timeout=timeout)
+        concurrent.futures.wait(futures)
+    out: list[Any] = []
+    for i, future in enumerate(futures):
+        error = future.exception()
+        if error is not None:
+            if on_error == "raise":
+                raise RowError(f"model {name!r}: {where(i)} failed: {error!r}") from error
+            out.append(None)
+            continue
+        out.append(future.result())
+    return out
+
+
+def _nbytes(row: Any) -> int:
+    if isinstance(row, dict):
+        return sum(_nbytes(v) for v in row.values())
+    if isinstance(row, (tuple, list)):
+        return sum(_nbytes(v) for v in row)
+    return int(getattr(row, "nbytes", 8))
+
+
+# -- arrays ----------------------------------------------------------------------------------------
+
+
+def _array_block(block: np.ndarray, model: str, out_shape: tuple, out_dtype: str, on_error: str, priority: int,
+                 timeout: float | None, block_info: dict | None = None) -> np.ndarray:
+    start = block_info[0]["array-location"][0][0] if block_info else 0
+    outputs = run_array(model, block, lambda i: f"row {start + i} of the array", on_error, priority, timeout)
+    if isinstance(outputs, np.ndarray) and outputs.shape == (len(block), *out_shape):
+        return outputs.astype(out_dtype, copy=False)
+    result = np.empty((len(block), *out_shape), dtype=out_dtype)
+    for i, value in enumerate(outputs):
+        if value is None:
+            result[i] = np.nan
+        else:
+            result[i] = np.asarray(value)
+    return result
+
+
+def predict_array(batcher: Batcher, x: Any, on_error: str, priority: int, timeout: float | None) -> Any:
+    import dask.array as da
+
+    example = _first_output(batcher, x[:1].compute()[0])
+    if not isinstance(example, np.ndarray):
+        raise TypeError(f"model {batcher.spec.name!r} returns a {type(example).__name__} per row: predict() of a dask "
+                        "Array needs array outputs; use x.to_delayed() or a Bag for other outputs")
+    dtype = example.dtype
+    if on_error == "missing" and dtype.kind not in "fc":
+        dtype = np.result_type(dtype, np.float32)  # a missing row is NaN
+    if x.ndim > 1 and any(len(c) > 1 for c in x.chunks[1:]):
+        x = x.rechunk({axis: -1 for axis in range(1, x.ndim)})  # whole rows per block
+    new_axes = list(range(1, 1 + example.ndim))
+    return da.map_blocks(
+        _array_block, x, model=batcher.spec.name, out_shape=example.shape, out_dtype=dtype.str, on_error=on_error,
+        priority=priority, timeout=timeout, dtype=dtype,
+        chunks=(x.chunks[0], *((n,) for n in example.shape)),
+        drop_axis=list(range(1, x.ndim)) if x.ndim > 1 else [],
+        new_axis=new_axes or None,
+        meta=np.empty((0,) * (1 + example.ndim), dtype=dtype),
+    )
+
+
+# -- bags -------------------------------------------------------------------------------------------
+
+
+def _bag_partition(items: Any, number: Any, model: str, on_error: str, priority: int, timeout: float | None) -> list[Any]:
+    (index,) = list(number)
+    return run_rows(model, list(items), lambda i: f"item {i} of partition {index} of the bag", on_error, priority,
+                    timeout)
+
+
+def predict_bag(batcher: Batcher, x: Any, on_error: str, priority: int, timeout: float | None) -> Any:
+    import dask.bag as db
+
+    numbers = db.range(x.npartitions, npartitions=x.npartitions)  # each partition's own number
+    return x.map_partitions(_bag_partition, numbers, model=batcher.spec.name, on_error=on_error, priority=priority,
+                            timeout=timeout)
+
+
+# -- data frames ------------------------------------------------------------------------------------
+
+
+def frame_samples(part: Any) -> list[Any]:
+    """Rows of a pandas DataFrame as dict samples keyed by column; of a Series, its values (a number
+    as an array of one element, the smallest sample a model learns)."""
+    import pandas as pd
+
+    if isinstance(part, pd.Series):
+        return [np.atleast_1d(np.asarray(v)) if isinstance(v, (list, tuple, int, float, np.generic)) else v
+                for v in part.tolist()]
+    columns = list(part.columns)
+    arrays = [part[c].to_numpy() for c in columns]
+    return [{c: _leaf(a[i]) for c, a in zip(columns, arrays)} for i in range(len(part))]
+
+
+def _leaf(value: Any) -> Any:
+    return np.asarray(value) if isinstance(value, (list, tuple)) else value
+
+
+def frame_outputs(outputs: list[Any], index: Any, columns: list[str] | None) -> Any:
+    """Per-row outputs as a pandas DataFrame (dict outputs, or arrays of several values) or Series."""
+    import pandas as pd
+
+    if columns is None:
+        return pd.Series([np.nan if o is None else _scalar(o) for o in outputs], index=index)
+    rows = []
+    for o in outputs:
+        if o is None:
+            rows.append({c: np.nan for c in columns})
+        elif isinstance(o, dict):
+            rows.append({c: _scalar(o[c]) for c in columns})
+        else:
+            values = np.asarray(o).reshape(-1)
+            rows.append(dict(zip(columns, values.tolist())))
+    return pd.DataFrame(rows, index=index, columns=columns)
+
+
+def _scalar(value: Any) -> Any:
+    array = np.asarray(value)
+    return array.item() if array.size == 1 else array
+
+
+def _frame_partition(part: Any, model: str, columns: list[str] | None, on_error: str, priority: int,
+                     timeout: float | None, partition_info: dict | None = None) -> Any:
+    number = partition_info["number"] if partition_info else "?"
+    labels = part.index
+    outputs = run_rows(model, frame_samples(part), lambda i: f"the row at index {labels[i]} (partition {number})",
+                       on_error, priority, timeout)
+    return frame_outputs(outputs, part.index, columns)
+
+
+def predict_frame(batcher: Batcher, x: Any, on_error: str, priority: int, timeout: float | None) -> Any:
+    head = x.head(1, npartitions=-1)
+    if len(head) == 0:
+        raise ValueError("predict() of an empty frame: no row to learn the output from")
+    example = _first_output(batcher, frame_samples(head)[0])
+    columns: list[str] | None
+    if isinstance(example, dict):
+        columns = list(example)
+    else:
+        size = np.asarray(example).size
+        columns = None if size == 1 else [str(i) for i in range(size)]
+    meta = frame_outputs([example], head.index, columns).iloc[:0]
+    return x.map_partitions(_frame_partition, model=batcher.spec.name, columns=columns, on_error=on_error,
+                            priority=priority, timeout=timeout, meta=meta)
+
+
+def _first_output(batcher: Batcher, sample: Any) -> Any:
+    """One row's output, run from here: what the collection's outputs look like."""
+    return batcher.submit(sample).result()
+
+
+def predict_collection(batcher: Batcher, x: Any, *, on_error: str = "raise", priority: int = 0,
+                       timeout: float | str | None = None) -> Any:
+    """See :meth:`Batcher.predict <dask_dynbatch.Batcher.predict>`."""
+    import dask.array as da
+    import dask.bag as db
+
+    from ..spec import parse_seconds
+
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
+    seconds = None if timeout is None else parse_seconds(timeout, "timeout")
+    if isinstance(x, da.Array):
+        return predict_array(batcher, x, on_error, priority, seconds)
+    if isinstance(x, db.Bag):
+        return predict_bag(batcher, x, on_error, priority, seconds)
+    if type(x).__module__.startswith("dask.dataframe"):  # dask.dataframe needs pandas: imported only for frames
+        import dask.dataframe as dd
+
+        if isinstance(x, (dd.DataFrame, dd.Series)):
+            return predict_frame(batcher, x, on_error, priority, seconds)
+    raise TypeError(f"predict() takes a dask Array, Bag, DataFrame or Series (or an in-memory array), not a "
+                    f"{type(x).__name__}")

@@ -1,0 +1,172 @@
+"""``Batcher.predict`` over Dask collections, on a real multi-process cluster: Array -> Array (row
+chunks kept, order kept), Bag -> Bag, DataFrame -> DataFrame / Series (index kept), structured
+samples, a failing row (named, or missing), the traffic through the client while a reduction of
+the predictions is computed, and a worker killed while computing."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import dask
+import dask.array as da
+import dask.bag as db
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+import dask_dynbatch as ddb
+from dask_dynbatch.examples import build_affine
+
+dd = pytest.importorskip("dask.dataframe")
+pd = pytest.importorskip("pandas")
+
+WAIT = 120
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(ddb.DynBatchPlugin())
+        yield client
+
+
+def build_poisoned_affine():
+    """``2x + 1``, raising on rows whose first value is -1."""
+
+    def model(batch):
+        if (batch[:, 0] == -1).any():
+            raise ValueError("poison row")
+        return 2 * batch + 1
+
+    return model
+
+
+def build_dict_model():
+    return lambda a, b: {"sum": a + b, "diff": a - b}
+
+
+def build_token_model():
+    """Padded dict samples: per-token outputs and a per-request total."""
+    return lambda input_ids, attention_mask: {"total": (input_ids * attention_mask).sum(1),
+                                               "twice": 2 * input_ids}
+
+
+def test_array_to_array_keeps_row_chunks_and_order(client):
+    with ddb.Batcher(client, ddb.ModelSpec("coll-affine", load=build_affine)) as batcher:
+        x = da.random.random((2_000, 6), chunks=(173, 4))  # chunked along both axes
+        predictions = batcher.predict(x)
+        assert isinstance(predictions, da.Array)
+        assert predictions.chunks[0] == x.chunks[0] and predictions.shape == (2_000, 6)
+        np.testing.assert_allclose(predictions.compute(), 2 * x.compute() + 1)
+        # rows of every block reached the servers from the workers: this client sent one row only
+        assert batcher.stats()["submitted"] == 1
+
+
+def test_bag_and_frames(client):
+    with ddb.Batcher(client, ddb.ModelSpec("coll-affine-bag", load=build_affine)) as batcher:
+        items = [np.full(3, float(i)) for i in range(90)]
+        out = batcher.predict(db.from_sequence(items, npartitions=7)).compute()
+        np.testing.assert_allclose(np.stack(out), 2 * np.stack(items) + 1)
+    with ddb.Batcher(client, ddb.ModelSpec("coll-affine-series", load=build_affine)) as batcher:
+        series = dd.from_pandas(pd.Series(np.arange(40.0), index=np.arange(100, 140)), npartitions=3)
+        got = batcher.predict(series).compute()
+        assert isinstance(got, pd.Series) and list(got.index) == list(range(100, 140))
+        np.testing.assert_allclose(got.to_numpy(), 2 * np.arange(40.0) + 1)
+    with ddb.Batcher(client, ddb.ModelSpec("coll-dict", load=build_dict_model)) as batcher:
+        frame = pd.DataFrame({"a": np.arange(30.0), "b": np.arange(30.0) ** 2}, index=[f"r{i}" for i in range(30)])
+        got = batcher.predict(dd.from_pandas(frame, npartitions=4, sort=False)).compute()
+        assert list(got.columns) == ["sum", "diff"] and list(got.index) == list(frame.index)
+        np.testing.assert_allclose(got["sum"], frame.a + frame.b)
+        np.testing.assert_allclose(got["diff"], frame.a - frame.b)
+
+
+def test_structured_padded_samples_in_a_bag(client):
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, 50, int(n)) for n in rng.integers(2, 30, 120)]
+    samples = [{"input_ids": i, "attention_mask": np.ones_like(i)} for i in ids]
+    with ddb.Batcher(client, ddb.ModelSpec("coll-tokens", load=build_token_model, pad_value=0)) as batcher:
+        out = batcher.predict(db.from_sequence(samples, npartitions=5)).compute()
+    for i, o in zip(ids, out):
+        assert int(o["total"]) == int(i.sum())
+        np.testing.assert_array_equal(o["twice"], 2 * i)
+
+
+def test_a_failing_row_is_named_or_missing(client):
+    data = np.ones((300, 2))
+    data[217, 0] = -1
+    x = da.from_array(data, chunks=(50, 2))
+    with ddb.Batcher(client, ddb.ModelSpec("coll-poison", load=build_poisoned_affine)) as batcher:
+        with pytest.raises(ddb.RowError, match=r"row 217 of the array failed: ValueError\('poison row'\)"):
+            batcher.predict(x).compute()
+        got = batcher.predict(x, on_error="missing").compute()
+        assert np.isnan(got[217]).all() and np.isfinite(np.delete(got, 217, axis=0)).all()
+        with pytest.raises(ValueError, match="on_error"):
+            batcher.predict(x, on_error="ignore")
+
+
+def _count_comm_bytes():
+    """Count the bytes every TCP comm of this process reads and writes (the client, and the
+    scheduler that LocalCluster runs here: an upper bound on the client's own traffic)."""
+    import distributed.comm.tcp as tcp
+
+    counted = {"bytes": 0}
+    original_from_frames, original_write = tcp.from_frames, tcp.TCP.write
+
+    async def from_frames(frames, *args, **kwargs):
+        counted["bytes"] += sum(len(f) if isinstance(f, (bytes, bytearray)) else memoryview(f).nbytes for f in frames)
+        return await original_from_frames(frames, *args, **kwargs)
+
+    async def write(self, msg, *args, **kwargs):
+        n = await original_write(self, msg, *args, **kwargs)
+        counted["bytes"] += n
+        return n
+
+    tcp.from_frames, tcp.TCP.write = from_frames, write
+
+    def undo():
+        tcp.from_frames, tcp.TCP.write = original_from_frames, original_write
+
+    return counted, undo
+
+
+def test_a_reduction_of_predictions_moves_little_through_the_client(client):
+    x = da.random.random((20_000, 256), chunks=(1_000, 256)).astype(np.float32)  # 20 MB made on the workers
+    payload = x.nbytes * 2  # rows there, outputs back
+    with ddb.Batcher(client, ddb.ModelSpec("coll-traffic", load=build_affine)) as batcher:
+        predictions = batcher.predict(x)  # one row runs from here to learn the outputs
+        counted, undo = _count_comm_bytes()
+        try:
+            total = predictions.sum().compute()
+        finally:
+            undo()
+    assert total == pytest.approx(float((2 * x + 1).sum().compute()), rel=1e-4)
+    assert counted["bytes"] < 0.1 * payload, (counted["bytes"], payload)
+
+
+def test_a_worker_killed_while_computing(client):
+    x = da.arange(40_000, chunks=1_000).astype(np.float64)[:, None] * np.ones((1, 4))
+    with ddb.Batcher(client, ddb.ModelSpec("coll-kill", load=build_affine, max_batch_size=256)) as batcher:
+        predictions = batcher.predict(x)
+        future = client.compute(predictions)
+        workers = list(client.scheduler_info()["workers"])
+        victim = client.run(os.getpid, workers=[workers[0]])[workers[0]]
+
+        def kill_when_started():
+            while not any(ts for ts in client.processing().values()):
+                threading.Event().wait(0.01)
+            os.kill(victim, 9)
+
+        killer = threading.Thread(target=kill_when_started)
+        killer.start()
+        got = future.result(timeout=WAIT)
+        killer.join()
+    np.testing.assert_allclose(got, 2 * x.compute() + 1)
+    client.wait_for_workers(2, timeout=WAIT)
+
+
+def test_predict_refuses_other_collections(client):
+    with ddb.Batcher(client, ddb.ModelSpec("coll-affine-other", load=build_affine)) as batcher:
+        with pytest.raises(TypeError, match="dask Array, Bag, DataFrame or Series"):
+            batcher.predict(dask.delayed(np.ones)(3))
