@@ -166,6 +166,18 @@ def test_a_worker_killed_while_computing(client):
     client.wait_for_workers(2, timeout=WAIT)
 
 
+@pytest.mark.timeout(120)
+def test_one_thread_and_a_small_budget_do_not_deadlock():
+    """Tasks wait for room holding their thread; the rows in flight free it before rejoining."""
+    with dask.config.set({"dynbatch.collections.bytes-in-flight": 4096}):
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            client.register_plugin(ddb.DynBatchPlugin())
+            with ddb.Batcher(client, ddb.ModelSpec("coll-small-budget", load=build_affine)) as batcher:
+                x = da.ones((3_000, 8), chunks=(100, 8))  # 6,400 bytes a block: one block in flight at a time
+                assert float(batcher.predict(x).sum().compute()) == 3_000 * 8 * 3.0
+
+
 def test_predict_refuses_other_collections(client):
     with ddb.Batcher(client, ddb.ModelSpec("coll-affine-other", load=build_affine)) as batcher:
         with pytest.raises(TypeError, match="dask Array, Bag, DataFrame or Series"):

@@ -106,10 +106,9 @@ class _room:
     def __exit__(self, *exc: Any) -> None:
         from distributed import rejoin
 
-        try:
-            rejoin()
-        finally:
-            _in_flight.release(self.nbytes)
+        # room first: a task holding a worker thread may wait for it, and rejoining waits for a thread
+        _in_flight.release(self.nbytes)
+        rejoin()
 
 
 def run_rows(name: str, rows: list[Any], where: Any, on_error: str, priority: int,

@@ -308,6 +308,9 @@ class LoadedModel:
         if bucket is None:
             return self._to_host(self._eager(batch))
         compiler = self.compiler
+        if compiler is not None and isinstance(batch, Batch):  # structured samples are not compiled: eager
+            compiler.count(compiled=False)
+            return self._to_host(self._eager(batch))
         if compiler is None:
             if self._pads(bucket):
                 return self._to_host(trim_rows(self._eager(pad_rows(batch, bucket)), n))
