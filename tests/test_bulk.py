@@ -11,7 +11,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import dask_dynbatch as ddb
-from dask_dynbatch.client.bulk import stack_results
+from dask_dynbatch.client.bulk import BLOCK_ROWS, stack_results
 from dask_dynbatch.client.progress import ProgressBar
 from dask_dynbatch.examples import build_affine
 
@@ -58,14 +58,16 @@ def test_predict_checks_the_whole_array_against_the_signature(client):
         assert batcher.stats()["submitted"] == 0  # nothing of a refused array was queued
 
 
-def test_predict_raises_the_failure_of_a_row(client):
-    x = np.ones((200, 2))
-    x[17, 0] = -1.0
+def test_predict_raises_the_failure_of_a_row_and_counts_its_block_failed(client):
+    x = np.ones((2 * BLOCK_ROWS + 200, 2))
+    x[BLOCK_ROWS + 17, 0] = -1.0  # in the second block
     with ddb.Batcher(client, ddb.ModelSpec("poisoned-bulk", load=build_poisoned)) as batcher:
         with pytest.raises(ValueError, match="poison sample"):
             batcher.predict(x)
         batcher.close(drain=True)
-        assert batcher.stats()["delivered"] == 199  # the other rows ran
+        stats = batcher.stats()
+    # the rows of a block share its one fate; the other blocks ran
+    assert stats["failed"] == BLOCK_ROWS and stats["delivered"] == BLOCK_ROWS + 200
 
 
 def test_predict_torch_tensor_in_tensor_out(client):
