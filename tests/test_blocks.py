@@ -128,14 +128,15 @@ def test_a_block_resolves_once_every_row_is_in_in_row_order():
     b = Block(5)
     assert not b.put(3, 2, np.array([[3.0], [4.0]]))
     assert b.put(0, 3, np.array([[0.0], [1.0], [2.0]]))  # the last rows: complete
-    assert b.result().ravel().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
-    b.future.set_result(b.result())
+    result = b.join()
+    assert result.ravel().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    b.future.set_result(result)
     assert not b.put(0, 1, np.zeros((1, 1)))  # resolved: late rows are dropped
     twice = Block(2)
     twice.put(0, 1, np.zeros((1, 1)))
     twice.put(0, 1, np.zeros((1, 1)))
     with pytest.raises(RuntimeError, match="came back"):  # never a wrong result
-        twice.result()
+        twice.join()
 
 
 def test_outputs_join_into_one_array_or_per_row_results():

@@ -116,6 +116,14 @@ def test_map_progress_writes_to_stderr_not_stdout(client, capsys):
     assert "300 / 300 requests | 100%" in captured.err
 
 
+def test_predict_progress_counts_rows(client, capsys):
+    x = np.ones((BLOCK_ROWS + 5, 2))
+    with ddb.Batcher(client, ddb.ModelSpec("affine-progress-predict", load=build_affine)) as batcher:
+        assert batcher.predict(x, progress=True).shape == x.shape
+    err = capsys.readouterr().err
+    assert f"{BLOCK_ROWS + 5:,} / {BLOCK_ROWS + 5:,} rows | 100%" in err
+
+
 def test_notebook_progress_bar_is_a_widget(client):
     pytest.importorskip("ipywidgets")
     with ddb.Batcher(client, ddb.ModelSpec("affine-progress-nb", load=build_affine)) as batcher:

@@ -289,9 +289,10 @@ class Batcher:
             block = rows[start : start + block_rows]
             requests.append(BlockPart(Block(len(block)), block, priority=priority, deadline=deadline, enqueued=now))
         into.extend(r.future for r in requests)
+        sizes = [r.rows for r in requests]  # before the dispatcher cuts any of them
         self._ledger.count("submitted", len(rows))
         self._enqueue(requests, deadline)
-        return [r.rows for r in requests]
+        return sizes
 
     def _request(self, x: Any, sample: Any, priority: int, deadline: float | None,
                  now: float) -> Request:

@@ -428,8 +428,7 @@ class Dispatcher:
                 return
         self.ledger.latency(ran, delivery.done, rows=True)
         for row, exc in delivery.errors:  # a row of a block fails its block
-            (k, *_), = layout.spans([row])
-            self.ledger.fail([reqs[k]], exc)
+            self.ledger.fail([reqs[layout.spans([row])[0][0]]], exc)
         delivered = 0
         for positions, outputs in delivery.pieces:
             for req, start, stop, rows in layout.pieces(positions, outputs):

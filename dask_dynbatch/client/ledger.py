@@ -75,7 +75,7 @@ class Ledger:
         if not block.put(part.offset + start, stop - start, outputs):
             return 0
         try:
-            result = block.result()
+            result = block.join()
         except Exception as exc:  # rows that cannot be joined: the block fails, not the event loop
             self.fail([part], exc)
             return 0

@@ -44,10 +44,10 @@ class Block:
         self.pending -= n
         return self.pending == 0
 
-    def result(self) -> Any:
+    def join(self) -> Any:
         """The outputs in row order: one array when every piece is an array of one row shape and
-        dtype, else a list of per-row outputs."""
-        pieces = sorted(self._pieces, key=lambda p: p[0])
+        dtype, else a list of per-row outputs. The pieces are let go: they are copied into it."""
+        pieces, self._pieces = sorted(self._pieces, key=lambda p: p[0]), []
         at = 0
         for offset, n, _ in pieces:
             if offset != at:  # a row twice or missing: a bug, never a wrong result
