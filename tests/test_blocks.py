@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from concurrent.futures import CancelledError
 
 import dask
@@ -162,6 +163,44 @@ def test_shipment_rows_find_the_requests_that_hold_reply_rows():
                                                                                 (False, 0, 1, [2.0])]
 
 
+def test_a_reply_with_some_rows_of_a_part_run_stuck_and_unrun_delivers_each_row_once():
+    """The dispatcher's side of a reply (no cluster): of a part of 10 rows, 5 came back, 2 were in
+    a stuck device batch and 3 did not run. Each range goes its way; the block resolves once all
+    ten are in, in order."""
+    from types import SimpleNamespace
+
+    from dask_dynbatch.client.dispatcher import Dispatcher, WorkerSlot
+    from dask_dynbatch.client.ledger import Ledger
+    from dask_dynbatch.client.registration import RegisteredModel
+    from dask_dynbatch.client.transport import Delivery
+    from dask_dynbatch.protocol import Advice, ShipmentReply, WorkerView
+
+    queue, ledger = RequestQueue(), Ledger()
+    client = SimpleNamespace(loop=SimpleNamespace(asyncio_loop=None))
+    dispatcher = Dispatcher(client, RegisteredModel(ddb.ModelSpec("m", load=build_affine)), queue, ledger,
+                            transport=None, history=deque(), report=dict)
+    slot = WorkerSlot(WorkerView("tcp://w", "w", "cpu", 1, {}), 8, None)
+    row, part = single(1.0), block(10)
+    rows = part.sample
+    row.future.set_running_or_notify_cancel()
+    part.future.set_running_or_notify_cancel()
+    layout = ShipmentRows([row, part])
+    outputs = 2 * np.concatenate([row.sample[None], part.sample[:5]]) + 1
+    reply = ShipmentReply(pieces=[([0, 1, 2, 3, 4, 5], outputs)], errors=[], batches=[],
+                          advice=Advice(size=8).to_msg(), version=0, device="cpu", stuck=[6, 7], unrun=[8, 9, 10],
+                          stuck_limit=5.0)
+    dispatcher._deliver_rows(slot, layout, Delivery(reply, reply.pieces, [], 0.0, 0.0, 0.0, False), False)
+    assert row.future.result().tolist() == [3.0, 3.0] and not part.future.done()
+    suspects = dispatcher.quarantine.pop()
+    again, _ = queue.pop(100, now=0.0)
+    assert [(p.offset, p.rows, p.attempts) for p in suspects] == [(5, 2, 1)]  # retried alone
+    assert [(p.offset, p.rows, p.attempts) for p in again] == [(7, 3, 0)]  # sent again, no attempt used
+    assert [ledger.deliver_rows(p, 0, p.rows, 2 * p.sample + 1) for p in [*again, *suspects]] == [0, 10]
+    np.testing.assert_array_equal(part.future.result(), 2 * rows + 1)
+    counts = ledger.counts()
+    assert counts["delivered"] == 1 and counts["stuck"] == 2 and counts["requeued"] == 2 + 3
+
+
 def test_blocks_join_into_chunks_as_views_where_a_chunk_lies_in_one_block():
     blocks = [np.arange(10.0).reshape(5, 2), np.arange(10.0, 16.0).reshape(3, 2)]
     whole = join_in_chunks(blocks, 1 << 20)
@@ -235,6 +274,22 @@ async def test_a_block_times_out_whole_and_a_close_cancels_queued_blocks(c, s, a
     stats = batcher.stats()
     assert stats["cancelled"] == 2 * BLOCK_ROWS and stats["queued"] == 0
     assert stats["delivered"] == 1 and stats["submitted"] == 1 + 50 + 2 * BLOCK_ROWS
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)])
+async def test_a_worker_leaving_mid_block_hands_its_rows_back_and_they_run_elsewhere(c, s, a, b):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("slow-affine-leave", load=build_slow_affine, max_batch_size=64))
+    x = np.arange(3 * BLOCK_ROWS * 2, dtype=np.float64).reshape(-1, 2)
+    predicted = asyncio.ensure_future(asyncio.to_thread(batcher.predict, x))
+    await _until(lambda: batcher.stats()["delivered"] >= BLOCK_ROWS)
+    assert batcher.stats()["workers"][a.address]["inflight_batches"] > 0
+    await a.close()  # leaves with shipments of block parts in flight
+    y = await asyncio.wait_for(predicted, WAIT)
+    np.testing.assert_array_equal(y, 2 * x + 1)
+    stats = batcher.stats()
+    assert stats["delivered"] == len(x) and stats["failed"] == 0 and stats["requeued"] > 0
+    batcher.close()
 
 
 def _outcome(fn, *args):
