@@ -11,7 +11,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import dask_dynbatch as ddb
-from dask_dynbatch.client.bulk import stack_results
+from dask_dynbatch.client.bulk import BLOCK_ROWS, stack_results
 from dask_dynbatch.client.progress import ProgressBar
 from dask_dynbatch.examples import build_affine
 
@@ -55,14 +55,16 @@ def test_predict_checks_the_whole_array_against_the_signature(client):
         assert batcher.stats()["submitted"] == 0  # nothing of a refused array was queued
 
 
-def test_predict_raises_the_failure_of_a_row(client):
-    x = np.ones((200, 2))
-    x[17, 0] = -1.0
+def test_predict_raises_the_failure_of_a_row_and_counts_its_block_failed(client):
+    x = np.ones((2 * BLOCK_ROWS + 200, 2))
+    x[BLOCK_ROWS + 17, 0] = -1.0  # in the second block
     with ddb.Batcher(client, ddb.ModelSpec("poisoned-bulk", load=build_poisoned)) as batcher:
         with pytest.raises(ValueError, match="poison sample"):
             batcher.predict(x)
         batcher.close(drain=True)
-        assert batcher.stats()["delivered"] == 199  # the other rows ran
+        stats = batcher.stats()
+    # the rows of a block share its one fate; the other blocks ran
+    assert stats["failed"] == BLOCK_ROWS and stats["delivered"] == BLOCK_ROWS + 200
 
 
 def test_predict_torch_tensor_in_tensor_out(client):
@@ -109,6 +111,14 @@ def test_map_progress_writes_to_stderr_not_stdout(client, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "300 / 300 requests | 100%" in captured.err
+
+
+def test_predict_progress_counts_rows(client, capsys):
+    x = np.ones((BLOCK_ROWS + 5, 2))
+    with ddb.Batcher(client, ddb.ModelSpec("affine-progress-predict", load=build_affine)) as batcher:
+        assert batcher.predict(x, progress=True).shape == x.shape
+    err = capsys.readouterr().err
+    assert f"{BLOCK_ROWS + 5:,} / {BLOCK_ROWS + 5:,} rows | 100%" in err
 
 
 def test_notebook_progress_bar_is_a_widget(client):

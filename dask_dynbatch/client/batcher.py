@@ -21,6 +21,7 @@ import numpy as np
 from distributed import Future as DaskFuture
 from distributed import as_completed
 
+from ..core.blocks import Block, BlockPart, count_rows
 from ..core.requests import Request, RequestFuture, RequestQueue
 from ..errors import (
     BatcherClosedError,
@@ -217,8 +218,10 @@ class Batcher:
         samples) and return the outputs as one array, in order (a list when their shapes differ).
 
         The rows are checked against the input signature at once (:class:`InputSignatureError`
-        for the whole array); each row is one request, batched with everyone else's. Raises the
-        exception of the first row that failed. A torch tensor in gives a tensor out.
+        for the whole array) and queued in blocks of rows, one request each (not a request per
+        row); the rows are batched with everyone else's, and a block may be cut between shipments
+        and workers. Raises the exception of the first row that failed (the rest of its block is
+        dropped; ``stats()`` counts its rows failed). A torch tensor in gives a tensor out.
         ``progress=True`` shows a progress bar while waiting.
 
         ``x`` may also be a Dask collection: the result is then a lazy collection of the same kind
@@ -240,17 +243,16 @@ class Batcher:
         return predict(self, x, priority=priority, timeout=timeout, progress=progress, on_error=on_error)
 
     def _submit_all(self, xs: Iterable[Any], priority: int, timeout: float | str | None, *,
-                    raise_rejected: bool, checked: bool = False,
-                    into: list[RequestFuture] | None = None) -> list[RequestFuture]:
-        """Queue ``xs``; ``checked``: they are NumPy rows already checked against the signature;
-        ``into``: the list the futures are appended to as they are made (a progress bar reads it)."""
+                    raise_rejected: bool, into: list[RequestFuture] | None = None) -> list[RequestFuture]:
+        """Queue ``xs``, one request each; ``into``: the list the futures are appended to as they
+        are made (a progress bar reads it)."""
         self._check_open()
         now = time.monotonic()
         deadline = None if timeout is None else now + parse_seconds(timeout, "timeout")
         xs = xs if isinstance(xs, (list, tuple, np.ndarray)) else list(xs)
         spec = self.spec
         if spec.overload == "reject" and spec.max_queue is not None:
-            inline = len(xs) if checked else sum(1 for x in xs if not isinstance(x, DaskFuture))
+            inline = sum(1 for x in xs if not isinstance(x, DaskFuture))
             if len(self._queue) + inline > spec.max_queue:  # all or nothing
                 raise self._queue_full_error()
         futures: list[RequestFuture] = [] if into is None else into
@@ -261,7 +263,7 @@ class Batcher:
             requests, rejected = [], []
             for i, x in enumerate(xs[start:start + MAP_CHUNK], start):
                 try:
-                    sample = x if checked else None if isinstance(x, DaskFuture) else check_any(x, self._model)
+                    sample = None if isinstance(x, DaskFuture) else check_any(x, self._model)
                 except (InputSignatureError, TypeError) as exc:
                     if raise_rejected:
                         raise
@@ -277,6 +279,29 @@ class Batcher:
             self._wait_for_inputs([req for req in requests if req.dask_future is not None])
         return futures
 
+    def _submit_blocks(self, rows: np.ndarray, block_rows: int, priority: int, timeout: float | str | None,
+                       into: list[RequestFuture]) -> list[int]:
+        """Queue ``rows`` (C-contiguous, already checked against the signature) as blocks of up to
+        ``block_rows`` rows: one request and one future each (:mod:`~dask_dynbatch.core.blocks`);
+        the futures are appended to ``into``. Returns the blocks' rows."""
+        self._check_open()
+        now = time.monotonic()
+        deadline = None if timeout is None else now + parse_seconds(timeout, "timeout")
+        spec = self.spec
+        if spec.max_queue is not None:
+            block_rows = min(block_rows, spec.max_queue)  # a block must fit into an empty queue
+            if spec.overload == "reject" and len(self._queue) + len(rows) > spec.max_queue:  # all or nothing
+                raise self._queue_full_error()
+        requests: list[Request] = []
+        for start in range(0, len(rows), block_rows):
+            block = rows[start : start + block_rows]
+            requests.append(BlockPart(Block(len(block)), block, priority=priority, deadline=deadline, enqueued=now))
+        into.extend(r.future for r in requests)
+        sizes = [r.rows for r in requests]  # before the dispatcher cuts any of them
+        self._ledger.count("submitted", len(rows))
+        self._enqueue(requests, deadline)
+        return sizes
+
     def _request(self, x: Any, sample: Any, priority: int, deadline: float | None,
                  now: float) -> Request:
         future = RequestFuture()
@@ -289,7 +314,7 @@ class Batcher:
         if not requests:
             return
         limit = self.spec.max_queue
-        if limit is None or len(self._queue) + len(requests) <= limit:
+        if limit is None or len(self._queue) + count_rows(requests)[0] <= limit:
             self._queue.push(requests)
             self._dispatcher.wake()
             return
@@ -304,16 +329,19 @@ class Batcher:
         room = self._ledger.room
         while start < len(requests):
             with room:
-                room.wait_for(lambda: len(self._queue) < limit or self._closed or
+                room.wait_for(lambda: len(self._queue) + requests[start].rows <= limit or self._closed or
                               (deadline is not None and time.monotonic() > deadline), timeout=None if deadline is None
                               else max(0.0, deadline - time.monotonic()))
-            if deadline is not None and time.monotonic() > deadline and len(self._queue) >= limit:
+            if deadline is not None and time.monotonic() > deadline and len(self._queue) + requests[start].rows > limit:
                 self._ledger.fail(requests[start:], RequestTimeoutError(
                     f"request to model {self.spec.name!r} timed out waiting for room in the queue "
                     f"(max_queue={limit}, overload='block')"), "timed_out")
                 return
             self._check_open()
-            take = max(1, limit - len(self._queue))
+            take, free = 0, limit - len(self._queue)  # at least one request: the wait made room for it
+            while start + take < len(requests) and (take == 0 or requests[start + take].rows <= free):
+                free -= requests[start + take].rows
+                take += 1
             self._queue.push(requests[start : start + take])
             start += take
             self._dispatcher.wake()
@@ -426,7 +454,7 @@ class Batcher:
         started, cancelled = [], 0
         for req in self._queue.drain():
             if req.future.cancel():
-                cancelled += 1
+                cancelled += req.rows
             else:  # re-queued after its worker died: running, so it cannot be cancelled
                 started.append(req)
         started.extend(self._dispatcher.quarantine.drain())
@@ -453,7 +481,8 @@ class Batcher:
         """Counts, queue depth, latency percentiles and, per worker, what its model server advised
         (batch size, memory cap, throughput, the controller's last decision and why).
 
-        Counts: ``submitted``, ``delivered``, ``failed``, ``cancelled``, ``timed_out`` (of which
+        Counts are rows (a block of :meth:`predict` counts its rows, which share one fate):
+        ``submitted``, ``delivered``, ``failed``, ``cancelled``, ``timed_out`` (of which
         ``timed_out_running`` after their shipment left), ``requeued`` (sent again after their
         worker died, closed or restarted), ``stuck`` (requests in device batches declared stuck),
         ``isolated`` (requests re-sent in groups of suspects), ``quarantined`` (of ``failed``: a
@@ -469,7 +498,7 @@ class Batcher:
             "queued": len(self._queue),
             "quarantine": len(dispatcher.quarantine),
             "waiting_for_inputs": self._waiting_for_inputs,
-            "in_flight": sum(len(reqs) for reqs in list(dispatcher.inflight.values())),
+            "in_flight": sum(s.inflight_rows for s in list(dispatcher.slots.values())),
             "no_worker": dispatcher.no_worker_since is not None,
             "closed": self._closed,
             **counts,

@@ -1,8 +1,10 @@
 """Many requests at once: an array of samples in, one array of results out.
 
 :meth:`Batcher.predict <dask_dynbatch.Batcher.predict>` checks the array's rows against the model's
-input signature once (not row by row, as ``map`` checks arbitrary samples) and :func:`gather` joins
-the results of request futures into one array when their rows share a shape and dtype.
+input signature once (not row by row, as ``map`` checks arbitrary samples) and queues them in
+blocks of :data:`BLOCK_ROWS` rows, each one request with one future (:mod:`dask_dynbatch.core.blocks`),
+not a request per row. :func:`gather` joins the results of request futures into one array when
+their rows share a shape and dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..core.blocks import join_outputs
 from ..core.requests import RequestFuture
 from ..core.rows import as_numpy_sample
 from ..core.tree import Structure
@@ -22,6 +25,9 @@ from .samples import check_sample
 
 if TYPE_CHECKING:
     from .batcher import Batcher
+
+#: predict() queues an array in blocks of this many rows: one request, and one future, each
+BLOCK_ROWS = 4096
 
 
 def gather(futures: Sequence[Future], *, progress: bool = False) -> Any:
@@ -77,17 +83,28 @@ def predict(batcher: Batcher, x: Any, *, priority: int = 0, timeout: float | str
     if on_error != "raise":
         raise ValueError("on_error applies to Dask collections; for an in-memory array use map() and each future")
     rows, as_torch = _rows(batcher, x)
-    # rows of padded or structured models are checked one by one (each row is one sample)
-    checked = not (batcher.spec.structured or isinstance(batcher._model.signature, Structure))
     futures: list[RequestFuture] = []
-    bar = ProgressBar(futures, total=len(rows)) if progress and len(rows) else None  # shows the queueing too
+    bar = None
+    if batcher.spec.structured or isinstance(batcher._model.signature, Structure):
+        # rows of padded or structured models are checked one by one (each row is one sample)
+        bar = ProgressBar(futures, total=len(rows)) if progress and len(rows) else None  # shows the queueing too
+        try:
+            batcher._submit_all(list(rows), priority, timeout, raise_rejected=True, into=futures)
+            out = gather(futures)
+        finally:
+            if bar is not None:
+                bar.wait() if all(f.done() for f in futures) and len(futures) == len(rows) else bar.stop()
+        return out
+    sizes = batcher._submit_blocks(np.ascontiguousarray(rows), BLOCK_ROWS, priority, timeout, into=futures)
+    bar = ProgressBar(futures, sizes=sizes, label="rows") if progress and futures else None
     try:
-        batcher._submit_all(rows if checked else list(rows), priority, timeout, raise_rejected=True, checked=checked,
-                            into=futures)
-        out = gather(futures)
+        results = [f.result() for f in futures]
     finally:
         if bar is not None:
-            bar.wait() if all(f.done() for f in futures) and len(futures) == len(rows) else bar.stop()
+            bar.wait() if all(f.done() for f in futures) else bar.stop()
+    if not results:
+        return results
+    out = join_outputs(results, sizes)
     if as_torch and isinstance(out, np.ndarray):
         import torch
 

@@ -23,14 +23,15 @@ import math
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import dask.config
 import numpy as np
 
 from .. import protocol
+from ..core.blocks import ShipmentRows, count_rows
 from ..core.pacing import BusyForecast
 from ..core.placement import WorkerLoad, fill_unknown_throughputs, plan, workload
 from ..core.quarantine import MAX_DEATHS, Quarantine
@@ -244,17 +245,18 @@ class Dispatcher:
         return retry_in
 
     def _ship(self, slot: WorkerSlot, batch: list[Request], now: float, isolate: bool = False) -> None:
+        rows, blocks = count_rows(batch)
         slot.inflight += 1
-        slot.inflight_rows += len(batch)
+        slot.inflight_rows += rows
         self.inflight[id(batch)] = batch
-        slot.forecast.sent(len(batch), now)
+        slot.forecast.sent(rows, now)
         for req in batch:
             if req.deadline is not None:
                 heapq.heappush(self._running_deadlines, (req.deadline, next(self._deadline_seq), req))
         if isolate:
             slot.isolating = True
-            self.ledger.count("isolated", len(batch))
-        self.in_background(self._send(slot, batch, now, isolate))
+            self.ledger.count("isolated", rows)
+        self.in_background(self._send(slot, batch, now, isolate, rows, ShipmentRows(batch) if blocks else None))
 
     def _send_isolated(self, live: list[WorkerSlot], now: float) -> list[WorkerSlot]:
         """Send waiting groups of suspects, one per worker, each to a worker with nothing else of
@@ -334,34 +336,39 @@ class Dispatcher:
         )
 
     # -- one shipment -------------------------------------------------------------------------------
-    async def _send(self, slot: WorkerSlot, reqs: list[Request], formed: float, isolate: bool = False) -> None:
-        """Send one shipment and deliver its results (``isolate``: a group of suspects). Whatever
+    async def _send(self, slot: WorkerSlot, reqs: list[Request], formed: float, isolate: bool, rows: int,
+                    layout: ShipmentRows | None) -> None:
+        """Send one shipment of ``rows`` rows and deliver its results (``isolate``: a group of
+        suspects; ``layout``: where each request's rows start, when some are block parts). Whatever
         happens, every request of it is resolved or back in the queue when this returns."""
         try:
             delivery = await self.transport.send(slot, reqs, version=self.model.version, formed=formed,
-                                                 signature=self.model.signature, isolate=isolate)
+                                                 signature=self.model.signature, isolate=isolate, layout=layout)
         except WorkerLost as exc:
             self._worker_lost(slot, reqs, exc.cause, sent=exc.sent, isolated=isolate)
         except ModelSuperseded:  # nothing ran: the same requests go to the new version
             self._requeue(reqs, isolate)
             self._model_changed = True
         except Exception as exc:  # the shipment could not run (model failed to load, inputs lost, ...)
-            logger.warning("dynbatch: shipment of %d for model %r failed: %r", len(reqs), self.model.name, exc)
+            logger.warning("dynbatch: shipment of %d for model %r failed: %r", rows, self.model.name, exc)
             self.ledger.fail(reqs, exc)
         else:
             try:
-                self._deliver(slot, reqs, delivery, isolate)
+                if layout is None:
+                    self._deliver(slot, reqs, delivery, isolate)
+                else:
+                    self._deliver_rows(slot, layout, delivery, isolate)
             except Exception as exc:  # outputs that cannot be split per request, ...
-                logger.warning("dynbatch: shipment of %d for model %r failed on the client: %r", len(reqs),
+                logger.warning("dynbatch: shipment of %d for model %r failed on the client: %r", rows,
                                self.model.name, exc)
                 self.ledger.fail(reqs, exc)
         finally:
             self.inflight.pop(id(reqs), None)
             slot.inflight -= 1
-            slot.inflight_rows -= len(reqs)
+            slot.inflight_rows -= rows
             if isolate:
                 slot.isolating = False
-            slot.forecast.replied(len(reqs), time.monotonic())
+            slot.forecast.replied(rows, time.monotonic())
             self._set_wake()
 
     def _deliver(self, slot: WorkerSlot, reqs: list[Request], delivery: Delivery, isolated: bool = False) -> None:
@@ -388,9 +395,50 @@ class Dispatcher:
                 req = reqs[row]
                 delivered += self.ledger.deliver(req, _to_torch(value) if req.as_torch else value)
         self.ledger.count("delivered", delivered)
+        self._learn(slot, delivery, len(ran), ran, isolated)
+
+    def _learn(self, slot: WorkerSlot, delivery: Delivery, rows: int, ran: Sequence[Request], isolated: bool) -> None:
+        """The worker's advice and the pacing forecast from a reply whose ``ran`` requests (``rows``
+        rows) ran; its history row."""
         oldest = min(r.enqueued for r in ran)
-        self.history.append(feedback.learn(slot, delivery, len(ran), oldest, self.model.spec.max_delay,
+        self.history.append(feedback.learn(slot, delivery, rows, oldest, self.model.spec.max_delay,
                                            self.model.name, isolated))
+
+    def _deliver_rows(self, slot: WorkerSlot, layout: ShipmentRows, delivery: Delivery, isolated: bool) -> None:
+        """:meth:`_deliver` for a shipment that holds block parts: the reply's rows are found in the
+        requests that hold them; a part whose rows come back in several pieces (or only some of
+        them: the others stuck or not run) is delivered, retried or sent again row range by range."""
+        reqs, reply = layout.reqs, delivery.reply
+        if reply.stuck:
+            self.ledger.count("stuck", len(reply.stuck))
+            self._worker_lost(slot, layout.requests_at(sorted(reply.stuck)), RuntimeError("a stuck device batch"),
+                              sent=True, isolated=isolated, stuck_limit=reply.stuck_limit or 0.0)
+        if reply.unrun:
+            self._worker_lost(slot, layout.requests_at(sorted(reply.unrun)),
+                              RuntimeError("the worker is closing or restarting"), sent=False, isolated=isolated)
+        ran, ran_rows = reqs, layout.rows
+        if reply.stuck or reply.unrun:
+            skip = sorted(set(reply.stuck) | set(reply.unrun))
+            skipped: Counter[int] = Counter()
+            for k, a, b, _ in layout.spans(skip):
+                skipped[k] += b - a
+            ran = [r for k, r in enumerate(reqs) if skipped[k] < r.rows]
+            ran_rows -= len(skip)
+            if not ran:
+                return
+        self.ledger.latency(ran, delivery.done, rows=True)
+        for row, exc in delivery.errors:  # a row of a block fails its block
+            self.ledger.fail([reqs[layout.spans([row])[0][0]]], exc)
+        delivered = 0
+        for positions, outputs in delivery.pieces:
+            for req, start, stop, rows in layout.pieces(positions, outputs):
+                if req.block is None:
+                    (value,) = split_rows(rows, 1)
+                    delivered += self.ledger.deliver(req, _to_torch(value) if req.as_torch else value)
+                else:
+                    delivered += self.ledger.deliver_rows(req, start, stop, rows)  # type: ignore[arg-type]
+        self.ledger.count("delivered", delivered)
+        self._learn(slot, delivery, ran_rows, ran, isolated)
 
     def _worker_lost(self, slot: WorkerSlot, reqs: list[Request], exc: BaseException, *, sent: bool,
                      isolated: bool = False, stuck_limit: float | None = None) -> None:
@@ -404,21 +452,22 @@ class Dispatcher:
         if self.closed:
             self.ledger.fail(reqs, closed_error(self.model.name, f"its worker {slot.address} was lost ({exc}) after the close"))
             return
+        rows = count_rows(reqs)[0]
         if not sent:
-            logger.info("dynbatch: %s did not run %d requests (%s); they are sent again", slot.address, len(reqs), exc)
+            logger.info("dynbatch: %s did not run %d rows (%s); they are sent again", slot.address, rows, exc)
             self._requeue(reqs, isolated)
-            self.ledger.count("requeued", len(reqs))
+            self.ledger.count("requeued", rows)
             return
         outcome = "worker died" if stuck_limit is None else "stuck"
-        logger.warning("dynbatch: %d requests of model %r were in a shipment whose %s (%s, %s); they are retried "
-                       "in smaller groups", len(reqs), self.model.name,
+        logger.warning("dynbatch: %d rows of model %r were in a shipment whose %s (%s, %s); they are retried "
+                       "in smaller groups", rows, self.model.name,
                        "worker died" if stuck_limit is None else "device batch was stuck", slot.address, exc)
-        self.history.append(feedback.lost(slot, len(reqs), self.model.version, outcome, isolated))
+        self.history.append(feedback.lost(slot, rows, self.model.version, outcome, isolated))
         failed = self.quarantine.lost(reqs)
         for req in failed:
             n = self.ledger.fail([req], self._quarantine_error(req, slot, exc, stuck_limit))
             self.ledger.count("quarantined", n)
-        self.ledger.count("requeued", len(reqs) - len(failed))
+        self.ledger.count("requeued", rows - count_rows(failed)[0])
 
     def _requeue(self, reqs: list[Request], isolated: bool) -> None:
         if isolated:

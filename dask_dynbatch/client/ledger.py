@@ -1,8 +1,9 @@
 """What became of a Batcher's requests: counts and latencies, and resolving their futures exactly once.
 
 Shared by the Batcher (user threads: submit, cancel, close) and its dispatcher (the client's event
-loop): every count goes through one lock, every future is resolved through :meth:`Ledger.deliver`
-or :meth:`Ledger.fail`, which count only what they resolved.
+loop): every count goes through one lock, every future is resolved through :meth:`Ledger.deliver`,
+:meth:`Ledger.deliver_rows` or :meth:`Ledger.fail`, which count only what they resolved. Counts are
+rows: a block's future counts its block's rows, all with the block's one fate.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import concurrent.futures
 import threading
 from collections import deque
 from collections.abc import Iterable
+from itertools import repeat
 from typing import Any
 
 import numpy as np
 
+from ..core.blocks import BlockPart
 from ..core.requests import Request
 
 #: ``timed_out_running``: of ``timed_out``, those whose deadline passed while their shipment ran;
@@ -50,7 +53,7 @@ class Ledger:
         for req in reqs:
             try:
                 req.future.set_exception(exc)
-                n += 1
+                n += 1 if req.block is None else req.block.rows
             except concurrent.futures.InvalidStateError:
                 pass
         self.count(counter, n)
@@ -65,8 +68,30 @@ class Ledger:
             return False
         return True
 
-    def latency(self, reqs: Iterable[Request], done: float) -> None:
-        self.latencies.extend(done - r.enqueued for r in reqs)
+    def deliver_rows(self, part: BlockPart, start: int, stop: int, outputs: Any) -> int:
+        """The outputs of rows ``start:stop`` of a block part; once all its block's rows are in,
+        resolve the block's future (unless resolved already). Returns the rows that resolved."""
+        block = part.block
+        if not block.put(part.offset + start, stop - start, outputs):
+            return 0
+        try:
+            result = block.join()
+        except Exception as exc:  # rows that cannot be joined: the block fails, not the event loop
+            self.fail([part], exc)
+            return 0
+        try:
+            block.future.set_result(result)
+        except concurrent.futures.InvalidStateError:
+            return 0
+        return block.rows
+
+    def latency(self, reqs: Iterable[Request], done: float, rows: bool = False) -> None:
+        """``rows``: some are block parts, whose latency counts once per row."""
+        if rows:
+            for r in reqs:
+                self.latencies.extend(repeat(done - r.enqueued, r.rows))
+        else:
+            self.latencies.extend(done - r.enqueued for r in reqs)
 
     def percentiles(self) -> dict[str, float | None]:
         # deque.copy() runs in C under the GIL: a consistent snapshot while the event loop appends

@@ -39,7 +39,10 @@ class ProgressBar:
         A widget (``True``), text (``False``), or a widget when running in a Jupyter kernel and
         ``ipywidgets`` is installed (``None``, the default).
     total
-        How many futures there will be (default: ``len(futures)``).
+        How many futures there will be (default: ``len(futures)``), or rows with ``sizes``.
+    sizes
+        How many rows each future stands for (a block of :meth:`Batcher.predict
+        <dask_dynbatch.Batcher.predict>`): the bar counts rows, not futures.
     interval
         Seconds between updates.
     file
@@ -53,13 +56,16 @@ class ProgressBar:
     """
 
     def __init__(self, futures: Sequence[Future], *, total: int | None = None, notebook: bool | None = None,
-                 interval: float = 0.1, file: TextIO | None = None, label: str = "requests"):
+                 interval: float = 0.1, file: TextIO | None = None, label: str = "requests",
+                 sizes: Sequence[int] | None = None):
         self.futures = futures
-        self.total = len(futures) if total is None else total
+        self.sizes = sizes
+        self.total = (len(futures) if sizes is None else sum(sizes)) if total is None else total
         self.interval = interval
         self.label = label
         self._file = file
         self._index = 0  # every future before it has finished
+        self._counted = 0  # what the futures before the index stand for
         self._start = time.monotonic()
         self._stop = threading.Event()
         self._widget: Any = None
@@ -72,14 +78,15 @@ class ProgressBar:
         self._thread.start()
 
     def count(self) -> int:
-        """Finished futures (exact once all have finished)."""
-        futures, i = self.futures, self._index
+        """Finished futures, or their rows with ``sizes`` (exact once all have finished)."""
+        futures, sizes, i = self.futures, self.sizes, self._index
         n = len(futures)  # those submitted so far
         while i < n and futures[i].done():
+            self._counted += 1 if sizes is None else sizes[i]
             i += 1
         self._index = i
-        ahead = sum(1 for f in futures[i + 1 : i + 1 + LOOKAHEAD] if f.done())
-        return i + ahead
+        ahead = range(i + 1, min(n, i + 1 + LOOKAHEAD))
+        return self._counted + sum(1 if sizes is None else sizes[j] for j in ahead if futures[j].done())
 
     @property
     def done(self) -> bool:

@@ -23,8 +23,9 @@ import numpy as np
 from distributed.core import send_recv
 from distributed.protocol import to_serialize
 
+from ..core.blocks import ShipmentRows
 from ..core.requests import Request
-from ..core.rows import stack_in_chunks
+from ..core.rows import join_in_chunks, rows_between, stack_in_chunks
 from ..core.tree import Structure, TreeRows
 from ..protocol import RUN, ShipmentReply, WorkerRestarting, exception_from, raise_if_error, unwrap
 from ..shm import ShmRing, ShmSlot, ShmUnavailable, shm_supported
@@ -94,18 +95,26 @@ class Transport:
         self._stackers.shutdown(wait=False)
 
     async def send(self, slot: WorkerSlot, reqs: list[Request], *, version: int, formed: float,
-                   signature: tuple[tuple[int, ...], np.dtype] | Structure | None, isolate: bool = False) -> Delivery:
+                   signature: tuple[tuple[int, ...], np.dtype] | Structure | None, isolate: bool = False,
+                   layout: ShipmentRows | None = None) -> Delivery:
         """Send ``reqs`` to ``slot``'s worker as one shipment of ``version``; the decoded reply.
-        ``isolate``: the worker runs them in device batches of their own.
+        ``isolate``: the worker runs them in device batches of their own. ``layout``: where each
+        request's rows start, when some are block parts (else each request is one row).
 
         Raises :class:`WorkerLost` (the requests go back to the queue; also when the worker
         answers that it is restarting), the worker's error for a shipment that could not run at
         all, or :class:`~dask_dynbatch.protocol.ModelSuperseded`."""
-        inline = [r.sample for r in reqs if r.dask_future is None]
-        keyed = [(i, r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
-        message: dict[str, Any] = {"model": self.model, "version": version, "client": self.client.id, "n": len(reqs),
+        if layout is None:
+            inline = [r.sample for r in reqs if r.dask_future is None]
+            firsts: list[int] | range = range(len(reqs))
+        else:  # blocks are joined, not stacked: a row request joins them as a block of one row
+            inline = [r.sample if r.block is not None else r.sample[np.newaxis] for r in reqs if r.dask_future is None]
+            firsts = layout.first_rows()
+        keyed = [(firsts[i], r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
+        message: dict[str, Any] = {"model": self.model, "version": version, "client": self.client.id,
+                                   "n": len(reqs) if layout is None else layout.rows,
                                    "queued_s": max(0.0, formed - min(r.enqueued for r in reqs))}
-        priorities = _priority_runs(reqs)
+        priorities = _priority_runs(reqs, firsts)
         if priorities is not None:
             message["priorities"] = priorities
         if isolate:
@@ -118,11 +127,13 @@ class Transport:
                 message["signature"] = (signature[0], signature[1].str)
         while True:
             ring = slot.shm
-            shm_slot = self._slot_for(ring, inline)
+            shm_slot = self._slot_for(ring, inline, blocks=layout is not None)
             new_slot = shm_slot is not None and not shm_slot.attached
             try:
                 if inline and isinstance(inline[0], Sample):
                     rows = await self._stack_tree(inline, shm_slot, signature)
+                elif layout is not None:
+                    rows = await self._join(inline, shm_slot)
                 else:
                     rows = await self._stack(inline, shm_slot)
                 if ring is not None:
@@ -147,10 +158,12 @@ class Transport:
                     ring.release(shm_slot)
             return self._decode(reply, formed, sent, done, new_slot)
 
-    def _slot_for(self, ring: ShmRing | None, inline: list[np.ndarray]) -> ShmSlot | None:
+    def _slot_for(self, ring: ShmRing | None, inline: list[np.ndarray], blocks: bool = False) -> ShmSlot | None:
         if ring is None or not inline:
             return None
-        if isinstance(inline[0], Sample):
+        if blocks:
+            nbytes = sum(b.nbytes for b in inline)
+        elif isinstance(inline[0], Sample):
             # each leaf may start up to an alignment later; a ragged one adds its offsets
             nbytes = sum(s.nbytes for s in inline) + len(inline[0].leaves) * (2 * _ALIGN + 8 * (len(inline) + 1))
         else:
@@ -212,6 +225,34 @@ class Transport:
         else:
             _stack_into(inline, view)
         return {"name": shm_slot.name, "shape": shape, "dtype": inline[0].dtype.str}
+
+    async def _join(self, blocks: list[np.ndarray], shm_slot: ShmSlot | None) -> dict[str, Any]:
+        """Blocks of rows as the message carries them: joined into the slot (large shipments in
+        parallel parts by the helper threads), or into chunks for the comm (views of a block where
+        a chunk lies within one). NumPy copies a block in one call, so the slot's ``write`` copy
+        (for many single rows beside a busy thread) has nothing to add here."""
+        nbytes = sum(b.nbytes for b in blocks)
+        loop = asyncio.get_running_loop()
+        if shm_slot is None:
+            if nbytes >= STACK_IN_THREAD_BYTES:
+                batch = await loop.run_in_executor(self._stackers, join_in_chunks, blocks, SEND_CHUNK_BYTES)
+            else:
+                batch = join_in_chunks(blocks, SEND_CHUNK_BYTES)
+            return {"batch": to_serialize(batch)}
+        bounds = np.cumsum([0] + [len(b) for b in blocks])
+        rows = int(bounds[-1])
+        shape = (rows, *blocks[0].shape[1:])
+        view = shm_slot.array(shape, blocks[0].dtype)
+        if nbytes >= STACK_IN_THREAD_BYTES:
+            parts = min(STACK_THREADS, max(1, nbytes // STACK_PART_BYTES), rows)
+            cuts = np.linspace(0, rows, parts + 1).astype(int)
+            await asyncio.gather(*(
+                loop.run_in_executor(self._stackers, _join_into, rows_between(blocks, bounds, a, b), view[a:b])
+                for a, b in zip(cuts[:-1], cuts[1:])
+            ))
+        else:
+            _join_into(blocks, view)
+        return {"shm": {"name": shm_slot.name, "shape": shape, "dtype": blocks[0].dtype.str}}
 
     async def _call(self, address: str, **message: Any) -> Any:
         """One ``dynbatch_run`` over the client's connection pool. Connecting and sending are two
@@ -295,11 +336,16 @@ def _stack_into(samples: list[np.ndarray], out: np.ndarray) -> None:
     np.stack(samples, out=out)
 
 
-def _priority_runs(reqs: list[Request]) -> list[tuple[int, int]] | None:
-    """``(first row, priority)`` where the priority changes (rows leave the queue highest first);
-    None when every row has priority 0."""
+def _join_into(blocks: list[np.ndarray], out: np.ndarray) -> None:
+    """Join blocks of rows into ``out`` (a shared-memory view); NumPy copies without holding the GIL."""
+    np.concatenate(blocks, out=out)
+
+
+def _priority_runs(reqs: list[Request], firsts: list[int] | range) -> list[tuple[int, int]] | None:
+    """``(first row, priority)`` where the priority changes (rows leave the queue highest first;
+    ``firsts``: each request's first row); None when every row has priority 0."""
     runs: list[tuple[int, int]] = []
     for i, req in enumerate(reqs):
         if not runs or runs[-1][1] != req.priority:
-            runs.append((i, req.priority))
+            runs.append((firsts[i], req.priority))
     return None if runs == [(0, 0)] else runs

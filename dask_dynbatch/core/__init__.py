@@ -2,6 +2,7 @@
 (``tests/test_layout.py`` checks it), so every rule is unit-tested with fakes for time and memory.
 
 - :mod:`.requests`: request futures and the client's priority queue
+- :mod:`.blocks`: many rows of one array as one request (``Batcher.predict``), cut where shipments are full
 - :mod:`.rows`: samples as arrays, stacking for the wire, splitting outputs back into rows
 - :mod:`.formation`: the model server's queue and how device batches are formed from it
 - :mod:`.estimate`: running averages per batch size, used by everything that learns from batches

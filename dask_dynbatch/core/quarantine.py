@@ -13,6 +13,9 @@ fails; every batchmate is delivered.
 The bound: a request makes its worker die at most ``max_deaths`` times. Groups are cut small
 enough that the culprit of a group is alone before that bound: a group cut after ``d`` deaths
 holds at most ``2 ** (max_deaths - d - 1)`` requests.
+
+A block part (:mod:`~dask_dynbatch.core.blocks`) is one request here, however many rows it holds:
+its rows share one future, so it is retried and fails as a unit.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Quarantine:
         self._rows = 0
 
     def __len__(self) -> int:
-        """Requests waiting (including ones resolved meanwhile, dropped when their group is taken)."""
+        """Rows waiting (including ones resolved meanwhile, dropped when their group is taken)."""
         return self._rows
 
     def lost(self, reqs: Sequence[Any]) -> list[Any]:
@@ -67,13 +70,13 @@ class Quarantine:
         group = list(group)
         if group:
             self._groups.append(group)
-            self._rows += len(group)
+            self._rows += sum(r.rows for r in group)
 
     def pop(self) -> list[Any]:
         """The next group still holding unresolved requests (an empty list: none waits)."""
         while self._groups:
             group = self._groups.popleft()
-            self._rows -= len(group)
+            self._rows -= sum(r.rows for r in group)
             group = [r for r in group if not r.future.done()]  # timed out while they waited
             if group:
                 return group

@@ -13,7 +13,10 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .blocks import Block
 
 _PENDING, _RUNNING, _CANCELLED, _CANCELLED_AND_NOTIFIED, _FINISHED = (
     "PENDING", "RUNNING", "CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"
@@ -176,7 +179,11 @@ class RequestFuture(concurrent.futures.Future):
 
 
 class Request:
-    """One sample waiting for its batch."""
+    """One sample waiting for its batch (a :class:`~dask_dynbatch.core.blocks.BlockPart`: rows of a block)."""
+
+    #: rows it carries, and the block they belong to: a block part's own, class-wide for one sample
+    rows: int = 1
+    block: Block | None = None
 
     __slots__ = ("sample", "future", "priority", "deadline", "enqueued", "dask_future", "attempts", "seq", "queued",
                  "owner", "as_torch")
@@ -207,7 +214,8 @@ class Request:
 
 
 class RequestQueue:
-    """Requests by priority (higher first), FIFO within a priority.
+    """Requests by priority (higher first), FIFO within a priority; its length and sizes count rows
+    (a block part counts its rows, and is cut when it does not fit whole).
 
     Cancelled requests leave the count at once and are dropped when reached. Requests whose deadline
     passed are returned separately by :meth:`pop` so that the caller fails them without running them.
@@ -229,6 +237,7 @@ class RequestQueue:
         self.cancelled = 0
 
     def __len__(self) -> int:
+        """Rows queued."""
         return self._live
 
     def _deque(self, priority: int) -> deque[Request]:
@@ -242,14 +251,14 @@ class RequestQueue:
         with self._lock:
             if req.queued:
                 req.queued = False
-                self._live -= 1
-                self.cancelled += 1
+                self._live -= req.rows
+                self.cancelled += req.rows
 
     def _unqueue(self, req: Request) -> None:
         """Caller holds the lock: ``req`` leaves the count (it is being taken out)."""
         req.queued = False
         req.future._queued = None
-        self._live -= 1
+        self._live -= req.rows
 
     def push(self, requests: Iterable[Request], *, front: bool = False) -> int:
         """Add requests (at the front of their priority when re-queued); return the new length."""
@@ -269,32 +278,44 @@ class RequestQueue:
                     dq.appendleft(req)
                 else:
                     dq.append(req)
-                self._live += 1
+                self._live += req.rows
             return self._live
 
     def pop(self, n: int, now: float) -> tuple[list[Request], list[Request]]:
-        """Take up to ``n`` runnable requests, highest priority first.
+        """Take up to ``n`` rows of runnable requests, highest priority first.
 
         Returns ``(batch, expired)``. Every request in ``batch`` is marked running (its ``cancel()``
-        now returns ``False``); ``expired`` requests passed their deadline and must be failed.
+        now returns ``False``); ``expired`` requests passed their deadline and must be failed. A
+        block part with more rows than are left to take is cut: its first rows go into ``batch``.
         """
         batch: list[Request] = []
         expired: list[Request] = []
+        taken = 0
         with self._lock:
             for priority in self._priorities:
                 dq = self._by_priority[priority]
-                while dq and len(batch) < n:
+                while dq and taken < n:
                     req = dq.popleft()
                     if not req.queued:  # cancelled or expired: already uncounted
                         continue
-                    self._unqueue(req)
                     if req.deadline is not None and now > req.deadline:
+                        self._unqueue(req)
                         expired.append(req)
-                    elif _start(req.future):
+                    elif not _start(req.future):
+                        self._unqueue(req)
+                        if req.future.cancelled():  # cancelled between the check and now
+                            self.cancelled += req.rows
+                    elif req.rows > n - taken:  # a block part larger than the room left
+                        head = req.take(n - taken)  # type: ignore[attr-defined]  # only block parts have rows > 1
+                        self._live -= head.rows
+                        dq.appendleft(req)  # the rest keeps its place (running: it cannot be cancelled any more)
+                        batch.append(head)
+                        taken += head.rows
+                    else:
+                        self._unqueue(req)
                         batch.append(req)
-                    elif req.future.cancelled():  # cancelled between the check and now
-                        self.cancelled += 1
-                if len(batch) >= n:
+                        taken += req.rows
+                if taken >= n:
                     break
             if len(self._deadlines) > 2 * self._live + self._HEAP_SLACK:
                 # entries of requests that already ran keep their samples alive: drop them

@@ -37,6 +37,35 @@ def stack_in_chunks(samples: Sequence[np.ndarray], chunk_bytes: int) -> np.ndarr
     return [np.stack(samples[i : i + rows]) for i in range(0, len(samples), rows)]
 
 
+def join_in_chunks(blocks: Sequence[np.ndarray], chunk_bytes: int) -> np.ndarray | list[np.ndarray]:
+    """What :func:`stack_in_chunks` is to single rows, for blocks of rows (their first axis): joined
+    into one array when the rows fit in ``chunk_bytes``, else into chunks of at most ``chunk_bytes``
+    (at least one row each). A chunk that lies within one block is a view of it, not a copy."""
+    per_row = max(1, blocks[0][:1].nbytes)
+    step = max(1, int(chunk_bytes) // per_row)
+    bounds = np.cumsum([0] + [len(b) for b in blocks])
+    total = int(bounds[-1])
+    chunks = [_join(rows_between(blocks, bounds, lo, min(lo + step, total))) for lo in range(0, total, step)]
+    return chunks[0] if len(chunks) == 1 else chunks
+
+
+def rows_between(blocks: Sequence[np.ndarray], bounds: np.ndarray, lo: int, hi: int) -> list[np.ndarray]:
+    """Rows ``lo:hi`` of the blocks joined end to end (``bounds``: where each block starts, and the
+    total), as views of the blocks they lie in."""
+    out = []
+    i = int(np.searchsorted(bounds, lo, side="right")) - 1
+    while lo < hi:
+        stop = min(hi, int(bounds[i + 1]))
+        out.append(blocks[i][lo - bounds[i] : stop - bounds[i]])
+        lo = stop
+        i += 1
+    return out
+
+
+def _join(blocks: list[np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(blocks[0]) if len(blocks) == 1 else np.concatenate(blocks)
+
+
 def split_rows(outputs: Any, n: int) -> list[Any]:
     """Per-row results of a batched output: array rows, tuples/dicts of them, or a list that holds
     one element per row."""
@@ -56,3 +85,22 @@ def split_rows(outputs: Any, n: int) -> list[Any]:
         got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"
         raise ValueError(f"the model returned {got} for a batch of {n}: outputs must keep the batch dimension")
     return list(outputs)
+
+
+def slice_rows(outputs: Any, start: int, stop: int, n: int) -> Any:
+    """Rows ``start:stop`` of a batch's outputs (arrays; tuples, lists and dicts of them) of ``n``
+    rows; a ``ValueError`` when an output does not keep the batch dimension."""
+    if isinstance(outputs, dict):
+        return {k: slice_rows(v, start, stop, n) for k, v in outputs.items()}
+    if isinstance(outputs, tuple):
+        return tuple(slice_rows(v, start, stop, n) for v in outputs)
+    if isinstance(outputs, list):  # one element per row
+        if len(outputs) != n:
+            raise ValueError(f"the model returned a list of {len(outputs)} for a batch of {n}: a list output "
+                             "must hold one element per row")
+        return outputs[start:stop]
+    rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
+    if rows != n:
+        got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"
+        raise ValueError(f"the model returned {got} for a batch of {n}: outputs must keep the batch dimension")
+    return outputs[start:stop]

@@ -39,6 +39,7 @@ import numpy as np
 from ..core.controller import BatchSizeController
 from ..core.formation import CostQueue, DeviceBatch, Part, PartQueue
 from ..core.memory import MemorySizer
+from ..core.rows import slice_rows
 from ..core.tree import learn_fixed, trim_output_row
 from ..core.watchdog import ExecutionClock
 from ..protocol import Advice, DeviceBatchRecord, ModelSuperseded
@@ -573,22 +574,3 @@ class ModelServer:
         self.loaded.close()
         self.sizer.forget(self.name)
         self.loaded.free_cache()
-
-
-def slice_rows(outputs: Any, start: int, stop: int, n: int) -> Any:
-    """Rows ``start:stop`` of a batch's outputs (arrays; tuples, lists and dicts of them) of ``n``
-    rows; a ``ValueError`` when an output does not keep the batch dimension."""
-    if isinstance(outputs, dict):
-        return {k: slice_rows(v, start, stop, n) for k, v in outputs.items()}
-    if isinstance(outputs, tuple):
-        return tuple(slice_rows(v, start, stop, n) for v in outputs)
-    if isinstance(outputs, list):  # one element per row
-        if len(outputs) != n:
-            raise ValueError(f"the model returned a list of {len(outputs)} for a batch of {n}: a list output "
-                             "must hold one element per row")
-        return outputs[start:stop]
-    rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
-    if rows != n:
-        got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"
-        raise ValueError(f"the model returned {got} for a batch of {n}: outputs must keep the batch dimension")
-    return outputs[start:stop]
