@@ -208,10 +208,9 @@ def main() -> None:
 def pressure(args, requests, samples, load, size, out: Path) -> dict:
     """dask-dynbatch and fixed pad-to-max batches, each on a fresh cluster started while a
     neighbour holds all but ``--hog-keep-gib`` of the GPU's memory."""
+    import torch
     from distributed import Client, LocalCluster
     from gpu_case import HOG, release_hog, start_hog
-
-    import torch
 
     if not torch.cuda.is_available():
         return {"skipped": "no GPU"}
