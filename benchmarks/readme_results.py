@@ -449,6 +449,23 @@ def text_section() -> str:
             f"{w[r['best_sorted']]:.1%}), device batches of {r['dynbatch_mean_device_batch']:.0f} rows on average.\n")
 
 
+def collection_section() -> str:
+    """Batcher.predict over a dask array, against map_blocks, the client and Ray Data (``collection_case.json``)."""
+    r = load_result("collection_case")
+    if r is None:
+        return ""
+    m, t = r["machine"], r["throughput"]
+    ray = f"Ray Data `map_batches` (actor pool of 1, batches of 512) {t['ray_data']:,.0f}" if "ray_data" in t else (
+        "Ray Data not run")
+    ratios = "; ".join(f"`{k}` {v:.2f}x the best `map_blocks` ({r['best_map_blocks']}, target 1.1: {met(v >= 1.1)}) and "
+                       f"{r['ratio_to_client_map'][k]:.2f}x `client_map` (target 0.9: {met(r['ratio_to_client_map'][k] >= 0.9)})"
+                       for k, v in r["ratio_to_map_blocks"].items())
+    return (f"**Dask collections** (`collection_case.json`, `python benchmarks/collection_case.py`; {m.get('cpu')}, "
+            f"{m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): {r['images']:,} CNN images in a dask array "
+            f"persisted on one worker (1 thread), images/s, medians of the rounds: "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in t.items() if k != "ray_data") + f"; {ray}. {ratios}.\n")
+
+
 def first_result_section() -> str:
     """Time to the first result and the front end through predict() (``first_result*.json``)."""
     parts = []
@@ -482,6 +499,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 {cpu_section(c)}
 {first_result_section()}
 {text_section()}
+{collection_section()}
 {sharing_section()}
 {launch_bound_section()}
 {placement_section()}
