@@ -182,3 +182,36 @@ def test_predict_refuses_other_collections(client):
     with ddb.Batcher(client, ddb.ModelSpec("coll-affine-other", load=build_affine)) as batcher:
         with pytest.raises(TypeError, match="dask Array, Bag, DataFrame or Series"):
             batcher.predict(dask.delayed(np.ones)(3))
+
+
+def square(x):
+    return x * x
+
+
+def crop_rows(x):
+    """A list of 0, 1 or 2 pieces of a row (a fan-out of any size)."""
+    return [x[:2] for _ in range(int(x[0]) % 3)]
+
+
+def total(pieces):
+    return float(sum(float(p.sum()) for p in pieces))
+
+
+def test_pipeline_over_collections(client):
+    affine = ddb.Batcher(client, ddb.ModelSpec("coll-pipe-affine", load=build_affine))
+    halves = ddb.Batcher(client, ddb.ModelSpec("coll-pipe-halves", load=build_affine))
+    try:
+        data = np.arange(400 * 3, dtype=np.float64).reshape(400, 3)
+        pipe = ddb.Pipeline(client, [ddb.cpu(square), ddb.model(affine)])
+        got = pipe.predict(da.from_array(data, chunks=(64, 3))).compute()
+        np.testing.assert_allclose(got, 2 * data * data + 1)
+        # a fan-out of any size per row, each element through a model, then a CPU step over the list
+        fanned = ddb.Pipeline(client, [ddb.cpu(crop_rows), ddb.fan_out(ddb.model(halves)), ddb.cpu(total)])
+        rows = [np.array([float(i), 1.0, 2.0]) for i in range(60)]
+        out = fanned.predict(db.from_sequence(rows, npartitions=4)).compute()
+        assert out == [float((int(r[0]) % 3) * (2 * r[:2] + 1).sum()) for r in rows]
+        with pytest.raises(TypeError, match="dask Array, Bag, DataFrame or Series"):
+            pipe.predict([np.ones(3)])
+    finally:
+        affine.close()
+        halves.close()

@@ -73,20 +73,57 @@ def worker_batcher(name: str) -> Batcher:
     return batcher
 
 
-def run_array(name: str, block: np.ndarray, where: Any, on_error: str, priority: int,
-              timeout: float | None) -> Any:
-    """The outputs of an array block's rows as one array, through the bulk path (``predict``:
-    the block checked once); when a row failed, the rows again one by one, to name it (or leave
-    it missing)."""
-    from .bulk import predict
+class ModelRows:
+    """What a block's task runs its rows through: the model registered as ``name``, by this worker's
+    Batcher (picklable: it travels with the tasks)."""
 
-    batcher = worker_batcher(name)
-    with _room(block.nbytes):
-        try:
-            return predict(batcher, block, priority=priority, timeout=timeout)
-        except Exception:  # a row failed: find which (rows that ran are run again)
-            pass
-    return run_rows(name, list(block), where, on_error, priority, timeout)
+    def __init__(self, name: str, priority: int = 0, timeout: float | None = None):
+        self.name = name
+        self.priority = priority
+        self.timeout = timeout
+
+    def __reduce__(self):
+        return (ModelRows, (self.name, self.priority, self.timeout))
+
+    @property
+    def label(self) -> str:
+        return f"model {self.name!r}"
+
+    def block(self, block: np.ndarray) -> np.ndarray | None:
+        """The outputs of an array block's rows as one array, through the bulk path (``predict``:
+        the block checked once); None when a row failed (the caller runs the rows one by one)."""
+        from .bulk import predict
+
+        batcher = worker_batcher(self.name)
+        with _room(block.nbytes):
+            try:
+                return predict(batcher, block, priority=self.priority, timeout=self.timeout)
+            except Exception:  # a row failed: the rows again, one by one, find which
+                return None
+
+    def rows(self, values: list[Any]) -> list[tuple[bool, Any]]:
+        """Per row ``(True, output)`` or ``(False, error)``, in order."""
+        batcher = worker_batcher(self.name)
+        with _room(sum(_nbytes(v) for v in values)):
+            futures = batcher.map(values, priority=self.priority, timeout=self.timeout)
+            concurrent.futures.wait(futures)
+        return [(False, f.exception()) if f.exception() is not None else (True, f.result()) for f in futures]
+
+
+def collect(runner: Any, values: list[Any], where: Any, on_error: str) -> list[Any]:
+    """``runner``'s outputs of ``values``; a failed row raises :class:`RowError` naming its position
+    (``where(i)``), or is None with ``on_error="missing"``."""
+    if not values:
+        return []
+    out: list[Any] = []
+    for i, (ok, value) in enumerate(runner.rows(values)):
+        if not ok:
+            if on_error == "raise":
+                raise RowError(f"{runner.label}: {where(i)} failed: {value!r}") from value
+            out.append(None)
+            continue
+        out.append(value)
+    return out
 
 
 class _room:
@@ -111,29 +148,6 @@ class _room:
         rejoin()
 
 
-def run_rows(name: str, rows: list[Any], where: Any, on_error: str, priority: int,
-             timeout: float | None) -> list[Any]:
-    """The outputs of ``rows`` (in order) from the model's servers, sent by this worker's Batcher;
-    a failed row raises :class:`RowError` naming its position (``where(i)``), or is None with
-    ``on_error="missing"``."""
-    if not rows:
-        return []
-    batcher = worker_batcher(name)
-    with _room(sum(_nbytes(r) for r in rows)):
-        futures = batcher.map(rows, priority=priority, timeout=timeout)
-        concurrent.futures.wait(futures)
-    out: list[Any] = []
-    for i, future in enumerate(futures):
-        error = future.exception()
-        if error is not None:
-            if on_error == "raise":
-                raise RowError(f"model {name!r}: {where(i)} failed: {error!r}") from error
-            out.append(None)
-            continue
-        out.append(future.result())
-    return out
-
-
 def _nbytes(row: Any) -> int:
     if isinstance(row, dict):
         return sum(_nbytes(v) for v in row.values())
@@ -145,12 +159,13 @@ def _nbytes(row: Any) -> int:
 # -- arrays ----------------------------------------------------------------------------------------
 
 
-def _array_block(block: np.ndarray, model: str, out_shape: tuple, out_dtype: str, on_error: str, priority: int,
-                 timeout: float | None, block_info: dict | None = None) -> np.ndarray:
+def _array_block(block: np.ndarray, runner: Any, out_shape: tuple, out_dtype: str, on_error: str,
+                 block_info: dict | None = None) -> np.ndarray:
     start = block_info[0]["array-location"][0][0] if block_info else 0
-    outputs = run_array(model, block, lambda i: f"row {start + i} of the array", on_error, priority, timeout)
+    outputs = runner.block(block) if hasattr(runner, "block") else None
     if isinstance(outputs, np.ndarray) and outputs.shape == (len(block), *out_shape):
         return outputs.astype(out_dtype, copy=False)
+    outputs = collect(runner, list(block), lambda i: f"row {start + i} of the array", on_error)
     result = np.empty((len(block), *out_shape), dtype=out_dtype)
     for i, value in enumerate(outputs):
         if value is None:
@@ -160,13 +175,13 @@ def _array_block(block: np.ndarray, model: str, out_shape: tuple, out_dtype: str
     return result
 
 
-def predict_array(batcher: Batcher, x: Any, on_error: str, priority: int, timeout: float | None) -> Any:
+def predict_array(runner: Any, first: Any, x: Any, on_error: str) -> Any:
     import dask.array as da
 
-    example = _first_output(batcher, x[:1].compute()[0])
+    example = first(x[:1].compute()[0])
     if not isinstance(example, np.ndarray):
-        raise TypeError(f"model {batcher.spec.name!r} returns a {type(example).__name__} per row: predict() of a dask "
-                        "Array needs array outputs; use x.to_delayed() or a Bag for other outputs")
+        raise TypeError(f"{runner.label} returns a {type(example).__name__} per row: predict() of a dask Array needs "
+                        "array outputs; use x.to_delayed() or a Bag for other outputs")
     dtype = example.dtype
     if on_error == "missing" and dtype.kind not in "fc":
         dtype = np.result_type(dtype, np.float32)  # a missing row is NaN
@@ -174,8 +189,7 @@ def predict_array(batcher: Batcher, x: Any, on_error: str, priority: int, timeou
         x = x.rechunk({axis: -1 for axis in range(1, x.ndim)})  # whole rows per block
     new_axes = list(range(1, 1 + example.ndim))
     return da.map_blocks(
-        _array_block, x, model=batcher.spec.name, out_shape=example.shape, out_dtype=dtype.str, on_error=on_error,
-        priority=priority, timeout=timeout, dtype=dtype,
+        _array_block, x, runner=runner, out_shape=example.shape, out_dtype=dtype.str, on_error=on_error, dtype=dtype,
         chunks=(x.chunks[0], *((n,) for n in example.shape)),
         drop_axis=list(range(1, x.ndim)) if x.ndim > 1 else [],
         new_axis=new_axes or None,
@@ -186,18 +200,16 @@ def predict_array(batcher: Batcher, x: Any, on_error: str, priority: int, timeou
 # -- bags -------------------------------------------------------------------------------------------
 
 
-def _bag_partition(items: Any, number: Any, model: str, on_error: str, priority: int, timeout: float | None) -> list[Any]:
+def _bag_partition(items: Any, number: Any, runner: Any, on_error: str) -> list[Any]:
     (index,) = list(number)
-    return run_rows(model, list(items), lambda i: f"item {i} of partition {index} of the bag", on_error, priority,
-                    timeout)
+    return collect(runner, list(items), lambda i: f"item {i} of partition {index} of the bag", on_error)
 
 
-def predict_bag(batcher: Batcher, x: Any, on_error: str, priority: int, timeout: float | None) -> Any:
+def predict_bag(runner: Any, x: Any, on_error: str) -> Any:
     import dask.bag as db
 
     numbers = db.range(x.npartitions, npartitions=x.npartitions)  # each partition's own number
-    return x.map_partitions(_bag_partition, numbers, model=batcher.spec.name, on_error=on_error, priority=priority,
-                            timeout=timeout)
+    return x.map_partitions(_bag_partition, numbers, runner=runner, on_error=on_error)
 
 
 # -- data frames ------------------------------------------------------------------------------------
@@ -243,20 +255,20 @@ def _scalar(value: Any) -> Any:
     return array.item() if array.size == 1 else array
 
 
-def _frame_partition(part: Any, model: str, columns: list[str] | None, on_error: str, priority: int,
-                     timeout: float | None, partition_info: dict | None = None) -> Any:
+def _frame_partition(part: Any, runner: Any, columns: list[str] | None, on_error: str,
+                     partition_info: dict | None = None) -> Any:
     number = partition_info["number"] if partition_info else "?"
     labels = part.index
-    outputs = run_rows(model, frame_samples(part), lambda i: f"the row at index {labels[i]} (partition {number})",
-                       on_error, priority, timeout)
+    outputs = collect(runner, frame_samples(part), lambda i: f"the row at index {labels[i]} (partition {number})",
+                      on_error)
     return frame_outputs(outputs, part.index, columns)
 
 
-def predict_frame(batcher: Batcher, x: Any, on_error: str, priority: int, timeout: float | None) -> Any:
+def predict_frame(runner: Any, first: Any, x: Any, on_error: str) -> Any:
     head = x.head(1, npartitions=-1)
     if len(head) == 0:
         raise ValueError("predict() of an empty frame: no row to learn the output from")
-    example = _first_output(batcher, frame_samples(head)[0])
+    example = first(frame_samples(head)[0])
     columns: list[str] | None
     if isinstance(example, dict):
         columns = list(example)
@@ -264,34 +276,36 @@ def predict_frame(batcher: Batcher, x: Any, on_error: str, priority: int, timeou
         size = np.asarray(example).size
         columns = None if size == 1 else [str(i) for i in range(size)]
     meta = frame_outputs([example], head.index, columns).iloc[:0]
-    return x.map_partitions(_frame_partition, model=batcher.spec.name, columns=columns, on_error=on_error,
-                            priority=priority, timeout=timeout, meta=meta)
-
-
-def _first_output(batcher: Batcher, sample: Any) -> Any:
-    """One row's output, run from here: what the collection's outputs look like."""
-    return batcher.submit(sample).result()
+    return x.map_partitions(_frame_partition, runner=runner, columns=columns, on_error=on_error, meta=meta)
 
 
 def predict_collection(batcher: Batcher, x: Any, *, on_error: str = "raise", priority: int = 0,
                        timeout: float | str | None = None) -> Any:
     """See :meth:`Batcher.predict <dask_dynbatch.Batcher.predict>`."""
+    from ..spec import parse_seconds
+
+    seconds = None if timeout is None else parse_seconds(timeout, "timeout")
+    runner = ModelRows(batcher.spec.name, priority, seconds)
+    # one row runs from here: what the collection's outputs look like
+    return run_collection(runner, lambda sample: batcher.submit(sample).result(), x, on_error=on_error)
+
+
+def run_collection(runner: Any, first: Any, x: Any, *, on_error: str = "raise") -> Any:
+    """``x`` (a dask Array, Bag, DataFrame or Series) with every row run through ``runner`` in the
+    collection's own tasks; ``first(sample)`` runs one row from the client (the output's shape)."""
     import dask.array as da
     import dask.bag as db
 
-    from ..spec import parse_seconds
-
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
-    seconds = None if timeout is None else parse_seconds(timeout, "timeout")
     if isinstance(x, da.Array):
-        return predict_array(batcher, x, on_error, priority, seconds)
+        return predict_array(runner, first, x, on_error)
     if isinstance(x, db.Bag):
-        return predict_bag(batcher, x, on_error, priority, seconds)
+        return predict_bag(runner, x, on_error)
     if type(x).__module__.startswith("dask.dataframe"):  # dask.dataframe needs pandas: imported only for frames
         import dask.dataframe as dd
 
         if isinstance(x, (dd.DataFrame, dd.Series)):
-            return predict_frame(batcher, x, on_error, priority, seconds)
+            return predict_frame(runner, first, x, on_error)
     raise TypeError(f"predict() takes a dask Array, Bag, DataFrame or Series (or an in-memory array), not a "
                     f"{type(x).__name__}")

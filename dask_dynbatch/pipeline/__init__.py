@@ -204,6 +204,25 @@ class Pipeline:
         self._on_loop(self._start, jobs)
         return [job.future for job in jobs]
 
+    def predict(self, x: Any, *, priority: int = 0, timeout: float | str | None = None,
+                on_error: str = "raise") -> Any:
+        """Run the chain over every row of the Dask collection ``x``, where its data lives; a lazy
+        collection of the same kind, as :meth:`Batcher.predict <dask_dynbatch.Batcher.predict>`
+        returns. Each block's task runs the chain over its rows: CPU steps in the task, model steps
+        through the worker's own Batcher of each model, all the block's rows (or fan-out elements)
+        at once. One row runs through :meth:`submit` from here first, to learn the output's shape.
+        ``on_error="missing"``: a row whose chain failed is missing (NaN, None in a Bag) instead of
+        failing the computation with :class:`~dask_dynbatch.RowError`."""
+        from ..client.dask_collections import run_collection
+        from .steps import ChainRows, chain_plan
+
+        if not is_dask_collection(x):
+            raise TypeError(f"Pipeline.predict() takes a dask Array, Bag, DataFrame or Series, not a {type(x).__name__}; "
+                            "for values in memory use map()")
+        seconds = None if timeout is None else parse_seconds(timeout, "timeout")
+        runner = ChainRows(chain_plan(self.steps), priority, seconds)
+        return run_collection(runner, lambda sample: self.submit(sample).result(), x, on_error=on_error)
+
     def _inputs(self, xs: Any, per: str | None) -> list[Any]:
         if per not in (None, "element", "block"):
             raise ValueError(f"per must be 'element' or 'block', not {per!r}")

@@ -213,3 +213,75 @@ def _elements(value: Any) -> list[Any]:
         return list(value)
     except TypeError:
         raise TypeError(f"fan_out needs a list or an array of elements, not a {type(value).__name__}") from None
+
+
+# -- a chain run inside a collection's task (Pipeline.predict) ------------------------------------
+def chain_plan(steps: Sequence[Any]) -> tuple:
+    """The declared steps as a picklable plan: ``("cpu", fn)``, ``("model", name)``,
+    ``("fan_out", plan)``."""
+    out: list[tuple] = []
+    for step in steps:
+        if isinstance(step, CpuStep):
+            out.append(("cpu", step.fn))
+        elif isinstance(step, ModelStep):
+            out.append(("model", step.batcher.spec.name))
+        else:
+            out.append(("fan_out", chain_plan(step.steps)))
+    return tuple(out)
+
+
+class ChainRows:
+    """What a collection's task runs its rows through for ``Pipeline.predict``: the chain's steps
+    in order over all the block's rows at once, CPU steps right there in the task, model steps
+    through the worker's own Batcher of each model (one request per row, or per element of a
+    fan-out), so that the rows of a block form batches together. A row whose step fails drops out
+    with its error; the others go on."""
+
+    def __init__(self, plan: tuple, priority: int = 0, timeout: float | None = None):
+        self.plan = plan
+        self.priority = priority
+        self.timeout = timeout
+
+    def __reduce__(self):
+        return (ChainRows, (self.plan, self.priority, self.timeout))
+
+    label = "pipeline"
+
+    def rows(self, values: list[Any]) -> list[tuple[bool, Any]]:
+        return self._run(self.plan, [(True, v) for v in values])
+
+    def _run(self, plan: tuple, state: list[tuple[bool, Any]]) -> list[tuple[bool, Any]]:
+        from ..client.dask_collections import ModelRows
+
+        for kind, what in plan:
+            alive = [i for i, (ok, _) in enumerate(state) if ok]
+            if not alive:
+                break
+            if kind == "cpu":
+                for i in alive:
+                    try:
+                        state[i] = (True, what(state[i][1]))
+                    except Exception as exc:
+                        state[i] = (False, exc)
+            elif kind == "model":
+                results = ModelRows(what, self.priority, self.timeout).rows([state[i][1] for i in alive])
+                for i, result in zip(alive, results):
+                    state[i] = result
+            else:  # a fan-out: every element of every row, through the sub-plan together
+                owners: list[int] = []
+                elements: list[tuple[bool, Any]] = []
+                for i in alive:
+                    try:
+                        items = _elements(state[i][1])
+                    except TypeError as exc:
+                        state[i] = (False, exc)
+                        continue
+                    owners.extend([i] * len(items))
+                    elements.extend((True, v) for v in items)
+                    state[i] = (True, [])
+                done = self._run(what, elements)
+                for i, (ok, value) in zip(owners, done):
+                    if not state[i][0]:
+                        continue
+                    state[i] = (True, state[i][1] + [value]) if ok else (False, value)
+        return state
