@@ -466,6 +466,25 @@ def collection_section() -> str:
             + ", ".join(f"{k} {v:,.0f}" for k, v in t.items() if k != "ray_data") + f"; {ray}. {ratios}.\n")
 
 
+def gpu_check_section() -> str:
+    """A short GPU run of the headline targets (``gpu_check.json``: ceiling, closed and open loop)."""
+    r = load_result("gpu_check")
+    if r is None:
+        return ""
+    m, dy = r["machine"], r["dynbatch"]
+    loops = ", ".join(f"{o['load']:.0%}: p50 {o['p50_ms']:.0f} / p99 {o['p99_ms']:.0f} ms" for o in r["open_loop"])
+    p99 = p99_at_70(r)
+    first = [h for h in dy["history"] if h[0] >= dy["timed_started"]][:3]
+    stack = ", ".join(f"{h[11] * 1e3:.0f}" for h in first)
+    return (f"**GPU check** (`gpu_check.json`, `python benchmarks/gpu_case.py --sections raw,dynbatch,open`; {m.get('gpu')}, "
+            f"{m['date']}, commit {m.get('commit')}): ceiling {r['ceiling']:,.0f} images/s (raw loop at batch 1: "
+            f"{r['raw']['1']:,.0f}/s); default settings, closed loop of {dy['requests']:,}: {dy['throughput']:,.0f} "
+            f"(**{dy['ratio_to_ceiling']:.1%}** of the ceiling, target 95 %: {met(dy['ratio_to_ceiling'] >= 0.95)}; the "
+            f"first three shipments of the timed pass took {stack} ms to stack, the later ones ~15 ms); open loop "
+            f"({r['latency_target_ms']:.0f} ms target): {loops} (p99 at 70 % within 2x the target: "
+            f"{met(p99 is not None and p99 <= 2 * r['latency_target_ms'])}).\n")
+
+
 def first_result_section() -> str:
     """Time to the first result and the front end through predict() (``first_result*.json``)."""
     parts = []
@@ -504,6 +523,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 {launch_bound_section()}
 {placement_section()}
 {pipeline_section()}
+{gpu_check_section()}
 {gpu_section(g, p)}
 {earlier_gpu_section()}
 {cpu_compile_section()}
