@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from distributed.utils_test import gen_cluster
+from gated import build_gated
 
 import dask_dynbatch as ddb
 from dask_dynbatch.client.bulk import BLOCK_ROWS
@@ -31,17 +32,6 @@ from dask_dynbatch.core.rows import join_in_chunks
 from dask_dynbatch.examples import build_affine
 
 WAIT = 60  # seconds any single result may take before the test counts it as a hang
-GATE = threading.Event()  # the gated model waits for it: holds shipments in flight on purpose
-
-
-def build_gated(device="cpu"):
-    return _gated
-
-
-def _gated(batch):
-    if not GATE.wait(30):
-        raise TimeoutError("test gate never opened")
-    return batch * 2 + 1
 
 
 def build_slow_affine(device="cpu"):
@@ -53,13 +43,6 @@ def build_slow_affine(device="cpu"):
         return batch * 2 + 1
 
     return model
-
-
-@pytest.fixture
-def gate():
-    GATE.clear()
-    yield GATE
-    GATE.set()
 
 
 def block(rows: int, width: int = 2, start: float = 0.0, **kwargs) -> BlockPart:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from distributed.utils_test import gen_cluster
+from gated import GATE, build_gated
 
 import dask_dynbatch as ddb
 from dask_dynbatch.core.formation import Part, PartQueue
@@ -172,17 +173,6 @@ def test_execution_timeout_is_part_of_the_model_and_parsed():
 
 # -- deadlines while running ----------------------------------------------------------------------
 
-GATE = threading.Event()
-
-
-def build_gated(device="cpu"):
-    return _gated
-
-
-def _gated(batch):
-    if not GATE.wait(30):
-        raise TimeoutError("test gate never opened")
-    return batch * 2 + 1
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster, Worker
 from distributed.utils_test import gen_cluster
+from gated import build_gated
 
 import dask_dynbatch as ddb
 from dask_dynbatch.core.requests import Request, RequestFuture, RequestQueue
@@ -30,17 +31,6 @@ WAIT = 60  # seconds any single result may take before the test counts it as a h
 
 # -- models (module level: in-process workers unpickle them by reference) -----------------------
 
-GATE = threading.Event()  # the gated model waits for it: holds batches in flight on purpose
-
-
-def build_gated(device="cpu"):
-    return _gated
-
-
-def _gated(batch):
-    if not GATE.wait(30):
-        raise TimeoutError("test gate never opened")
-    return batch * 2 + 1
 
 
 def build_poisoned(device="cpu"):
@@ -108,13 +98,6 @@ async def _until(predicate, timeout=WAIT):
 async def _settled(futures):
     """Wait until every future is done, whatever its outcome."""
     await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), WAIT)
-
-
-@pytest.fixture
-def gate():
-    GATE.clear()
-    yield GATE
-    GATE.set()
 
 
 # -- worker death --------------------------------------------------------------------------------
