@@ -236,8 +236,12 @@ class CostQueue:
 
     def take(self, budget: float, max_rows: int | None = None) -> list[Part]:
         """Rows for one batch of at most ``budget`` cost (and ``max_rows`` rows); at least one row."""
+        return self.take_weighed(budget, max_rows)[0]
+
+    def take_weighed(self, budget: float, max_rows: int | None = None) -> tuple[list[Part], list[float], list[float]]:
+        """:meth:`take`, with each row's length and cost as the queue weighed them."""
         if not self._rows:
-            return []
+            return [], [], []
         priority = max(self._by_priority)
         dq = self._by_priority[priority]
         window = [dq[i] for i in range(min(len(dq), self.LOOKAHEAD))]
@@ -248,7 +252,8 @@ class CostQueue:
                     if (part.owner is head.owner if head.alone else not part.alone)]
         chosen = [eligible[i] for i in self._choose([window[i] for i in eligible], budget, limit)]
         taken = set(chosen)
-        out = [window[i][0] for i in sorted(chosen)]
+        chosen.sort()
+        out = [window[i][0] for i in chosen]
         keep = [window[i] for i in range(len(window)) if i not in taken]
         for _ in range(len(window)):
             dq.popleft()
@@ -256,5 +261,6 @@ class CostQueue:
         if not dq:
             del self._by_priority[priority]
         self._rows -= len(out)
-        self._cost -= sum(window[i][2] for i in chosen)
-        return out
+        costs = [window[i][2] for i in chosen]
+        self._cost -= sum(costs)
+        return out, [window[i][1] for i in chosen], costs

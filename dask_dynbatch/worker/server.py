@@ -312,14 +312,12 @@ class ModelServer:
         size = self.controller.size
         if queue.cost < size and len(self._formed) > PARTIAL_AHEAD:
             return
-        parts = queue.take(size, max_rows=self.loaded.spec.batch_limit(self.device))
-        lengths = [float(p.rows.lengths()[0]) if queue.padded else 0.0 for p in parts]
-        costs = [float(p.rows.costs[0]) if p.rows.costs is not None else lengths[i] or 1.0 for i, p in enumerate(parts)]
+        parts, lengths, costs = queue.take_weighed(size, max_rows=self.loaded.spec.batch_limit(self.device))
         longest = int(max(lengths)) if queue.padded else None
         cost = queue.batch_cost(lengths, costs)
+        # never new_shape: free-sized batches all have new shapes, none pays a set-up worth hiding
         batch = DeviceBatch(parts, formed=time.monotonic(), proposed=size, compiling=self.loaded.compiling,
                             cost=cost, length=longest, real=int(sum(lengths)) if queue.padded else None)
-        batch.new_shape = False  # free-sized: every batch has a new shape, none pays a set-up worth hiding
         self._row_cost = 0.8 * self._row_cost + 0.2 * (cost / max(1, batch.rows))
         self._launch(batch)
 
