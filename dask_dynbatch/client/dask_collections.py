@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -73,17 +74,14 @@ def worker_batcher(name: str) -> Batcher:
     return batcher
 
 
+@dataclass(frozen=True)
 class ModelRows:
     """What a block's task runs its rows through: the model registered as ``name``, by this worker's
-    Batcher (picklable: it travels with the tasks)."""
+    Batcher (it travels with the tasks)."""
 
-    def __init__(self, name: str, priority: int = 0, timeout: float | None = None):
-        self.name = name
-        self.priority = priority
-        self.timeout = timeout
-
-    def __reduce__(self):
-        return (ModelRows, (self.name, self.priority, self.timeout))
+    name: str
+    priority: int = 0
+    timeout: float | None = None
 
     @property
     def label(self) -> str:

@@ -230,6 +230,7 @@ def chain_plan(steps: Sequence[Any]) -> tuple:
     return tuple(out)
 
 
+@dataclass(frozen=True)
 class ChainRows:
     """What a collection's task runs its rows through for ``Pipeline.predict``: the chain's steps
     in order over all the block's rows at once, CPU steps right there in the task, model steps
@@ -237,15 +238,10 @@ class ChainRows:
     fan-out), so that the rows of a block form batches together. A row whose step fails drops out
     with its error; the others go on."""
 
-    def __init__(self, plan: tuple, priority: int = 0, timeout: float | None = None):
-        self.plan = plan
-        self.priority = priority
-        self.timeout = timeout
-
-    def __reduce__(self):
-        return (ChainRows, (self.plan, self.priority, self.timeout))
-
-    label = "pipeline"
+    plan: tuple
+    priority: int = 0
+    timeout: float | None = None
+    label = "pipeline"  # unannotated: one for every chain, not a field
 
     def rows(self, values: list[Any]) -> list[tuple[bool, Any]]:
         return self._run(self.plan, [(True, v) for v in values])
