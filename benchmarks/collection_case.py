@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_stamp, save  # noqa: E402
+from common import RESULTS, machine_stamp, save, throughput_bars  # noqa: E402
 
 import dask_dynbatch as ddb  # noqa: E402
 from dask_dynbatch import baselines  # noqa: E402
@@ -177,24 +177,13 @@ def main() -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(result["throughput"])
-    values = [result["throughput"][k] for k in names]
     colors = ["tab:blue" if k.startswith("predict") else "tab:orange" if k == "client_map" else "tab:purple"
               if k == "ray_data" else "tab:gray" for k in names]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(names, values, color=colors)
-    ax.set_ylabel("images/s")
     m = result["machine"]
-    ax.set_title(f"{result['images']:,} CNN images in a dask array ({m.get('cpu_count', '?')} cores): predict / best "
-                 f"map_blocks {max(result['ratio_to_map_blocks'].values()):.2f}", fontsize=9)
-    ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    throughput_bars(path, result["throughput"], colors, "images/s",
+                    f"{result['images']:,} CNN images in a dask array ({m.get('cpu_count', '?')} cores): predict / best "
+                    f"map_blocks {max(result['ratio_to_map_blocks'].values()):.2f}")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,23 @@ def open_loop(batcher, samples, rate_per_s: float, seconds: float, seed: int = 0
     }
 
 
+def throughput_bars(path: str | Path, throughput: dict[str, float], colors: list[str], ylabel: str, title: str) -> None:
+    """A bar per contender of a one-run comparison, written as a PNG to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(list(throughput), list(throughput.values()), color=colors)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def save(name: str, result: dict, directory: str | Path | None = None) -> Path:
     """Write ``result`` as ``<directory>/<name>.json`` (default: ``benchmarks/results``)."""
     directory = Path(directory) if directory is not None else RESULTS

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_stamp, save  # noqa: E402
+from common import RESULTS, machine_stamp, save, throughput_bars  # noqa: E402
 
 import dask_dynbatch as ddb  # noqa: E402
 
@@ -203,24 +203,13 @@ def main() -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(result["throughput"])
-    values = [result["throughput"][n] for n in names]
     colors = ["tab:blue" if n == "dynbatch" else "tab:green" if n.startswith("sorted") else "tab:gray" for n in names]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(names, values, color=colors)
-    ax.set_ylabel("requests/s")
     m = result["machine"]
-    ax.set_title(f"tiny BERT, {result['requests']} requests of {result['lengths']['min']}-{result['lengths']['max']} tokens "
-                 f"({m.get('cpu_count', '?')} cores)\n dynbatch / best sorted {result['ratio_to_sorted']:.2f}, "
-                 f"/ best pad-to-max {result['ratio_to_padmax']:.2f}", fontsize=9)
-    ax.tick_params(axis="x", rotation=30, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    throughput_bars(path, result["throughput"], colors, "requests/s",
+                    f"tiny BERT, {result['requests']} requests of {result['lengths']['min']}-{result['lengths']['max']} "
+                    f"tokens ({m.get('cpu_count', '?')} cores)\n dynbatch / best sorted {result['ratio_to_sorted']:.2f}, "
+                    f"/ best pad-to-max {result['ratio_to_padmax']:.2f}")
 
 
 if __name__ == "__main__":
