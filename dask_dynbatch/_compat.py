@@ -44,12 +44,25 @@ PRIVATE_USES = {
         "undocumented names of distributed's dashboard: the page uses its theme and page template, so "
         "that it looks like its neighbours"
     ),
+    "distributed.core.send_recv, with client.rpc's connect() and reuse()": (
+        "a shipment connects, then sends, as two steps (client.rpc(address).op() does both in one), so "
+        "that a worker that cannot be reached costs its requests no attempt: nothing was sent"
+    ),
     "concurrent.futures.Future protocol (_state, _condition, _waiters, _invoke_callbacks), in core/requests.py": (
         "RequestFuture creates its lock and lists only when a thread waits on it: about 1.7 us a request "
         "instead of 7.5 for a plain Future, which the front end's rate of 100k requests/s cannot spare; "
         "concurrent.futures.wait() and as_completed() still work with it (tests/test_robustness.py)"
     ),
 }
+
+
+async def send_recv_on(pool: Any, comm: Any, op: str, **message: Any) -> Any:
+    """One request ``op`` and its reply on ``comm``, a connection of the connection pool ``pool``
+    (see :data:`PRIVATE_USES`)."""
+    from distributed.core import send_recv
+
+    return await send_recv(comm=comm, op=op, serializers=pool.serializers, deserializers=pool.deserializers,
+                           **message)
 
 
 @contextlib.contextmanager

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import dask.config
 import numpy as np
-from distributed.core import send_recv
 from distributed.protocol import to_serialize
 
+from .._compat import send_recv_on
 from ..core.blocks import ShipmentRows
 from ..core.requests import Request
 from ..core.rows import join_in_chunks, rows_between, stack_in_chunks
@@ -264,8 +264,7 @@ class Transport:
         except OSError as exc:
             raise WorkerLost(exc, sent=False) from exc
         try:
-            reply = await send_recv(comm=comm, op=RUN, serializers=pool.serializers,
-                                    deserializers=pool.deserializers, **message)
+            reply = await send_recv_on(pool, comm, RUN, **message)
         except OSError as exc:  # the worker died or is unreachable: re-run elsewhere
             raise WorkerLost(exc, sent=True) from exc
         finally:
