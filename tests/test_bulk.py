@@ -9,22 +9,12 @@ import re
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
+from models import build_poisoned
 
 import dask_dynbatch as ddb
 from dask_dynbatch.client.bulk import BLOCK_ROWS, stack_results
 from dask_dynbatch.client.progress import ProgressBar
 from dask_dynbatch.examples import build_affine
-
-
-def build_poisoned(device="cpu"):
-    """Affine model that raises on any batch holding a sample whose first value is negative."""
-
-    def model(batch):
-        if (batch[:, 0] < 0).any():
-            raise ValueError("poison sample")
-        return batch * 2 + 1
-
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from distributed.utils_test import gen_cluster
-from gated import GATE, build_gated
+from models import GATE, build_gated
 
 import dask_dynbatch as ddb
 from dask_dynbatch.core.formation import Part, PartQueue

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from distributed.utils_test import gen_cluster
+from models import build_poisoned
 
 import dask_dynbatch as ddb
 from dask_dynbatch.examples import build_affine, build_identity, build_tiny_cnn, tiny_cnn_images
@@ -20,17 +21,6 @@ def expected_cnn(images: np.ndarray) -> np.ndarray:
     model = build_tiny_cnn().eval()
     with torch.inference_mode():
         return model(torch.from_numpy(images)).numpy()
-
-
-def build_poisoned(device="cpu"):
-    """Affine model that raises on any batch containing a sample whose first value is negative."""
-
-    def model(batch):
-        if (batch[:, 0] < 0).any():
-            raise ValueError("poison sample")
-        return batch * 2 + 1
-
-    return model
 
 
 def build_broken(device="cpu"):

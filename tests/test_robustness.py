@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster, Worker
 from distributed.utils_test import gen_cluster
-from gated import build_gated
+from models import build_gated
 
 import dask_dynbatch as ddb
 from dask_dynbatch.core.requests import Request, RequestFuture, RequestQueue

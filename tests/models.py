@@ -1,0 +1,30 @@
+"""Models several test modules use (module level, so in-process workers unpickle them by
+reference): a gated model, whose batches wait until the test opens ``GATE`` (it holds shipments in
+flight on purpose), and a poisoned one."""
+
+from __future__ import annotations
+
+import threading
+
+GATE = threading.Event()
+
+
+def build_gated(device="cpu"):
+    return _gated
+
+
+def _gated(batch):
+    if not GATE.wait(30):
+        raise TimeoutError("test gate never opened")
+    return batch * 2 + 1
+
+
+def build_poisoned(device="cpu"):
+    """Affine model that raises on any batch holding a sample whose first value is negative."""
+
+    def model(batch):
+        if (batch[:, 0] < 0).any():
+            raise ValueError("poison sample")
+        return batch * 2 + 1
+
+    return model
