@@ -85,29 +85,21 @@ def as_tree(value: Any) -> Any:
     return value
 
 
-def tree_from_slot(read: Any, client: str, shm: dict[str, Any]) -> TreeRows:
-    """Structured rows a client laid out in its slot (``read(client, name, shape, dtype, offset)``
-    gives views); see :func:`~dask_dynbatch.client.transport.tree_into_slot`."""
+def tree_from_slot(read: Any, client: str, shm: dict[str, Any], rows: int) -> TreeRows:
+    """The ``rows`` structured rows a client laid out in its slot (``read(client, name, shape,
+    dtype, offset)`` gives views); see :func:`~dask_dynbatch.client.transport.tree_into_slot`."""
     name = shm["name"]
     leaves: list[Any] = []
     for entry in shm["leaves"]:
         kind, start, shape, dtype = entry[:4]
         values = read(client, name, tuple(shape), dtype, offset=start)
         if kind == "r":
-            offsets = read(client, name, (len_rows(shm) + 1,), "<i8", offset=entry[4])
+            offsets = read(client, name, (rows + 1,), "<i8", offset=entry[4])
             leaves.append(Ragged(values, offsets))
         else:
             leaves.append(values)
     costs = shm.get("costs")
     return TreeRows(as_tree(shm["tree"]), leaves, None if costs is None else np.asarray(costs, dtype=np.float64))
-
-
-def len_rows(shm: dict[str, Any]) -> int:
-    """Rows in a structured slot layout (offsets hold one more)."""
-    for entry in shm["leaves"]:
-        if entry[0] == "a":
-            return int(entry[2][0])
-    return int(shm["rows"])
 
 
 def assemble_keyed_tree(n: int, inline: list[TreeRows], keyed: list[tuple[int, Any]], data: dict,

@@ -150,8 +150,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         try:
             arrays: list[Any] = inline_arrays(batch)
             if shm is not None and "tree" in shm:
-                shm["rows"] = n - len(keyed or ())
-                arrays = [tree_from_slot(self.shm.array, client, shm)]
+                arrays = [tree_from_slot(self.shm.array, client, shm, n - len(keyed or ()))]
             elif shm is not None:
                 arrays = [self.shm.array(client, shm["name"], shm["shape"], shm["dtype"])]
             carried = sum(len(a) for a in arrays)
