@@ -3,7 +3,7 @@
 # their missing dependencies carried as Python 3.12 wheels in .whl/, see benchmarks/README.md): the GPU case, the memory-pressure section and the pipeline case on the GPU host's
 # CPUs, each under its own time limit, results and one log into $OUT (and, on request, the stacking probe).
 #   DYNBATCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_run.sh   (on the device machine)
-# PARTS picks some of "probe case pressure pipeline compiled verify first" (default: case, pressure and pipeline,
+# PARTS picks some of "probe case pressure pipeline compiled verify first text" (default: case, pressure and pipeline,
 # ~560 s; a device call may take 600). "compiled" (raw, compiled raw loop, compile=True; up to 560 s,
 # most of it compiling) needs a call of its own.
 set -u
@@ -11,7 +11,7 @@ PARTS=${PARTS:-case pressure pipeline}
 OUT=${OUT:-benchmarks/results/gpu_run}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH  # py-spy, when carried
 log=$OUT/log.txt
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >>"$log" 2>&1
 [[ $PARTS == *probe* ]] && timeout 60 python3 benchmarks/stack_probe.py --out "$OUT" --name stack_probe_gpuhost >>"$log" 2>&1
@@ -30,8 +30,11 @@ if [[ $PARTS == *verify* ]]; then
   timeout 320 python3 benchmarks/gpu_case.py --out "$OUT" --name gpu_case_compiled --sections rawcompiled,compiled >>"$log" 2>&1
   echo "compiled rc $?" | tee -a "$log"
 fi
-[[ $PARTS == *compiled* ]] && timeout 560 python3 benchmarks/gpu_case.py --out "$OUT" --name gpu_case_compiled \
-  --sections raw,rawcompiled,compiled >>"$log" 2>&1
+# "text": variable-length text (about 150 s)
+[[ $PARTS == *text* ]] && timeout 240 python3 benchmarks/gpu_text_case.py --out "$OUT" >>"$log" 2>&1
+echo "text rc $?" | tee -a "$log"
+[[ $PARTS == *compiled* ]] && timeout "${COMPILED_LIMIT:-560}" python3 benchmarks/gpu_case.py --out "$OUT" --name gpu_case_compiled \
+  --sections raw,rawcompiled,compiled ${COMPILED_ARGS:-} >>"$log" 2>&1
 echo "compiled rc $?" | tee -a "$log"
 [[ $PARTS == *pressure* ]] && timeout 100 python3 benchmarks/gpu_case.py --out "$OUT" --name gpu_case_pressure --sections pressure >>"$log" 2>&1
 echo "pressure rc $?" | tee -a "$log"

@@ -12,8 +12,9 @@ log-normal lengths (median ~80, at most 512). One LocalCluster worker process wi
                  batches of at most ``t`` tokens (rows times their longest), padded, run; the best
                  of several ``t``
 ``pressure``     a neighbour process holds all but ``--hog-keep-gib`` of the GPU's memory: dask-dynbatch
-                 serves 20,000 requests; then fixed pad-to-max batches (``--padmax-batch`` rows of 512)
-                 are run on plain Dask with the neighbour holding the same memory, failures counted
+                 serves 20,000 requests; then fixed pad-to-max batches (``--padmax-batch``: rows of 512
+                 tokens, several sizes) run on plain Dask with the neighbour holding the same memory,
+                 failures counted per size
 
     python benchmarks/gpu_text_case.py --out $OUT                  # on the GPU machine
     python benchmarks/gpu_text_case.py --smoke --out /tmp/gtext    # on a CPU: tiny sizes, the code paths only
@@ -157,7 +158,7 @@ def main() -> None:
     parser.add_argument("--median", type=int, default=80)
     parser.add_argument("--budgets", default="4096,8192,16384,32768,65536")
     parser.add_argument("--hog-keep-gib", type=float, default=6.0)
-    parser.add_argument("--padmax-batch", type=int, default=256)
+    parser.add_argument("--padmax-batch", default="128,256,512", help="rows of the fixed pad-to-max batches, each size counted")
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes, for a CPU")
     parser.add_argument("--skip-pressure", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
@@ -232,8 +233,8 @@ def pressure(args, requests, samples, load, size, out: Path) -> dict:
                                         "memory_cap_tokens": worker["controller"].get("cap"),
                                         "padding_waste": worker["padding_waste"]}
                 else:
-                    found[contender] = client.submit(padmax_fixed, requests, args.padmax_batch, size,
-                                                     pure=False).result()
+                    found[contender] = {rows: client.submit(padmax_fixed, requests, int(rows), size, pure=False).result()
+                                        for rows in args.padmax_batch.split(",")}
         finally:
             release_hog(hog)
         print("pressure", contender, found[contender], flush=True)
