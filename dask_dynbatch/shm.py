@@ -100,8 +100,9 @@ class ShmSlot:
         released once for all of them. NumPy's stacking releases the GIL and takes it back for
         every row; while another thread runs Python without pause, each taking back waits up to the
         interpreter's switch interval. This is slower than NumPy alone and much faster beside a
-        busy thread (``benchmarks/stack_probe.py`` measures both); NumPy stays the client's default
-        (``dynbatch.transport.shared-memory-copy``), since the event loop leaves the GIL often.
+        busy thread (``benchmarks/stack_probe.py`` measures both); the client uses it while one of its
+        threads is making many requests (``dynbatch.transport.shared-memory-copy: auto``) and NumPy
+        otherwise, since the event loop alone leaves the GIL often.
         Other rows (strided views) are stacked by NumPy."""
         if not rows:
             return

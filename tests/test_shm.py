@@ -189,6 +189,58 @@ async def test_slot_writes_give_the_same_results(c, s, a):
     batcher.close()
 
 
+def test_copy_mode_writes_while_a_map_is_making_requests():
+    from dask_dynbatch.client import transport
+
+    assert transport.copy_mode() == "numpy"
+    with transport.producing():
+        assert transport.copy_mode() == "write"
+        with dask.config.set({"dynbatch.transport.shared-memory-copy": "numpy"}):
+            assert transport.copy_mode() == "numpy"
+    assert transport.copy_mode() == "numpy"
+    with dask.config.set({"dynbatch.transport.shared-memory-copy": "write"}):
+        assert transport.copy_mode() == "write"
+    with dask.config.set({"dynbatch.transport.shared-memory-copy": "memcpy"}), pytest.raises(ValueError, match="memcpy"):
+        transport.copy_mode()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_shipments_formed_while_producing_are_written(c, s, a, monkeypatch):
+    # a map() of more than one chunk made outside the event loop marks the process as producing;
+    # shipments formed meanwhile are written into their slots by pwritev, with the same results
+    await c.register_plugin(ddb.DynBatchPlugin())
+    from dask_dynbatch import shm as shm_module
+    from dask_dynbatch.client import batcher as batcher_module
+    from dask_dynbatch.client import transport
+    from dask_dynbatch.client.batcher import MAP_CHUNK
+
+    marked = []
+
+    def recording_producing():
+        marked.append(True)
+        return transport.producing()
+
+    monkeypatch.setattr(batcher_module, "producing", recording_producing)
+    written, original = [], shm_module.ShmSlot.write_rows
+    monkeypatch.setattr(shm_module.ShmSlot, "write_rows", lambda self, rows: written.append(len(rows)) or original(self, rows))
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine-auto", load=build_affine, max_batch_size=256))
+    xs = samples(MAP_CHUNK + 1, seed=7)
+    futures = await asyncio.get_running_loop().run_in_executor(None, batcher.map, list(xs))
+    assert marked == [True]
+    np.testing.assert_array_equal(np.stack(await asyncio.gather(*futures)), xs * 2 + 1)
+    await asyncio.gather(*batcher.map(list(xs[:10])))  # on the loop's thread, or small: not marked
+    assert marked == [True]
+    before, shipped_before = len(written), len(batcher.history())
+    with transport.producing():
+        ys = samples(600, seed=8)
+        results = await asyncio.gather(*batcher.map(list(ys)))
+    np.testing.assert_array_equal(np.stack(results), ys * 2 + 1)
+    shipped = [h["size"] for h in batcher.history()[shipped_before:]]
+    assert sum(shipped) == 600
+    assert sum(written[before:]) == sum(n for n in shipped if n >= 3)  # 64 KiB and up go by shared memory
+    batcher.close()
+
+
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_worker_that_cannot_map_gets_batches_over_the_comm(c, s, a, tmp_path_factory):
     await c.register_plugin(ddb.DynBatchPlugin())

@@ -9,6 +9,7 @@ device batches. No Dask task is created per request or per batch. See ``docs/des
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -37,7 +38,7 @@ from .ledger import Ledger
 from .progress import ProgressBar
 from .registration import RegisteredModel, fetch_spec
 from .samples import check_any
-from .transport import Transport
+from .transport import Transport, producing
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -257,6 +258,12 @@ class Batcher:
                 raise self._queue_full_error()
         futures: list[RequestFuture] = [] if into is None else into
         yield_gil = len(xs) > MAP_CHUNK and not self._on_loop_thread()
+        with producing() if yield_gil else contextlib.nullcontext():
+            self._submit_chunks(xs, priority, deadline, now, raise_rejected, futures, yield_gil)
+        return futures
+
+    def _submit_chunks(self, xs: Any, priority: int, deadline: float | None, now: float, raise_rejected: bool,
+                       futures: list[RequestFuture], yield_gil: bool) -> None:
         for start in range(0, len(xs), MAP_CHUNK):
             if yield_gil and start:
                 time.sleep(MAP_YIELD_S)
@@ -277,7 +284,6 @@ class Batcher:
                 self._ledger.fail([req], exc)
             self._enqueue([req for req in requests if req.dask_future is None], deadline)
             self._wait_for_inputs([req for req in requests if req.dask_future is not None])
-        return futures
 
     def _submit_blocks(self, rows: np.ndarray, block_rows: int, priority: int, timeout: float | str | None,
                        into: list[RequestFuture]) -> list[int]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -51,6 +53,33 @@ STACK_PART_BYTES = 8 * 2**20
 STACK_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
 #: seconds to connect to a worker before its shipment goes back to the queue (it was not sent)
 CONNECT_TIMEOUT = 5.0
+
+_producing = 0
+_producing_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def producing():
+    """Marks a thread of this process making many requests (``Batcher.map``): it runs Python
+    without pause, so ``shared-memory-copy: auto`` copies rows by ``pwritev`` meanwhile."""
+    global _producing
+    with _producing_lock:
+        _producing += 1
+    try:
+        yield
+    finally:
+        with _producing_lock:
+            _producing -= 1
+
+
+def copy_mode() -> str:
+    """How rows are copied into a slot now: ``numpy`` or ``write`` (see :meth:`Transport._stack_shared`)."""
+    mode = dask.config.get("dynbatch.transport.shared-memory-copy", "auto")
+    if mode == "auto":
+        return "write" if _producing else "numpy"
+    if mode not in ("numpy", "write"):
+        raise ValueError(f"dynbatch.transport.shared-memory-copy must be 'auto', 'numpy' or 'write', not {mode!r}")
+    return mode
 
 
 class WorkerLost(Exception):
@@ -202,13 +231,14 @@ class Transport:
         return {"batch": to_serialize(batch)}
 
     async def _stack_shared(self, inline: list[np.ndarray], shm_slot: ShmSlot, nbytes: int) -> dict[str, Any]:
-        """Stack the rows into the slot; returns its reference. By default NumPy stacks them, large
-        shipments in parallel parts from the helper threads; with ``dynbatch.transport.shared-memory-copy:
-        write`` the slot writes them (:meth:`ShmSlot.write_rows`: the GIL released once per call),
-        for clients whose other threads keep the GIL busy."""
+        """Stack the rows into the slot; returns its reference. NumPy stacks them, large shipments
+        in parallel parts from the helper threads; while a thread of this process is making many
+        requests (``dynbatch.transport.shared-memory-copy: auto``, the default), or always with
+        ``write``, the slot writes them (:meth:`ShmSlot.write_rows`: the GIL released once per
+        call), since NumPy takes the GIL back for every row and waits for it beside a busy thread."""
         shape = (len(inline), *inline[0].shape)
         loop = asyncio.get_running_loop()
-        if dask.config.get("dynbatch.transport.shared-memory-copy", "numpy") == "write":
+        if copy_mode() == "write":
             if nbytes >= STACK_IN_THREAD_BYTES:
                 await loop.run_in_executor(self._stackers, shm_slot.write_rows, inline)
             else:
