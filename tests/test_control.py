@@ -403,6 +403,19 @@ def test_bounds_min_max_and_cap_below_min():
     assert slow.size == 1
 
 
+def test_weighed_batch_stopped_by_its_budget_counts_as_full():
+    # A batch in cost units stops at the last whole row that fits (here 9 rows of 100 tokens for a
+    # budget of 950): told it was full, the controller grows from it; told nothing, it holds.
+    grows = BatchSizeController(1.0, initial_size=950)
+    assert grows.observe(900, 0.01, 0.01, proposed=950, full=True) > 950
+    assert grows.decision == "grow"
+    holds = BatchSizeController(1.0, initial_size=950)
+    assert holds.observe(900, 0.01, 0.01, proposed=950) == 950
+    assert "ran short" in holds.reason
+    late = BatchSizeController(1.0, initial_size=950)
+    assert late.observe(900, 2.0, 0.01, proposed=950, full=True) < 950  # late shrinks, full or not
+
+
 def test_fixed_b_delta_steps():
     controller = BatchSizeController(1.0, initial_size=10, b_delta=5)
     assert controller.observe(10, 0.01, 0.01) == 15

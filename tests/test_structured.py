@@ -94,6 +94,15 @@ def test_cost_queue_takes_one_row_over_the_budget_and_honours_max_rows():
     assert len(queue.take(budget=1000, max_rows=2)) == 2
 
 
+def test_weighed_batch_is_full_when_its_budget_stopped_it():
+    from dask_dynbatch.core.formation import DeviceBatch
+
+    stopped = DeviceBatch([], formed=0.0, proposed=1000, cost=600, more=True)
+    drained = DeviceBatch([], formed=0.0, proposed=1000, cost=600)
+    nearly = DeviceBatch([], formed=0.0, proposed=1000, cost=800)
+    assert stopped.full and not drained.full and nearly.full
+
+
 def test_weighed_queue_sums_costs_in_arrival_order():
     queue = _queue_of([1, 1, 1, 1], padded=False, costs=[5.0, 1.0, 3.0, 2.0])
     assert queue.mean_cost() == pytest.approx(2.75)

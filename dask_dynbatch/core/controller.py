@@ -320,7 +320,8 @@ class BatchSizeController:
         None if unknown."""
         return self._table.throughput_at(size)
 
-    def observe(self, size: int, latency: float, service_time: float, proposed: int | None = None) -> int:
+    def observe(self, size: int, latency: float, service_time: float, proposed: int | None = None,
+                full: bool | None = None) -> int:
         """Learn from one finished batch and return the next proposal.
 
         Parameters
@@ -337,6 +338,10 @@ class BatchSizeController:
             several batches in flight, results arrive for batches formed under earlier proposals:
             a batch is *short* only when it is smaller than the proposal it was formed under, and a
             full batch formed before the last change says nothing about the current proposal.
+        full : bool, optional
+            Whether the batch was as large as its proposal allowed, where its size cannot say so:
+            a batch weighed in cost units stops at the last whole row that fits, short of the
+            proposal however long the queue. Default: it is full when ``size`` reaches the proposal.
 
         Returns
         -------
@@ -358,7 +363,7 @@ class BatchSizeController:
         self._size_trend = mann_kendall(self._recent_sizes, alpha=self._alpha)
         self._latency_trend = mann_kendall(self._latency_residuals(), alpha=self._alpha)
         formed_under = proposal if proposed is None else int(proposed)
-        self._apply(proposal, self._decide(size, latency, proposal, formed_under))
+        self._apply(proposal, self._decide(size, latency, proposal, formed_under, full))
         return self._size
 
     def set_cap(self, cap: int | None) -> None:
@@ -430,10 +435,10 @@ class BatchSizeController:
         )
 
     # ------------------------------------------------------------------ rules
-    def _decide(self, size: int, latency: float, proposal: int, formed_under: int) -> _Decision:
+    def _decide(self, size: int, latency: float, proposal: int, formed_under: int, full: bool | None) -> _Decision:
         if latency > self._target:
             return self._on_late_batch(size, latency, proposal)
-        if size < min(formed_under, proposal):
+        if not full and size < min(formed_under, proposal):
             reason = f"batch ran short ({size} of {formed_under}): no evidence about {proposal}, hold"
             return _Decision(proposal, "hold", reason, "neutral")
         if formed_under < proposal:

@@ -55,6 +55,7 @@ class DeviceBatch:
     cost: float | None = None  # with a CostQueue: what it weighs (``proposed`` is a cost then too)
     length: int | None = None  # padded samples: its longest row, which every row is padded to
     real: int | None = None  # padded samples: the rows' own lengths together
+    more: bool = False  # a weighed batch that left rows queued: the next whole row did not fit its budget
 
     def __post_init__(self) -> None:
         self.starts = []
@@ -67,9 +68,10 @@ class DeviceBatch:
     @property
     def full(self) -> bool:
         """Whether it is as large as the size it was formed under (not the short tail of a backlog;
-        a weighed batch within a quarter of its budget, which rows of other lengths rarely fill)."""
+        a weighed batch within a quarter of its budget, which rows of other lengths rarely fill, or
+        one that stopped at its budget with rows left)."""
         if self.cost is not None:
-            return self.cost >= 0.75 * self.proposed
+            return self.more or self.cost >= 0.75 * self.proposed
         return self.rows >= self.proposed
 
     @property

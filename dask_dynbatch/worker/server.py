@@ -317,7 +317,8 @@ class ModelServer:
         cost = queue.batch_cost(lengths, costs)
         # never new_shape: free-sized batches all have new shapes, none pays a set-up worth hiding
         batch = DeviceBatch(parts, formed=time.monotonic(), proposed=size, compiling=self.loaded.compiling,
-                            cost=cost, length=longest, real=int(sum(lengths)) if queue.padded else None)
+                            cost=cost, length=longest, real=int(sum(lengths)) if queue.padded else None,
+                            more=len(queue) > 0)
         self._row_cost = 0.8 * self._row_cost + 0.2 * (cost / max(1, batch.rows))
         self._launch(batch)
 
@@ -497,7 +498,9 @@ class ModelServer:
             ("new_slot", any(o.new_slot for o in owners)), ("failed", failed == batch.rows),
         ) if flag), None)
         if hidden is None:
-            self.controller.observe(int(batch.units), latency, service_s, proposed=batch.proposed)
+            # a weighed batch rarely meets its budget exactly: one stopped by it is full all the same
+            self.controller.observe(int(batch.units), latency, service_s, proposed=batch.proposed,
+                                    full=batch.full if batch.cost is not None else None)
             decision, reason = self.controller.decision, self.controller.reason
         else:
             # a batch whose time says little about its size: the model was loaded for it, a bucket
