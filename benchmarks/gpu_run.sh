@@ -42,4 +42,6 @@ echo "pressure rc $?" | tee -a "$log"
 echo "pipeline rc $?" | tee -a "$log"
 [[ $PARTS == *first* ]] && timeout 240 python3 benchmarks/first_result.py --out "$OUT" --rows 200000 >>"$log" 2>&1
 echo "first result rc $?" | tee -a "$log"
+[[ $PARTS == *collection* ]] && timeout 400 python3 benchmarks/gpu_collection_case.py --out "$OUT" >>"$log" 2>&1
+echo "collection rc $?" | tee -a "$log"
 rm -f "$OUT/hog.py"
