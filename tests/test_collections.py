@@ -102,6 +102,8 @@ def test_a_failing_row_is_named_or_missing(client):
             batcher.predict(x).compute()
         got = batcher.predict(x, on_error="missing").compute()
         assert np.isnan(got[217]).all() and np.isfinite(np.delete(got, 217, axis=0)).all()
+        (record,) = batcher.row_errors()
+        assert record["row"] == "row 217 of the array" and "poison row" in record["error"]
         with pytest.raises(ValueError, match="on_error"):
             batcher.predict(x, on_error="ignore")
 

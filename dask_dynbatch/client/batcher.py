@@ -231,7 +231,7 @@ class Batcher:
         through the model servers from the worker that holds the block, never through the client,
         in dynamic batches across blocks. A row that fails fails the computation with an error
         naming its position, or, with ``on_error="missing"``, its output is missing (NaN; None in
-        a Bag).
+        a Bag) and :meth:`row_errors` lists it.
 
         Examples
         --------
@@ -520,6 +520,18 @@ class Batcher:
             worker.pop("forecast", None)
             worker["workload"] = figures.get(address)
         return stats
+
+    def row_errors(self) -> list[dict[str, Any]]:
+        """Rows of this model that failed while ``predict(collection, on_error="missing")`` was
+        computed, oldest first: ``{"time", "row", "error"}`` each, ``row`` naming its position
+        (e.g. ``"row 217 of the array"``), ``error`` the exception's repr. Read from the
+        scheduler's event log (topic ``dynbatch-row-errors``), which keeps the latest events only
+        (``distributed.admin.low-level-log-length``)."""
+        from .dask_collections import ROW_ERRORS
+
+        label = f"model {self.spec.name!r}"
+        return [{"time": when, **row} for when, msg in self.client.get_events(ROW_ERRORS)
+                if msg.get("source") == label for row in msg["rows"]]
 
     def history(self) -> list[dict[str, Any]]:
         """Recent shipments, one row each: ``time``, ``worker``, ``version`` of the model that served

@@ -12,8 +12,10 @@ several blocks are in flight at once, and their bytes stay under the budget (bac
 collection of any length runs in bounded memory).
 
 A row that fails fails its task, with an error naming the row's position, unless
-``on_error="missing"``: its output is then missing (NaN in arrays and frames, None in bags). A
-task that Dask runs again (its worker died) sends its rows again.
+``on_error="missing"``: its output is then missing (NaN in arrays and frames, None in bags), and
+the task logs the failed rows (position and error) as a Dask event of topic :data:`ROW_ERRORS`,
+which ``Batcher.row_errors()`` reads. A task that Dask runs again (its worker died) sends its rows
+again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     from .batcher import Batcher
 
 ON_ERROR = ("raise", "missing")
+#: the Dask event topic of rows that failed under ``on_error="missing"`` (``client.get_events``)
+ROW_ERRORS = "dynbatch-row-errors"
 
 _batchers: dict[tuple[str, str], Batcher] = {}
 _batchers_lock = threading.Lock()
@@ -114,14 +118,30 @@ def collect(runner: Any, values: list[Any], where: Any, on_error: str) -> list[A
     if not values:
         return []
     out: list[Any] = []
+    failed: list[dict[str, str]] = []
     for i, (ok, value) in enumerate(runner.rows(values)):
         if not ok:
             if on_error == "raise":
                 raise RowError(f"{runner.label}: {where(i)} failed: {value!r}") from value
+            failed.append({"row": where(i), "error": repr(value)})
             out.append(None)
             continue
         out.append(value)
+    if failed:
+        log_row_errors(runner.label, failed)
     return out
+
+
+def log_row_errors(label: str, failed: list[dict[str, str]]) -> None:
+    """Record rows that failed under ``on_error="missing"`` as an event on the scheduler, from the
+    worker that ran them (outside a worker, as the client's own event)."""
+    from distributed import get_client, get_worker
+
+    msg = {"source": label, "rows": failed}
+    try:
+        get_worker().log_event(ROW_ERRORS, msg)
+    except ValueError:  # not in a worker task
+        get_client().log_event(ROW_ERRORS, msg)
 
 
 class _room:

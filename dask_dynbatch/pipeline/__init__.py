@@ -212,7 +212,9 @@ class Pipeline:
         through the worker's own Batcher of each model, all the block's rows (or fan-out elements)
         at once. One row runs through :meth:`submit` from here first, to learn the output's shape.
         ``on_error="missing"``: a row whose chain failed is missing (NaN, None in a Bag) instead of
-        failing the computation with :class:`~dask_dynbatch.RowError`."""
+        failing the computation with :class:`~dask_dynbatch.RowError`; its position and error are
+        logged as a Dask event of topic ``"dynbatch-row-errors"`` (source ``"pipeline"``), which
+        ``client.get_events("dynbatch-row-errors")`` returns."""
         from ..client.dask_collections import run_collection
         from .steps import ChainRows, chain_plan
 
