@@ -485,6 +485,21 @@ def gpu_check_section() -> str:
             f"{met(p99 is not None and p99 <= 2 * r['latency_target_ms'])}).\n")
 
 
+def gpu_compiled_section() -> str:
+    """compile=True against the compiled and eager ceilings (``gpu_case_compiled.json``)."""
+    r = load_result("gpu_case_compiled")
+    if r is None or not r.get("compiled"):
+        return ""
+    m, c = r["machine"], r["compiled"]
+    ceiling = r["compiled_ceiling"]
+    return (f"**compile=True** (`gpu_case_compiled.json`, `gpu_case.py --sections raw,rawcompiled,compiled`; "
+            f"{m.get('gpu')}, {m['date']}, commit {m.get('commit')}): compiled ceiling {ceiling:,.0f} images/s "
+            f"(eager {r['ceiling']:,.0f}); dask-dynbatch with `compile=True`, closed loop of {c['requests']:,} after its "
+            f"buckets compiled: {c['throughput']:,.0f} (**{c['ratio_to_compiled_ceiling']:.1%}** of the compiled "
+            f"ceiling, target 95 %: {met(c['ratio_to_compiled_ceiling'] >= 0.95)}; {c['ratio_to_eager_ceiling']:.2f}x "
+            f"the eager one, target 1.7: {met(c['ratio_to_eager_ceiling'] >= 1.7)}).\n")
+
+
 def first_result_section() -> str:
     """Time to the first result and the front end through predict() (``first_result*.json``)."""
     parts = []
@@ -524,6 +539,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 {placement_section()}
 {pipeline_section()}
 {gpu_check_section()}
+{gpu_compiled_section()}
 {gpu_section(g, p)}
 {earlier_gpu_section()}
 {cpu_compile_section()}
