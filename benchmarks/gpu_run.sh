@@ -44,4 +44,7 @@ echo "pipeline rc $?" | tee -a "$log"
 echo "first result rc $?" | tee -a "$log"
 [[ $PARTS == *collection* ]] && timeout "${COLLECTION_LIMIT:-400}" python3 benchmarks/gpu_collection_case.py --out "$OUT" >>"$log" 2>&1
 echo "collection rc $?" | tee -a "$log"
+# "multi": three models on one memory-limited GPU under a changing mix (about 6 minutes; a call of its own)
+[[ $PARTS == *multi* ]] && timeout 430 python3 benchmarks/multi_model_case.py --out "$OUT" >>"$log" 2>&1
+echo "multi rc $?" | tee -a "$log"
 rm -f "$OUT/hog.py"
