@@ -814,8 +814,8 @@ def percentile_or_none(latencies: np.ndarray, q: float) -> float | None:
     """A latency percentile in ms; None when it falls on requests that never finished (infinite)."""
     if not len(latencies):
         return None
-    value = float(np.percentile(latencies, q))
-    return None if math.isinf(value) else value * 1e3
+    value = float(np.percentile(latencies, q, method="higher"))  # no interpolation towards an infinite one
+    return value * 1e3 if math.isfinite(value) else None
 
 
 def summarize(schedule: dict, done: np.ndarray, ok: np.ndarray, seconds: float, cost: dict[str, float]) -> dict:
