@@ -3,7 +3,7 @@
 # their missing dependencies carried as Python 3.12 wheels in .whl/, see benchmarks/README.md): the GPU case, the memory-pressure section and the pipeline case on the GPU host's
 # CPUs, each under its own time limit, results and one log into $OUT (and, on request, the stacking probe).
 #   DYNBATCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_run.sh   (on the device machine)
-# PARTS picks some of "probe case pressure pipeline compiled verify first text collection" (default: case, pressure and pipeline,
+# PARTS picks some of "probe case pressure pipeline compiled verify first text collection multi" (default: case, pressure and pipeline,
 # ~560 s; a device call may take 600). "compiled" (raw, compiled raw loop, compile=True; up to 560 s,
 # most of it compiling) needs a call of its own.
 set -u
@@ -45,6 +45,6 @@ echo "first result rc $?" | tee -a "$log"
 [[ $PARTS == *collection* ]] && timeout "${COLLECTION_LIMIT:-400}" python3 benchmarks/gpu_collection_case.py --out "$OUT" >>"$log" 2>&1
 echo "collection rc $?" | tee -a "$log"
 # "multi": three models on one memory-limited GPU under a changing mix (about 6 minutes; a call of its own)
-[[ $PARTS == *multi* ]] && timeout 430 python3 benchmarks/multi_model_case.py --out "$OUT" >>"$log" 2>&1
+[[ $PARTS == *multi* ]] && timeout "${MULTI_LIMIT:-430}" python3 benchmarks/multi_model_case.py --out "$OUT" >>"$log" 2>&1
 echo "multi rc $?" | tee -a "$log"
 rm -f "$OUT/hog.py"
