@@ -274,7 +274,7 @@ class Batcher:
                 except (InputSignatureError, TypeError) as exc:
                     if raise_rejected:
                         raise
-                    rejected.append((Request(None, RequestFuture(), enqueued=now), type(exc)(f"sample {i} of map(): {exc}")))
+                    rejected.append((Request(None, enqueued=now), type(exc)(f"sample {i} of map(): {exc}")))
                     futures.append(rejected[-1][0].future)
                     continue
                 requests.append(self._request(x, sample, priority, deadline, now))
@@ -310,10 +310,9 @@ class Batcher:
 
     def _request(self, x: Any, sample: Any, priority: int, deadline: float | None,
                  now: float) -> Request:
-        future = RequestFuture()
         if sample is None:  # a Dask Future
-            return Request(None, future, priority=priority, deadline=deadline, enqueued=now, dask_future=x)
-        return Request(sample, future, priority=priority, deadline=deadline, enqueued=now,
+            return Request(None, priority=priority, deadline=deadline, enqueued=now, dask_future=x)
+        return Request(sample, priority=priority, deadline=deadline, enqueued=now,
                        as_torch=type(x).__module__.startswith("torch"))
 
     def _enqueue(self, requests: list[Request], deadline: float | None = None) -> None:

@@ -178,20 +178,25 @@ class RequestFuture(concurrent.futures.Future):
         return asyncio.wrap_future(self).__await__()
 
 
-class Request:
-    """One sample waiting for its batch (a :class:`~dask_dynbatch.core.blocks.BlockPart`: rows of a block)."""
+class Request(RequestFuture):
+    """One sample waiting for its batch, and its future: what ``submit`` and ``map`` return (a
+    :class:`~dask_dynbatch.core.blocks.BlockPart`, rows of a block, resolves the block's future).
+
+    One object rather than a request holding a future: a pending request is then one object the
+    cyclic garbage collector tracks, not two, and a burst of requests sets off half as many full
+    collections. Once done, it lets go of its sample."""
 
     #: rows it carries, and the block they belong to: a block part's own, class-wide for one sample
     rows: int = 1
     block: Block | None = None
 
-    __slots__ = ("sample", "future", "priority", "deadline", "enqueued", "dask_future", "attempts", "seq", "queued",
+    __slots__ = ("sample", "_future", "priority", "deadline", "enqueued", "dask_future", "attempts", "seq", "queued",
                  "owner", "as_torch")
 
     def __init__(
         self,
         sample: Any,
-        future: RequestFuture,
+        future: RequestFuture | None = None,
         *,
         priority: int = 0,
         deadline: float | None = None,
@@ -200,8 +205,9 @@ class Request:
         seq: int = 0,
         as_torch: bool = False,
     ):
+        RequestFuture.__init__(self)
         self.sample = sample
-        self.future = future
+        self._future = future  # None: it is its own future
         self.priority = priority
         self.deadline = deadline
         self.enqueued = enqueued
@@ -211,6 +217,18 @@ class Request:
         self.queued = False  # counted in its RequestQueue's length
         self.owner: RequestQueue | None = None  # the queue it was pushed to
         self.as_torch = as_torch  # the sample was a torch tensor: so is its result
+
+    @property
+    def future(self) -> RequestFuture:
+        """The future its result resolves: itself, or the one it was given."""
+        return self if self._future is None else self._future
+
+    def _finish(self, result: Any, exception: BaseException | None) -> None:
+        super()._finish(result, exception)
+        self.sample = self.dask_future = None  # the user's future keeps its result only
+
+    def __repr__(self) -> str:
+        return f"<RequestFuture state={self._state.lower()}>"
 
 
 class RequestQueue:
