@@ -99,8 +99,10 @@ def rate(n: int, fn) -> tuple[float, float]:
     return n / seconds, seconds
 
 
-def open_loop(batcher, samples, rate_per_s: float, seconds: float, seed: int = 0) -> dict:
-    """Poisson arrivals at ``rate_per_s`` for ``seconds``; per-request latency percentiles.
+def open_loop(batcher, samples, rate_per_s: float, seconds: float, seed: int = 0,
+              latencies_out: list[float] | None = None) -> dict:
+    """Poisson arrivals at ``rate_per_s`` for ``seconds``; per-request latency percentiles (and every
+    request's latency in seconds appended to ``latencies_out``, for runs that pool several clients).
 
     Like a serving front end, the loop keeps a request's future only until it is done (a callback
     records the latency and counts it off). Until 2026-12-06 it kept every future, with its
@@ -146,6 +148,8 @@ def open_loop(batcher, samples, rate_per_s: float, seconds: float, seed: int = 0
     if failures:
         raise RuntimeError(f"{len(failures)} of {n} open-loop requests failed; first: {failures[0]!r}")
     lat = np.array(latencies)
+    if latencies_out is not None:
+        latencies_out.extend(latencies)
     return {
         "offered_rate": rate_per_s,
         "requests": n,
