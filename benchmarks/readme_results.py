@@ -406,6 +406,76 @@ def sharing_section() -> str:
             f"{met(mean['p99_ratio'] <= 1.5)}). Per round (two / one, p99 ratio): {rounds}.\n")
 
 
+def growth_section() -> str:
+    """Throughput and latency for 1, 2, 4 client processes against 1, 2, 4 workers (``growth_case.json``)."""
+    r = load_result("growth_case")
+    if r is None:
+        return ""
+    m, cfg, combos = r["machine"], r["config"], r["combinations"]
+    rows = [f"| {c['workers']} | {c['clients']} | {c['ideal']:,.0f} | {c['throughput']:,.0f} | {c['of_ideal']:.0%} | "
+            f"{c['open']['p50_ms']:.0f} | {c['open']['p99_ms']:.0f} | {c['open']['mean_device_batch']:.0f} "
+            f"({c['open']['shared_fraction']:.0%}) | "
+            + " / ".join(f"{c['cpu_ms_per_1000'][k]:.0f}" for k in ("clients", "workers", "scheduler_and_nannies"))
+            + f" | {c['cpu_cores_busy']:.2f} |" for c in combos]
+    one = [c for c in combos if c["clients"] == 1]
+    more = [c for c in combos if c["clients"] > 1]
+
+    def on_worker(c):  # median ms a shipment waited on the worker beyond the device thread and the model
+        return max(x["worker_s"] - x["wait_s"] - x["compute_s"] for x in c["open"]["shipment_ms"])
+
+    return (f"**Cost of growth** (`growth_case.json`, `python benchmarks/growth_case.py`; {m.get('cpu')}, "
+            f"{m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): a model that sleeps "
+            f"{cfg['fixed_s'] * 1e3:.0f} ms + {cfg['per_row_s'] * 1e6:.0f} us per row (the cores carry only the "
+            f"package), `max_batch_size={cfg['max_batch_size']}`, so the ideal is 4,000 requests/s per worker; each "
+            f"client process its own Dask client and Batcher of the same model; closed loop of {cfg['requests']:,} "
+            f"requests shared by the clients ({cfg['passes']} passes, mean), then Poisson arrivals at "
+            f"{cfg['open_load']:.0%} of that combination's closed loop for {cfg['open_seconds']:.0f} s (latency over "
+            "every client's requests):\n\n"
+            "| workers | clients | ideal req/s | closed loop req/s | of ideal | open p50 ms | open p99 ms | "
+            "open device batch (shared by clients) | CPU ms per 1,000 requests: clients / workers / scheduler | "
+            "cores busy |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            f"- Throughput: {min(c['of_ideal'] for c in combos):.0%}-{max(c['of_ideal'] for c in combos):.0%} of the "
+            f"ideal everywhere; the package's CPU per request stays at "
+            f"{min(sum(c['cpu_ms_per_1000'].values()) for c in combos):.0f}-"
+            f"{max(sum(c['cpu_ms_per_1000'].values()) for c in combos):.0f} us, and at 4 workers the processes keep "
+            f"{max(c['cpu_cores_busy'] for c in combos):.2f} of the 2 cores busy.\n"
+            f"- Latency: one client, p50 {min(c['open']['p50_ms'] for c in one):.0f}-"
+            f"{max(c['open']['p50_ms'] for c in one):.0f} / p99 {min(c['open']['p99_ms'] for c in one):.0f}-"
+            f"{max(c['open']['p99_ms'] for c in one):.0f} ms; two or four clients, p50 "
+            f"{min(c['open']['p50_ms'] for c in more):.0f}-{max(c['open']['p50_ms'] for c in more):.0f} / p99 "
+            f"{min(c['open']['p99_ms'] for c in more):.0f}-{max(c['open']['p99_ms'] for c in more):.0f} ms, "
+            "whatever the workers: a shipment waits on the worker beyond the device thread and the model a median "
+            f"{max(on_worker(c) for c in one):.0f} ms or less with one client, "
+            f"{min(on_worker(c) for c in more):.0f}-{max(on_worker(c) for c in more):.0f} ms (about one device "
+            "batch) with more.\n"
+            f"\n![cost of growth]({link('benchmarks/results/growth_case.png')})\n")
+
+
+def tight_target_section() -> str:
+    """The CPU case with latency_target=10ms: open loop at 70 % of the closed loop under it (``tight_target_case.json``)."""
+    r = load_result("tight_target_case")
+    if r is None:
+        return ""
+    m, t = r["machine"], r["latency_target_ms"]
+
+    def loop(runs):
+        return ", ".join(f"{o['load']:.0%} ({o['offered_rate']:,.0f}/s): p50 {o['p50_ms']:,.0f} / p99 {o['p99_ms']:,.0f} ms "
+                         f"(device batches of {o['device_batch']['mean']:.1f})" for o in runs)
+
+    t70 = next(o for o in r["tight"] if o["load"] == 0.7)
+    return (f"**Tight latency target** (`tight_target_case.json`, `python benchmarks/tight_target_case.py`; "
+            f"{m.get('cpu')}, {m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): the CPU case's CNN, 1 worker "
+            f"x 1 thread, `latency_target=\"{t:.0f}ms\"`, other settings at their defaults. Closed loop under it: "
+            + ", ".join(f"{p['throughput']:,.0f}" for p in r["closed_loop"])
+            + " images/s (device batches of " + ", ".join(f"{p['device_batch']['mean']:.0f}" for p in r["closed_loop"])
+            + f"), mean {r['capacity']:,.0f}. Open loop: {loop(r['tight'])}; p99 at 70 % within 2x the target: "
+            f"{met(r['target_met'])} (delivered {t70['achieved_rate']:,.0f} of {t70['offered_rate']:,.0f}/s; median "
+            f"round trip {t70['round_trip_s']['p50_ms']:.0f} ms for {t70['compute_s']['p50_ms']:.0f} ms of compute). "
+            f"The same rates under the default {r['default_latency_target_ms']:.0f} ms target: {loop(r['default'])}. "
+            "`docs/decisions.md` has where the time goes.\n"
+            f"\n![tight latency target]({link('benchmarks/results/tight_target_case.png')})\n")
+
+
 def launch_bound_section() -> str:
     """The open loop on a model imitating a launch-bound GPU host (``launch_bound_case.json``)."""
     r = load_result("launch_bound_case")
@@ -535,6 +605,8 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 {text_section()}
 {collection_section()}
 {sharing_section()}
+{growth_section()}
+{tight_target_section()}
 {launch_bound_section()}
 {placement_section()}
 {pipeline_section()}
