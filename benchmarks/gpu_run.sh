@@ -3,6 +3,7 @@
 # their missing dependencies carried as Python 3.12 wheels in .whl/, see benchmarks/README.md): the GPU case, the memory-pressure section and the pipeline case on the GPU host's
 # CPUs, each under its own time limit, results and one log into $OUT (and, on request, the stacking probe).
 #   DYNBATCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_run.sh   (on the device machine)
+# <PART>_LIMIT and <PART>_ARGS (TEXT, COLLECTION, MULTI, COMPILED) set a part's time limit and extra arguments.
 # PARTS picks some of "probe case pressure pipeline compiled verify first text collection multi" (default: case, pressure and pipeline,
 # ~560 s; a device call may take 600). "compiled" (raw, compiled raw loop, compile=True; up to 560 s,
 # most of it compiling) needs a call of its own.
@@ -31,7 +32,7 @@ if [[ $PARTS == *verify* ]]; then
   echo "compiled rc $?" | tee -a "$log"
 fi
 # "text": variable-length text (about 150 s)
-[[ $PARTS == *text* ]] && timeout "${TEXT_LIMIT:-240}" python3 benchmarks/gpu_text_case.py --out "$OUT" >>"$log" 2>&1
+[[ $PARTS == *text* ]] && timeout "${TEXT_LIMIT:-240}" python3 benchmarks/gpu_text_case.py --out "$OUT" ${TEXT_ARGS:-} >>"$log" 2>&1
 echo "text rc $?" | tee -a "$log"
 [[ $PARTS == *compiled* ]] && timeout "${COMPILED_LIMIT:-560}" python3 benchmarks/gpu_case.py --out "$OUT" --name gpu_case_compiled \
   --sections raw,rawcompiled,compiled ${COMPILED_ARGS:-} >>"$log" 2>&1
@@ -42,9 +43,9 @@ echo "pressure rc $?" | tee -a "$log"
 echo "pipeline rc $?" | tee -a "$log"
 [[ $PARTS == *first* ]] && timeout 240 python3 benchmarks/first_result.py --out "$OUT" --rows 200000 >>"$log" 2>&1
 echo "first result rc $?" | tee -a "$log"
-[[ $PARTS == *collection* ]] && timeout "${COLLECTION_LIMIT:-400}" python3 benchmarks/gpu_collection_case.py --out "$OUT" >>"$log" 2>&1
+[[ $PARTS == *collection* ]] && timeout "${COLLECTION_LIMIT:-400}" python3 benchmarks/gpu_collection_case.py --out "$OUT" ${COLLECTION_ARGS:-} >>"$log" 2>&1
 echo "collection rc $?" | tee -a "$log"
 # "multi": three models on one memory-limited GPU under a changing mix (about 6 minutes; a call of its own)
-[[ $PARTS == *multi* ]] && timeout "${MULTI_LIMIT:-430}" python3 benchmarks/multi_model_case.py --out "$OUT" >>"$log" 2>&1
+[[ $PARTS == *multi* ]] && timeout "${MULTI_LIMIT:-430}" python3 benchmarks/multi_model_case.py --out "$OUT" ${MULTI_ARGS:-} >>"$log" 2>&1
 echo "multi rc $?" | tee -a "$log"
 rm -f "$OUT/hog.py"
