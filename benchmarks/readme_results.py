@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "## Latest results", "## Earlier results"
@@ -570,6 +572,32 @@ def gpu_compiled_section() -> str:
             f"the eager one, target 1.7: {met(c['ratio_to_eager_ceiling'] >= 1.7)}).\n")
 
 
+def cpu_budget_section() -> str:
+    """Where the CPU case's cores go (``cpu_budget.json``)."""
+    r = load_result("cpu_budget")
+    if r is None:
+        return ""
+    m = r["machine"]
+    beside = {}
+    for row in r["raw_beside"]:
+        beside.setdefault(row["burners"], []).append(max(row["throughput"].values()))
+    raw = ", ".join((f"beside {k} busy process{'es' if k != 1 else ''}" if k else "alone") + f" {np.mean(v):,.0f}"
+                    for k, v in sorted(beside.items()))
+
+    def mean(name: str, key: str) -> float:
+        return float(np.mean([p[key] for p in r["budget"][name]]))
+
+    runs = "; ".join(
+        f"{name}: {mean(name, 'throughput'):,.0f} images/s at batches of {mean(name, 'mean_device_batch'):.0f}, the device "
+        f"busy {mean(name, 'device_s') / mean(name, 'wall_s'):.0%} of the pass, CPU seconds per pass: client "
+        f"{mean(name, 'client_cpu_s'):.2f}, worker event loop {mean(name, 'worker_loop_thread_cpu_s'):.2f}, device "
+        f"thread {mean(name, 'worker_device_thread_cpu_s'):.2f} (wall {mean(name, 'wall_s'):.2f})"
+        for name in r["budget"])
+    return (f"**Where the CPU case's cores go** (`cpu_budget.json`, `python benchmarks/cpu_budget.py`; {m.get('cpu')}, "
+            f"{m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): the raw loop's best batch "
+            f"{raw} images/s (means of the rounds); closed loops of {r['requests']:,} images, means of 3 passes: {runs}.\n")
+
+
 def first_result_section() -> str:
     """Time to the first result and the front end through predict() (``first_result*.json``)."""
     parts = []
@@ -601,6 +629,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 `benchmarks/results/earlier/` (its README says what each shows).
 
 {cpu_section(c)}
+{cpu_budget_section()}
 {first_result_section()}
 {text_section()}
 {collection_section()}
