@@ -598,6 +598,82 @@ def cpu_budget_section() -> str:
             f"{raw} images/s (means of the rounds); closed loops of {r['requests']:,} images, means of 3 passes: {runs}.\n")
 
 
+def gpu_text_section() -> str:
+    """Variable-length text on a GPU against sorted-bucket loops (``gpu_text_case.json``)."""
+    r = load_result("gpu_text_case")
+    if r is None or "dynbatch" not in r:
+        return ""
+    m, d = r["machine"], r["dynbatch"]
+    best = r["sorted"][str(r["best_sorted_budget"])]
+    text = (f"**Variable-length text on a GPU** (`gpu_text_case.json`, `python benchmarks/gpu_text_case.py`; {m.get('gpu')}, "
+            f"{m['date']}, commit {m.get('commit')}): a 12-layer, width-768 encoder in fp16, {r['requests']:,} requests of "
+            f"log-normal lengths (median {r['lengths']['median']:.0f}, at most {r['lengths']['max']}); the best sorted-bucket "
+            f"loop in the worker with its input on the GPU {best['throughput']:,.0f} requests/s (budget "
+            f"{r['best_sorted_budget']:,} tokens, padding {best['padding_waste']:.1%}); dask-dynbatch with `pad_value=0`, "
+            f"per-token outputs back to the client {d['throughput']:,.0f} (**{r['ratio_to_sorted']:.2f}x**, target 0.9: "
+            f"{met(r['ratio_to_sorted'] >= 0.9)}), padding {d['padding_waste']:.1%} (target 15 %: "
+            f"{met(d['padding_waste'] <= 0.15)})")
+    pooled = r.get("dynbatch_pooled")
+    if pooled:
+        text += (f"; the pooled output alone {pooled['throughput']:,.0f} (**{r['pooled_ratio_to_sorted']:.2f}x**, "
+                 f"target 0.9: {met(r['pooled_ratio_to_sorted'] >= 0.9)})")
+    pressure = r.get("pressure") or {}
+    if "dynbatch" in pressure:
+        dp = pressure["dynbatch"]
+        fixed = pressure.get("padmax") or {}
+        rows = ", ".join(f"{k} rows {v['failed']:,} of {v['requests']:,} failed" for k, v in fixed.items()
+                         if isinstance(v, dict) and "failed" in v)
+        text += (f". Under the memory-pressure neighbour: dask-dynbatch {dp['failed']:,} of {dp['requests']:,} failed; "
+                 f"fixed pad-to-max batches of {rows}")
+    return text + ".\n"
+
+
+def gpu_collection_section() -> str:
+    """predict over a dask array on a GPU worker (``gpu_collection_case.json``)."""
+    r = load_result("gpu_collection_case")
+    if r is None or "throughput" not in r:
+        return ""
+    m, t = r["machine"], r["throughput"]
+    text = (f"**Dask collections on a GPU** (`gpu_collection_case.json`, `python benchmarks/gpu_collection_case.py`; "
+            f"{m.get('gpu')}, {m['date']}, commit {m.get('commit')}): {r['rows']:,} ResNet-50 images made by CPU workers "
+            f"of the same host, the model on the GPU worker, images/s: ceiling {r.get('ceiling', 0):,.0f}; "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in t.items()))
+    if "ratio_to_ceiling" in r:
+        text += (f"; `predict` {r['ratio_to_ceiling']:.1%} of the ceiling (target 90 %: {met(r['ratio_to_ceiling'] >= 0.9)}), "
+                 f"{r['ratio_to_map_blocks']:.2f}x the best `map_blocks` (target 1.0: {met(r['ratio_to_map_blocks'] >= 1.0)})")
+    pressure = r.get("pressure") or {}
+    if isinstance(pressure.get("predict"), dict):
+        p = pressure["predict"]
+        text += f". Under the memory-pressure neighbour: `predict` {p.get('failed_rows')} of {p.get('rows')} rows failed"
+        for k, v in pressure.items():
+            if k != "predict" and isinstance(v, dict) and "failed_blocks" in v:
+                text += f"; `{k}` {v['failed_blocks']} of {v.get('blocks')} blocks failed"
+    return text + ".\n"
+
+
+def multi_model_section() -> str:
+    """Three models sharing one memory-limited GPU (``multi_model_case.json``)."""
+    r = load_result("multi_model_case")
+    if r is None or "targets" not in r:
+        return ""
+    m, c, tg = r["machine"], r["contenders"], r["targets"]
+    rows = []
+    for name, entry in c.items():
+        summary = entry.get("summary") or {}
+        if not summary:
+            continue
+        phases = "; ".join(f"{ph['phase']} {ph['served_per_s']:,.0f}/s" for ph in summary["phases"])
+        rows.append(f"`{name}` {summary['served_per_s']:,.0f} requests/s over the run ({phases}), "
+                    f"{summary['failed']:,} failed")
+    return (f"**Several models on one GPU** (`multi_model_case.json` + `.png`, `python benchmarks/multi_model_case.py`; "
+            f"{m.get('gpu')}, {m['date']}, commit {m.get('commit')}): a classifier, a segmenter and a ViT under a "
+            f"memory limit, open-loop arrivals in phases: " + "; ".join(rows)
+            + f". dask-dynbatch failed {tg.get('dynbatch_failed')} (target 0: {met(bool(tg.get('dynbatch_failed_met')))}); "
+            f"throughput {tg.get('throughput_ratio', 0):.2f}x the best safe static sizes (target 1.2: "
+            f"{met(bool(tg.get('throughput_met')))}); p99 within 2x the targets while the GPU kept up: "
+            f"{met(bool(tg.get('p99_met')))}. ![multi-model](results/multi_model_case.png)\n")
+
+
 def first_result_section() -> str:
     """Time to the first result and the front end through predict() (``first_result*.json``)."""
     parts = []
@@ -641,6 +717,9 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 {pipeline_section()}
 {gpu_check_section()}
 {gpu_compiled_section()}
+{gpu_text_section()}
+{gpu_collection_section()}
+{multi_model_section()}
 {gpu_section(g, p)}
 {earlier_gpu_section()}
 {cpu_compile_section()}
