@@ -104,6 +104,7 @@ def test_a_failing_row_is_named_or_missing(client):
         assert np.isnan(got[217]).all() and np.isfinite(np.delete(got, 217, axis=0)).all()
         (record,) = batcher.row_errors()
         assert record["row"] == "row 217 of the array" and "poison row" in record["error"]
+        assert record["task"] and record["task"] != "None"  # the key of the block's task
         with pytest.raises(ValueError, match="on_error"):
             batcher.predict(x, on_error="ignore")
 
@@ -217,3 +218,16 @@ def test_pipeline_over_collections(client):
     finally:
         affine.close()
         halves.close()
+
+
+def test_a_task_logs_at_most_a_hundred_failed_rows_and_counts_them_all(client):
+    from dask_dynbatch.client.dask_collections import ROW_ERRORS, ROW_ERRORS_PER_EVENT, log_row_errors
+
+    failed = [{"row": f"row {i} of the array", "error": "ValueError('x')"} for i in range(150)]
+    client.submit(log_row_errors, "model 'coll-many-errors'", failed, pure=False).result()
+    with ddb.Batcher(client, ddb.ModelSpec("coll-many-errors", load=build_affine)) as batcher:
+        rows = batcher.row_errors()
+    assert len(rows) == ROW_ERRORS_PER_EVENT == 100 and rows[-1]["row"] == "row 99 of the array"
+    (msg,) = [m for _, m in client.get_events(ROW_ERRORS) if m["source"] == "model 'coll-many-errors'"]
+    assert msg["failed"] == 150
+

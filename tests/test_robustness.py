@@ -564,3 +564,55 @@ def test_load_scaled_down():
         assert r["queued_after"] == 0 and r["in_flight_after"] == 0 and r["worker_reservations_after"] == 0
     assert result["rounds"][0]["restarted"]
     assert result["worker_rss_growth_mib"] < 64  # no leak per request or per batch on the workers
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=60)
+async def test_a_request_that_times_out_before_its_shipment_is_encoded_fails_alone(c, s, a):
+    # Two dispatch rounds before the shipment's task runs (as after a model refresh): the first
+    # ships both requests, the second fails the one past its deadline. The shipment still carries
+    # the inputs as they left the queue, and the other request gets its result.
+    import time
+
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("affine-expire-early", load=build_affine))
+    await batcher.submit(np.ones(4))  # the dispatcher knows the worker
+    dispatcher = batcher._dispatcher
+    late = batcher.submit(np.ones(4), timeout=0.01)
+    other = batcher.submit(np.full(4, 3.0))
+    now = time.monotonic()
+    dispatcher.dispatch(now)
+    assert not len(batcher._queue)  # both left in one shipment
+    dispatcher.dispatch(now + 1.0)
+    with pytest.raises(ddb.RequestTimeoutError):
+        await late
+    np.testing.assert_array_equal(await other, np.full(4, 7.0))
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_row_errors_is_awaitable_with_an_asynchronous_client(c, s, a):
+    from dask_dynbatch.client.dask_collections import ROW_ERRORS
+
+    await c.register_plugin(ddb.DynBatchPlugin())
+    await c.log_event(ROW_ERRORS, {"source": "model 'row-errors-async'", "rows": [{"row": "item 3", "error": "E()"}],
+                                   "failed": 1})
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("row-errors-async", load=build_affine))
+    (row,) = await batcher.row_errors()
+    assert row["row"] == "item 3"
+    batcher.close()
+
+
+def test_a_request_is_its_own_future_and_lets_go_of_its_sample():
+    import weakref
+
+    done, cancelled, queued = (Request(np.zeros(3)) for _ in range(3))
+    assert done.future is done and isinstance(done, RequestFuture)
+    sample = weakref.ref(done.sample)
+    done.set_result(1.0)
+    assert done.result() == 1.0 and done.sample is None and sample() is None
+    queue = RequestQueue()
+    queue.push([cancelled, queued])
+    assert cancelled.cancel() and cancelled.sample is None  # cancelled while it waits
+    batch, expired = queue.pop(10, now=0.0)
+    assert batch == [queued] and not expired and queued.sample is not None
+    assert not queued.cancel()  # taken for a shipment: it runs

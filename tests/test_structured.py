@@ -94,13 +94,33 @@ def test_cost_queue_takes_one_row_over_the_budget_and_honours_max_rows():
     assert len(queue.take(budget=1000, max_rows=2)) == 2
 
 
-def test_weighed_batch_is_full_when_its_budget_stopped_it():
-    from dask_dynbatch.core.formation import DeviceBatch
+def test_a_row_that_still_fits_means_the_batch_did_not_stop_at_its_budget():
+    queue = _queue_of([100] * 12)
+    taken = queue.take_weighed(950)  # 9 rows of 100: a tenth would make 1,000
+    assert len(taken[0]) == 9 and not queue.another_fits(950, taken[1], taken[2])
+    mixed = _queue_of([10, 10] + [400] * 20)
+    parts, lengths, costs = mixed.take_weighed(1000)
+    assert queue.batch_cost(lengths, costs) < 0.5 * 1000  # cut by length, far from the budget
+    assert mixed.another_fits(1000, [10], [10.0])  # a 400 would fit beside one 10 (2 x 400)
+    weighed = _queue_of([1] * 6, padded=False, costs=[3.0, 3.0, 3.0, 1.0, 9.0, 9.0])
+    parts, lengths, costs = weighed.take_weighed(7.0)  # 3 + 3; the next 3 does not fit...
+    assert len(parts) == 2 and weighed.another_fits(7.0, lengths, costs)  # ...but the 1 behind it would
 
-    stopped = DeviceBatch([], formed=0.0, proposed=1000, cost=600, more=True)
-    drained = DeviceBatch([], formed=0.0, proposed=1000, cost=600)
-    nearly = DeviceBatch([], formed=0.0, proposed=1000, cost=800)
-    assert stopped.full and not drained.full and nearly.full
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=120)
+async def test_a_row_limit_does_not_let_the_token_budget_grow_without_bound(c, s, a):
+    # max_batch_size=4 stops every batch of 8-token rows at 4 rows, far below a token budget: such
+    # batches are not full for the controller, which holds instead of doubling for ever
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("enc-rows4", load=build_encoder, pad_value=0, max_batch_size=4))
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, 50, 8) for _ in range(3000)]
+    for _ in range(2):
+        await asyncio.gather(*batcher.map([{"input_ids": i, "attention_mask": np.ones_like(i)} for i in ids]))
+    (worker,) = batcher.stats()["workers"].values()
+    assert {h["device_batch"] for h in batcher.history()} <= {1, 2, 3, 4}
+    assert worker["controller"]["size"] <= 64  # rows the clients are told: the budget stayed near 4 x 8 tokens
+    batcher.close()
 
 
 def test_weighed_queue_sums_costs_in_arrival_order():

@@ -522,15 +522,27 @@ class Batcher:
 
     def row_errors(self) -> list[dict[str, Any]]:
         """Rows of this model that failed while ``predict(collection, on_error="missing")`` was
-        computed, oldest first: ``{"time", "row", "error"}`` each, ``row`` naming its position
-        (e.g. ``"row 217 of the array"``), ``error`` the exception's repr. Read from the
-        scheduler's event log (topic ``dynbatch-row-errors``), which keeps the latest events only
-        (``distributed.admin.low-level-log-length``)."""
+        computed, oldest first: ``{"time", "task", "row", "error"}`` each, ``row`` naming its
+        position (e.g. ``"row 217 of the array"``), ``error`` the exception's repr, ``task`` the
+        key of the task that ran it. Read from the scheduler's event log (topic
+        ``dynbatch-row-errors``): cluster-wide (every computation of this model, repeated when
+        Dask ran a task again), at most 100 rows per task (the record's ``failed`` counts them
+        all), the latest events only (``distributed.admin.low-level-log-length``). Awaitable
+        with an asynchronous client."""
         from .dask_collections import ROW_ERRORS
 
         label = f"model {self.spec.name!r}"
-        return [{"time": when, **row} for when, msg in self.client.get_events(ROW_ERRORS)
-                if msg.get("source") == label for row in msg["rows"]]
+
+        def rows(events: Any) -> list[dict[str, Any]]:
+            return [{"time": when, "task": msg.get("task"), **row} for when, msg in events
+                    if msg.get("source") == label for row in msg["rows"]]
+
+        if self.client.asynchronous:
+            async def read() -> list[dict[str, Any]]:
+                return rows(await self.client.get_events(ROW_ERRORS))
+
+            return read()  # type: ignore[return-value]
+        return rows(self.client.get_events(ROW_ERRORS))
 
     def history(self) -> list[dict[str, Any]]:
         """Recent shipments, one row each: ``time``, ``worker``, ``version`` of the model that served

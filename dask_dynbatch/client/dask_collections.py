@@ -132,16 +132,27 @@ def collect(runner: Any, values: list[Any], where: Any, on_error: str) -> list[A
     return out
 
 
+#: failed rows one task's event lists in full (the rest are counted): the scheduler keeps its
+#: events in memory
+ROW_ERRORS_PER_EVENT = 100
+
+
 def log_row_errors(label: str, failed: list[dict[str, str]]) -> None:
-    """Record rows that failed under ``on_error="missing"`` as an event on the scheduler, from the
-    worker that ran them (outside a worker, as the client's own event)."""
+    """Record rows that failed under ``on_error="missing"`` as an event on the scheduler (the first
+    :data:`ROW_ERRORS_PER_EVENT` of them, and how many failed), from the worker task that ran them;
+    outside a worker, as the event of a synchronous client."""
     from distributed import get_client, get_worker
 
-    msg = {"source": label, "rows": failed}
+    msg: dict[str, Any] = {"source": label, "rows": failed[:ROW_ERRORS_PER_EVENT], "failed": len(failed)}
     try:
-        get_worker().log_event(ROW_ERRORS, msg)
+        worker = get_worker()
     except ValueError:  # not in a worker task
-        get_client().log_event(ROW_ERRORS, msg)
+        client = get_client()
+        if not client.asynchronous:
+            client.log_event(ROW_ERRORS, msg)
+        return
+    msg["task"] = str(worker.get_current_task())
+    worker.log_event(ROW_ERRORS, msg)
 
 
 class _room:

@@ -256,7 +256,11 @@ class Dispatcher:
         if isolate:
             slot.isolating = True
             self.ledger.count("isolated", rows)
-        self.in_background(self._send(slot, batch, now, isolate, rows, ShipmentRows(batch) if blocks else None))
+        # the inputs are taken now: a request that finishes (its deadline) before the send encodes
+        # them lets go of its sample, and its batchmates must not fail for it
+        inputs = [(r.sample, r.dask_future) for r in batch]
+        self.in_background(self._send(slot, batch, now, isolate, rows, ShipmentRows(batch) if blocks else None,
+                                      inputs))
 
     def _send_isolated(self, live: list[WorkerSlot], now: float) -> list[WorkerSlot]:
         """Send waiting groups of suspects, one per worker, each to a worker with nothing else of
@@ -337,13 +341,14 @@ class Dispatcher:
 
     # -- one shipment -------------------------------------------------------------------------------
     async def _send(self, slot: WorkerSlot, reqs: list[Request], formed: float, isolate: bool, rows: int,
-                    layout: ShipmentRows | None) -> None:
+                    layout: ShipmentRows | None, inputs: list[tuple[Any, Any]] | None = None) -> None:
         """Send one shipment of ``rows`` rows and deliver its results (``isolate``: a group of
         suspects; ``layout``: where each request's rows start, when some are block parts). Whatever
         happens, every request of it is resolved or back in the queue when this returns."""
         try:
             delivery = await self.transport.send(slot, reqs, version=self.model.version, formed=formed,
-                                                 signature=self.model.signature, isolate=isolate, layout=layout)
+                                                 signature=self.model.signature, isolate=isolate, layout=layout,
+                                                 inputs=inputs)
         except WorkerLost as exc:
             self._worker_lost(slot, reqs, exc.cause, sent=exc.sent, isolated=isolate)
         except ModelSuperseded:  # nothing ran: the same requests go to the new version

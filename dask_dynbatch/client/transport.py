@@ -118,6 +118,7 @@ class Transport:
         self.client = client
         self.model = model
         self.weighed = weighed  # rows carry their cost (ModelSpec.cost)
+        copy_mode()  # a bad dynbatch.transport.shared-memory-copy fails the Batcher, not its shipments
         self._stackers = concurrent.futures.ThreadPoolExecutor(STACK_THREADS, thread_name_prefix="dynbatch-stack")
 
     def close(self) -> None:
@@ -125,21 +126,26 @@ class Transport:
 
     async def send(self, slot: WorkerSlot, reqs: list[Request], *, version: int, formed: float,
                    signature: tuple[tuple[int, ...], np.dtype] | Structure | None, isolate: bool = False,
-                   layout: ShipmentRows | None = None) -> Delivery:
+                   layout: ShipmentRows | None = None, inputs: list[tuple[Any, Any]] | None = None) -> Delivery:
         """Send ``reqs`` to ``slot``'s worker as one shipment of ``version``; the decoded reply.
         ``isolate``: the worker runs them in device batches of their own. ``layout``: where each
         request's rows start, when some are block parts (else each request is one row).
+        ``inputs``: each request's ``(sample, dask_future)`` as they were when it left the queue (a
+        request finished meanwhile, by its deadline, has let go of its own).
 
         Raises :class:`WorkerLost` (the requests go back to the queue; also when the worker
         answers that it is restarting), the worker's error for a shipment that could not run at
         all, or :class:`~dask_dynbatch.protocol.ModelSuperseded`."""
+        if inputs is None:
+            inputs = [(r.sample, r.dask_future) for r in reqs]
         if layout is None:
-            inline = [r.sample for r in reqs if r.dask_future is None]
+            inline = [sample for sample, future in inputs if future is None]
             firsts: list[int] | range = range(len(reqs))
         else:  # blocks are joined, not stacked: a row request joins them as a block of one row
-            inline = [r.sample if r.block is not None else r.sample[np.newaxis] for r in reqs if r.dask_future is None]
+            inline = [sample if r.block is not None else sample[np.newaxis]
+                      for r, (sample, future) in zip(reqs, inputs) if future is None]
             firsts = layout.first_rows()
-        keyed = [(firsts[i], r.dask_future.key) for i, r in enumerate(reqs) if r.dask_future is not None]
+        keyed = [(firsts[i], future.key) for i, (_, future) in enumerate(inputs) if future is not None]
         message: dict[str, Any] = {"model": self.model, "version": version, "client": self.client.id,
                                    "n": len(reqs) if layout is None else layout.rows,
                                    "queued_s": max(0.0, formed - min(r.enqueued for r in reqs))}

@@ -55,7 +55,7 @@ class DeviceBatch:
     cost: float | None = None  # with a CostQueue: what it weighs (``proposed`` is a cost then too)
     length: int | None = None  # padded samples: its longest row, which every row is padded to
     real: int | None = None  # padded samples: the rows' own lengths together
-    more: bool = False  # a weighed batch that left rows queued: the next whole row did not fit its budget
+    at_budget: bool = False  # a weighed batch that stopped at its budget: rows were left, none fitted
 
     def __post_init__(self) -> None:
         self.starts = []
@@ -68,10 +68,9 @@ class DeviceBatch:
     @property
     def full(self) -> bool:
         """Whether it is as large as the size it was formed under (not the short tail of a backlog;
-        a weighed batch within a quarter of its budget, which rows of other lengths rarely fill, or
-        one that stopped at its budget with rows left)."""
+        a weighed batch within a quarter of its budget, which rows of other lengths rarely fill)."""
         if self.cost is not None:
-            return self.more or self.cost >= 0.75 * self.proposed
+            return self.cost >= 0.75 * self.proposed
         return self.rows >= self.proposed
 
     @property
@@ -230,6 +229,20 @@ class CostQueue:
         self._rows = 0
         self._cost = 0.0
         return out
+
+    def another_fits(self, budget: float, lengths: list[float], costs: list[float]) -> bool:
+        """Whether a row waiting at the head of the queue (its highest priority, within the look-ahead)
+        would still fit a batch of these rows within ``budget``: if none would, the batch stopped
+        at its budget, not for want of rows."""
+        if not self._rows:
+            return False
+        dq = self._by_priority[max(self._by_priority)]
+        window = [dq[i] for i in range(min(len(dq), self.LOOKAHEAD))]
+        if self.padded:
+            n, longest = len(lengths), max(lengths, default=0.0)
+            return any((n + 1) * max(longest, length) <= budget for _, length, _ in window)
+        total = sum(costs)
+        return any(total + cost <= budget for _, _, cost in window)
 
     def batch_cost(self, lengths: list[float], costs: list[float]) -> float:
         if self.padded:

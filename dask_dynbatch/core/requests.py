@@ -184,7 +184,7 @@ class Request(RequestFuture):
 
     One object rather than a request holding a future: a pending request is then one object the
     cyclic garbage collector tracks, not two, and a burst of requests sets off half as many full
-    collections. Once done, it lets go of its sample."""
+    collections. Once done or cancelled, it lets go of its sample."""
 
     #: rows it carries, and the block they belong to: a block part's own, class-wide for one sample
     rows: int = 1
@@ -226,6 +226,12 @@ class Request(RequestFuture):
     def _finish(self, result: Any, exception: BaseException | None) -> None:
         super()._finish(result, exception)
         self.sample = self.dask_future = None  # the user's future keeps its result only
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled:  # (its Dask Future, if any, stays: the Batcher finds its waiter by it)
+            self.sample = None
+        return cancelled
 
     def __repr__(self) -> str:
         return f"<RequestFuture state={self._state.lower()}>"

@@ -312,13 +312,18 @@ class ModelServer:
         size = self.controller.size
         if queue.cost < size and len(self._formed) > PARTIAL_AHEAD:
             return
-        parts, lengths, costs = queue.take_weighed(size, max_rows=self.loaded.spec.batch_limit(self.device))
+        max_rows = self.loaded.spec.batch_limit(self.device)
+        parts, lengths, costs = queue.take_weighed(size, max_rows=max_rows)
         longest = int(max(lengths)) if queue.padded else None
         cost = queue.batch_cost(lengths, costs)
+        # stopped by its budget: rows were left, none would have fitted, and the row limit did not
+        # stop it (a batch cut short of half its budget by a long row says little about the budget)
+        at_budget = (len(queue) > 0 and cost >= 0.5 * size and (max_rows is None or len(lengths) < max_rows)
+                     and not queue.another_fits(size, lengths, costs))
         # never new_shape: free-sized batches all have new shapes, none pays a set-up worth hiding
         batch = DeviceBatch(parts, formed=time.monotonic(), proposed=size, compiling=self.loaded.compiling,
                             cost=cost, length=longest, real=int(sum(lengths)) if queue.padded else None,
-                            more=len(queue) > 0)
+                            at_budget=at_budget)
         self._row_cost = 0.8 * self._row_cost + 0.2 * (cost / max(1, batch.rows))
         self._launch(batch)
 
@@ -500,7 +505,7 @@ class ModelServer:
         if hidden is None:
             # a weighed batch rarely meets its budget exactly: one stopped by it is full all the same
             self.controller.observe(int(batch.units), latency, service_s, proposed=batch.proposed,
-                                    full=batch.full if batch.cost is not None else None)
+                                    full=batch.at_budget if batch.cost is not None else None)
             decision, reason = self.controller.decision, self.controller.reason
         else:
             # a batch whose time says little about its size: the model was loaded for it, a bucket
