@@ -341,7 +341,7 @@ class Dispatcher:
 
     # -- one shipment -------------------------------------------------------------------------------
     async def _send(self, slot: WorkerSlot, reqs: list[Request], formed: float, isolate: bool, rows: int,
-                    layout: ShipmentRows | None, inputs: list[tuple[Any, Any]] | None = None) -> None:
+                    layout: ShipmentRows | None, inputs: list[tuple[Any, Any]]) -> None:
         """Send one shipment of ``rows`` rows and deliver its results (``isolate``: a group of
         suspects; ``layout``: where each request's rows start, when some are block parts). Whatever
         happens, every request of it is resolved or back in the queue when this returns."""

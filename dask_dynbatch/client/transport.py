@@ -126,7 +126,7 @@ class Transport:
 
     async def send(self, slot: WorkerSlot, reqs: list[Request], *, version: int, formed: float,
                    signature: tuple[tuple[int, ...], np.dtype] | Structure | None, isolate: bool = False,
-                   layout: ShipmentRows | None = None, inputs: list[tuple[Any, Any]] | None = None) -> Delivery:
+                   inputs: list[tuple[Any, Any]], layout: ShipmentRows | None = None) -> Delivery:
         """Send ``reqs`` to ``slot``'s worker as one shipment of ``version``; the decoded reply.
         ``isolate``: the worker runs them in device batches of their own. ``layout``: where each
         request's rows start, when some are block parts (else each request is one row).
@@ -136,8 +136,6 @@ class Transport:
         Raises :class:`WorkerLost` (the requests go back to the queue; also when the worker
         answers that it is restarting), the worker's error for a shipment that could not run at
         all, or :class:`~dask_dynbatch.protocol.ModelSuperseded`."""
-        if inputs is None:
-            inputs = [(r.sample, r.dask_future) for r in reqs]
         if layout is None:
             inline = [sample for sample, future in inputs if future is None]
             firsts: list[int] | range = range(len(reqs))

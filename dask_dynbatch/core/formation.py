@@ -230,14 +230,19 @@ class CostQueue:
         self._cost = 0.0
         return out
 
+    def _head(self) -> tuple[int, deque, list[tuple[Part, float, float]]]:
+        """The highest priority waiting, its rows, and the first ``LOOKAHEAD`` of them."""
+        priority = max(self._by_priority)
+        dq = self._by_priority[priority]
+        return priority, dq, [dq[i] for i in range(min(len(dq), self.LOOKAHEAD))]
+
     def another_fits(self, budget: float, lengths: list[float], costs: list[float]) -> bool:
         """Whether a row waiting at the head of the queue (its highest priority, within the look-ahead)
         would still fit a batch of these rows within ``budget``: if none would, the batch stopped
         at its budget, not for want of rows."""
         if not self._rows:
             return False
-        dq = self._by_priority[max(self._by_priority)]
-        window = [dq[i] for i in range(min(len(dq), self.LOOKAHEAD))]
+        _, _, window = self._head()
         if self.padded:
             n, longest = len(lengths), max(lengths, default=0.0)
             return any((n + 1) * max(longest, length) <= budget for _, length, _ in window)
@@ -257,9 +262,7 @@ class CostQueue:
         """:meth:`take`, with each row's length and cost as the queue weighed them."""
         if not self._rows:
             return [], [], []
-        priority = max(self._by_priority)
-        dq = self._by_priority[priority]
-        window = [dq[i] for i in range(min(len(dq), self.LOOKAHEAD))]
+        priority, dq, window = self._head()
         limit = max(1, max_rows) if max_rows is not None else len(window)
         head = window[0][0]
         # an ``alone`` part (a client's suspects) shares its batch with rows of its shipment only

@@ -233,9 +233,6 @@ class Request(RequestFuture):
             self.sample = None
         return cancelled
 
-    def __repr__(self) -> str:
-        return f"<RequestFuture state={self._state.lower()}>"
-
 
 class RequestQueue:
     """Requests by priority (higher first), FIFO within a priority; its length and sizes count rows
