@@ -39,6 +39,12 @@ def load_result(name: str, required: bool = False) -> dict | None:
     return json.loads(path.read_text())
 
 
+def stamp(m: dict) -> str:
+    """Where and when a result was recorded: the GPU, or the CPU and its cores; date; commit."""
+    where = m.get("gpu") or f"{m.get('cpu')}, {m['cpu_count']} cores"
+    return f"{where}, {m['date']}, commit {m.get('commit')}"
+
+
 def met(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
@@ -427,8 +433,7 @@ def growth_section() -> str:
     def on_worker(c):  # median ms a shipment waited on the worker beyond the device thread and the model
         return max(x["worker_s"] - x["wait_s"] - x["compute_s"] for x in c["open"]["shipment_ms"])
 
-    return (f"**Cost of growth** (`growth_case.json`, `python benchmarks/growth_case.py`; {m.get('cpu')}, "
-            f"{m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): a model that sleeps "
+    return (f"**Cost of growth** (`growth_case.json`, `python benchmarks/growth_case.py`; {stamp(m)}): a model that sleeps "
             f"{cfg['fixed_s'] * 1e3:.0f} ms + {cfg['per_row_s'] * 1e6:.0f} us per row (the cores carry only the "
             f"package), `max_batch_size={cfg['max_batch_size']}`, so the ideal is 4,000 requests/s per worker; each "
             f"client process its own Dask client and Batcher of the same model; closed loop of {cfg['requests']:,} "
@@ -468,7 +473,7 @@ def tight_target_section() -> str:
 
     t70 = next(o for o in r["tight"] if o["load"] == 0.7)
     return (f"**Tight latency target** (`tight_target_case.json`, `python benchmarks/tight_target_case.py`; "
-            f"{m.get('cpu')}, {m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): the CPU case's CNN, 1 worker "
+            f"{stamp(m)}): the CPU case's CNN, 1 worker "
             f"x 1 thread, `latency_target=\"{t:.0f}ms\"`, other settings at their defaults. Closed loop under it: "
             + ", ".join(f"{p['throughput']:,.0f}" for p in r["closed_loop"])
             + " images/s (device batches of " + ", ".join(f"{p['device_batch']['mean']:.0f}" for p in r["closed_loop"])
@@ -497,7 +502,7 @@ def launch_bound_section() -> str:
             others.append(f"`earlier/{name}.json` ({what}): p99 at 70 % "
                           + ", ".join(f"{p:.0f}" for p in x["p99_at_70_ms"]) + " ms")
     return (f"**Launch-bound open loop** (`launch_bound_case.json`, `python benchmarks/launch_bound_case.py`; "
-            f"{m.get('cpu')}, {m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): a model that holds the GIL "
+            f"{stamp(m)}): a model that holds the GIL "
             f"{r['spin'] * 1e3:.0f} ms per batch and sleeps {r['per_row'] * 1e6:.0f} us per row, as ResNet-50 on a slow GPU "
             f"host; per round, 30 % and 70 % of the closed loop's rate: {rounds}; p99 at 70 % within 2x the "
             f"{r['latency_target_ms']:.0f} ms target: {met(r['target_met'])}."
@@ -512,8 +517,7 @@ def text_section() -> str:
         return ""
     m, t, w = r["machine"], r["throughput"], r["padding_waste"]
     loops = ", ".join(f"{k} {v:,.0f}" for k, v in t.items() if k != "dynbatch")
-    return (f"**Variable-length text** (`text_case.json`, `python benchmarks/text_case.py`; {m.get('cpu')}, "
-            f"{m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): tiny BERT (2 layers, hidden 128), "
+    return (f"**Variable-length text** (`text_case.json`, `python benchmarks/text_case.py`; {stamp(m)}): tiny BERT (2 layers, hidden 128), "
             f"{r['requests']:,} requests of {r['lengths']['min']}-{r['lengths']['max']} tokens (median "
             f"{r['lengths']['median']:.0f}), one worker process, medians of the rounds: dask-dynbatch with `pad_value=0` "
             f"and default settings {t['dynbatch']:,.0f} requests/s; by hand (batch size after the name) {loops}. "
@@ -534,8 +538,7 @@ def collection_section() -> str:
     ratios = "; ".join(f"`{k}` {v:.2f}x the best `map_blocks` ({r['best_map_blocks']}, target 1.1: {met(v >= 1.1)}) and "
                        f"{r['ratio_to_client_map'][k]:.2f}x `client_map` (target 0.9: {met(r['ratio_to_client_map'][k] >= 0.9)})"
                        for k, v in r["ratio_to_map_blocks"].items())
-    return (f"**Dask collections** (`collection_case.json`, `python benchmarks/collection_case.py`; {m.get('cpu')}, "
-            f"{m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): {r['images']:,} CNN images in a dask array "
+    return (f"**Dask collections** (`collection_case.json`, `python benchmarks/collection_case.py`; {stamp(m)}): {r['images']:,} CNN images in a dask array "
             f"persisted on one worker (1 thread), images/s, medians of the rounds: "
             + ", ".join(f"{k} {v:,.0f}" for k, v in t.items() if k != "ray_data") + f"; {ray}. {ratios}.\n")
 
@@ -550,8 +553,7 @@ def gpu_check_section() -> str:
     p99 = p99_at_70(r)
     first = [h for h in dy["history"] if h[0] >= dy["timed_started"]][:3]
     stack = ", ".join(f"{h[11] * 1e3:.0f}" for h in first)
-    return (f"**GPU check** (`gpu_check.json`, `python benchmarks/gpu_case.py --sections raw,dynbatch,open`; {m.get('gpu')}, "
-            f"{m['date']}, commit {m.get('commit')}): ceiling {r['ceiling']:,.0f} images/s (raw loop at batch 1: "
+    return (f"**GPU check** (`gpu_check.json`, `python benchmarks/gpu_case.py --sections raw,dynbatch,open`; {stamp(m)}): ceiling {r['ceiling']:,.0f} images/s (raw loop at batch 1: "
             f"{r['raw']['1']:,.0f}/s); default settings, closed loop of {dy['requests']:,}: {dy['throughput']:,.0f} "
             f"(**{dy['ratio_to_ceiling']:.1%}** of the ceiling, target 95 %: {met(dy['ratio_to_ceiling'] >= 0.95)}; the "
             f"first three shipments of the timed pass took {stack} ms to stack, the later ones ~15 ms); open loop "
@@ -567,7 +569,7 @@ def gpu_compiled_section() -> str:
     m, c = r["machine"], r["compiled"]
     ceiling = r["compiled_ceiling"]
     return (f"**compile=True** (`gpu_case_compiled.json`, `gpu_case.py --sections raw,rawcompiled,compiled`; "
-            f"{m.get('gpu')}, {m['date']}, commit {m.get('commit')}): compiled ceiling {ceiling:,.0f} images/s "
+            f"{stamp(m)}): compiled ceiling {ceiling:,.0f} images/s "
             f"(eager {r['ceiling']:,.0f}); dask-dynbatch with `compile=True`, closed loop of {c['requests']:,} after its "
             f"buckets compiled: {c['throughput']:,.0f} (**{c['ratio_to_compiled_ceiling']:.1%}** of the compiled "
             f"ceiling, target 95 %: {met(c['ratio_to_compiled_ceiling'] >= 0.95)}; {c['ratio_to_eager_ceiling']:.2f}x "
@@ -595,8 +597,7 @@ def cpu_budget_section() -> str:
         f"{mean(name, 'client_cpu_s'):.2f}, worker event loop {mean(name, 'worker_loop_thread_cpu_s'):.2f}, device "
         f"thread {mean(name, 'worker_device_thread_cpu_s'):.2f} (wall {mean(name, 'wall_s'):.2f})"
         for name in r["budget"])
-    return (f"**Where the CPU case's cores go** (`cpu_budget.json`, `python benchmarks/cpu_budget.py`; {m.get('cpu')}, "
-            f"{m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): the raw loop's best batch "
+    return (f"**Where the CPU case's cores go** (`cpu_budget.json`, `python benchmarks/cpu_budget.py`; {stamp(m)}): the raw loop's best batch "
             f"{raw} images/s (means of the rounds); closed loops of {r['requests']:,} images, means of 3 passes: {runs}.\n")
 
 
@@ -607,8 +608,7 @@ def gpu_text_section() -> str:
         return ""
     m, d = r["machine"], r["dynbatch"]
     best = r["sorted"][str(r["best_sorted_budget"])]
-    text = (f"**Variable-length text on a GPU** (`gpu_text_case.json`, `python benchmarks/gpu_text_case.py`; {m.get('gpu')}, "
-            f"{m['date']}, commit {m.get('commit')}): a 12-layer, width-768 encoder in fp16, {r['requests']:,} requests of "
+    text = (f"**Variable-length text on a GPU** (`gpu_text_case.json`, `python benchmarks/gpu_text_case.py`; {stamp(m)}): a 12-layer, width-768 encoder in fp16, {r['requests']:,} requests of "
             f"log-normal lengths (median {r['lengths']['median']:.0f}, at most {r['lengths']['max']}); the best sorted-bucket "
             f"loop in the worker with its input on the GPU {best['throughput']:,.0f} requests/s (budget "
             f"{r['best_sorted_budget']:,} tokens, padding {best['padding_waste']:.1%}); dask-dynbatch with `pad_value=0`, "
@@ -637,7 +637,7 @@ def gpu_collection_section() -> str:
         return ""
     m, t = r["machine"], r["throughput"]
     text = (f"**Dask collections on a GPU** (`gpu_collection_case.json`, `python benchmarks/gpu_collection_case.py`; "
-            f"{m.get('gpu')}, {m['date']}, commit {m.get('commit')}): {r['rows']:,} ResNet-50 images made by CPU workers "
+            f"{stamp(m)}): {r['rows']:,} ResNet-50 images made by CPU workers "
             f"of the same host, the model on the GPU worker, images/s: ceiling {r.get('ceiling', 0):,.0f}; "
             + ", ".join(f"{k} {v:,.0f}" for k, v in t.items()))
     if "ratio_to_ceiling" in r:
@@ -668,7 +668,7 @@ def multi_model_section() -> str:
         rows.append(f"`{name}` {summary['served_per_s']:,.0f} requests/s over the run ({phases}), "
                     f"{summary['failed']:,} failed")
     return (f"**Several models on one GPU** (`multi_model_case.json` + `.png`, `python benchmarks/multi_model_case.py`; "
-            f"{m.get('gpu')}, {m['date']}, commit {m.get('commit')}): a classifier, a segmenter and a ViT under a "
+            f"{stamp(m)}): a classifier, a segmenter and a ViT under a "
             f"memory limit, open-loop arrivals in phases: " + "; ".join(rows)
             + f". dask-dynbatch failed {tg.get('dynbatch_failed')} (target 0: {met(bool(tg.get('dynbatch_failed_met')))}); "
             f"throughput {tg.get('throughput_ratio', 0):.2f}x the best safe static sizes (target 1.2: "
