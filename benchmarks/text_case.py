@@ -13,9 +13,14 @@ process and returns every request's own outputs (``last_hidden_state`` cut to it
 ``padmax``     a task on the worker: batches of B in arrival order, every row padded to the maximum
                length (300); the best B of 8, 16, 32.
 
+``compiled`` (with ``--compile``) the same with ``compile=True``: each batch padded to its (rows, length)
+               bucket and run by that bucket's compiled graph once it is ready (untimed passes first,
+               until no bucket is left to compile or ``--compile-warm`` seconds have passed).
+
 Rounds rotate the order of the contenders; each contender's throughput is its median over the rounds.
 
     python benchmarks/text_case.py               # writes benchmarks/results/text_case.{json,png}
+    python benchmarks/text_case.py --compile     # adds "compiled": text_case_compiled.{json,png}
     python benchmarks/text_case.py --requests 300 --rounds 1 --out /tmp/text   # smoke test
 """
 
@@ -131,6 +136,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--compile", action="store_true", help="add dynbatch with compile=True")
+    parser.add_argument("--compile-warm", type=float, default=600.0,
+                        help="seconds of untimed passes at most, for the compiled buckets")
     args = parser.parse_args()
     from distributed import Client, LocalCluster
 
@@ -161,6 +169,18 @@ def main() -> None:
                 return run
 
             contenders = {"dynbatch": dynbatch}
+            compiled = None
+            if args.compile:
+                compiled = ddb.Batcher(client, ddb.ModelSpec("tiny-bert-text-compiled", load=build_tiny_bert,
+                                                             pad_value=0, compile=True))
+                result["compile_warm"] = warm_compiled(compiled, samples, args.compile_warm)
+
+                def run_compiled():
+                    started = time.perf_counter()
+                    outs = [f.result() for f in compiled.map(samples)]
+                    return time.perf_counter() - started, outs
+
+                contenders["compiled"] = run_compiled
             contenders |= {f"sorted_{b}": by_hand(sorted_loop, b) for b in (8, 16, 32, 64)}
             contenders |= {f"padmax_{b}": by_hand(padmax_loop, b) for b in (8, 16, 32)}
             seconds: dict[str, list[float]] = {k: [] for k in contenders}
@@ -176,12 +196,18 @@ def main() -> None:
                         waste[name] = got[2]
                     if name == "dynbatch":
                         check = got[1]
-                    elif name.startswith("sorted") and check is not None:  # same answers
+                    elif (name.startswith("sorted") or name == "compiled") and check is not None:  # same answers
                         np.testing.assert_allclose(check[0]["pooler_output"], got[1][0]["pooler_output"], atol=1e-3)
                     print(name, f"{args.requests / got[0]:.0f} req/s", flush=True)
             stats = batcher.stats()
             worker = next(iter(stats["workers"].values()))
             history = batcher.history()
+            if compiled is not None:
+                compiled_worker = next(iter(compiled.stats()["workers"].values()))
+                result["compiled"] = {"compile": compiled_worker["compile"],
+                                      "padding_waste": compiled_worker["padding_waste"],
+                                      "mean_device_batch": statistics.mean(h["device_batch"] for h in compiled.history()[-200:])}
+                compiled.close()
     throughput = {k: args.requests / statistics.median(v) for k, v in seconds.items()}
     best_sorted = max((k for k in throughput if k.startswith("sorted")), key=throughput.get)
     best_padmax = max((k for k in throughput if k.startswith("padmax")), key=throughput.get)
@@ -197,14 +223,35 @@ def main() -> None:
         "dynbatch_controller": worker["controller"],
         "targets": {"ratio_to_sorted": 0.9, "ratio_to_padmax": 1.5},
     }
-    path = save("text_case", result, args.out)
-    print(path, {k: round(v, 3) for k, v in result.items() if k.startswith("ratio")}, result["padding_waste"])
-    plot(result, Path(args.out) / "text_case.png")
+    if "compiled" in throughput:
+        result["compiled_ratio_to_sorted"] = throughput["compiled"] / throughput[best_sorted]
+        result["compiled_ratio_to_dynbatch"] = throughput["compiled"] / throughput["dynbatch"]
+    name = "text_case_compiled" if args.compile else "text_case"
+    path = save(name, result, args.out)
+    print(path, {k: round(v, 3) for k, v in result.items() if "ratio" in k}, result["padding_waste"])
+    plot(result, Path(args.out) / f"{name}.png")
+
+
+def warm_compiled(batcher, samples: list, limit: float) -> dict:
+    """Untimed passes of the compiled Batcher until no bucket is queued or compiling after a pass
+    that ran compiled batches (or ``limit`` seconds): what it took, and the compile state then."""
+    started = time.perf_counter()
+    passes = 0
+    state: dict = {}
+    while time.perf_counter() - started < limit:
+        [f.result() for f in batcher.map(samples)]
+        passes += 1
+        state = next(iter(batcher.stats()["workers"].values()))["compile"] or {}
+        busy = [b for b, info in state.get("buckets", {}).items() if info["state"] in ("queued", "compiling")]
+        print(f"compile warm-up pass {passes}: ready {state.get('ready')}, busy {busy}", flush=True)
+        if state.get("error") or (state.get("compiled_batches") and not busy and passes >= 3):
+            break
+    return {"seconds": time.perf_counter() - started, "passes": passes, "state": state}
 
 
 def plot(result: dict, path: Path) -> None:
     names = list(result["throughput"])
-    colors = ["tab:blue" if n == "dynbatch" else "tab:green" if n.startswith("sorted") else "tab:gray" for n in names]
+    colors = ["tab:blue" if n in ("dynbatch", "compiled") else "tab:green" if n.startswith("sorted") else "tab:gray" for n in names]
     m = result["machine"]
     throughput_bars(path, result["throughput"], colors, "requests/s",
                     f"tiny BERT, {result['requests']} requests of {result['lengths']['min']}-{result['lengths']['max']} "

@@ -95,12 +95,16 @@ class ModelSpec:
         ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``): each worker compiles the torch
         module once per bucket size, in the background, and serves a bucket compiled once it is
         ready (eagerly until then, and for good if compiling fails). Batches are then formed in
-        ``buckets``. Off by default.
+        ``buckets``; with ``pad_value`` (or ``cost``) they stay sized by cost, and each is padded
+        to a ``(rows, length)`` bucket (rows on ``buckets`` or four rungs per doubling, length on
+        the same spacing), at most ``dynbatch.compile.max-buckets`` of them compiled per worker.
+        Off by default.
     buckets
         Batch sizes batches are formed in (the controller steps between them; a partial batch is
         padded to its bucket on the worker and the padding cut from the outputs). Default with
         ``compile``: powers of two up to ``max_batch_size``. Given without ``compile``, batches
-        are padded to them for the eager model too (for models that want static shapes).
+        are padded to them for the eager model too (for models that want static shapes; with
+        ``pad_value``, to ``(rows, length)`` buckets as with ``compile``).
     pad_value
         Declares that the samples' leaves may differ in length along their first axis (token
         sequences): a number (every leaf of at least one dimension), or a dict from a dict sample's
@@ -189,9 +193,6 @@ class ModelSpec:
             if not all(isinstance(v, (int, float, bool, np.generic)) for v in values) or (
                     isinstance(self.pad_value, Mapping) and not self.pad_value):
                 raise ValueError(f"ModelSpec.pad_value must be a number or a non-empty dict of numbers, not {self.pad_value!r}")
-            if self.compile or self.buckets is not None:
-                raise ValueError("ModelSpec.pad_value does not work with compile or buckets yet: batches of "
-                                 "padded samples are free-sized")
         if self.cost is not None and not callable(self.cost):
             raise TypeError(f"ModelSpec.cost must be callable or None, not {self.cost!r}")
         object.__setattr__(self, "resources", dict(self.resources or {}))

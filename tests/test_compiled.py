@@ -23,6 +23,12 @@ from dask_dynbatch.scheduler.dashboard import compile_text
 from dask_dynbatch.worker.model import LoadedModel, pad_rows, trim_rows
 
 torch = pytest.importorskip("torch")
+try:  # inductor's progress bars start tqdm's monitor thread, which gen_cluster reports as leaked
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
+except ImportError:
+    pass
 
 
 def eager_mlp(xs: np.ndarray) -> np.ndarray:
@@ -60,11 +66,11 @@ def test_padding_repeats_the_last_row_and_trimming_removes_it():
     np.testing.assert_array_equal(padded[3:], np.repeat(x[-1:], 5, axis=0))
     t = pad_rows(torch.from_numpy(x), 4)
     assert tuple(t.shape) == (4, 2) and torch.equal(t[3], t[2])
-    outputs = {"a": padded, "b": (padded * 2, [padded + 1])}
+    outputs = {"a": padded, "b": (padded * 2, [f"row {i}" for i in range(8)])}  # a list: one element per row
     trimmed = trim_rows(outputs, 3)
     np.testing.assert_array_equal(trimmed["a"], x)
     np.testing.assert_array_equal(trimmed["b"][0], x * 2)
-    np.testing.assert_array_equal(trimmed["b"][1][0], x + 1)
+    assert trimmed["b"][1] == ["row 0", "row 1", "row 2"]
 
 
 def test_dashboard_cell_for_the_compile_state():
@@ -434,3 +440,145 @@ def test_unloading_stops_compiling():
     summary = loaded.compiler.summary()
     assert summary["ready"] == [] and summary["buckets"] == {}  # nothing compiled, nothing left queued
     np.testing.assert_array_equal(loaded(xs), eager_mlp(xs))  # still serves, eagerly
+
+
+# ------------------------------------------------------------------------------------------------
+# Structured and padded samples: (rows, length) buckets
+# ------------------------------------------------------------------------------------------------
+def test_structured_buckets_pure():
+    from dask_dynbatch.core.ladder import bucket_label, bucket_units, length_ladder, structured_bucket
+
+    lengths = length_ladder()
+    assert lengths[:8] == (1, 2, 4, 8, 16, 24, 32, 40) and (80 in lengths and 96 in lengths)
+    assert structured_bucket(5, 41, (1, 2, 4, 8), lengths) == (8, 48)
+    assert structured_bucket(5, None, (1, 2, 4, 8), lengths) == (8, None)  # nothing padded
+    assert structured_bucket(9, 41, (1, 2, 4, 8), lengths) is None  # above the row ladder: as it is
+    assert bucket_units((8, 48)) == 384 and bucket_units((8, None)) == 8 and bucket_units(8) == 8
+    assert [bucket_label(b) for b in ((8, 48), (8, None), 8)] == ["8x48", "8", "8"]
+
+
+def test_cut_length_keeps_outputs_seen_not_to_follow_the_length():
+    from dask_dynbatch.core.tree import cut_length
+
+    outputs = {"seq": np.zeros((2, 48, 3)), "pooled": np.zeros((2, 48)), "labels": [np.arange(48), np.arange(5)]}
+    cut = cut_length(outputs, 48, 41, fixed={"['pooled']"})
+    assert cut["seq"].shape == (2, 41, 3) and cut["pooled"].shape == (2, 48)
+    assert [len(v) for v in cut["labels"]] == [41, 5]
+    assert cut_length(outputs, 41, 41) is outputs
+
+
+def token_batch(loaded: LoadedModel, ids_list: list[np.ndarray]):
+    """Dict samples of token ids as the worker stages them for ``loaded`` (a padded Batch)."""
+    from dask_dynbatch.core.tree import TreeRows, flatten
+
+    samples = [{"input_ids": ids, "attention_mask": np.ones_like(ids)} for ids in ids_list]
+    tree, _ = flatten(samples[0])
+    return loaded.stage([TreeRows.stack(tree, [flatten(s)[1] for s in samples], [True, True])])
+
+
+def encoder_alone(model, ids: np.ndarray) -> dict:
+    with torch.inference_mode():
+        out = model(input_ids=torch.from_numpy(ids)[None], attention_mask=torch.ones(1, len(ids), dtype=torch.int64))
+    return {k: v[0].numpy() for k, v in out.items()}
+
+
+def test_padded_batches_compile_in_rows_and_length_buckets():
+    """Batches of padded dict samples stay sized by cost; compiled, each is padded to its
+    (rows, length) bucket, and the padding (rows and tokens) never reaches a request's outputs."""
+    from dask_dynbatch.core.tree import trim_output_row
+    from dask_dynbatch.examples import build_tiny_text_encoder
+
+    jobs = Jobs()
+    spec = ddb.ModelSpec("enc", load=build_tiny_text_encoder, compile=True, pad_value=0)
+    loaded = LoadedModel(spec, "cpu", compile_submit=jobs.append)
+    assert loaded.ladder is None  # the controller's size is a cost: no rungs
+    rng = np.random.default_rng(1)
+    group = [rng.integers(1, 1000, n) for n in (35, 38, 33, 10, 20)]
+    batch = token_batch(loaded, group)
+    longest = max(len(i) for i in group)
+    assert batch.length == longest and loaded.bucket_of(batch) == (8, 40)
+    assert loaded.units(batch) == 5 * longest  # eager: the batch as it is
+    loaded(batch)
+    loaded(batch)  # the second full batch of its bucket queues it
+    jobs.run_all()
+    summary = loaded.compiler.summary()
+    assert summary["ready"] == ["8x40"] and summary["error"] is None and summary["max_buckets"] == 24
+    assert loaded.units(batch) == 8 * 40  # the memory sizer weighs the padded bucket
+    out = loaded(batch)
+    summary = loaded.compiler.summary()
+    assert summary["compiled_batches"] == 1 and summary["padded_rows"] == 3
+    assert summary["padded_elements"] == 8 * (40 - longest)
+    assert out["last_hidden_state"].shape == (5, longest, 64) and out["pooler_output"].shape == (5, 64)
+    for r, row_ids in enumerate(group):  # each request's row, cut as the server cuts it, equals it alone
+        row = trim_output_row({k: v[r : r + 1] for k, v in out.items()}, longest, len(row_ids), loaded._fixed_outputs)
+        want = encoder_alone(loaded.model, row_ids)
+        np.testing.assert_allclose(row["last_hidden_state"][0], want["last_hidden_state"], atol=1e-4)
+        np.testing.assert_allclose(row["pooler_output"][0], want["pooler_output"], atol=1e-4)
+
+
+def test_dict_samples_of_one_shape_compile_on_the_ladder():
+    """Structured samples without padding: batches on the ladder's rungs, compiled per rung."""
+
+    def load():
+        class Pair(torch.nn.Module):
+            def forward(self, x, y):
+                return x.sum(1) * x.shape[0] + y
+
+        return Pair()
+
+    jobs = Jobs()
+    loaded = LoadedModel(ddb.ModelSpec("pair", load=load, compile=True, max_batch_size=8), "cpu",
+                         compile_submit=jobs.append)
+    from dask_dynbatch.core.tree import TreeRows, flatten
+
+    samples = [(np.full(3, float(i), dtype=np.float32), np.float32(i)) for i in range(5)]
+    tree, _ = flatten(samples[0])
+    batch = loaded.stage([TreeRows.stack(tree, [flatten(s)[1] for s in samples], [False, False])])
+    assert loaded.bucket_of(batch) == (8, None)
+    np.testing.assert_allclose(loaded(batch), [3 * i * 5 + i for i in range(5)])  # eager: 5 rows
+    loaded(batch)
+    jobs.run_all()
+    assert loaded.compiler.summary()["ready"] == ["8"]
+    np.testing.assert_allclose(loaded(batch), [3 * i * 8 + i for i in range(5)])  # compiled: padded to 8
+    assert loaded.compiler.compiled_batches == 1 and loaded.compiler.padded_rows == 3
+
+
+def test_at_most_max_buckets_are_compiled():
+    from dask_dynbatch.worker.compile import BucketCompiler
+
+    queued: list = []
+    compiler = BucketCompiler(object(), "default", (), run=None, example=None, submit=queued.append, max_buckets=2)
+    for bucket in ((8, 40), (16, 24), (4, 96)):
+        compiler.want(bucket, 8)
+        compiler.want(bucket, 8)
+    assert list(compiler.summary()["buckets"]) == ["8x40", "16x24"]  # the third is never queued
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=300,
+             config={"dynbatch.compile.max-buckets": 2})
+async def test_padded_compiled_model_on_a_cluster(c, s, a):
+    """Variable-length dict samples through a compiled model: each request's outputs equal it
+    alone, whether its batch ran eagerly or compiled (bucket warmed in a child process first)."""
+    from dask_dynbatch.examples import build_tiny_text_encoder, token_ids
+
+    await c.register_plugin(ddb.DynBatchPlugin())
+    spec = ddb.ModelSpec("enc", load=build_tiny_text_encoder, compile=True, pad_value=0)
+    batcher = await ddb.Batcher(c, spec)
+    model = build_tiny_text_encoder()
+    ids = token_ids(60, seed=3, median=12, longest=30)
+    wanted = [encoder_alone(model, i) for i in ids]
+    state = None
+    for _ in range(600):  # until a bucket has compiled in the background and served batches
+        outs = await asyncio.gather(*batcher.map([{"input_ids": i, "attention_mask": np.ones_like(i)} for i in ids]))
+        for i, out, want in zip(ids, outs, wanted):
+            assert out["last_hidden_state"].shape == (len(i), 64)
+            np.testing.assert_allclose(out["last_hidden_state"], want["last_hidden_state"], atol=1e-4)
+            np.testing.assert_allclose(out["pooler_output"], want["pooler_output"], atol=1e-4)
+        (state,) = [w["compile"] for w in batcher.stats()["workers"].values()]
+        if state and state["compiled_batches"] > 0:
+            break
+        await asyncio.sleep(0.1)
+    assert state["error"] is None and state["ready"] and len(state["buckets"]) <= 2, state
+    assert all("x" in label for label in state["ready"])  # (rows, length) buckets
+    assert any(b["warm_seconds"] is not None for b in state["buckets"].values())  # warmed in a child first
+    batcher.close()

@@ -144,8 +144,7 @@ def test_padded_outputs_are_cut_back_unless_seen_to_keep_their_size():
 def test_pad_value_is_checked():
     with pytest.raises(ValueError, match="pad_value must be a number or a non-empty dict"):
         ddb.ModelSpec("m", load=lambda: None, pad_value="x")
-    with pytest.raises(ValueError, match="does not work with compile"):
-        ddb.ModelSpec("m", load=lambda: None, pad_value=0, compile=True)
+    assert ddb.ModelSpec("m", load=lambda: None, pad_value=0, compile=True, buckets=[8, 16]).buckets == (8, 16)
     with pytest.raises(TypeError, match="cost must be callable"):
         ddb.ModelSpec("m", load=lambda: None, cost=3)
 

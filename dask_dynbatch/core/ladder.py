@@ -17,6 +17,10 @@ from collections.abc import Sequence
 #: ``ModelSpec(compile=...)`` values, as ``torch.compile(mode=...)`` takes them (True: "default")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+#: a compiled bucket: a batch size, or for structured samples ``(rows, length)`` (length None when
+#: no leaf is padded)
+Bucket = int | tuple[int, int | None]
+
 #: the default ladder stops here when the spec sets no max_batch_size (the memory cap binds first)
 LADDER_TOP = 2**16
 
@@ -97,3 +101,39 @@ def next_rung(ladder: Sequence[int], n: int) -> int | None:
     i = bisect.bisect_right(ladder, n)
     return ladder[i] if i < len(ladder) else None
 
+
+
+def length_ladder(top: int = LADDER_TOP) -> tuple[int, ...]:
+    """Lengths a compiled model's padded batches are padded to (the same spacing as
+    :func:`shape_ladder`: at most a quarter of padding above 64, multiples of 8 below)."""
+    return shape_ladder(top)
+
+
+def structured_bucket(rows: int, length: int | None, row_ladder: Sequence[int],
+                      lengths: Sequence[int]) -> tuple[int, int | None] | None:
+    """The ``(rows, length)`` bucket a batch of structured samples is padded to: the rung of each
+    ladder that holds it (length None when nothing is padded), or None when either is above its
+    ladder (the batch then runs as it is)."""
+    r = bucket_for(row_ladder, rows)
+    if r is None:
+        return None
+    if length is None:
+        return r, None
+    padded = bucket_for(lengths, length)
+    return None if padded is None else (r, padded)
+
+
+def bucket_units(bucket: Bucket) -> int:
+    """What a bucket weighs in the memory sizer: rows, or rows times length (tokens)."""
+    if isinstance(bucket, tuple):
+        rows, length = bucket
+        return rows * (length if length is not None else 1)
+    return int(bucket)
+
+
+def bucket_label(bucket: Bucket) -> str:
+    """A bucket as stats and the dashboard show it: ``"64"``, or ``"64x128"`` (rows x length)."""
+    if isinstance(bucket, tuple):
+        rows, length = bucket
+        return str(rows) if length is None else f"{rows}x{length}"
+    return str(bucket)

@@ -298,13 +298,15 @@ class Batch:
     tensors, ragged ones padded to ``length``), the structure, and each row's own ``lengths``.
     Has ``len`` and row slicing (out-of-memory splits, bisection)."""
 
-    __slots__ = ("tree", "leaves", "length", "lengths")
+    __slots__ = ("tree", "leaves", "length", "lengths", "ragged")
 
-    def __init__(self, tree: tuple, leaves: list[Any], length: int | None, lengths: np.ndarray | None):
+    def __init__(self, tree: tuple, leaves: list[Any], length: int | None, lengths: np.ndarray | None,
+                 ragged: tuple[bool, ...] = ()):
         self.tree = tree
         self.leaves = leaves
         self.length = length
         self.lengths = lengths
+        self.ragged = ragged  # per leaf: padded to ``length`` along axis 1
 
     def __len__(self) -> int:
         return len(self.leaves[0]) if self.leaves else 0
@@ -313,14 +315,14 @@ class Batch:
         if not isinstance(key, slice):
             raise TypeError("a Batch takes row slices only")
         lengths = None if self.lengths is None else self.lengths[key]
-        return Batch(self.tree, [leaf[key] for leaf in self.leaves], self.length, lengths)
+        return Batch(self.tree, [leaf[key] for leaf in self.leaves], self.length, lengths, self.ragged)
 
     def structure(self) -> Any:
         """The batch as the sample's structure, each leaf with the batch on its first axis."""
         return unflatten(self.tree, self.leaves)
 
     def map(self, fn) -> Batch:
-        return Batch(self.tree, [fn(leaf) for leaf in self.leaves], self.length, self.lengths)
+        return Batch(self.tree, [fn(leaf) for leaf in self.leaves], self.length, self.lengths, self.ragged)
 
     @property
     def waste(self) -> tuple[int, int]:
@@ -352,6 +354,24 @@ def learn_fixed(outputs: Any, length: int | None, fixed: set[str], path: str = "
         shape = getattr(outputs, "shape", None)
         if shape is None or len(shape) < 2 or shape[1] != length:
             fixed.add(path)
+
+
+def cut_length(outputs: Any, padded: int, length: int, fixed: set[str] = frozenset(), path: str = "") -> Any:  # type: ignore[assignment]
+    """Batch outputs of a batch padded to ``padded`` along the sequence axis as if it had been
+    padded to ``length`` only: every axis 1 of ``padded`` cut to ``length``, except at the paths in
+    ``fixed`` (see :func:`learn_fixed`); a list of one element per row has its elements' axis 0 cut."""
+    if padded == length or path in fixed:
+        return outputs
+    if isinstance(outputs, dict):
+        return {k: cut_length(v, padded, length, fixed, f"{path}[{k!r}]") for k, v in outputs.items()}
+    if isinstance(outputs, tuple):
+        return tuple(cut_length(v, padded, length, fixed, f"{path}[{i}]") for i, v in enumerate(outputs))
+    if isinstance(outputs, list):
+        return [v[:length] if getattr(v, "ndim", 0) >= 1 and v.shape[0] == padded else v for v in outputs]
+    shape = getattr(outputs, "shape", None)
+    if shape is not None and len(shape) >= 2 and shape[1] == padded:
+        return outputs[:, :length]
+    return outputs
 
 
 def trim_output_row(output: Any, length: int | None, own: int, fixed: set[str] = frozenset(), path: str = "") -> Any:  # type: ignore[assignment]

@@ -18,8 +18,11 @@ def main(job_path: str) -> None:
     spec = pickle.loads(job["payload"])
     loaded = LoadedModel(spec, job["device"])  # the eager model, as the worker has it
     compiled = compile_static(loaded.model, loaded.spec.compile_mode() or "default", 1)
-    rows = np.repeat(job["template"], job["bucket"], axis=0)
-    compile_shape(loaded.forward, compiled, loaded.as_input(rows))
+    if isinstance(job["bucket"], tuple):  # (rows, length): the template is the warm-up batch itself
+        batch = job["template"]
+    else:
+        batch = loaded.as_input(np.repeat(job["template"], job["bucket"], axis=0))
+    compile_shape(loaded.forward, compiled, batch)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .._compat import allow_recompiles
-from ..core.ladder import next_rung
+from ..core.ladder import Bucket, bucket_label, bucket_units, next_rung
 from ..core.oom import is_oom_error
 
 logger = logging.getLogger(__name__)
@@ -74,19 +74,24 @@ class BucketCompiler:
     mode
         ``torch.compile`` mode.
     ladder
-        Bucket sizes (see :func:`dask_dynbatch.core.ladder.bucket_ladder`).
+        Bucket sizes (see :func:`dask_dynbatch.core.ladder.bucket_ladder`). Batches of structured
+        samples use ``(rows, length)`` buckets instead (:func:`~dask_dynbatch.core.ladder.structured_bucket`).
     run
         ``run(model, batch) -> outputs``: how a batch is run (the same call for eager and compiled,
         e.g. the user's ``predict``), called under ``torch.inference_mode``.
     example
-        ``example(rows) -> batch``: a batch of ``rows`` rows shaped as the served ones, for warm-up.
+        ``example(bucket) -> batch``: a batch of the bucket's shape, like the served ones, for warm-up.
     submit
         Runs a callable in the background (the worker's compile thread).
     reserve
-        ``reserve(rows)``: a context manager holding device memory for a warm-up batch, or None
+        ``reserve(units)``: a context manager holding device memory for a warm-up batch of that
+        many rows (tokens, for a ``(rows, length)`` bucket), or None
         when there is no room now (the bucket is tried again when a batch next asks for it).
+    max_buckets
+        Compile at most this many buckets (the rest run eagerly): ``(rows, length)`` buckets are
+        many more than a ladder's rungs. None: every rung of the ladder.
     warm
-        ``warm(rows, stop)``: compiles the bucket in a child process first (see :func:`warm_in_subprocess`),
+        ``warm(bucket, stop)``: compiles the bucket in a child process first (see :func:`warm_in_subprocess`),
         so that the compile in this process finds inductor's on-disk caches warm and holds the
         exclusive lock (every batch eager) for seconds instead of tens of seconds. Optional; a
         failure only makes the compile here slower.
@@ -98,10 +103,11 @@ class BucketCompiler:
         mode: str,
         ladder: Sequence[int],
         run: Callable[[Any, Any], Any],
-        example: Callable[[int], Any],
+        example: Callable[[Bucket], Any],
         submit: Callable[[Callable[[], None]], Any],
         reserve: Callable[[int], Any] | None = None,
-        warm: Callable[[int, threading.Event], Any] | None = None,
+        warm: Callable[[Bucket, threading.Event], Any] | None = None,
+        max_buckets: int | None = None,
     ):
         self.mode = mode
         self.ladder = tuple(ladder)
@@ -111,8 +117,9 @@ class BucketCompiler:
         self._submit = submit
         self._reserve = reserve
         self._warm = warm
+        self.max_buckets = max_buckets
         self._in_process = False  # compiling in this process now (batches run eagerly meanwhile)
-        self._warm_seconds: dict[int, float] = {}
+        self._warm_seconds: dict[Bucket, float] = {}
         self._stop = threading.Event()  # set by close(): the model was unloaded or the worker closes
         self.compiled: Any = None  # made in the background thread (importing the compiler takes seconds)
         self._lock = threading.Lock()
@@ -120,25 +127,26 @@ class BucketCompiler:
         # thread-safe (a compiled call during another thread's trace raised on the GPU, in two
         # different ways), so a batch that finds a compile going on runs eagerly, never waits.
         self._exclusive = threading.Lock()
-        self._eager_seen: dict[tuple[int, bool], int] = {}  # (bucket, full) -> eager batches while not ready
-        self._demand: dict[int, int] = {}  # bucket -> rows served eagerly while it was not ready
-        self._ready: set[int] = set()
-        self._state: dict[int, str] = {}  # bucket -> "queued", "compiling", "ready", "no-memory"
-        self._seconds: dict[int, float] = {}
-        self._pending: list[int] = []  # buckets to compile, first first
+        self._eager_seen: dict[tuple[Bucket, bool], int] = {}  # (bucket, full) -> eager batches while not ready
+        self._demand: dict[Bucket, int] = {}  # bucket -> rows served eagerly while it was not ready
+        self._ready: set[Bucket] = set()
+        self._state: dict[Bucket, str] = {}  # bucket -> "queued", "compiling", "ready", "no-memory"
+        self._seconds: dict[Bucket, float] = {}
+        self._pending: list[Bucket] = []  # buckets to compile, first first
         self._running = False
         self.error: str | None = None
         self.compiled_batches = 0
         self.eager_batches = 0
         self.padded_rows = 0
+        self.padded_elements = 0  # (rows, length) buckets: padding added along the length too
 
     # -- serving side (device thread) -----------------------------------------------------------
-    def ready(self, bucket: int) -> Any | None:
+    def ready(self, bucket: Bucket) -> Any | None:
         """The compiled module when ``bucket`` is warmed, else None (serve eagerly)."""
         return self.compiled if bucket in self._ready and self.error is None else None
 
     @contextlib.contextmanager
-    def use(self, bucket: int):
+    def use(self, bucket: Bucket):
         """The compiled module for a batch of ``bucket`` rows, held for the ``with`` block; None
         (run eagerly) when the bucket is not ready or a compile is running now."""
         compiled = self.ready(bucket)
@@ -150,14 +158,15 @@ class BucketCompiler:
         finally:
             self._exclusive.release()
 
-    def want(self, bucket: int, rows: int = 0, force: bool = False, full: bool = True) -> None:
+    def want(self, bucket: Bucket, rows: int = 0, force: bool = False, full: bool = True) -> None:
         """A batch of ``rows`` rows in ``bucket`` ran eagerly because the bucket is not compiled.
         From the :data:`MIN_EAGER_BATCHES`-th such ``full`` batch on (:data:`MIN_SHORT_BATCHES`-th
         short one), queue that bucket, and after full batches the rung above it too (the
         controller's next step), so that one-off short batches (the tail of a burst) cost no
-        compile. The compile thread takes the queued bucket that has served the most rows eagerly
-        first. ``force``: queue it now (a declared input signature, before any batch).
-        Never waits."""
+        compile (``(rows, length)`` buckets queue no rung above: their batches are free-sized).
+        The compile thread takes the queued bucket that has served the most rows eagerly first.
+        ``force``: queue it now (a declared input signature, before any batch). Beyond
+        ``max_buckets`` buckets, nothing more is queued. Never waits."""
         if self.error is not None or self._stop.is_set():
             return
         with self._lock:
@@ -166,8 +175,11 @@ class BucketCompiler:
             self._eager_seen[key] = seen = self._eager_seen.get(key, 0) + 1
             if seen < (MIN_EAGER_BATCHES if full else MIN_SHORT_BATCHES) and not force:
                 return
-            for b in (bucket, next_rung(self.ladder, bucket) if full else None):
+            above = next_rung(self.ladder, bucket) if full and isinstance(bucket, int) else None
+            for b in (bucket, above):
                 if b is None or self._state.get(b) in ("queued", "compiling", "ready"):
+                    continue
+                if self.max_buckets is not None and b not in self._state and len(self._state) >= self.max_buckets:
                     continue
                 self._state[b] = "queued"
                 self._pending.append(b)
@@ -191,11 +203,13 @@ class BucketCompiler:
                 self._state.pop(bucket, None)
             self._pending.clear()
 
-    def count(self, compiled: bool, padded_rows: int = 0) -> None:
-        """One batch was served, compiled (with ``padded_rows`` rows of padding) or eagerly."""
+    def count(self, compiled: bool, padded_rows: int = 0, padded_elements: int = 0) -> None:
+        """One batch was served, compiled (with ``padded_rows`` rows of padding, and for a
+        ``(rows, length)`` bucket ``padded_elements`` more along the length) or eagerly."""
         if compiled:
             self.compiled_batches += 1
             self.padded_rows += padded_rows
+            self.padded_elements += padded_elements
         else:
             self.eager_batches += 1
 
@@ -211,7 +225,7 @@ class BucketCompiler:
                     if not self._pending or self.error is not None or self._stop.is_set():
                         return
                     # most rows served eagerly first; among equals (prefetched rungs), the smallest
-                    bucket = max(self._pending, key=lambda b: (self._demand.get(b, 0), -b))
+                    bucket = max(self._pending, key=lambda b: (self._demand.get(b, 0), -bucket_units(b)))
                     self._pending.remove(bucket)
                     self._state[bucket] = "compiling"
                 self._compile(bucket)
@@ -223,9 +237,9 @@ class BucketCompiler:
                 self._running = False
 
     def _make_compiled(self) -> None:
-        self.compiled = compile_static(self._module, self.mode, len(self.ladder))
+        self.compiled = compile_static(self._module, self.mode, self.max_buckets or len(self.ladder))
 
-    def _compile(self, bucket: int) -> None:
+    def _compile(self, bucket: Bucket) -> None:
         started = time.perf_counter()
         if self._warm is not None:
             # the long part (code generation, kernel compiles, autotuning) in a child process, while
@@ -235,12 +249,12 @@ class BucketCompiler:
                 if self._warm(bucket, self._stop) is not None:
                     self._warm_seconds[bucket] = time.perf_counter() - started
             except Exception:  # only makes the compile below slower
-                logger.info("dynbatch: warming the compile caches for bucket %d failed", bucket, exc_info=True)
+                logger.info("dynbatch: warming the compile caches for bucket %s failed", bucket_label(bucket), exc_info=True)
             if self._stop.is_set():
                 with self._lock:
                     self._state.pop(bucket, None)
                 return
-        held = self._reserve(bucket) if self._reserve is not None else None
+        held = self._reserve(bucket_units(bucket)) if self._reserve is not None else None
         if self._reserve is not None and held is None:
             with self._lock:
                 self._state[bucket] = "no-memory"  # asked again by the next batch of this bucket
@@ -257,7 +271,7 @@ class BucketCompiler:
                         with self._lock:
                             self._state[bucket] = "no-memory"
                         return
-                    self._give_up(exc, f"compiling bucket {bucket}")
+                    self._give_up(exc, f"compiling bucket {bucket_label(bucket)}")
                     return
                 finally:
                     self._in_process = False
@@ -266,7 +280,7 @@ class BucketCompiler:
             self._seconds[bucket] = seconds
             self._state[bucket] = "ready"
             self._ready.add(bucket)
-        logger.info("dynbatch: compiled bucket %d (%s) in %.1f s", bucket, self.mode, seconds)
+        logger.info("dynbatch: compiled bucket %s (%s) in %.1f s", bucket_label(bucket), self.mode, seconds)
 
     def _give_up(self, exc: BaseException, when: str) -> None:
         with self._lock:
@@ -282,33 +296,42 @@ class BucketCompiler:
 
     # -- reporting --------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        """JSON-able: mode, per-bucket state and compile seconds, batches served each way."""
+        """JSON-able: mode, per-bucket state and compile seconds, batches served each way (buckets
+        by :func:`~dask_dynbatch.core.ladder.bucket_label`; ``ready`` as ints for a ladder's rungs)."""
         with self._lock:
+            order = sorted(self._state, key=lambda b: (bucket_units(b), bucket_label(b)))
             buckets = {
-                str(b): {"state": state, "seconds": self._seconds.get(b), "warm_seconds": self._warm_seconds.get(b)}
-                for b, state in sorted(self._state.items())
+                bucket_label(b): {"state": self._state[b], "seconds": self._seconds.get(b),
+                                  "warm_seconds": self._warm_seconds.get(b)}
+                for b in order
             }
+            ready = [b if isinstance(b, int) else bucket_label(b)
+                     for b in sorted(self._ready, key=lambda b: (bucket_units(b), bucket_label(b)))]
         return {
             "mode": self.mode,
             "error": self.error,
             "buckets": buckets,
-            "ready": sorted(self._ready),
+            "max_buckets": self.max_buckets,
+            "ready": ready,
             "compile_seconds": float(sum(self._seconds.values())),
             "compiled_batches": self.compiled_batches,
             "eager_batches": self.eager_batches,
             "padded_rows": self.padded_rows,
+            "padded_elements": self.padded_elements,
         }
 
 
 # ------------------------------------------------------------------------------------------------
 # Warming inductor's caches in a child process
 # ------------------------------------------------------------------------------------------------
-def warm_in_subprocess(payload: bytes, device: str, bucket: int, template: np.ndarray,
+def warm_in_subprocess(payload: bytes, device: str, bucket: Bucket, template: Any,
                        stop: threading.Event | None = None, timeout: float = 900.0) -> float | None:
     """Compile ``bucket`` of the model pickled in ``payload`` in a child process.
 
     The child loads the model on ``device``, compiles it the way the worker does and runs a batch of
-    ``bucket`` copies of ``template`` (one host input row) through it. What it leaves behind is
+    ``bucket`` copies of ``template`` (one host input row) through it; for a ``(rows, length)``
+    bucket, ``template`` is the whole warm-up batch (a :class:`~dask_dynbatch.core.tree.Batch` of
+    host arrays). What it leaves behind is
     inductor's on-disk caches (FX graph, kernels, autotuning), so the worker's own compile of that
     bucket is mostly cache hits, seconds instead of tens of seconds. The child competes for no lock
     and no GIL of the worker. ``stop`` set: the child is killed. Returns the child's seconds, or None
@@ -316,8 +339,9 @@ def warm_in_subprocess(payload: bytes, device: str, bucket: int, template: np.nd
     """
     with tempfile.TemporaryDirectory(prefix="dynbatch-warm-") as tmp:
         job = Path(tmp) / "job.pkl"
-        job.write_bytes(pickle.dumps({"payload": payload, "device": device, "bucket": int(bucket),
-                                      "template": np.ascontiguousarray(template)}))
+        if not isinstance(bucket, tuple):
+            template = np.ascontiguousarray(template)
+        job.write_bytes(pickle.dumps({"payload": payload, "device": device, "bucket": bucket, "template": template}))
         started = time.perf_counter()
         with subprocess.Popen([sys.executable, "-m", "dask_dynbatch.worker._warm", str(job)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
@@ -330,10 +354,10 @@ def warm_in_subprocess(payload: bytes, device: str, bucket: int, template: np.nd
                     if (stop is not None and stop.is_set()) or time.perf_counter() - started > timeout:
                         proc.kill()
                         proc.communicate()
-                        logger.info("dynbatch: warming bucket %d stopped after %.0f s", bucket,
+                        logger.info("dynbatch: warming bucket %s stopped after %.0f s", bucket_label(bucket),
                                     time.perf_counter() - started)
                         return None
         if proc.returncode != 0:
-            logger.info("dynbatch: warming bucket %d failed: %s", bucket, (stderr or "")[-2000:])
+            logger.info("dynbatch: warming bucket %s failed: %s", bucket_label(bucket), (stderr or "")[-2000:])
             return None
         return time.perf_counter() - started

@@ -16,10 +16,19 @@ from typing import Any
 import numpy as np
 
 from .._compat import dynamo_tolerates_nested_tracing
-from ..core.ladder import bucket_for, floor_rung
+from ..core.ladder import (
+    Bucket,
+    bucket_for,
+    bucket_ladder,
+    bucket_units,
+    floor_rung,
+    length_ladder,
+    shape_ladder,
+    structured_bucket,
+)
 from ..core.oom import is_oom_error
 from ..core.profile import estimate_bytes_per_sample
-from ..core.tree import Batch, TreeRows, leaf_paths, top_keys
+from ..core.tree import Batch, Ragged, TreeRows, cut_length, leaf_paths, learn_fixed, top_keys
 from ..spec import ModelSpec, call_load
 from .compile import BucketCompiler
 from .staging import PinnedBuffer, join_on_host, stage_on_device
@@ -103,14 +112,50 @@ def pad_rows(batch: Any, rows: int) -> Any:
 
 
 def trim_rows(outputs: Any, n: int) -> Any:
-    """The first ``n`` rows of every output (arrays, tensors; tuples, lists and dicts of them)."""
+    """The first ``n`` rows of every output (arrays, tensors; tuples and dicts of them; a list of
+    one element per row)."""
     if isinstance(outputs, dict):
         return {k: trim_rows(v, n) for k, v in outputs.items()}
-    if isinstance(outputs, (tuple, list)):
+    if isinstance(outputs, tuple):
         return type(outputs)(trim_rows(v, n) for v in outputs)
+    if isinstance(outputs, list):
+        return outputs[:n]
     if getattr(outputs, "ndim", 0) > 0:
         return outputs[:n]
     return outputs
+
+
+def pad_length(leaf: Any, length: int, pad: Any) -> Any:
+    """A padded leaf (rows on axis 0, the sequence on axis 1; NumPy or torch) padded with ``pad``
+    (or cut) to ``length`` along axis 1."""
+    extra = length - leaf.shape[1]
+    if extra <= 0:
+        return leaf[:, :length]
+    shape = (leaf.shape[0], extra, *leaf.shape[2:])
+    if isinstance(leaf, np.ndarray):
+        return np.concatenate([leaf, np.full(shape, pad, dtype=leaf.dtype)], axis=1)
+    import torch
+
+    return torch.cat([leaf, leaf.new_full(shape, pad)], dim=1)
+
+
+def _rows_of(bucket: Bucket) -> int:
+    return bucket[0] if isinstance(bucket, tuple) else bucket
+
+
+def _copy(leaf: Any) -> Any:
+    return leaf.clone() if hasattr(leaf, "clone") else np.array(leaf)
+
+
+def _first_row(batch: Any) -> Any:
+    """A copy of a batch's first row (the model of warm-up batches)."""
+    if isinstance(batch, Batch):
+        return batch[:1].map(_copy)
+    return _copy(batch[:1])
+
+
+def _host(leaf: Any) -> Any:
+    return leaf if isinstance(leaf, np.ndarray) else leaf.detach().cpu().numpy()
 
 
 class LoadedModel:
@@ -119,13 +164,13 @@ class LoadedModel:
     With ``ModelSpec.compile``, ``compile_submit`` (runs a callable in the worker's compile thread)
     and ``compile_reserve`` (``rows -> context manager or None``: device memory for a warm-up
     batch) let a :class:`~dask_dynbatch.worker.compile.BucketCompiler` compile buckets in the background;
-    ``compile_warm(rows, template_row, stop=event)`` warms the compile caches in a child process first.
+    ``compile_warm(bucket, template, stop=event)`` warms the compile caches in a child process first.
     """
 
     def __init__(self, spec: ModelSpec, device: str, version: int = 0,
                  compile_submit: Callable[[Callable[[], None]], Any] | None = None,
                  compile_reserve: Callable[[int], Any] | None = None,
-                 compile_warm: Callable[[int, np.ndarray], Any] | None = None):
+                 compile_warm: Callable[..., Any] | None = None):
         self.spec = spec.for_device(device)
         self.device = device
         self.version = version
@@ -142,10 +187,15 @@ class LoadedModel:
         self._sizes_seen: set[int] = set()
         self.calls = 0  # batches (and pieces of split batches) run
         self._shapes_warmed = False
-        self.ladder = self.spec.ladder(device)
+        # padded or weighed samples form batches by cost, not on rungs of rows: the controller's
+        # size is free, and only compiled or static-shape batches are padded, to (rows, length) buckets
+        self.ladder = None if self.spec.structured else self.spec.ladder(device)
+        self.tree_ladder = self._tree_ladder()
+        self._lengths = length_ladder()
+        self._fixed_outputs: set[str] = set()  # padded samples: outputs seen not to follow the padded length
         self.compiler: BucketCompiler | None = None
         self.compile_error: str | None = None
-        self._template: Any = None  # one input row, the model of warm-up batches
+        self._template: Any = None  # one input row (a Batch of one row for structured samples), the model of warm-up batches
         mode = self.spec.compile_mode()
         if mode is not None:
             if not self.is_torch:
@@ -155,18 +205,32 @@ class LoadedModel:
                 )
                 logger.warning("dynbatch: model %r: %s", self.spec.name, self.compile_error)
             elif compile_submit is not None:
+                import dask.config
+
                 self.compiler = BucketCompiler(
-                    self.model, mode, self.ladder, run=self.forward, example=self._example,
+                    self.model, mode, self.ladder or self.tree_ladder or (), run=self.forward, example=self._example,
                     submit=compile_submit, reserve=compile_reserve,
-                    warm=(lambda rows, stop: compile_warm(rows, self._host_template(), stop=stop)) if compile_warm else None,
+                    warm=(lambda bucket, stop: compile_warm(bucket, self._host_template(bucket), stop=stop)) if compile_warm else None,
+                    max_buckets=int(dask.config.get("dynbatch.compile.max-buckets", 24)) if self.spec.structured else None,
                 )
-                if self.spec.input_shape is not None and self.spec.input_dtype is not None:
+                if self.ladder and self.spec.input_shape is not None and self.spec.input_dtype is not None:
                     # the signature is declared: compile the first bucket before the first batch
                     row = np.zeros((1, *self.spec.input_shape), dtype=np.dtype(self.spec.input_dtype))
                     self._template = self.as_input(row)
                     first = bucket_for(self.ladder, self.spec.initial_size(device))
                     if first is not None:
                         self.compiler.want(first, force=True)
+
+    def _tree_ladder(self) -> tuple[int, ...] | None:
+        """Row rungs of batches of structured samples when they are padded to buckets (compiled, or
+        ``buckets`` asked for): the controller's ladder, or for batches formed by cost the
+        ``buckets`` or the shape ladder (a quarter of padding at most). None: never padded."""
+        spec = self.spec
+        if spec.compile_mode() is None and spec.buckets is None:
+            return None
+        if not spec.structured:
+            return self.ladder
+        return bucket_ladder(spec.buckets, spec.max_batch_size) if spec.buckets is not None else shape_ladder(spec.max_batch_size)
 
     def _prepare_torch(self) -> None:
         import torch
@@ -192,7 +256,8 @@ class LoadedModel:
         leaves, length = rows.padded(pads)
         if shared and len(parts) == 1:  # views of a client's slot: never aliased by outputs or later batches
             leaves = [np.array(leaf) for leaf in leaves]
-        batch = Batch(rows.tree, leaves, length, rows.lengths() if length is not None else None)
+        batch = Batch(rows.tree, leaves, length, rows.lengths() if length is not None else None,
+                      tuple(isinstance(leaf, Ragged) for leaf in rows.leaves))
         if self.stages_on_device:
             import torch
 
@@ -205,6 +270,9 @@ class LoadedModel:
         """What a batch weighs in the memory sizer: rows (of its bucket), or for padded or weighed
         samples its cost (rows times padded length: tokens)."""
         if isinstance(batch, Batch):
+            bucket = self.bucket_of(batch)
+            if bucket is not None and self._pads(bucket):
+                return bucket_units(bucket)
             if batch.length is not None:
                 return len(batch) * batch.length
             return len(batch)
@@ -292,31 +360,38 @@ class LoadedModel:
             return cap
         return floor_rung(self.ladder, cap)
 
-    def _pads(self, bucket: int) -> bool:
+    def _pads(self, bucket: Bucket) -> bool:
         if self.compiler is not None:
             return self.compiler.ready(bucket) is not None
-        if self.spec.pads_shapes(self.device):  # few shapes for cuDNN; only where rows are independent
+        if isinstance(bucket, int) and self.spec.pads_shapes(self.device):  # few shapes for cuDNN; only where rows are independent
             return self.is_torch
         return self.spec.buckets is not None and self.compile_error is None  # static shapes asked for
 
+    def bucket_of(self, batch: Any) -> Bucket | None:
+        """The bucket a batch would be padded to: its rung of rows, or for structured samples its
+        ``(rows, length)`` bucket; None when it runs as it is."""
+        if isinstance(batch, Batch):
+            if not self.tree_ladder:
+                return None
+            return structured_bucket(len(batch), batch.length, self.tree_ladder, self._lengths)
+        return bucket_for(self.ladder, len(batch)) if self.ladder else None
+
     def __call__(self, batch: Any, full: bool = True) -> Any:
-        """Run one stacked batch (host array or device tensor); returns host NumPy outputs.
-        ``full``: the batch is as large as the server's size (not the short tail of a backlog)."""
+        """Run one stacked batch (host array or device tensor, or a structured
+        :class:`~dask_dynbatch.core.tree.Batch`); returns host NumPy outputs. ``full``: the batch
+        is as large as the server's size (not the short tail of a backlog)."""
         self.calls += 1
         n = len(batch)
-        bucket = bucket_for(self.ladder, n) if self.ladder else None
+        bucket = self.bucket_of(batch)
         if bucket is None:
             return self._to_host(self._eager(batch))
         compiler = self.compiler
-        if compiler is not None and isinstance(batch, Batch):  # structured samples are not compiled: eager
-            compiler.count(compiled=False)
-            return self._to_host(self._eager(batch))
         if compiler is None:
             if self._pads(bucket):
-                return self._to_host(trim_rows(self._eager(pad_rows(batch, bucket)), n))
+                return self._to_host(self._fit(self._eager(self._grow(batch, bucket)), batch, bucket))
             return self._to_host(self._eager(batch))
         if self._template is None:
-            self._template = batch[:1].clone() if hasattr(batch, "clone") else batch[:1].copy()
+            self._template = _first_row(batch)
         if compiler.ready(bucket) is None:
             compiler.want(bucket, n, full=full)
             compiler.count(compiled=False)
@@ -331,15 +406,19 @@ class LoadedModel:
                 # padded outside inference mode: a tensor made in it is an "inference tensor",
                 # which fails the guards of a graph warmed with an ordinary one, and dynamo then
                 # recompiles in this thread while every batch waits
-                padded = pad_rows(batch, bucket)
+                padded = self._grow(batch, bucket)
                 with torch.inference_mode(), dynamo_tolerates_nested_tracing():
-                    result = self._to_host(trim_rows(self.forward(compiled, padded), n))
+                    result = self._to_host(self._fit(self.forward(compiled, padded), batch, bucket))
             except Exception as exc:
                 if is_oom_error(exc):
                     raise
                 failure = exc
             else:
-                compiler.count(compiled=True, padded_rows=bucket - n)
+                extra = 0
+                if isinstance(bucket, tuple) and bucket[1] is not None and isinstance(batch, Batch) and batch.length:
+                    extra = (bucket[1] - batch.length) * bucket[0]
+                compiler.count(compiled=True, padded_rows=_rows_of(bucket) - n,
+                               padded_elements=extra)
                 return result
         # eager decides whether the data (a poison request: it raises again) or the compiled graph
         # is at fault
@@ -347,6 +426,36 @@ class LoadedModel:
         compiler.fail(failure)
         compiler.count(compiled=False)
         return result
+
+    def _grow(self, batch: Any, bucket: Bucket) -> Any:
+        """``batch`` padded to ``bucket``: rows (copies of the last), and for a ``(rows, length)``
+        bucket every padded leaf to that length with its pad value."""
+        if not isinstance(bucket, tuple):
+            return pad_rows(batch, bucket)
+        rows, length = bucket
+        grown = pad_rows(batch, rows)
+        if length is not None and isinstance(grown, Batch):
+            grown = self._with_length(grown, length)
+        return grown
+
+    def _with_length(self, batch: Batch, length: int) -> Batch:
+        """``batch`` with its padded leaves padded (or cut) to ``length`` along axis 1."""
+        if batch.length == length:
+            return batch
+        pads = self._pad_values.get(batch.tree) or [0] * len(batch.leaves)
+        leaves = [pad_length(leaf, length, pads[j]) if j < len(batch.ragged) and batch.ragged[j] else leaf
+                  for j, leaf in enumerate(batch.leaves)]
+        lengths = None if batch.lengths is None else np.minimum(batch.lengths, length)
+        return Batch(batch.tree, leaves, length, lengths, batch.ragged)
+
+    def _fit(self, outputs: Any, batch: Any, bucket: Bucket) -> Any:
+        """Outputs of ``batch`` run padded to ``bucket``, as if it had run as it is: the padding rows
+        cut, and for a ``(rows, length)`` bucket every output along the padded length cut back to the
+        batch's length (except outputs seen not to follow it, :func:`~dask_dynbatch.core.tree.learn_fixed`)."""
+        outputs = trim_rows(outputs, len(batch))
+        if isinstance(bucket, tuple) and bucket[1] is not None and isinstance(batch, Batch) and batch.length is not None:
+            outputs = cut_length(outputs, bucket[1], batch.length, self._fixed_outputs)
+        return outputs
 
     def _to_host(self, outputs: Any) -> Any:
         """``outputs`` as host NumPy arrays. On CUDA the device thread first waits for the batch's
@@ -366,8 +475,12 @@ class LoadedModel:
             import torch
 
             with torch.inference_mode():
-                return self.forward(self.model, batch)
-        return self.forward(self.model, batch)
+                outputs = self.forward(self.model, batch)
+        else:
+            outputs = self.forward(self.model, batch)
+        if self.tree_ladder and isinstance(batch, Batch) and batch.length is not None:
+            learn_fixed(outputs, batch.length, self._fixed_outputs)  # for cutting the outputs of padded buckets
+        return outputs
 
     def forward(self, model: Any, batch: Any) -> Any:
         """``model`` (eager or compiled) on one batch; outputs as the model returns them. A batch
@@ -417,19 +530,25 @@ class LoadedModel:
             return torch.from_numpy(rows).to(self._torch_device)
         return rows
 
-    def _host_template(self) -> np.ndarray:
-        """The warm-up row as a host NumPy array (for a child process)."""
-        template = self._template
-        if not isinstance(template, np.ndarray):
-            template = template.detach().cpu().numpy()
-        return template
+    def _host_template(self, bucket: Bucket) -> Any:
+        """What a child process warms ``bucket`` with: the warm-up row as a host NumPy array, or for a
+        ``(rows, length)`` bucket the whole warm-up batch with host leaves."""
+        if isinstance(bucket, tuple):
+            return self._example(bucket).map(_host)
+        return _host(self._template)
 
-    def _example(self, rows: int) -> Any:
-        """A warm-up batch of ``rows`` rows: the first row served (or a zero row), repeated."""
+    def _example(self, bucket: Bucket) -> Any:
+        """A warm-up batch of ``bucket``'s shape: the first row served (or a zero row), repeated
+        (for a ``(rows, length)`` bucket, padded or cut to the length)."""
         template = self._template
+        if isinstance(bucket, tuple):
+            rows, length = bucket
+            if length is not None:
+                template = self._with_length(template, length)
+            return pad_rows(template, rows)
         if hasattr(template, "repeat") and not isinstance(template, np.ndarray):
-            return template.repeat(rows, *([1] * (template.dim() - 1)))
-        return np.repeat(template, rows, axis=0)
+            return template.repeat(bucket, *([1] * (template.dim() - 1)))
+        return np.repeat(template, bucket, axis=0)
 
     @property
     def compiling(self) -> bool:
