@@ -450,8 +450,10 @@ def test_structured_buckets_pure():
 
     lengths = length_ladder()
     assert lengths[:8] == (1, 2, 4, 8, 16, 24, 32, 40) and (80 in lengths and 96 in lengths)
-    assert structured_bucket(5, 41, (1, 2, 4, 8), lengths) == (8, 48)
-    assert structured_bucket(5, None, (1, 2, 4, 8), lengths) == (8, None)  # nothing padded
+    assert structured_bucket(5, 41, (1, 2, 4, 8), lengths, longest=100) == (8, 48)
+    assert structured_bucket(5, None, (1, 2, 4, 8), lengths) == 8  # nothing padded: a rung of rows
+    assert structured_bucket(5, 41, (1, 2, 4, 8), lengths, longest=44) == (8, 44)  # never longer than has run
+    assert structured_bucket(5, 41, (1, 2, 4, 8), lengths, longest=30) == (8, 41)
     assert structured_bucket(9, 41, (1, 2, 4, 8), lengths) is None  # above the row ladder: as it is
     assert bucket_units((8, 48)) == 384 and bucket_units((8, None)) == 8 and bucket_units(8) == 8
     assert [bucket_label(b) for b in ((8, 48), (8, None), 8)] == ["8x48", "8", "8"]
@@ -496,7 +498,10 @@ def test_padded_batches_compile_in_rows_and_length_buckets():
     group = [rng.integers(1, 1000, n) for n in (35, 38, 33, 10, 20)]
     batch = token_batch(loaded, group)
     longest = max(len(i) for i in group)
-    assert batch.length == longest and loaded.bucket_of(batch) == (8, 40)
+    # padded no longer than the longest batch the model has run (a model may have a maximum length)
+    assert batch.length == longest and loaded.bucket_of(batch) == (8, longest)
+    loaded(token_batch(loaded, [rng.integers(1, 1000, 60)]))
+    assert loaded.bucket_of(batch) == (8, 40)
     assert loaded.units(batch) == 5 * longest  # eager: the batch as it is
     loaded(batch)
     loaded(batch)  # the second full batch of its bucket queues it
@@ -504,7 +509,12 @@ def test_padded_batches_compile_in_rows_and_length_buckets():
     summary = loaded.compiler.summary()
     assert summary["ready"] == ["8x40"] and summary["error"] is None and summary["max_buckets"] == 24
     assert loaded.units(batch) == 8 * 40  # the memory sizer weighs the padded bucket
+    assert loaded.units(batch, padded=False) == 5 * longest
+    as_it_is = loaded(batch, pad=False)  # the padded bucket would not fit the memory cap: eager
+    assert loaded.compiler.summary()["compiled_batches"] == 0
     out = loaded(batch)
+    for key in out:
+        np.testing.assert_allclose(out[key], as_it_is[key], atol=1e-4)
     summary = loaded.compiler.summary()
     assert summary["compiled_batches"] == 1 and summary["padded_rows"] == 3
     assert summary["padded_elements"] == 8 * (40 - longest)
@@ -534,24 +544,62 @@ def test_dict_samples_of_one_shape_compile_on_the_ladder():
     samples = [(np.full(3, float(i), dtype=np.float32), np.float32(i)) for i in range(5)]
     tree, _ = flatten(samples[0])
     batch = loaded.stage([TreeRows.stack(tree, [flatten(s)[1] for s in samples], [False, False])])
-    assert loaded.bucket_of(batch) == (8, None)
+    assert loaded.bucket_of(batch) == 8
     np.testing.assert_allclose(loaded(batch), [3 * i * 5 + i for i in range(5)])  # eager: 5 rows
     loaded(batch)
     jobs.run_all()
-    assert loaded.compiler.summary()["ready"] == ["8"]
+    assert loaded.compiler.summary()["ready"] == [8]
     np.testing.assert_allclose(loaded(batch), [3 * i * 8 + i for i in range(5)])  # compiled: padded to 8
     assert loaded.compiler.compiled_batches == 1 and loaded.compiler.padded_rows == 3
+    # static shapes without compile: the eager model gets the batch padded to its bucket
+    static = LoadedModel(ddb.ModelSpec("pair", load=load, buckets=[8]), "cpu")
+    batch = static.stage([TreeRows.stack(tree, [flatten(s)[1] for s in samples], [False, False])])
+    np.testing.assert_allclose(static(batch), [3 * i * 8 + i for i in range(5)])
 
 
-def test_at_most_max_buckets_are_compiled():
+def test_buckets_pad_variable_lengths_for_the_eager_model_and_bound_the_rows():
+    from dask_dynbatch.core.tree import trim_output_row
+    from dask_dynbatch.examples import build_tiny_text_encoder
+
+    spec = ddb.ModelSpec("enc", load=build_tiny_text_encoder, buckets=[4, 8], pad_value=0)
+    loaded = LoadedModel(spec, "cpu")
+    assert loaded.row_limit == 8  # batches formed by cost stop at the top bucket
+    rng = np.random.default_rng(2)
+    loaded(token_batch(loaded, [rng.integers(1, 1000, 50)]))  # the longest batch run so far: 50
+    group = [rng.integers(1, 1000, n) for n in (30, 7, 19)]
+    batch = token_batch(loaded, group)
+    assert loaded.bucket_of(batch) == (4, 32) and loaded.units(batch) == 4 * 32
+    out = loaded(batch)  # run padded to 4 rows of 32 tokens, cut back to 3 of 30
+    assert out["last_hidden_state"].shape == (3, 30, 64)
+    for r, row_ids in enumerate(group):
+        row = trim_output_row({k: v[r : r + 1] for k, v in out.items()}, 30, len(row_ids), loaded._fixed_outputs)
+        want = encoder_alone(loaded.model, row_ids)
+        np.testing.assert_allclose(row["last_hidden_state"][0], want["last_hidden_state"], atol=1e-4)
+        np.testing.assert_allclose(row["pooler_output"][0], want["pooler_output"], atol=1e-4)
+
+
+def test_at_most_max_buckets_compile_those_of_the_traffic_lately_first():
+    from dask_dynbatch.worker import compile as compile_module
     from dask_dynbatch.worker.compile import BucketCompiler
 
-    queued: list = []
-    compiler = BucketCompiler(object(), "default", (), run=None, example=None, submit=queued.append, max_buckets=2)
-    for bucket in ((8, 40), (16, 24), (4, 96)):
-        compiler.want(bucket, 8)
-        compiler.want(bucket, 8)
-    assert list(compiler.summary()["buckets"]) == ["8x40", "16x24"]  # the third is never queued
+    jobs = Jobs()
+    compiler = BucketCompiler(object(), "default", (), run=None, example=None, submit=jobs.append, max_buckets=2)
+    order: list = []
+    compiler._compile = lambda bucket: (order.append(bucket), compiler._mark_ready(bucket, 1.0))
+    for _ in range(3):  # while the controller climbed: many rows in small-budget buckets
+        compiler.want((4, 160), 4)
+        compiler.want((8, 80), 8)
+    for _ in range(compile_module.RECENT_BATCHES):  # then the traffic settles on two other buckets
+        compiler.want((16, 96), 16)
+        compiler.want((32, 48), 32)
+    jobs.run_all()
+    assert order == [(32, 48), (16, 96)]  # the budget goes to the buckets of the traffic now
+    summary = compiler.summary()
+    assert summary["ready"] == ["16x96", "32x48"]
+    assert {summary["buckets"][b]["state"] for b in ("4x160", "8x80")} == {"over-limit"}
+    compiler.want((2, 320), 2)
+    compiler.want((2, 320), 2)
+    assert not jobs and "2x320" not in compiler.summary()["buckets"]  # full: nothing more is queued
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=300,
@@ -578,7 +626,25 @@ async def test_padded_compiled_model_on_a_cluster(c, s, a):
         if state and state["compiled_batches"] > 0:
             break
         await asyncio.sleep(0.1)
-    assert state["error"] is None and state["ready"] and len(state["buckets"]) <= 2, state
+    assert state["error"] is None and state["compiled_batches"] > 0, state
+    assert 1 <= len(state["ready"]) <= 2, state
     assert all("x" in label for label in state["ready"])  # (rows, length) buckets
     assert any(b["warm_seconds"] is not None for b in state["buckets"].values())  # warmed in a child first
     batcher.close()
+
+
+def test_a_compiled_bucket_covers_smaller_batches_within_its_slack():
+    from dask_dynbatch.worker.compile import COVER_SLACK, BucketCompiler
+
+    compiler = BucketCompiler(object(), "default", (), run=None, example=None, submit=None, max_buckets=4)
+    compiler.compiled = object()
+    for bucket in ((32, 48), (16, 96), (8, None)):
+        compiler._mark_ready(bucket, 1.0)
+    assert COVER_SLACK == 1.25
+    assert compiler.cover((32, 40)) == (32, 48)  # 1,536 tokens for 1,280: within the slack
+    assert compiler.cover((24, 48)) is None  # 1,536 for 1,152: more than a quarter more
+    assert compiler.cover((16, 80)) == (16, 96)
+    assert compiler.cover((40, 40)) is None  # more rows than any compiled bucket holds
+    assert compiler.cover((8, 40)) is None and compiler.cover((4, None)) is None  # (8, None): 4 rows is half
+    assert compiler.cover((7, None)) == (8, None)
+    assert compiler.cover(7) is None  # rungs of a ladder are never covered: the controller steps on them

@@ -110,17 +110,19 @@ def length_ladder(top: int = LADDER_TOP) -> tuple[int, ...]:
 
 
 def structured_bucket(rows: int, length: int | None, row_ladder: Sequence[int],
-                      lengths: Sequence[int]) -> tuple[int, int | None] | None:
-    """The ``(rows, length)`` bucket a batch of structured samples is padded to: the rung of each
-    ladder that holds it (length None when nothing is padded), or None when either is above its
-    ladder (the batch then runs as it is)."""
+                      lengths: Sequence[int], longest: int = 0) -> Bucket | None:
+    """The bucket a batch of structured samples is padded to: without padded leaves (``length``
+    None) its rung of rows, else ``(rows, length)``, each the rung of its ladder that holds it, the
+    length never above ``max(longest, length)`` (``longest``: the longest batch the model ran, so
+    that a model with a maximum length, such as its position embeddings, never gets more). None
+    when either is above its ladder (the batch then runs as it is)."""
     r = bucket_for(row_ladder, rows)
     if r is None:
         return None
     if length is None:
-        return r, None
+        return r
     padded = bucket_for(lengths, length)
-    return None if padded is None else (r, padded)
+    return None if padded is None else (r, min(padded, max(longest, length)))
 
 
 def bucket_units(bucket: Bucket) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.tree import Batch
 from .compile import compile_shape, compile_static
 from .model import LoadedModel
 
@@ -18,8 +19,8 @@ def main(job_path: str) -> None:
     spec = pickle.loads(job["payload"])
     loaded = LoadedModel(spec, job["device"])  # the eager model, as the worker has it
     compiled = compile_static(loaded.model, loaded.spec.compile_mode() or "default", 1)
-    if isinstance(job["bucket"], tuple):  # (rows, length): the template is the warm-up batch itself
-        batch = job["template"]
+    if isinstance(job["template"], Batch):  # structured samples: the warm-up batch itself, staged as the worker stages
+        batch = job["template"].map(loaded.as_input)
     else:
         batch = loaded.as_input(np.repeat(job["template"], job["bucket"], axis=0))
     compile_shape(loaded.forward, compiled, batch)

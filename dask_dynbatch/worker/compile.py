@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,11 @@ MIN_EAGER_BATCHES = 2
 #: ...or this many short ones (the tail of each burst is short: compiling its bucket would keep
 #: the compile thread, and so every batch, off the compiled path for seconds after every burst)
 MIN_SHORT_BATCHES = 16
+#: a bucket's recent demand: rows of the last this many batches that ran eagerly
+RECENT_BATCHES = 512
+#: a batch of structured samples whose own (rows, length) bucket is not compiled runs in a compiled
+#: bucket at least as large in both, if one holds at most this much more (rows times length)
+COVER_SLACK = 1.25
 
 
 def compile_static(module: Any, mode: str, shapes: int) -> Any:
@@ -89,7 +95,9 @@ class BucketCompiler:
         when there is no room now (the bucket is tried again when a batch next asks for it).
     max_buckets
         Compile at most this many buckets (the rest run eagerly): ``(rows, length)`` buckets are
-        many more than a ladder's rungs. None: every rung of the ladder.
+        many more than a ladder's rungs. Any number wait in the queue; the compile thread takes
+        the one that served the most rows eagerly lately, so the budget goes to the buckets of the
+        traffic as it is now, not as it was while the controller climbed. None: every rung.
     warm
         ``warm(bucket, stop)``: compiles the bucket in a child process first (see :func:`warm_in_subprocess`),
         so that the compile in this process finds inductor's on-disk caches warm and holds the
@@ -129,8 +137,10 @@ class BucketCompiler:
         self._exclusive = threading.Lock()
         self._eager_seen: dict[tuple[Bucket, bool], int] = {}  # (bucket, full) -> eager batches while not ready
         self._demand: dict[Bucket, int] = {}  # bucket -> rows served eagerly while it was not ready
+        self._recent: deque[tuple[Bucket, int]] = deque(maxlen=RECENT_BATCHES)  # (bucket, rows) of the last eager batches
         self._ready: set[Bucket] = set()
-        self._state: dict[Bucket, str] = {}  # bucket -> "queued", "compiling", "ready", "no-memory"
+        self._ready_tuples: tuple[tuple[int, int | None], ...] = ()  # the (rows, length) ones, replaced whole: read without the lock
+        self._state: dict[Bucket, str] = {}  # bucket -> "queued", "compiling", "ready", "no-memory", "over-limit"
         self._seconds: dict[Bucket, float] = {}
         self._pending: list[Bucket] = []  # buckets to compile, first first
         self._running = False
@@ -144,6 +154,22 @@ class BucketCompiler:
     def ready(self, bucket: Bucket) -> Any | None:
         """The compiled module when ``bucket`` is warmed, else None (serve eagerly)."""
         return self.compiled if bucket in self._ready and self.error is None else None
+
+    def cover(self, bucket: Bucket, slack: float = COVER_SLACK) -> Bucket | None:
+        """The smallest compiled ``(rows, length)`` bucket that holds a batch of ``bucket`` (no
+        fewer rows, no shorter) within ``slack`` times its size, or None. A few compiled buckets so
+        serve batches of many shapes, and a bucket is compiled only for batches none covers."""
+        if not isinstance(bucket, tuple) or self.error is not None:
+            return None
+        rows, length = bucket
+        limit = slack * bucket_units(bucket)
+        best = None
+        for b in self._ready_tuples:
+            if b[0] >= rows and (b[1] == length if length is None or b[1] is None else b[1] >= length):
+                units = bucket_units(b)
+                if units <= limit and (best is None or units < bucket_units(best)):
+                    best = b
+        return best
 
     @contextlib.contextmanager
     def use(self, bucket: Bucket):
@@ -164,22 +190,21 @@ class BucketCompiler:
         short one), queue that bucket, and after full batches the rung above it too (the
         controller's next step), so that one-off short batches (the tail of a burst) cost no
         compile (``(rows, length)`` buckets queue no rung above: their batches are free-sized).
-        The compile thread takes the queued bucket that has served the most rows eagerly first.
-        ``force``: queue it now (a declared input signature, before any batch). Beyond
-        ``max_buckets`` buckets, nothing more is queued. Never waits."""
+        The compile thread takes the queued bucket that has served the most rows eagerly in the
+        last :data:`RECENT_BATCHES` eager batches first (then the most rows in all). ``force``:
+        queue it now (a declared input signature, before any batch). Never waits."""
         if self.error is not None or self._stop.is_set():
             return
         with self._lock:
             self._demand[bucket] = self._demand.get(bucket, 0) + rows
+            self._recent.append((bucket, rows))
             key = (bucket, full)
             self._eager_seen[key] = seen = self._eager_seen.get(key, 0) + 1
-            if seen < (MIN_EAGER_BATCHES if full else MIN_SHORT_BATCHES) and not force:
+            if (seen < (MIN_EAGER_BATCHES if full else MIN_SHORT_BATCHES) and not force) or self._full():
                 return
             above = next_rung(self.ladder, bucket) if full and isinstance(bucket, int) else None
             for b in (bucket, above):
                 if b is None or self._state.get(b) in ("queued", "compiling", "ready"):
-                    continue
-                if self.max_buckets is not None and b not in self._state and len(self._state) >= self.max_buckets:
                     continue
                 self._state[b] = "queued"
                 self._pending.append(b)
@@ -222,10 +247,18 @@ class BucketCompiler:
         try:
             while True:
                 with self._lock:
+                    if self._full():  # what waits will not compile: its batches run eagerly
+                        for b in self._pending:
+                            self._state[b] = "over-limit"
+                        self._pending.clear()
                     if not self._pending or self.error is not None or self._stop.is_set():
                         return
-                    # most rows served eagerly first; among equals (prefetched rungs), the smallest
-                    bucket = max(self._pending, key=lambda b: (self._demand.get(b, 0), -bucket_units(b)))
+                    # most rows served eagerly lately first, then in all; among equals (prefetched
+                    # rungs), the smallest
+                    recent: Counter[Bucket] = Counter()
+                    for b, rows in self._recent:
+                        recent[b] += rows
+                    bucket = max(self._pending, key=lambda b: (recent[b], self._demand.get(b, 0), -bucket_units(b)))
                     self._pending.remove(bucket)
                     self._state[bucket] = "compiling"
                 self._compile(bucket)
@@ -235,6 +268,12 @@ class BucketCompiler:
         finally:
             with self._lock:
                 self._running = False
+
+    def _full(self) -> bool:
+        """Whether ``max_buckets`` buckets are compiled or compiling (nothing more is then queued)."""
+        if self.max_buckets is None:
+            return False
+        return sum(state in ("compiling", "ready") for state in self._state.values()) >= self.max_buckets
 
     def _make_compiled(self) -> None:
         self.compiled = compile_static(self._module, self.mode, self.max_buckets or len(self.ladder))
@@ -276,11 +315,16 @@ class BucketCompiler:
                 finally:
                     self._in_process = False
         seconds = time.perf_counter() - started
+        self._mark_ready(bucket, seconds)
+        logger.info("dynbatch: compiled bucket %s (%s) in %.1f s", bucket_label(bucket), self.mode, seconds)
+
+    def _mark_ready(self, bucket: Bucket, seconds: float) -> None:
         with self._lock:
             self._seconds[bucket] = seconds
             self._state[bucket] = "ready"
             self._ready.add(bucket)
-        logger.info("dynbatch: compiled bucket %s (%s) in %.1f s", bucket_label(bucket), self.mode, seconds)
+            if isinstance(bucket, tuple):
+                self._ready_tuples = (*self._ready_tuples, bucket)
 
     def _give_up(self, exc: BaseException, when: str) -> None:
         with self._lock:
@@ -288,6 +332,7 @@ class BucketCompiler:
                 return
             self.error = f"{type(exc).__name__} while {when}: {exc}"[:2000]
             self._ready.clear()
+            self._ready_tuples = ()
             self._pending.clear()
         logger.warning(
             "dynbatch: torch.compile(mode=%r) failed (%s); the model is served eagerly from now on",
@@ -329,9 +374,9 @@ def warm_in_subprocess(payload: bytes, device: str, bucket: Bucket, template: An
     """Compile ``bucket`` of the model pickled in ``payload`` in a child process.
 
     The child loads the model on ``device``, compiles it the way the worker does and runs a batch of
-    ``bucket`` copies of ``template`` (one host input row) through it; for a ``(rows, length)``
-    bucket, ``template`` is the whole warm-up batch (a :class:`~dask_dynbatch.core.tree.Batch` of
-    host arrays). What it leaves behind is
+    ``bucket`` copies of ``template`` (one host input row) through it; for structured samples,
+    ``template`` is the whole warm-up batch (a :class:`~dask_dynbatch.core.tree.Batch` of host
+    arrays). What it leaves behind is
     inductor's on-disk caches (FX graph, kernels, autotuning), so the worker's own compile of that
     bucket is mostly cache hits, seconds instead of tens of seconds. The child competes for no lock
     and no GIL of the worker. ``stop`` set: the child is killed. Returns the child's seconds, or None
@@ -339,7 +384,7 @@ def warm_in_subprocess(payload: bytes, device: str, bucket: Bucket, template: An
     """
     with tempfile.TemporaryDirectory(prefix="dynbatch-warm-") as tmp:
         job = Path(tmp) / "job.pkl"
-        if not isinstance(bucket, tuple):
+        if isinstance(template, np.ndarray):
             template = np.ascontiguousarray(template)
         job.write_bytes(pickle.dumps({"payload": payload, "device": device, "bucket": bucket, "template": template}))
         started = time.perf_counter()

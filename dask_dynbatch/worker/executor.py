@@ -31,20 +31,24 @@ def run_device_batch(loaded: LoadedModel, sizer: MemorySizer, batch: Any, *, ful
         loaded.warm_shapes(batch, min(SHAPE_WARMUP_ROWS, cap if cap is not None else SHAPE_WARMUP_ROWS), rungs=1)
 
     def run_reserved(part: Any) -> Any:
-        with sizer.reserve(name, loaded.units(part)) as reservation:
+        pad = True
+        if isinstance(part, Batch):  # padded to its bucket only where that still fits the memory cap
+            cap = sizer.cap(name)
+            pad = cap is None or loaded.units(part) <= cap
+        with sizer.reserve(name, loaded.units(part, padded=pad)) as reservation:
             baseline = loaded.memory_mark()
-            outputs = loaded(part, full=full)
+            outputs = loaded(part, full=full, pad=pad)
             reservation.record(loaded.memory_peak(baseline, part, outputs))
         return outputs
 
     def max_rows(cap: int | None) -> int | None:
         if cap is not None and isinstance(batch, Batch) and len(batch):  # a cap in cost: rows of this batch's cost
-            return max(1, int(cap * len(batch) // max(1, loaded.units(batch))))
+            return max(1, int(cap * len(batch) // max(1, loaded.units(batch, padded=False))))
         return loaded.max_rows(cap)
 
     def on_split(rows: int) -> None:
         if isinstance(batch, Batch) and len(batch):  # the sizer counts cost
-            rows = max(1, rows * loaded.units(batch) // len(batch))
+            rows = max(1, rows * loaded.units(batch, padded=False) // len(batch))
         sizer.on_oom(name, rows)
         if on_oom is not None:
             on_oom(rows)

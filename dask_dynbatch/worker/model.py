@@ -129,8 +129,8 @@ def pad_length(leaf: Any, length: int, pad: Any) -> Any:
     """A padded leaf (rows on axis 0, the sequence on axis 1; NumPy or torch) padded with ``pad``
     (or cut) to ``length`` along axis 1."""
     extra = length - leaf.shape[1]
-    if extra <= 0:
-        return leaf[:, :length]
+    if extra <= 0:  # a warm-up row longer than its bucket: contiguous, as served batches are
+        return np.ascontiguousarray(leaf[:, :length]) if isinstance(leaf, np.ndarray) else leaf[:, :length].contiguous()
     shape = (leaf.shape[0], extra, *leaf.shape[2:])
     if isinstance(leaf, np.ndarray):
         return np.concatenate([leaf, np.full(shape, pad, dtype=leaf.dtype)], axis=1)
@@ -193,6 +193,7 @@ class LoadedModel:
         self.tree_ladder = self._tree_ladder()
         self._lengths = length_ladder()
         self._fixed_outputs: set[str] = set()  # padded samples: outputs seen not to follow the padded length
+        self._longest = 0  # the longest padded batch the eager model ran: padded buckets go no longer
         self.compiler: BucketCompiler | None = None
         self.compile_error: str | None = None
         self._template: Any = None  # one input row (a Batch of one row for structured samples), the model of warm-up batches
@@ -222,14 +223,15 @@ class LoadedModel:
                         self.compiler.want(first, force=True)
 
     def _tree_ladder(self) -> tuple[int, ...] | None:
-        """Row rungs of batches of structured samples when they are padded to buckets (compiled, or
-        ``buckets`` asked for): the controller's ladder, or for batches formed by cost the
-        ``buckets`` or the shape ladder (a quarter of padding at most). None: never padded."""
+        """Row rungs of batches of structured samples: the controller's ladder (compiled, ``buckets``
+        or the shape ladder of eager CUDA models; None: free-sized), or for batches formed by cost,
+        when they are compiled or ``buckets`` are asked for, ``buckets`` or the shape ladder (a
+        quarter of padding at most). None: never padded."""
         spec = self.spec
-        if spec.compile_mode() is None and spec.buckets is None:
-            return None
         if not spec.structured:
             return self.ladder
+        if spec.compile_mode() is None and spec.buckets is None:
+            return None
         return bucket_ladder(spec.buckets, spec.max_batch_size) if spec.buckets is not None else shape_ladder(spec.max_batch_size)
 
     def _prepare_torch(self) -> None:
@@ -266,12 +268,13 @@ class LoadedModel:
             self._copy_stream.synchronize()
         return batch
 
-    def units(self, batch: Any) -> int:
+    def units(self, batch: Any, padded: bool = True) -> int:
         """What a batch weighs in the memory sizer: rows (of its bucket), or for padded or weighed
-        samples its cost (rows times padded length: tokens)."""
+        samples its cost (rows times padded length: tokens); ``padded=False``: as it is, not padded
+        to its bucket."""
         if isinstance(batch, Batch):
-            bucket = self.bucket_of(batch)
-            if bucket is not None and self._pads(bucket):
+            bucket = self._runs_in(self.bucket_of(batch)) if padded else None
+            if bucket is not None:
                 return bucket_units(bucket)
             if batch.length is not None:
                 return len(batch) * batch.length
@@ -347,6 +350,14 @@ class LoadedModel:
             torch.cuda.synchronize(self._torch_device)
         return warmed
 
+    @property
+    def row_limit(self) -> int | None:
+        """Most rows of a batch formed by cost that still has a bucket (the top of ``buckets``), or
+        None."""
+        if self.spec.structured and self.spec.buckets is not None and self.tree_ladder:
+            return self.tree_ladder[-1]
+        return None
+
     def rows_for(self, n: int) -> int:
         """Rows a batch of ``n`` occupies on the device (its bucket, when it is padded)."""
         bucket = bucket_for(self.ladder, n) if self.ladder else None
@@ -363,9 +374,18 @@ class LoadedModel:
     def _pads(self, bucket: Bucket) -> bool:
         if self.compiler is not None:
             return self.compiler.ready(bucket) is not None
-        if isinstance(bucket, int) and self.spec.pads_shapes(self.device):  # few shapes for cuDNN; only where rows are independent
+        if self.spec.pads_shapes(self.device):  # few shapes for cuDNN; only where rows are independent
             return self.is_torch
         return self.spec.buckets is not None and self.compile_error is None  # static shapes asked for
+
+    def _runs_in(self, bucket: Bucket | None) -> Bucket | None:
+        """The bucket a batch of ``bucket`` is padded to and run in now: its own when it pads
+        (compiled or static), else a compiled one that covers it, else None (as it is)."""
+        if bucket is None:
+            return None
+        if self._pads(bucket):
+            return bucket
+        return self.compiler.cover(bucket) if self.compiler is not None else None
 
     def bucket_of(self, batch: Any) -> Bucket | None:
         """The bucket a batch would be padded to: its rung of rows, or for structured samples its
@@ -373,16 +393,17 @@ class LoadedModel:
         if isinstance(batch, Batch):
             if not self.tree_ladder:
                 return None
-            return structured_bucket(len(batch), batch.length, self.tree_ladder, self._lengths)
+            return structured_bucket(len(batch), batch.length, self.tree_ladder, self._lengths, self._longest)
         return bucket_for(self.ladder, len(batch)) if self.ladder else None
 
-    def __call__(self, batch: Any, full: bool = True) -> Any:
+    def __call__(self, batch: Any, full: bool = True, pad: bool = True) -> Any:
         """Run one stacked batch (host array or device tensor, or a structured
         :class:`~dask_dynbatch.core.tree.Batch`); returns host NumPy outputs. ``full``: the batch
-        is as large as the server's size (not the short tail of a backlog)."""
+        is as large as the server's size (not the short tail of a backlog); ``pad=False``: run it
+        as it is, not padded to its bucket (it would not fit the device's memory padded)."""
         self.calls += 1
         n = len(batch)
-        bucket = self.bucket_of(batch)
+        bucket = self.bucket_of(batch) if pad else None
         if bucket is None:
             return self._to_host(self._eager(batch))
         compiler = self.compiler
@@ -393,9 +414,12 @@ class LoadedModel:
         if self._template is None:
             self._template = _first_row(batch)
         if compiler.ready(bucket) is None:
-            compiler.want(bucket, n, full=full)
-            compiler.count(compiled=False)
-            return self._to_host(self._eager(batch))
+            cover = compiler.cover(bucket)
+            if cover is None:
+                compiler.want(bucket, n, full=full)
+                compiler.count(compiled=False)
+                return self._to_host(self._eager(batch))
+            bucket = cover
         import torch
 
         with compiler.use(bucket) as compiled:
@@ -480,6 +504,7 @@ class LoadedModel:
             outputs = self.forward(self.model, batch)
         if self.tree_ladder and isinstance(batch, Batch) and batch.length is not None:
             learn_fixed(outputs, batch.length, self._fixed_outputs)  # for cutting the outputs of padded buckets
+            self._longest = max(self._longest, batch.length)
         return outputs
 
     def forward(self, model: Any, batch: Any) -> Any:
@@ -531,9 +556,9 @@ class LoadedModel:
         return rows
 
     def _host_template(self, bucket: Bucket) -> Any:
-        """What a child process warms ``bucket`` with: the warm-up row as a host NumPy array, or for a
-        ``(rows, length)`` bucket the whole warm-up batch with host leaves."""
-        if isinstance(bucket, tuple):
+        """What a child process warms ``bucket`` with: the warm-up row as a host NumPy array, or for
+        structured samples the whole warm-up batch with host leaves."""
+        if isinstance(self._template, Batch):
             return self._example(bucket).map(_host)
         return _host(self._template)
 
@@ -541,14 +566,14 @@ class LoadedModel:
         """A warm-up batch of ``bucket``'s shape: the first row served (or a zero row), repeated
         (for a ``(rows, length)`` bucket, padded or cut to the length)."""
         template = self._template
-        if isinstance(bucket, tuple):
-            rows, length = bucket
-            if length is not None:
-                template = self._with_length(template, length)
-            return pad_rows(template, rows)
+        if isinstance(template, Batch):
+            if isinstance(bucket, tuple) and bucket[1] is not None:
+                template = self._with_length(template, bucket[1])
+            return pad_rows(template, _rows_of(bucket))
+        rows = _rows_of(bucket)
         if hasattr(template, "repeat") and not isinstance(template, np.ndarray):
-            return template.repeat(bucket, *([1] * (template.dim() - 1)))
-        return np.repeat(template, bucket, axis=0)
+            return template.repeat(rows, *([1] * (template.dim() - 1)))
+        return np.repeat(template, rows, axis=0)
 
     @property
     def compiling(self) -> bool:

@@ -313,6 +313,8 @@ class ModelServer:
         if queue.cost < size and len(self._formed) > PARTIAL_AHEAD:
             return
         max_rows = self.loaded.spec.batch_limit(self.device)
+        if self.loaded.row_limit is not None:  # a batch above the top of ``buckets`` would run unpadded
+            max_rows = min(max_rows or self.loaded.row_limit, self.loaded.row_limit)
         parts, lengths, costs = queue.take_weighed(size, max_rows=max_rows)
         longest = int(max(lengths)) if queue.padded else None
         cost = queue.batch_cost(lengths, costs)
