@@ -43,6 +43,13 @@ REPORT = "dynbatch_report"
 STATE = "dynbatch_state"
 RESTART_WORKER = "dynbatch_restart_worker"
 
+#: padded or weighed samples: a shipment holds this many device batches' worth of rows, and a client
+#: keeps ``ModelSpec.max_inflight`` times :data:`WEIGHED_INFLIGHT` of them in flight per worker, so
+#: that the server's queue holds lengths to choose from (several dozen batches' worth) while each
+#: shipment's results come back a few batches after its rows arrived
+WEIGHED_SHIP_BATCHES = 4
+WEIGHED_INFLIGHT = 8
+
 #: a worker's half ready (it started: ``{"action": "ready", "worker", "device"}``), a worker about to
 #: be restarted for a stuck batch (``{"action": "restarting", "worker", "model", ...}``) or a worker
 #: gone (``{"action": "remove", "worker"}``)

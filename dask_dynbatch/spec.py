@@ -82,7 +82,8 @@ class ModelSpec:
     variants
         Per device kind (``"cuda"``, ``"cpu"``) :class:`DeviceVariant` overrides.
     max_inflight
-        Batches in flight per worker (more than one overlaps transfer with compute).
+        Batches in flight per worker (more than one overlaps transfer with compute); with
+        ``pad_value`` or ``cost``, shipments of a few batches each, 8 times as many.
     max_queue
         Requests a Batcher holds before its ``overload`` policy applies (``None``: unbounded).
     overload

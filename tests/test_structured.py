@@ -330,3 +330,21 @@ async def test_pipeline_tokenizes_on_cpu_then_runs_padded_dict_samples(c, s, a, 
     for text, got in zip(texts, pooled):
         np.testing.assert_allclose(got, expected_encoder(tokenize(text)["input_ids"])["pooler_output"])
     encoder.close()
+
+
+def test_rows_one_by_one_and_joined_again_are_the_rows():
+    rng = np.random.default_rng(4)
+    samples = [[rng.integers(0, 9, n), np.float32(n), rng.integers(0, 9, (n, 2))] for n in (3, 0, 5, 1)]
+    rows = TreeRows.stack(("tuple", (("leaf",), ("leaf",), ("leaf",))), samples, [True, False, True], costs=[3, 1, 5, 2])
+    singles = rows.singles()
+    assert len(singles) == 4
+    for i, one in enumerate(singles):
+        want = rows[i : i + 1]
+        assert one.lengths().tolist() == want.lengths().tolist() and one.costs.tolist() == want.costs.tolist()
+        for a, b in zip(one.row(0), want.row(0)):
+            np.testing.assert_array_equal(a, b)
+    joined = TreeRows.concat([singles[2], singles[0], singles[1], singles[3]])  # any order
+    assert joined.lengths().tolist() == [5, 3, 0, 1]
+    for i, src in enumerate((2, 0, 1, 3)):
+        for a, b in zip(joined.row(i), rows.row(src)):
+            np.testing.assert_array_equal(a, b)

@@ -38,7 +38,7 @@ from ..core.quarantine import MAX_DEATHS, Quarantine
 from ..core.requests import Request, RequestQueue
 from ..core.rows import split_rows
 from ..errors import BatcherClosedError, ExecutionTimeoutError, RequestTimeoutError, WorkerCrashError
-from ..protocol import Advice, HistoryRecord, ModelSuperseded, WorkerView
+from ..protocol import WEIGHED_INFLIGHT, Advice, HistoryRecord, ModelSuperseded, WorkerView
 from ..shm import ShmRing
 from . import feedback
 from .ledger import Ledger
@@ -216,13 +216,12 @@ class Dispatcher:
         expired = self.queue.expire(now)
         if expired:
             self.ledger.fail(expired, self.timeout_error(now), "timed_out")
-        spec = self.model.spec
         if not live or self.closed:
             return retry_in
         live = self._send_isolated(live, now)
         if not len(self.queue) or not live:
             return retry_in
-        if all(s.inflight >= spec.max_inflight for s in live):
+        if all(s.inflight >= self._inflight_limit(s) for s in live):
             return retry_in
         rates = fill_unknown_throughputs({s.address: s.advice.throughput for s in live},
                                          {s.address: s.view.benchmark for s in live})
@@ -321,6 +320,14 @@ class Dispatcher:
             out[slot.address] = figure if math.isfinite(figure) else None
         return out
 
+    def _inflight_limit(self, slot: WorkerSlot | None) -> int:
+        """Shipments a worker may have in flight: ``ModelSpec.max_inflight``, or for padded or
+        weighed samples (whose shipments hold a few device batches each) that many times
+        :data:`~dask_dynbatch.protocol.WEIGHED_INFLIGHT`."""
+        spec = self.model.spec
+        weighed = spec.structured if slot is None else slot.advice.ship is not None
+        return spec.max_inflight * WEIGHED_INFLIGHT if weighed else spec.max_inflight
+
     def _load(self, slot: WorkerSlot, throughput: float | None) -> WorkerLoad:
         """The placement inputs for one worker, from its server's advice."""
         size, cap = slot.advice.size, slot.advice.cap
@@ -335,7 +342,7 @@ class Dispatcher:
             inflight_samples=slot.inflight_rows,
             memory_utilization=min(1.0, slot.advice.memory_used or 0.0),
             cap=cap,
-            free_slots=max(0, self.model.spec.max_inflight - slot.inflight),
+            free_slots=max(0, self._inflight_limit(slot) - slot.inflight),
             batch_size=max(1, size),
         )
 
@@ -529,7 +536,7 @@ class Dispatcher:
             view = WorkerView.from_msg(view)
             slot = self.slots.get(address)
             if slot is None:
-                ring = ShmRing(keep=spec.max_inflight + 1) if shm_wanted(address) else None
+                ring = ShmRing(keep=self._inflight_limit(None) + 1) if shm_wanted(address) else None
                 self.slots[address] = WorkerSlot(view, spec.initial_size(view.device), ring)
             else:
                 slot.view = view

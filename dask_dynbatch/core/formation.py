@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -182,15 +183,17 @@ class CostQueue:
             n = len(part)
             if not n:
                 continue
-            lengths = part.rows.lengths()
-            costs = getattr(part.rows, "costs", None)
-            dq = self._by_priority.setdefault(part.priority, deque())
-            for i in range(n):
-                one = part.split(i)[1].split(1)[0] if i else part.split(1)[0]
-                length = float(lengths[i]) if lengths is not None else 1.0
-                cost = float(costs[i]) if costs is not None else length
-                dq.append((one, length, cost))
-                self._cost += cost
+            rows = part.rows
+            lengths = rows.lengths()
+            costs = getattr(rows, "costs", None)
+            singles = rows.singles() if hasattr(rows, "singles") else [rows[i : i + 1] for i in range(n)]
+            lengths_f = lengths.tolist() if lengths is not None else [1.0] * n
+            costs_f = costs.tolist() if costs is not None else lengths_f
+            owner, offset, priority, arrived, alone = part.owner, part.offset, part.priority, part.arrived, part.alone
+            self._by_priority.setdefault(priority, deque()).extend(
+                (Part(owner, offset + i, singles[i], priority, arrived, alone), float(lengths_f[i]), float(costs_f[i]))
+                for i in range(n))
+            self._cost += float(sum(costs_f))
             self._rows += n
 
     def _choose(self, window: list[tuple[Part, float, float]], budget: float, limit: int) -> list[int]:
@@ -234,7 +237,7 @@ class CostQueue:
         """The highest priority waiting, its rows, and the first ``LOOKAHEAD`` of them."""
         priority = max(self._by_priority)
         dq = self._by_priority[priority]
-        return priority, dq, [dq[i] for i in range(min(len(dq), self.LOOKAHEAD))]
+        return priority, dq, list(islice(dq, self.LOOKAHEAD))  # indexing a deque's middle is not O(1)
 
     def another_fits(self, budget: float, lengths: list[float], costs: list[float]) -> bool:
         """Whether a row waiting at the head of the queue (its highest priority, within the look-ahead)

@@ -42,7 +42,7 @@ from ..core.memory import MemorySizer
 from ..core.rows import slice_rows
 from ..core.tree import learn_fixed, trim_output_row
 from ..core.watchdog import ExecutionClock
-from ..protocol import Advice, DeviceBatchRecord, ModelSuperseded
+from ..protocol import WEIGHED_SHIP_BATCHES, Advice, DeviceBatchRecord, ModelSuperseded
 from .executor import run_device_batch
 from .model import LoadedModel
 
@@ -54,12 +54,6 @@ logger = logging.getLogger(__name__)
 #: rather than into many small ones
 FULL_AHEAD = 2
 PARTIAL_AHEAD = 1
-#: padded or weighed samples: clients ship this many batches' worth of rows at once, so that the
-#: server's queue holds enough lengths to form batches of similar ones (8 left 17 % padding on the
-#: text benchmark, 32 left 8 %)
-SORT_AHEAD = 32
-
-
 class Shipment:
     """One message's rows on the worker, until every row has its result.
 
@@ -269,8 +263,9 @@ class ModelServer:
             size = max(1, round(size / per_row))
             cap = None if cap is None else max(1, int(cap // per_row))
             throughput = None if throughput is None else throughput / per_row
-            # rows of several batches per shipment, so that the queue here holds lengths to choose from
-            ship = size * SORT_AHEAD
+            # rows of several batches per shipment (clients keep many in flight: the queue here holds
+            # lengths to choose from)
+            ship = size * WEIGHED_SHIP_BATCHES
         return Advice(size=size, cap=cap, throughput=throughput or self.stats.to_dict()["recent_throughput"],
                       memory_used=self.sizer.used_fraction(), decision=c.decision, reason=c.reason,
                       phase=c.phase.value, padding_waste=self.stats.to_dict()["padding_waste"], ship=ship)
