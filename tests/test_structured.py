@@ -348,3 +348,32 @@ def test_rows_one_by_one_and_joined_again_are_the_rows():
     for i, src in enumerate((2, 0, 1, 3)):
         for a, b in zip(joined.row(i), rows.row(src)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_shipments_rows_of_a_batch_travel_as_one_piece_and_are_cut_per_row_on_arrival():
+    import pickle
+
+    from dask_dynbatch.core.rows import TrimmedRows, split_rows, take_rows
+    from dask_dynbatch.core.tree import follows_length
+
+    length, n = 6, 4
+    outputs = {"seq": np.arange(n * length * 2, dtype=np.float32).reshape(n, length, 2),
+               "pooled": np.arange(n * length, dtype=np.float32).reshape(n, length),  # its size happens to be 6
+               "labels": [np.arange(length) + i for i in range(n)]}
+    fixed = {"['pooled']"}
+    index, owns = [3, 0, 2], [6, 2, 5]
+    piece = take_rows(outputs, index, n)
+    assert piece["seq"].shape == (3, length, 2) and [int(v[0]) for v in piece["labels"]] == [3, 0, 2]
+    assert follows_length(piece, length, fixed) and not follows_length({"pooled": piece["pooled"]}, length, fixed)
+    travelled = pickle.loads(pickle.dumps(TrimmedRows(piece, length, owns, frozenset(fixed))))
+    rows = split_rows(travelled, 3)
+    for row, i, own in zip(rows, index, owns):  # as the worker cut each row alone before
+        want = trim_output_row({k: (v[i : i + 1] if k != "labels" else [v[i]]) for k, v in outputs.items()},
+                               length, own, fixed)
+        np.testing.assert_array_equal(row["seq"], want["seq"][0])
+        np.testing.assert_array_equal(row["pooled"], want["pooled"][0])
+        np.testing.assert_array_equal(row["labels"], want["labels"][0])
+    assert rows[1]["seq"].shape == (2, 2) and rows[1]["pooled"].shape == (length,)
+    assert take_rows(outputs["seq"], [1, 2], n).base is not None  # consecutive rows: a view
+    with pytest.raises(ValueError, match="keep the batch dimension"):
+        take_rows(np.float32(1.0), [0], n)

@@ -66,9 +66,66 @@ def _join(blocks: list[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(blocks[0]) if len(blocks) == 1 else np.concatenate(blocks)
 
 
+class TrimmedRows:
+    """Outputs of rows of padded samples that travel as one piece, still padded to the batch's
+    ``length``: :func:`split_rows` cuts each row back to its own length (``owns[i]``), as
+    :func:`~dask_dynbatch.core.tree.trim_output_row` does, sparing the output paths in ``fixed``.
+    One piece for a shipment's rows of a device batch costs one serialisation, not one per row."""
+
+    __slots__ = ("outputs", "length", "owns", "fixed")
+
+    def __init__(self, outputs: Any, length: int, owns: Sequence[int], fixed: frozenset[str]):
+        self.outputs = outputs
+        self.length = length
+        self.owns = list(owns)
+        self.fixed = fixed
+
+    def __getstate__(self) -> tuple:
+        return self.outputs, self.length, self.owns, self.fixed
+
+    def __setstate__(self, state: tuple) -> None:
+        self.outputs, self.length, self.owns, self.fixed = state
+
+    def split(self, n: int) -> list[Any]:
+        from .tree import trim_output_row
+
+        if len(self.owns) != n:
+            raise ValueError(f"{len(self.owns)} trimmed rows for {n} requests")
+        return [split_rows(trim_output_row(slice_rows(self.outputs, i, i + 1, n), self.length, own, self.fixed), 1)[0]
+                for i, own in enumerate(self.owns)]
+
+
+def take_rows(outputs: Any, index: Sequence[int], n: int) -> Any:
+    """Rows ``index`` of a batch's outputs of ``n`` rows (arrays, tuples and dicts of them, a list
+    of one element per row), in that order; a ``ValueError`` when an output lacks the batch
+    dimension. A run of consecutive rows is a view; other rows are copied."""
+    if len(index) and index[-1] - index[0] == len(index) - 1 and all(b - a == 1 for a, b in zip(index, index[1:])):
+        return slice_rows(outputs, index[0], index[-1] + 1, n)
+    return _take(outputs, np.asarray(index, dtype=np.intp), n)
+
+
+def _take(outputs: Any, index: np.ndarray, n: int) -> Any:
+    if isinstance(outputs, dict):
+        return {k: _take(v, index, n) for k, v in outputs.items()}
+    if isinstance(outputs, tuple):
+        return tuple(_take(v, index, n) for v in outputs)
+    if isinstance(outputs, list):
+        if len(outputs) != n:
+            raise ValueError(f"the model returned a list of {len(outputs)} for a batch of {n}: a list output "
+                             "must hold one element per row")
+        return [outputs[i] for i in index.tolist()]
+    rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
+    if rows != n:
+        got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"
+        raise ValueError(f"the model returned {got} for a batch of {n}: outputs must keep the batch dimension")
+    return outputs[index]
+
+
 def split_rows(outputs: Any, n: int) -> list[Any]:
     """Per-row results of a batched output: array rows, tuples/dicts of them, or a list that holds
-    one element per row."""
+    one element per row (or a :class:`TrimmedRows`)."""
+    if isinstance(outputs, TrimmedRows):
+        return outputs.split(n)
     if isinstance(outputs, dict):
         parts = {k: split_rows(v, n) for k, v in outputs.items()}
         return [{k: parts[k][i] for k in parts} for i in range(n)]

@@ -394,7 +394,22 @@ def cut_length(outputs: Any, padded: int, length: int, fixed: set[str] = frozens
     return outputs
 
 
-def trim_output_row(output: Any, length: int | None, own: int, fixed: set[str] = frozenset(), path: str = "") -> Any:  # type: ignore[assignment]
+def follows_length(outputs: Any, length: int, fixed: set[str] | frozenset[str] = frozenset(), path: str = "") -> bool:
+    """Whether :func:`trim_output_row` would cut any of these batch outputs (an axis 1, or a list
+    element's axis 0, of the padded ``length``, at a path not in ``fixed``)."""
+    if path in fixed:
+        return False
+    if isinstance(outputs, dict):
+        return any(follows_length(v, length, fixed, f"{path}[{k!r}]") for k, v in outputs.items())
+    if isinstance(outputs, tuple):
+        return any(follows_length(v, length, fixed, f"{path}[{i}]") for i, v in enumerate(outputs))
+    if isinstance(outputs, list):
+        return any(getattr(v, "ndim", 0) >= 1 and v.shape[0] == length for v in outputs)
+    shape = getattr(outputs, "shape", None)
+    return shape is not None and len(shape) >= 2 and shape[1] == length
+
+
+def trim_output_row(output: Any, length: int | None, own: int, fixed: set[str] | frozenset[str] = frozenset(), path: str = "") -> Any:
     """One row's outputs (arrays with the batch dimension of 1; tuples, dicts of them; a list of
     one element without it) with every axis 1 of the padded ``length`` cut back to the row's
     ``own`` length, except at the paths in ``fixed`` (see :func:`learn_fixed`)."""

@@ -39,8 +39,8 @@ import numpy as np
 from ..core.controller import BatchSizeController
 from ..core.formation import CostQueue, DeviceBatch, Part, PartQueue
 from ..core.memory import MemorySizer
-from ..core.rows import slice_rows
-from ..core.tree import learn_fixed, trim_output_row
+from ..core.rows import TrimmedRows, slice_rows, take_rows
+from ..core.tree import follows_length, learn_fixed, trim_output_row
 from ..core.watchdog import ExecutionClock
 from ..protocol import WEIGHED_SHIP_BATCHES, Advice, DeviceBatchRecord, ModelSuperseded
 from .executor import run_device_batch
@@ -429,8 +429,11 @@ class ModelServer:
         owners = batch.owners()
         for _, _, outputs in result.pieces:
             learn_fixed(outputs, batch.length, self._fixed_outputs)
-        for part, start in zip(batch.parts, batch.starts):
-            self._deliver(part, start, result, batch.length)
+        if self.weighed and not result.errors and len(result.pieces) == 1 and result.pieces[0][:2] == (0, batch.rows):
+            self._deliver_grouped(batch, result.pieces[0][2])
+        else:
+            for part, start in zip(batch.parts, batch.starts):
+                self._deliver(part, start, result, batch.length)
         for owner in owners:
             own = sum(len(p) for p in batch.parts if p.owner is owner)
             owner.records.append(DeviceBatchRecord(rows=batch.rows, own=own, sources=len({o.client for o in owners}),
@@ -441,6 +444,29 @@ class ModelServer:
         for owner in owners:
             owner.settle(sum(len(p) for p in batch.parts if p.owner is owner))
         self._pump(cap_read=True)
+
+    def _deliver_grouped(self, batch: DeviceBatch, outputs: Any) -> None:
+        """A weighed batch that ran whole, without failures: each shipment's rows of it as one
+        piece (its rows one by one are many small pieces, each cut, serialised and sent on its
+        own), padded outputs cut back to each row's length by the client (:class:`TrimmedRows`)."""
+        groups: dict[int, tuple[Shipment, list[int], list[int], list[int]]] = {}
+        for part, start in zip(batch.parts, batch.starts):
+            shipment, k = part.owner, len(part)
+            _, index, positions, owns = groups.setdefault(id(shipment), (shipment, [], [], []))
+            index.extend(range(start, start + k))
+            positions.extend(shipment.positions(part.offset, k))
+            if batch.length is not None:
+                owns.extend(part.rows.lengths().tolist())
+        for shipment, index, positions, owns in groups.values():
+            try:
+                piece = take_rows(outputs, index, batch.rows)
+            except ValueError as exc:  # outputs without the batch dimension cannot be cut per request
+                shipment.errors.update((r, exc) for r in positions)
+                continue
+            length = batch.length
+            if length is not None and min(owns) < length and follows_length(piece, length, self._fixed_outputs):
+                piece = TrimmedRows(piece, length, owns, frozenset(self._fixed_outputs))
+            shipment.pieces.append((positions, piece))
 
     def _deliver(self, part: Part, start: int, result: DeviceResult, length: int | None = None) -> None:
         """The outputs and errors of one part's rows, to its shipment (``length``: the batch's
