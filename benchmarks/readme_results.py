@@ -527,6 +527,22 @@ def text_section() -> str:
             f"{w[r['best_sorted']]:.1%}), device batches of {r['dynbatch_mean_device_batch']:.0f} rows on average.\n")
 
 
+def text_compiled_section() -> str:
+    """The same text case with ``compile=True`` beside it (``text_case_compiled.json``)."""
+    r = load_result("text_case_compiled")
+    if r is None or "compiled" not in r["throughput"]:
+        return ""
+    m, t, c = r["machine"], r["throughput"], r["compiled"]["compile"]
+    warm = r["compile_warm"]
+    return (f"**Variable-length text, compiled** (`text_case_compiled.json`, `python benchmarks/text_case.py --compile`; "
+            f"{stamp(m)}): the same case with `compile=True` beside it, after {warm['seconds']:.0f} s of untimed passes "
+            f"({len(c['ready'])} (rows, length) buckets compiled of {len(c['buckets'])} asked for): compiled "
+            f"{t['compiled']:,.0f} requests/s, eager {t['dynbatch']:,.0f} (**{r['compiled_ratio_to_dynbatch']:.2f}x**), "
+            f"best sorted loop {t[r['best_sorted']]:,.0f} ({r['compiled_ratio_to_sorted']:.2f}x); "
+            f"{c['compiled_batches']:,} of {c['compiled_batches'] + c['eager_batches']:,} batches ran compiled "
+            f"(warm-up included).\n")
+
+
 def collection_section() -> str:
     """Batcher.predict over a dask array, against map_blocks, the client and Ray Data (``collection_case.json``)."""
     r = load_result("collection_case")
@@ -710,6 +726,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 {cpu_budget_section()}
 {first_result_section()}
 {text_section()}
+{text_compiled_section()}
 {collection_section()}
 {sharing_section()}
 {growth_section()}
