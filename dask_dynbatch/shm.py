@@ -234,7 +234,7 @@ class ShmAttachments:
     again is told it is unavailable, and sends over the comm).
     """
 
-    def __init__(self, directory: str = SHM_DIR, max_mappings: int = 64):
+    def __init__(self, directory: str = SHM_DIR, max_mappings: int = 512):
         self.directory = directory
         self.max_mappings = int(max_mappings)
         self._maps: OrderedDict[tuple[str, str], mmap.mmap] = OrderedDict()
@@ -264,7 +264,8 @@ class ShmAttachments:
 
     def _close(self, mm: mmap.mmap) -> None:
         # (a mapping evicted from the LRU while a batch of it is still being staged would be
-        # unlocked under that copy; with 64 mappings and four slots per client it takes 16 clients)
+        # unlocked under that copy; with 512 mappings, four slots per Batcher of arrays and 25 per
+        # Batcher of padded samples, it takes 20 padded Batchers on one worker)
         undo = self._unpin.pop(id(mm), None)
         if undo is not None:
             try:

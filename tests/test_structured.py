@@ -377,3 +377,14 @@ def test_a_shipments_rows_of_a_batch_travel_as_one_piece_and_are_cut_per_row_on_
     assert take_rows(outputs["seq"], [1, 2], n).base is not None  # consecutive rows: a view
     with pytest.raises(ValueError, match="keep the batch dimension"):
         take_rows(np.float32(1.0), [0], n)
+
+
+def test_trimmed_rows_slice_like_outputs_and_a_ragged_join_keeps_empty_rows():
+    from dask_dynbatch.core.rows import TrimmedRows, slice_rows, split_rows
+    from dask_dynbatch.core.tree import Ragged
+
+    piece = TrimmedRows({"seq": np.ones((3, 4, 2))}, 4, [4, 1, 2], frozenset())
+    tail = slice_rows(piece, 1, 3, 3)
+    assert [r["seq"].shape for r in split_rows(tail, 2)] == [(1, 2), (2, 2)]
+    joined = Ragged.concat([Ragged.of([np.zeros(0), np.ones(2)]), Ragged.of([np.ones(3)])[0:1], Ragged.of([np.zeros(0)])])
+    assert joined.lengths.tolist() == [0, 2, 3, 0] and len(joined.values) == 5

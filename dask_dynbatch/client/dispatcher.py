@@ -60,7 +60,8 @@ TICK_INTERVAL = 0.5
 #: how often the Batcher's counts are reported to the scheduler (dashboard, /metrics)
 REPORT_INTERVAL = 1.0
 #: partial shipments (fewer requests than the worker's size) are sent only while the worker has
-#: fewer than this many in flight; full ones go up to ModelSpec.max_inflight
+#: fewer than this many in flight; full ones go up to ModelSpec.max_inflight (8 times as many for
+#: padded or weighed samples, see ``_inflight_limit``)
 PARTIAL_INFLIGHT = 2
 #: the heap of deadlines of sent requests is rebuilt when it holds this many more entries than
 #: requests in flight (entries of requests that finished long ago keep their samples alive)

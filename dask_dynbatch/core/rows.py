@@ -147,6 +147,9 @@ def split_rows(outputs: Any, n: int) -> list[Any]:
 def slice_rows(outputs: Any, start: int, stop: int, n: int) -> Any:
     """Rows ``start:stop`` of a batch's outputs (arrays; tuples, lists and dicts of them) of ``n``
     rows; a ``ValueError`` when an output does not keep the batch dimension."""
+    if isinstance(outputs, TrimmedRows):
+        return TrimmedRows(slice_rows(outputs.outputs, start, stop, n), outputs.length, outputs.owns[start:stop],
+                           outputs.fixed)
     if isinstance(outputs, dict):
         return {k: slice_rows(v, start, stop, n) for k, v in outputs.items()}
     if isinstance(outputs, tuple):

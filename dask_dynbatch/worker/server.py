@@ -457,15 +457,19 @@ class ModelServer:
             positions.extend(shipment.positions(part.offset, k))
             if batch.length is not None:
                 owns.extend(part.rows.lengths().tolist())
-        for shipment, index, positions, owns in groups.values():
-            try:
+        pieces = []
+        try:
+            for shipment, index, positions, owns in groups.values():
                 piece = take_rows(outputs, index, batch.rows)
-            except ValueError as exc:  # outputs without the batch dimension cannot be cut per request
-                shipment.errors.update((r, exc) for r in positions)
-                continue
-            length = batch.length
-            if length is not None and min(owns) < length and follows_length(piece, length, self._fixed_outputs):
-                piece = TrimmedRows(piece, length, owns, frozenset(self._fixed_outputs))
+                length = batch.length
+                if length is not None and min(owns) < length and follows_length(piece, length, self._fixed_outputs):
+                    piece = TrimmedRows(piece, length, owns, frozenset(self._fixed_outputs))
+                pieces.append((shipment, positions, piece))
+        except Exception:  # outputs that cannot be gathered by row: part by part, each with its own error
+            for part, start in zip(batch.parts, batch.starts):
+                self._deliver(part, start, DeviceResult([(0, batch.rows, outputs)], {}, 0.0, 0.0, 0.0), batch.length)
+            return
+        for shipment, positions, piece in pieces:
             shipment.pieces.append((positions, piece))
 
     def _deliver(self, part: Part, start: int, result: DeviceResult, length: int | None = None) -> None:
