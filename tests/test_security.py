@@ -81,7 +81,16 @@ def test_tls_cluster_end_to_end_and_no_handler_without_the_credentials():
         with pytest.raises(ddb.ExecutionTimeoutError, match="alone in its batch"):
             sleepy.submit(np.array([-1.0, 0.0])).result(timeout=WAIT)  # stuck once, then once alone
         assert sleepy.submit(np.ones(2)).result(timeout=WAIT).tolist() == [3.0, 3.0]
-        state = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.extensions["dynbatch"].state())
+        def scheduler_state():
+            return client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.extensions["dynbatch"].state())
+
+        # the second stuck batch's report (the worker's restart request) may reach the scheduler
+        # after the client has the error: wait for it rather than race it
+        for _ in range(WAIT * 10):
+            state = scheduler_state()
+            if state["stuck_batches"].get("sleepy", 0) >= 2:
+                break
+            time.sleep(0.1)
         assert state["stuck_batches"] == {"sleepy": 2}
         restarted = {r["worker"] for r in state["restarts"]}
         for _ in range(WAIT * 10):  # the nannies bring new worker processes
