@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 #: rather than into many small ones
 FULL_AHEAD = 2
 PARTIAL_AHEAD = 1
+
+
 class Shipment:
     """One message's rows on the worker, until every row has its result.
 
