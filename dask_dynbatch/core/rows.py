@@ -101,24 +101,33 @@ def take_rows(outputs: Any, index: Sequence[int], n: int) -> Any:
     dimension. A run of consecutive rows is a view; other rows are copied."""
     if len(index) and index[-1] - index[0] == len(index) - 1 and all(b - a == 1 for a, b in zip(index, index[1:])):
         return slice_rows(outputs, index[0], index[-1] + 1, n)
-    return _take(outputs, np.asarray(index, dtype=np.intp), n)
+    return _select(outputs, np.asarray(index, dtype=np.intp), n)
 
 
-def _take(outputs: Any, index: np.ndarray, n: int) -> Any:
-    if isinstance(outputs, dict):
-        return {k: _take(v, index, n) for k, v in outputs.items()}
-    if isinstance(outputs, tuple):
-        return tuple(_take(v, index, n) for v in outputs)
+def _check_rows(outputs: Any, n: int) -> None:
+    """Raise the ``ValueError`` of an output (a list, or an array or tensor) that does not hold one
+    row per request of a batch of ``n``."""
     if isinstance(outputs, list):
         if len(outputs) != n:
             raise ValueError(f"the model returned a list of {len(outputs)} for a batch of {n}: a list output "
                              "must hold one element per row")
-        return [outputs[i] for i in index.tolist()]
+        return
     rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
     if rows != n:
         got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"
         raise ValueError(f"the model returned {got} for a batch of {n}: outputs must keep the batch dimension")
-    return outputs[index]
+
+
+def _select(outputs: Any, key: slice | np.ndarray, n: int) -> Any:
+    """Rows ``key`` (a slice, or an array of row numbers) of every output of a batch of ``n``."""
+    if isinstance(outputs, dict):
+        return {k: _select(v, key, n) for k, v in outputs.items()}
+    if isinstance(outputs, tuple):
+        return tuple(_select(v, key, n) for v in outputs)
+    _check_rows(outputs, n)
+    if isinstance(outputs, list) and not isinstance(key, slice):  # one element per row
+        return [outputs[i] for i in key.tolist()]
+    return outputs[key]
 
 
 def split_rows(outputs: Any, n: int) -> list[Any]:
@@ -132,15 +141,9 @@ def split_rows(outputs: Any, n: int) -> list[Any]:
     if isinstance(outputs, tuple):
         parts = [split_rows(v, n) for v in outputs]
         return [tuple(p[i] for p in parts) for i in range(n)]
+    _check_rows(outputs, n)
     if isinstance(outputs, list):  # one element per row (labels, detections of any number...)
-        if len(outputs) != n:
-            raise ValueError(f"the model returned a list of {len(outputs)} for a batch of {n}: a list output "
-                             "must hold one element per row")
         return outputs
-    rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
-    if rows != n:
-        got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"
-        raise ValueError(f"the model returned {got} for a batch of {n}: outputs must keep the batch dimension")
     return list(outputs)
 
 
@@ -150,15 +153,7 @@ def slice_rows(outputs: Any, start: int, stop: int, n: int) -> Any:
     if isinstance(outputs, TrimmedRows):
         return TrimmedRows(slice_rows(outputs.outputs, start, stop, n), outputs.length, outputs.owns[start:stop],
                            outputs.fixed)
-    if isinstance(outputs, dict):
-        return {k: slice_rows(v, start, stop, n) for k, v in outputs.items()}
-    if isinstance(outputs, tuple):
-        return tuple(slice_rows(v, start, stop, n) for v in outputs)
-    if isinstance(outputs, list):  # one element per row
-        if len(outputs) != n:
-            raise ValueError(f"the model returned a list of {len(outputs)} for a batch of {n}: a list output "
-                             "must hold one element per row")
-        return outputs[start:stop]
+    return _select(outputs, slice(start, stop), n)
     rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
     if rows != n:
         got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"

@@ -31,11 +31,12 @@ def run_device_batch(loaded: LoadedModel, sizer: MemorySizer, batch: Any, *, ful
         loaded.warm_shapes(batch, min(SHAPE_WARMUP_ROWS, cap if cap is not None else SHAPE_WARMUP_ROWS), rungs=1)
 
     def run_reserved(part: Any) -> Any:
-        pad = True
+        pad, units = True, loaded.units(part)
         if isinstance(part, Batch):  # padded to its bucket only where that still fits the memory cap
             cap = sizer.cap(name)
-            pad = cap is None or loaded.units(part) <= cap
-        with sizer.reserve(name, loaded.units(part, padded=pad)) as reservation:
+            if cap is not None and units > cap:
+                pad, units = False, loaded.units(part, padded=False)
+        with sizer.reserve(name, units) as reservation:
             baseline = loaded.memory_mark()
             outputs = loaded(part, full=full, pad=pad)
             reservation.record(loaded.memory_peak(baseline, part, outputs))

@@ -567,9 +567,7 @@ class LoadedModel:
         (for a ``(rows, length)`` bucket, padded or cut to the length)."""
         template = self._template
         if isinstance(template, Batch):
-            if isinstance(bucket, tuple) and bucket[1] is not None:
-                template = self._with_length(template, bucket[1])
-            return pad_rows(template, _rows_of(bucket))
+            return self._grow(template, bucket)
         rows = _rows_of(bucket)
         if hasattr(template, "repeat") and not isinstance(template, np.ndarray):
             return template.repeat(rows, *([1] * (template.dim() - 1)))
