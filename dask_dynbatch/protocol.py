@@ -182,7 +182,7 @@ class ShipmentReply(_Message):
     """The worker's answer to one shipment: ``pieces`` (``(rows, outputs)``: the outputs of those
     shipment rows, batch dimension first), ``errors`` (``(row, error message)`` of rows that failed
     alone), the device batches it ran in, the server's advice after them, and timings (seconds):
-    ``compute_s`` on the device, ``stage_s`` copying in, ``wait_s`` for the device thread,
+    ``compute_s`` on the device (its rows' share of each device batch they ran in), ``stage_s`` copying in, ``wait_s`` for the device thread,
     ``worker_s`` from arrival to reply. ``unrun``: rows the worker did not run because it is
     closing or restarting (the client sends them elsewhere). ``stuck``: rows of a device batch that
     ran past ``stuck_limit`` seconds (the worker restarts; the client retries them in halves)."""

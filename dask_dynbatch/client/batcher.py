@@ -549,8 +549,9 @@ class Batcher:
         it, ``size`` (its rows), ``device_batch`` (rows of the device batch it ran in, from every
         client), ``latency`` (what its requests saw after leaving the queue), ``cap`` and
         ``controller_size`` (the server's memory cap and batch size after it); on the worker,
-        seconds running (``compute_s``), waiting for the device thread (``wait_s``), staging
-        (``stage_s``: copying in, to the device) and in all (``worker_s``); on the client, seconds
+        seconds its rows ran (``compute_s``: their share of each device batch), waiting for the
+        device thread (``wait_s``), staging (``stage_s``: copying in, to the device) and in all
+        (``worker_s``); on the client, seconds
         from its oldest request's arrival to the send (``queued_s``), stacking (``stack_s``) and the
         round trip (``round_trip_s``); the device batch's share of the device (``service_s``, what
         throughput is measured by); and what the server's batch-size controller made of it

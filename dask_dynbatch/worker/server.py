@@ -440,7 +440,9 @@ class ModelServer:
             own = sum(len(p) for p in batch.parts if p.owner is owner)
             owner.records.append(DeviceBatchRecord(rows=batch.rows, own=own, sources=len({o.client for o in owners}),
                                                    **record))
-            owner.compute_s += result.compute_s
+            # its rows' share of the device (every row of a batch costs the same: padded ones are
+            # padded alike): a shipment whose rows ran in many batches is not charged all of them
+            owner.compute_s += result.compute_s * own / max(1, batch.rows)
             owner.stage_s += result.stage_s
             owner.wait_s += result.wait_s
         for owner in owners:
