@@ -62,6 +62,12 @@ def build_encoder(device: str = "cpu", size: str = "full", per_token: bool = Tru
             self.encoder = nn.TransformerEncoder(layer, dims["layers"], enable_nested_tensor=False)
 
         def forward(self, input_ids, attention_mask):
+            mark = _timeline_start(input_ids)
+            out = self._forward(input_ids, attention_mask)
+            _timeline_end(mark, input_ids, attention_mask)
+            return out
+
+        def _forward(self, input_ids, attention_mask):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             x = self.embed(input_ids) + self.position(positions)[None]
             hidden = self.encoder(x, src_key_padding_mask=attention_mask == 0)
@@ -72,6 +78,71 @@ def build_encoder(device: str = "cpu", size: str = "full", per_token: bool = Tru
     torch.manual_seed(0)
     model = Encoder().eval().to(device)
     return model.half() if str(device).startswith("cuda") else model
+
+
+# --timeline: every forward's start and end as CUDA events (GPU time, not the launching thread's),
+# kept in the worker process and summed up by ``timeline_summary``
+
+
+def _timeline() -> dict:
+    """The worker process's one record (functions of a script travel by value, each with its own
+    copies of the script's globals: the record lives in ``sys.modules``)."""
+    module = sys.modules.get("_gpu_text_timeline")
+    if module is None:
+        import types
+
+        module = sys.modules["_gpu_text_timeline"] = types.ModuleType("_gpu_text_timeline")
+        module.state = {"on": False, "marks": []}
+    return module.state
+
+
+def timeline_switch(on: bool) -> None:
+    _timeline().update(on=on, marks=[])
+
+
+def _timeline_start(ids):
+    if not _timeline()["on"] or not ids.is_cuda:
+        return None
+    import torch
+
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
+    return start, time.perf_counter()
+
+
+def _timeline_end(mark, ids, mask) -> None:
+    if mark is None:
+        return
+    import torch
+
+    end = torch.cuda.Event(enable_timing=True)
+    end.record()
+    _timeline()["marks"].append((mark[0], end, mark[1], time.perf_counter(), int(ids.shape[0]), int(ids.shape[1]), mask))
+
+
+def timeline_summary() -> dict:
+    """The GPU's busy share over the recorded forwards (first start to last end), the idle gaps
+    between consecutive forwards, and the batches' tokens (padded) and rows."""
+    import torch
+
+    marks = list(_timeline()["marks"])
+    if not marks:
+        return {}
+    torch.cuda.synchronize()
+    busy = [a.elapsed_time(b) / 1e3 for a, b, *_ in marks]
+    gaps = [max(0.0, marks[i][1].elapsed_time(marks[i + 1][0]) / 1e3) for i in range(len(marks) - 1)]
+    span = marks[0][0].elapsed_time(marks[-1][1]) / 1e3
+    tokens = [m[4] * m[5] for m in marks]
+    real = [int(m[6].sum()) for m in marks]
+    launch = [m[3] - m[2] for m in marks]  # the launching thread's time in forward
+    cuts = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.05]
+    return {"batches": len(marks), "span_s": span, "busy_s": sum(busy), "busy_share": sum(busy) / span if span else None,
+            "gap_s": sum(gaps), "gaps_over": {str(c): sum(1 for g in gaps if g > c) for c in cuts},
+            "gap_s_over_5ms": sum(g for g in gaps if g > 0.005),
+            "mean_tokens": statistics.mean(tokens), "median_tokens": statistics.median(tokens),
+            "mean_rows": statistics.mean(m[4] for m in marks), "padding": sum(tokens) / max(1, sum(real)) - 1,
+            "mean_launch_s": statistics.mean(launch), "mean_gpu_s": statistics.mean(busy),
+            "batches_detail": [(round(b, 5), t, m[4], round(g, 5)) for b, t, m, g in zip(busy, tokens, marks, gaps + [0.0])][-200:]}
 
 
 def build_full(device: str = "cpu"):
@@ -90,16 +161,30 @@ def build_smoke_pooled(device: str = "cpu"):
     return build_encoder(device, "smoke", per_token=False)
 
 
-def dynbatch_passes(client, name: str, load, samples: list, passes: int = 3) -> dict:
-    """``Batcher.map`` of every sample and all its results, ``passes`` times (the last one timed)."""
+def dynbatch_passes(client, name: str, load, samples: list, passes: int = 3, timeline: bool = False,
+                    profile: Path | None = None) -> dict:
+    """``Batcher.map`` of every sample and all its results, ``passes`` times (the last one timed);
+    ``timeline``: the GPU's busy share in the timed pass; ``profile``: then py-spy (when installed)
+    of the worker over two more passes, as ``<profile>_gil.raw`` (threads holding the GIL) and
+    ``<profile>_threads.raw`` (every thread, idle ones too)."""
     n = len(samples)
+    extra: dict = {}
     with ddb.Batcher(client, ddb.ModelSpec(name, load=load, pad_value=0)) as batcher:
         rates = []
-        for _ in range(passes):
+        for i in range(passes):
+            if timeline and i == passes - 1:
+                client.run(timeline_switch, True)
             started = time.perf_counter()
             [f.result() for f in batcher.map(samples)]
             rates.append(n / (time.perf_counter() - started))
             print(name, "pass", round(rates[-1]), flush=True)
+        if timeline:
+            extra["timeline"] = next(iter(client.run(timeline_summary).values()))
+            extra["timeline"]["pass_s"] = n / rates[-1]
+            client.run(timeline_switch, False)
+            print(name, "timeline", {k: v for k, v in extra["timeline"].items() if k != "batches_detail"}, flush=True)
+        if profile is not None:
+            extra["profile_rates"] = profile_passes(client, batcher, samples, profile)
         worker = next(iter(batcher.stats()["workers"].values()))
         history = batcher.history()
     columns = ("size", "device_batch", "controller_size", "latency", "compute_s", "round_trip_s", "worker_s", "stack_s")
@@ -107,7 +192,35 @@ def dynbatch_passes(client, name: str, load, samples: list, passes: int = 3) -> 
             "controller": worker["controller"],
             "mean_device_batch": statistics.mean(h["device_batch"] for h in history[-300:]),
             "history_columns": columns, "history": [tuple(h[k] for k in columns) for h in history[-400:]],
-            "decisions": [h["reason"] for h in history[-400:] if h["decision"] != "hold"][-60:]}
+            "decisions": [h["reason"] for h in history[-400:] if h["decision"] != "hold"][-60:], **extra}
+
+
+def profile_passes(client, batcher, samples: list, stem: Path) -> list[float]:
+    """Two passes under py-spy (GIL holders), two under py-spy (every thread); their rates."""
+    import os
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return []
+    pid = next(iter(client.run(os.getpid).values()))
+    rates = []
+    for kind, flags in (("gil", ["--gil"]), ("threads", ["--idle"])):
+        proc = subprocess.Popen([spy, "record", "--pid", str(pid), "-r", "200", "-f", "raw", "--threads", "--nonblocking",
+                                 *flags, "-o", f"{stem}_{kind}.raw"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        for _ in range(2):
+            started = time.perf_counter()
+            [f.result() for f in batcher.map(samples)]
+            rates.append(len(samples) / (time.perf_counter() - started))
+        proc.send_signal(2)  # py-spy writes its file on SIGINT
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    print("profiled passes", [round(r) for r in rates], flush=True)
+    return rates
 
 
 def make_requests(n: int, median: int, seed: int = 0) -> list[np.ndarray]:
@@ -194,6 +307,10 @@ def main() -> None:
     parser.add_argument("--padmax-batch", default="128,256,512", help="rows of the fixed pad-to-max batches, each size counted")
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes, for a CPU")
     parser.add_argument("--skip-pressure", action="store_true")
+    parser.add_argument("--timeline", action="store_true", help="the GPU's busy share and gaps in each timed pass (CUDA events)")
+    parser.add_argument("--profile", action="store_true", help="py-spy of the worker over extra passes of the pooled variant")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="then the pooled variant again with the worker's sys.setswitchinterval at this many seconds")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     from distributed import Client, LocalCluster
@@ -217,10 +334,22 @@ def main() -> None:
         print("sorted", {k: round(v["throughput"]) for k, v in table.items()}, flush=True)
         # per-token outputs travel back to the client (about 150 KB a request at width 768 in
         # fp16), which the in-worker loop never does; the pooled variant returns 1.5 KB
-        result["dynbatch"] = dynbatch_passes(client, "text-encoder", load, samples)
+        if args.timeline:
+            client.run(timeline_switch, True)
+            table = client.submit(sorted_loop, requests, budgets[-1:], size, 1.0, pure=False).result()
+            result["sorted_timeline"] = next(iter(client.run(timeline_summary).values()))
+            client.run(timeline_switch, False)
+        result["dynbatch"] = dynbatch_passes(client, "text-encoder", load, samples, timeline=args.timeline)
         save("gpu_text_case" if not args.smoke else "gpu_text_case_smoke", result, out)
         pooled = build_smoke_pooled if args.smoke else build_full_pooled
-        result["dynbatch_pooled"] = dynbatch_passes(client, "text-encoder-pooled", pooled, samples)
+        result["dynbatch_pooled"] = dynbatch_passes(client, "text-encoder-pooled", pooled, samples, timeline=args.timeline,
+                                                    profile=out / "gpu_text_worker" if args.profile else None)
+        if args.switch_interval is not None:
+            before = next(iter(client.run(sys.getswitchinterval).values()))
+            client.run(sys.setswitchinterval, args.switch_interval)
+            result["dynbatch_pooled_switch"] = {"switch_interval": args.switch_interval, **dynbatch_passes(
+                client, "text-encoder-pooled-switch", pooled, samples, timeline=args.timeline)}
+            client.run(sys.setswitchinterval, before)
     best = max(result["sorted"], key=lambda k: result["sorted"][k]["throughput"])
     result["best_sorted_budget"] = int(best)
     result["ratio_to_sorted"] = result["dynbatch"]["throughput"] / result["sorted"][best]["throughput"]
