@@ -54,6 +54,13 @@ def test_ragged_rows_slice_join_and_pad():
     assert length == 5
     assert leaves[0].tolist() == [[1, 2, 3, 0, 0], [1, 0, 0, 0, 0], [1, 2, 3, 4, 5]]
     assert Ragged.of([np.ones(2), np.ones(2)]).padded(2, 0).shape == (2, 2)
+    # rows gathered by index: what joining their single rows gives, in the order asked
+    costs = TreeRows(rows.tree, rows.leaves, np.array([1.0, 2.0, 3.0]))
+    taken = costs.take(np.array([2, 0]))
+    single = TreeRows.concat([costs[2:3], costs[0:1]])
+    assert taken.lengths().tolist() == [5, 3] and taken.costs.tolist() == [3.0, 1.0]
+    assert [leaf.tolist() for leaf in taken.padded([0, None])[0]] == [leaf.tolist() for leaf in single.padded([0, None])[0]]
+    assert len(rows.take(np.array([], dtype=np.int64))) == 0
 
 
 def test_structure_names_the_leaf_that_does_not_fit():
@@ -75,36 +82,56 @@ def _queue_of(lengths, priority=0, padded=True, costs=None):
     return queue
 
 
+def _lengths(parts):
+    """The lengths of every row of ``parts``, in order."""
+    return [int(n) for p in parts for n in p.rows.lengths()]
+
+
 def test_cost_queue_batches_similar_lengths_within_the_budget_and_keeps_the_oldest_first():
     lengths = [50, 10, 52, 11, 49, 12, 51, 9]
     queue = _queue_of(lengths)
     taken = queue.take(budget=4 * 52)
-    got = sorted(int(p.rows.lengths()[0]) for p in taken)
-    assert got == [49, 50, 51, 52]  # the oldest row (50) and its neighbours in length
+    assert _lengths(taken) == [50, 52, 49, 51]  # the oldest row (50) and its neighbours in length, in arrival order
+    (part,) = taken  # gathered from the one part pushed: one part, knowing which rows of it it holds
+    assert part.row_ids() == [0, 2, 4, 6] and part.ids is not None
+    assert [r[0].tolist() for r in (part.rows.row(i) for i in range(4))] == [[0] * 50, [0] * 52, [0] * 49, [0] * 51]
     assert len(queue) == 4 and queue.cost == 10 + 11 + 12 + 9
     rest = queue.take(budget=1000)
-    assert sorted(int(p.rows.lengths()[0]) for p in rest) == [9, 10, 11, 12]
+    assert _lengths(rest) == [10, 11, 12, 9] and rest[0].row_ids() == [1, 3, 5, 7]
     assert len(queue) == 0
 
 
 def test_cost_queue_takes_one_row_over_the_budget_and_honours_max_rows():
     queue = _queue_of([300, 5, 5, 5])
     (only,) = queue.take(budget=100)  # the oldest row alone, whatever it costs
-    assert int(only.rows.lengths()[0]) == 300
-    assert len(queue.take(budget=1000, max_rows=2)) == 2
+    assert _lengths([only]) == [300] and only.row_ids() == [0] and only.ids is None  # one row: a view
+    assert _lengths(queue.take(budget=1000, max_rows=2)) == [5, 5]
+
+
+def test_cost_queue_takes_from_several_parts_in_arrival_order_and_drains_the_rest():
+    queue = CostQueue(padded=True)
+    for offset, lengths in ((0, [40, 8, 41]), (3, [9, 42, 7])):
+        rows = TreeRows.stack(("leaf",), [[np.full(n, n, dtype=np.int16)] for n in lengths], [True])
+        queue.push([Part("a" if offset == 0 else "b", offset, rows)])
+    taken = queue.take(budget=3 * 42)
+    assert [(p.owner, p.row_ids()) for p in taken] == [("a", [0, 2]), ("b", [4])]
+    assert _lengths(taken) == [40, 41, 42] and int(taken[1].rows.row(0)[0][0]) == 42
+    drained = queue.drain()
+    assert [(p.owner, p.row_ids(), _lengths([p])) for p in drained] == [("a", [1], [8]), ("b", [3, 5], [9, 7])]
+    assert len(queue) == 0 and queue.cost == 0
 
 
 def test_a_row_that_still_fits_means_the_batch_did_not_stop_at_its_budget():
     queue = _queue_of([100] * 12)
     taken = queue.take_weighed(950)  # 9 rows of 100: a tenth would make 1,000
-    assert len(taken[0]) == 9 and not queue.another_fits(950, taken[1], taken[2])
+    assert len(taken[1]) == 9 and not queue.another_fits(950, taken[1], taken[2])
     mixed = _queue_of([10, 10] + [400] * 20)
     parts, lengths, costs = mixed.take_weighed(1000)
     assert queue.batch_cost(lengths, costs) < 0.5 * 1000  # cut by length, far from the budget
     assert mixed.another_fits(1000, [10], [10.0])  # a 400 would fit beside one 10 (2 x 400)
     weighed = _queue_of([1] * 6, padded=False, costs=[3.0, 3.0, 3.0, 1.0, 9.0, 9.0])
     parts, lengths, costs = weighed.take_weighed(7.0)  # 3 + 3; the next 3 does not fit...
-    assert len(parts) == 2 and weighed.another_fits(7.0, lengths, costs)  # ...but the 1 behind it would
+    assert costs == [3.0, 3.0] and weighed.another_fits(7.0, lengths, costs)  # ...but the 1 behind it would
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=120)
@@ -126,8 +153,8 @@ async def test_a_row_limit_does_not_let_the_token_budget_grow_without_bound(c, s
 def test_weighed_queue_sums_costs_in_arrival_order():
     queue = _queue_of([1, 1, 1, 1], padded=False, costs=[5.0, 1.0, 3.0, 2.0])
     assert queue.mean_cost() == pytest.approx(2.75)
-    assert len(queue.take(budget=6.5)) == 2  # 5 + 1; 5 + 1 + 3 would exceed it
-    assert len(queue.take(budget=100)) == 2
+    assert sum(len(p) for p in queue.take(budget=6.5)) == 2  # 5 + 1; 5 + 1 + 3 would exceed it
+    assert sum(len(p) for p in queue.take(budget=100)) == 2
 
 
 def test_padded_outputs_are_cut_back_unless_seen_to_keep_their_size():

@@ -321,7 +321,7 @@ class BatchSizeController:
         return self._table.throughput_at(size)
 
     def observe(self, size: int, latency: float, service_time: float, proposed: int | None = None,
-                full: bool | None = None) -> int:
+                full: bool | None = None, work: float | None = None) -> int:
         """Learn from one finished batch and return the next proposal.
 
         Parameters
@@ -342,6 +342,10 @@ class BatchSizeController:
             Whether the batch was as large as its proposal allowed, where its size cannot say so:
             a batch weighed in cost units stops at the last whole row that fits, short of the
             proposal however long the queue. Default: it is full when ``size`` reaches the proposal.
+        work : float, optional
+            What the batch did that counts, where its size also counts waste: a batch of padded
+            samples is sized in padded elements, and its throughput is its real ones per second (a
+            larger batch pads more: by its size alone, it would look faster). Default: ``size``.
 
         Returns
         -------
@@ -357,7 +361,7 @@ class BatchSizeController:
         self._observations += 1
         self._observed_at = self._clock()
         self._history.append((size, latency))
-        self._table.record(size, latency, float(service_time))
+        self._table.record(size, latency, float(service_time), work)
 
         proposal = self._size
         self._size_trend = mann_kendall(self._recent_sizes, alpha=self._alpha)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,9 @@ import numpy as np
 @dataclass(eq=False)
 class Part:
     """Rows ``[offset, offset + len(rows))`` of the shipment ``owner`` (positions among its rows
-    that run), as the array ``rows`` (anything with ``len`` and row slicing)."""
+    that run), as the array ``rows`` (anything with ``len`` and row slicing); or, with ``ids``, the
+    rows ``ids`` of it in that order (gathered by a :class:`CostQueue`: rows of similar length are
+    rarely neighbours)."""
 
     owner: Any
     offset: int
@@ -30,12 +31,23 @@ class Part:
     priority: int = 0
     arrived: float = 0.0
     alone: bool = False  # runs in a device batch with rows of its own shipment only
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def row_ids(self, start: int = 0, stop: int | None = None) -> list[int]:
+        """The shipment's row numbers of rows ``[start, stop)`` of this part."""
+        stop = len(self) if stop is None else stop
+        if self.ids is None:
+            return list(range(self.offset + start, self.offset + stop))
+        return self.ids[start:stop].tolist()
+
     def split(self, n: int) -> tuple[Part, Part]:
         """The first ``n`` rows and the rest, as two parts (views, no copy)."""
+        if self.ids is not None:
+            return (Part(self.owner, self.offset, self.rows[:n], self.priority, self.arrived, self.alone, self.ids[:n]),
+                    Part(self.owner, self.offset, self.rows[n:], self.priority, self.arrived, self.alone, self.ids[n:]))
         head = Part(self.owner, self.offset, self.rows[:n], self.priority, self.arrived, self.alone)
         tail = Part(self.owner, self.offset + n, self.rows[n:], self.priority, self.arrived, self.alone)
         return head, tail
@@ -144,18 +156,62 @@ class PartQueue:
         return out
 
 
+class _Segment:
+    """One part pushed into a :class:`CostQueue`, and which of its rows still wait (``idx``, in
+    arrival order) with their lengths and costs."""
+
+    __slots__ = ("part", "idx", "lengths", "costs")
+
+    def __init__(self, part: Part, lengths: np.ndarray, costs: np.ndarray) -> None:
+        self.part = part
+        self.idx = np.arange(len(part), dtype=np.int64)
+        self.lengths = lengths
+        self.costs = costs
+
+    def take(self, chosen: np.ndarray) -> Part:
+        """Its waiting rows at ``chosen`` (positions into ``idx``, ascending) as one part; they
+        stop waiting."""
+        part, ids = self.part, self.idx[chosen]
+        keep = np.ones(len(self.idx), dtype=bool)
+        keep[chosen] = False
+        self.idx, self.lengths, self.costs = self.idx[keep], self.lengths[keep], self.costs[keep]
+        return _part_of(part, ids)
+
+
+def _part_of(part: Part, ids: np.ndarray) -> Part:
+    """Rows ``ids`` (ascending) of ``part`` as a part: a view when they are consecutive, else
+    gathered (one copy of their data: the batch's own)."""
+    first, n = int(ids[0]), len(ids)
+    if int(ids[-1]) - first + 1 == n and part.ids is None:
+        return Part(part.owner, part.offset + first, part.rows[first : first + n], part.priority, part.arrived,
+                    part.alone)
+    rows = part.rows
+    taken = rows.take(ids) if hasattr(rows, "take") else _concat_rows([rows[i : i + 1] for i in ids.tolist()])
+    owner_ids = part.ids[ids] if part.ids is not None else ids + part.offset
+    return Part(part.owner, part.offset, taken, part.priority, part.arrived, part.alone, owner_ids)
+
+
+def _concat_rows(rows: list[Any]) -> Any:
+    concat = getattr(type(rows[0]), "concat", None)
+    return concat(rows) if concat is not None else np.concatenate(rows)
+
+
 class CostQueue:
     """Rows of padded or weighed samples waiting for a device batch, taken so that a batch holds
-    rows of similar length: the oldest row of the highest priority anchors the batch, and the
+    rows that cost alike and stays within a budget (the controller's size, in cost units).
+
+    A batch always holds the oldest row of the highest priority waiting (so no row starves); the
     waiting rows of that priority whose lengths are closest to its length join it while the batch's
     cost stays within the budget. A padded batch costs its rows times its longest row (what the
     device holds); a weighed one the sum of its rows' costs. Lengths are the traffic's own: no
     buckets are fixed in advance, and a batch of similar lengths wastes little padding.
 
-    Rows are held one part each (``Part.rows``: rows with ``len``, slicing, ``lengths()`` and
-    ``costs``). A batch anchored by an ``alone`` part holds rows of that part's shipment only, and
-    other batches none of them. Only the :data:`LOOKAHEAD` oldest rows of a priority are considered, which bounds
-    the work per batch. Not thread-safe: the model server touches it from its event loop only.
+    Parts are held as they arrived, with arrays of their rows' lengths and costs; a batch takes
+    from each part the rows chosen, gathered into one part (``rows`` needs ``len``, slicing,
+    ``lengths()``, ``costs`` and, to gather without a copy per row, ``take``). A batch anchored by
+    an ``alone`` part holds rows of that part's shipment only, and other batches none of them.
+    Only the :data:`LOOKAHEAD` oldest rows of a priority are considered, which bounds the work per
+    batch. Not thread-safe: the model server touches it from its event loop only.
     """
 
     #: rows of a priority considered for one batch
@@ -163,7 +219,7 @@ class CostQueue:
 
     def __init__(self, padded: bool) -> None:
         self.padded = padded
-        self._by_priority: dict[int, deque[tuple[Part, float, float]]] = {}  # (part, length, cost)
+        self._by_priority: dict[int, deque[_Segment]] = {}
         self._rows = 0
         self._cost = 0.0
 
@@ -183,32 +239,21 @@ class CostQueue:
             n = len(part)
             if not n:
                 continue
-            rows = part.rows
-            lengths = rows.lengths()
-            costs = getattr(rows, "costs", None)
-            singles = rows.singles() if hasattr(rows, "singles") else [rows[i : i + 1] for i in range(n)]
-            lengths_f = lengths.tolist() if lengths is not None else [1.0] * n
-            costs_f = costs.tolist() if costs is not None else lengths_f
-            owner, offset, priority, arrived, alone = part.owner, part.offset, part.priority, part.arrived, part.alone
-            self._by_priority.setdefault(priority, deque()).extend(
-                (Part(owner, offset + i, singles[i], priority, arrived, alone), float(lengths_f[i]), float(costs_f[i]))
-                for i in range(n))
-            self._cost += float(sum(costs_f))
+            found = part.rows.lengths() if hasattr(part.rows, "lengths") else None
+            lengths = np.ones(n) if found is None else np.asarray(found, dtype=np.float64)
+            costs = getattr(part.rows, "costs", None)
+            costs = lengths if costs is None else np.asarray(costs, dtype=np.float64)
+            self._by_priority.setdefault(part.priority, deque()).append(_Segment(part, lengths, costs))
+            self._cost += float(costs.sum())
             self._rows += n
 
-    def _choose(self, window: list[tuple[Part, float, float]], budget: float, limit: int) -> list[int]:
-        """Indices into ``window`` of the rows of one batch; always the anchor (index 0)."""
+    def _choose(self, lengths: np.ndarray, costs: np.ndarray, budget: float, limit: int) -> np.ndarray:
+        """Indices into the window of the rows of one batch; always the anchor (index 0)."""
         if not self.padded:  # weighed: oldest first while the costs fit
-            chosen, total = [0], window[0][2]
-            for i in range(1, len(window)):
-                if len(chosen) >= limit or total + window[i][2] > budget:
-                    break
-                chosen.append(i)
-                total += window[i][2]
-            return chosen
+            fits = int(np.searchsorted(np.cumsum(costs), budget, side="right"))
+            return np.arange(max(1, min(limit, fits)))
         # padded: rows sorted by length; a batch is a run of that order holding the anchor, as many
         # rows as the budget allows at its longest row
-        lengths = np.fromiter((w[1] for w in window), dtype=np.float64, count=len(window))
         order = np.argsort(lengths, kind="stable")
         ordered = lengths[order]
         at = int(np.flatnonzero(order == 0)[0])
@@ -223,65 +268,80 @@ class CostQueue:
         # real elements less twice the padding: among runs that fill the budget, the one that wastes least;
         # when the budget holds more than waits, the longest run
         best = int(np.argmax(real - 2 * padding))
-        return order[starts[best] : ends[best] + 1].tolist()
+        return order[starts[best] : ends[best] + 1]
 
     def drain(self) -> list[Part]:
         """Every row, highest priority first."""
-        out = [entry[0] for priority in sorted(self._by_priority, reverse=True) for entry in self._by_priority[priority]]
+        out = [_part_of(seg.part, seg.idx) for priority in sorted(self._by_priority, reverse=True)
+               for seg in self._by_priority[priority] if len(seg.idx)]
         self._by_priority.clear()
         self._rows = 0
         self._cost = 0.0
         return out
 
-    def _head(self) -> tuple[int, deque, list[tuple[Part, float, float]]]:
-        """The highest priority waiting, its rows, and the first ``LOOKAHEAD`` of them."""
+    def _window(self) -> tuple[int, deque[_Segment], list[_Segment], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The highest priority waiting, its segments, and of its first ``LOOKAHEAD`` rows: the
+        segments they are in, and per row its segment (index into those), position in it,
+        length and cost."""
         priority = max(self._by_priority)
         dq = self._by_priority[priority]
-        return priority, dq, list(islice(dq, self.LOOKAHEAD))  # indexing a deque's middle is not O(1)
+        segments, counts, room = [], [], self.LOOKAHEAD
+        for seg in dq:
+            if room <= 0:
+                break
+            k = min(len(seg.idx), room)
+            segments.append(seg)
+            counts.append(k)
+            room -= k
+        which = np.repeat(np.arange(len(segments)), counts)
+        at = np.concatenate([np.arange(k) for k in counts])
+        lengths = np.concatenate([seg.lengths[:k] for seg, k in zip(segments, counts)])
+        costs = np.concatenate([seg.costs[:k] for seg, k in zip(segments, counts)])
+        return priority, dq, segments, which, at, lengths, costs
 
-    def another_fits(self, budget: float, lengths: list[float], costs: list[float]) -> bool:
+    def another_fits(self, budget: float, lengths: Any, costs: Any) -> bool:
         """Whether a row waiting at the head of the queue (its highest priority, within the look-ahead)
         would still fit a batch of these rows within ``budget``: if none would, the batch stopped
         at its budget, not for want of rows."""
         if not self._rows:
             return False
-        _, _, window = self._head()
+        *_, window, window_costs = self._window()
         if self.padded:
             n, longest = len(lengths), max(lengths, default=0.0)
-            return any((n + 1) * max(longest, length) <= budget for _, length, _ in window)
-        total = sum(costs)
-        return any(total + cost <= budget for _, _, cost in window)
+            return bool(((n + 1) * np.maximum(longest, window) <= budget).any())
+        return bool((sum(costs) + window_costs <= budget).any())
 
-    def batch_cost(self, lengths: list[float], costs: list[float]) -> float:
+    def batch_cost(self, lengths: Any, costs: Any) -> float:
         if self.padded:
             return len(lengths) * max(lengths, default=0.0)
-        return sum(costs)
+        return float(sum(costs))
 
     def take(self, budget: float, max_rows: int | None = None) -> list[Part]:
         """Rows for one batch of at most ``budget`` cost (and ``max_rows`` rows); at least one row."""
         return self.take_weighed(budget, max_rows)[0]
 
     def take_weighed(self, budget: float, max_rows: int | None = None) -> tuple[list[Part], list[float], list[float]]:
-        """:meth:`take`, with each row's length and cost as the queue weighed them."""
+        """:meth:`take`, with each row's length and cost as the queue weighed them (in the order of
+        the parts' rows)."""
         if not self._rows:
             return [], [], []
-        priority, dq, window = self._head()
-        limit = max(1, max_rows) if max_rows is not None else len(window)
-        head = window[0][0]
+        priority, dq, segments, which, at, lengths, costs = self._window()
+        limit = max(1, max_rows) if max_rows is not None else len(lengths)
+        head = segments[0].part
         # an ``alone`` part (a client's suspects) shares its batch with rows of its shipment only
-        eligible = [i for i, (part, _, _) in enumerate(window)
-                    if (part.owner is head.owner if head.alone else not part.alone)]
-        chosen = [eligible[i] for i in self._choose([window[i] for i in eligible], budget, limit)]
-        taken = set(chosen)
-        chosen.sort()
-        out = [window[i][0] for i in chosen]
-        keep = [window[i] for i in range(len(window)) if i not in taken]
-        for _ in range(len(window)):
+        allowed = np.array([(seg.part.owner is head.owner) if head.alone else not seg.part.alone for seg in segments])
+        eligible = np.flatnonzero(allowed[which])
+        chosen = np.sort(eligible[self._choose(lengths[eligible], costs[eligible], budget, limit)])
+        out: list[Part] = []
+        for k in np.unique(which[chosen]).tolist():  # each segment's chosen rows as one part, oldest segment first
+            out.append(segments[k].take(at[chosen[which[chosen] == k]]))
+        while dq and not len(dq[0].idx):
             dq.popleft()
-        dq.extendleft(reversed(keep))
+        if any(not len(seg.idx) for seg in dq):
+            self._by_priority[priority] = dq = deque(seg for seg in dq if len(seg.idx))
         if not dq:
             del self._by_priority[priority]
-        self._rows -= len(out)
-        costs = [window[i][2] for i in chosen]
-        self._cost -= sum(costs)
-        return out, [window[i][1] for i in chosen], costs
+        taken_costs = costs[chosen]
+        self._rows -= len(chosen)
+        self._cost -= float(taken_costs.sum())
+        return out, lengths[chosen].tolist(), taken_costs.tolist()

@@ -64,9 +64,11 @@ class ThroughputTable:
         self._below_best: int | None = None  # the last full batch under target, if it ran below the best
         self._fall: tuple[int, int] | None = None  # (size, batch count) of the last confirmed fall
 
-    def record(self, size: int, latency: float, service_time: float) -> None:
-        """Add one batch; a ``service_time`` <= 0 or not finite leaves throughput out."""
-        throughput = size / service_time if service_time > 0 and math.isfinite(service_time) else None
+    def record(self, size: int, latency: float, service_time: float, work: float | None = None) -> None:
+        """Add one batch that did ``work`` (default: ``size``) in ``service_time``; a
+        ``service_time`` <= 0 or not finite leaves throughput out."""
+        done = size if work is None else work
+        throughput = done / service_time if service_time > 0 and math.isfinite(service_time) else None
         previous = self.throughput_at(size)
         added_to = self._bins.observe(size, throughput=throughput, latency=latency)
         if added_to is None:

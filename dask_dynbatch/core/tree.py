@@ -205,6 +205,17 @@ class Ragged:
     def row(self, i: int) -> np.ndarray:
         return self.values[int(self.offsets[i]) : int(self.offsets[i + 1])]
 
+    def take(self, index: np.ndarray) -> Ragged:
+        """Rows ``index`` in that order, their values copied into one array."""
+        index = np.asarray(index, dtype=np.int64)
+        starts = self.offsets[index]
+        lengths = self.offsets[index + 1] - starts
+        offsets = np.zeros(len(index) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # each value's source position: its row's start, plus its place within the row
+        source = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return Ragged(self.values[source], offsets)
+
     @staticmethod
     def concat(parts: Sequence[Ragged]) -> Ragged:
         if len(parts) == 1:
@@ -280,6 +291,12 @@ class TreeRows:
         costs = self.costs
         return [TreeRows(self.tree, [column[i] for column in columns], None if costs is None else costs[i : i + 1])
                 for i in range(n)]
+
+    def take(self, index: np.ndarray) -> TreeRows:
+        """Rows ``index`` in that order (copied), as :meth:`concat` of their single rows would give."""
+        index = np.asarray(index, dtype=np.int64)
+        return TreeRows(self.tree, [leaf.take(index) if isinstance(leaf, Ragged) else leaf[index] for leaf in self.leaves],
+                        None if self.costs is None else self.costs[index])
 
     def lengths(self) -> np.ndarray | None:
         """Each row's length (the longest of its ragged leaves), or None without ragged leaves."""

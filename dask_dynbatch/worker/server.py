@@ -111,10 +111,13 @@ class Shipment:
             offset = stop
         return out
 
-    def positions(self, offset: int, count: int) -> list[int]:
+    def positions(self, part: Part, start: int = 0, stop: int | None = None) -> list[int]:
+        """The message positions of rows ``[start, stop)`` of ``part`` (one of this shipment's)."""
+        ids = part.row_ids(start, stop)
         if self.index is None:
-            return list(range(offset, offset + count))
-        return self.index[offset : offset + count]
+            return ids
+        index = self.index
+        return [index[i] for i in ids]
 
     def settle(self, count: int) -> None:
         self.pending -= count
@@ -372,12 +375,12 @@ class ModelServer:
             logger.exception("dynbatch: results of a device batch of model %r could not be delivered", self.name)
             for part in batch.parts:
                 shipment = part.owner
-                shipment.errors.update((row, exc) for row in shipment.positions(part.offset, len(part)))
+                shipment.errors.update((row, exc) for row in shipment.positions(part))
                 shipment.settle(len(part))
 
     @staticmethod
     def _hand_back(part: Part) -> None:
-        part.owner.unrun.extend(part.owner.positions(part.offset, len(part)))
+        part.owner.unrun.extend(part.owner.positions(part))
         part.owner.settle(len(part))
 
     def _arrays(self, batch: DeviceBatch) -> tuple[list[Any], bool, bool]:
@@ -458,7 +461,7 @@ class ModelServer:
             shipment, k = part.owner, len(part)
             _, index, positions, owns = groups.setdefault(id(shipment), (shipment, [], [], []))
             index.extend(range(start, start + k))
-            positions.extend(shipment.positions(part.offset, k))
+            positions.extend(shipment.positions(part))
             if batch.length is not None:
                 owns.extend(part.rows.lengths().tolist())
         pieces = []
@@ -480,23 +483,28 @@ class ModelServer:
         """The outputs and errors of one part's rows, to its shipment (``length``: the batch's
         padded length, cut from every output back to the part's own length)."""
         shipment, stop = part.owner, start + len(part)
-        own = int(part.rows.lengths().max()) if length is not None else None
+        owns = part.rows.lengths().tolist() if length is not None else None
         for a, b, outputs in result.pieces:
             lo, hi = max(a, start), min(b, stop)
             if lo >= hi:
                 continue
-            rows = shipment.positions(part.offset + lo - start, hi - lo)
+            rows = shipment.positions(part, lo - start, hi - start)
             try:
                 piece = outputs if lo == a and hi == b else slice_rows(outputs, lo - a, hi - a, b - a)
             except ValueError as exc:  # outputs without the batch dimension cannot be cut per request
                 shipment.errors.update((r, exc) for r in rows)
                 continue
-            if own is not None:
-                piece = trim_output_row(piece, length, own, self._fixed_outputs)
+            if owns is not None and length is not None:
+                mine = owns[lo - start : hi - start]
+                if len(mine) == 1:
+                    piece = trim_output_row(piece, length, mine[0], self._fixed_outputs)
+                elif min(mine) < length and follows_length(piece, length, self._fixed_outputs):
+                    # rows of several lengths (a part the queue gathered): each cut back on the client
+                    piece = TrimmedRows(piece, length, mine, frozenset(self._fixed_outputs))
             shipment.pieces.append((rows, piece))
         for row, exc in result.errors.items():
             if start <= row < stop:
-                (position,) = shipment.positions(part.offset + row - start, 1)
+                (position,) = shipment.positions(part, row - start, row - start + 1)
                 shipment.errors[position] = exc
 
     def _learn(self, batch: DeviceBatch, result: DeviceResult, done: float) -> dict[str, Any]:
@@ -536,7 +544,8 @@ class ModelServer:
         if hidden is None:
             # a weighed batch rarely meets its budget exactly: one stopped by it is full all the same
             self.controller.observe(int(batch.units), latency, service_s, proposed=batch.proposed,
-                                    full=batch.at_budget if batch.cost is not None else None)
+                                    full=batch.at_budget if batch.cost is not None else None,
+                                    work=batch.real)  # padded samples: real tokens, not padded ones
             decision, reason = self.controller.decision, self.controller.reason
         else:
             # a batch whose time says little about its size: the model was loaded for it, a bucket
@@ -574,7 +583,7 @@ class ModelServer:
             for part in batch.parts:
                 if batch is stuck:
                     shipment = part.owner
-                    shipment.stuck.extend(shipment.positions(part.offset, len(part)))
+                    shipment.stuck.extend(shipment.positions(part))
                     shipment.stuck_limit = limit
                     shipment.settle(len(part))
                 else:
