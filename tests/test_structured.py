@@ -101,11 +101,24 @@ def test_cost_queue_batches_similar_lengths_within_the_budget_and_keeps_the_olde
     assert len(queue) == 0
 
 
+def test_a_row_of_a_rare_length_is_passed_over_a_few_batches_at_most():
+    queue = _queue_of([500] + [10] * 60)
+    for _ in range(CostQueue.MAX_PASSES):  # batches of ten 10s waste nothing; the 500 alone is over the budget
+        assert _lengths(queue.take(budget=100)) == [10] * 10
+    assert _lengths(queue.take(budget=100)) == [500]  # passed over enough: it runs (alone: over the budget by itself)
+    assert _lengths(queue.take(budget=100)) == [10] * 10
+    queue = _queue_of([400] + [10] * 600)
+    for _ in range(CostQueue.MAX_PASSES):  # a 400 beside one 10 would waste 390 of 800
+        assert _lengths(queue.take(budget=1000)) == [10] * 100
+    assert sorted(_lengths(queue.take(budget=1000))) == [10, 400]
+
+
 def test_cost_queue_takes_one_row_over_the_budget_and_honours_max_rows():
-    queue = _queue_of([300, 5, 5, 5])
-    (only,) = queue.take(budget=100)  # the oldest row alone, whatever it costs
-    assert _lengths([only]) == [300] and only.row_ids() == [0] and only.ids is None  # one row: a view
+    queue = _queue_of([300, 5, 5, 5, 5])
     assert _lengths(queue.take(budget=1000, max_rows=2)) == [5, 5]
+    assert _lengths(queue.take(budget=100)) == [5, 5]  # the 300 alone is over the budget: other rows first
+    (only,) = queue.take(budget=100)  # then the row alone, whatever it costs
+    assert _lengths([only]) == [300] and only.row_ids() == [0] and only.ids is None  # one row: a view
 
 
 def test_cost_queue_takes_from_several_parts_in_arrival_order_and_drains_the_rest():

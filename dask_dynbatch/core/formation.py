@@ -200,11 +200,14 @@ class CostQueue:
     """Rows of padded or weighed samples waiting for a device batch, taken so that a batch holds
     rows that cost alike and stays within a budget (the controller's size, in cost units).
 
-    A batch always holds the oldest row of the highest priority waiting (so no row starves); the
-    waiting rows of that priority whose lengths are closest to its length join it while the batch's
-    cost stays within the budget. A padded batch costs its rows times its longest row (what the
-    device holds); a weighed one the sum of its rows' costs. Lengths are the traffic's own: no
-    buckets are fixed in advance, and a batch of similar lengths wastes little padding.
+    A batch holds rows of the highest priority waiting. A weighed batch takes them oldest first
+    while their costs fit the budget. A padded batch is a run of the rows sorted by length that fits
+    the budget at its longest row and wastes least; it holds one of the oldest rows (as many as
+    a batch at the median length holds), and after :data:`MAX_PASSES` batches that passed the
+    oldest row over, that row itself (so no row starves: one of a rare length waits a little for
+    rows like it). A padded batch costs its rows times its longest row (what the device holds); a
+    weighed one the sum of its rows' costs. Lengths are the traffic's own: no buckets are fixed in
+    advance, and a batch of similar lengths wastes little padding.
 
     Parts are held as they arrived, with arrays of their rows' lengths and costs; a batch takes
     from each part the rows chosen, gathered into one part (``rows`` needs ``len``, slicing,
@@ -216,12 +219,16 @@ class CostQueue:
 
     #: rows of a priority considered for one batch
     LOOKAHEAD = 8192
+    #: batches that may pass the oldest row over before one must hold it
+    MAX_PASSES = 4
 
     def __init__(self, padded: bool) -> None:
         self.padded = padded
         self._by_priority: dict[int, deque[_Segment]] = {}
         self._rows = 0
         self._cost = 0.0
+        self._head: tuple[int, int] | None = None  # the oldest row the last batch passed over
+        self._passes = 0  # batches in a row that passed it over
 
     def __len__(self) -> int:
         return self._rows
@@ -247,27 +254,35 @@ class CostQueue:
             self._cost += float(costs.sum())
             self._rows += n
 
-    def _choose(self, lengths: np.ndarray, costs: np.ndarray, budget: float, limit: int) -> np.ndarray:
-        """Indices into the window of the rows of one batch; always the anchor (index 0)."""
+    def _choose(self, lengths: np.ndarray, costs: np.ndarray, budget: float, limit: int,
+                anchored: bool = True) -> np.ndarray:
+        """Indices into the window of the rows of one batch: with the oldest (index 0) when
+        ``anchored``, else with one of the oldest rows a batch holds at the window's median length."""
         if not self.padded:  # weighed: oldest first while the costs fit
             fits = int(np.searchsorted(np.cumsum(costs), budget, side="right"))
             return np.arange(max(1, min(limit, fits)))
-        # padded: rows sorted by length; a batch is a run of that order holding the anchor, as many
+        # padded: rows sorted by length; a batch is a run of that order holding an anchor, as many
         # rows as the budget allows at its longest row
         order = np.argsort(lengths, kind="stable")
         ordered = lengths[order]
-        at = int(np.flatnonzero(order == 0)[0])
+        oldest = 1 if anchored else int(min(len(order), limit, max(1, budget // max(1.0, float(np.median(lengths))))))
+        anchors = np.concatenate([[0], np.cumsum(order < oldest)])  # anchors among the first i rows in length order
         prefix = np.concatenate([[0.0], np.cumsum(ordered)])
-        ends = np.arange(at, len(order))
+        ends = np.arange(len(order))
         rows = np.minimum(limit, np.maximum(1, budget // ordered[ends])).astype(np.int64)
         starts = np.maximum(0, ends - rows + 1)
-        ok = starts <= at  # the run holds the anchor
+        ok = anchors[ends + 1] > anchors[starts]  # the run holds an anchor
         ends, starts = ends[ok], starts[ok]
         real = prefix[ends + 1] - prefix[starts]
-        padding = (ends - starts + 1) * ordered[ends] - real
+        padded = (ends - starts + 1) * ordered[ends]
         # real elements less twice the padding: among runs that fill the budget, the one that wastes least;
-        # when the budget holds more than waits, the longest run
-        best = int(np.argmax(real - 2 * padding))
+        # when the budget holds more than waits, the longest run. A row over the budget alone runs
+        # only when it is the anchor or nothing fits (its many real elements are not a better batch).
+        score = real - 2 * (padded - real)
+        over = padded > budget
+        if over.any() and not over.all():
+            score = np.where(over, -np.inf, score)
+        best = int(np.argmax(score))
         return order[starts[best] : ends[best] + 1]
 
     def drain(self) -> list[Part]:
@@ -331,7 +346,13 @@ class CostQueue:
         # an ``alone`` part (a client's suspects) shares its batch with rows of its shipment only
         allowed = np.array([(seg.part.owner is head.owner) if head.alone else not seg.part.alone for seg in segments])
         eligible = np.flatnonzero(allowed[which])
-        chosen = np.sort(eligible[self._choose(lengths[eligible], costs[eligible], budget, limit)])
+        # a batch holds the oldest row, or one of the oldest few and the oldest is passed over: at most
+        # MAX_PASSES times (a row of a rare length waits a little for rows like it, not for ever)
+        head_row = (id(segments[0]), int(segments[0].idx[0]))
+        passes = self._passes if head_row == self._head else 0
+        chosen = np.sort(eligible[self._choose(lengths[eligible], costs[eligible], budget, limit,
+                                               anchored=passes >= self.MAX_PASSES)])
+        self._head, self._passes = (None, 0) if chosen[0] == 0 else (head_row, passes + 1)
         out: list[Part] = []
         for k in np.unique(which[chosen]).tolist():  # each segment's chosen rows as one part, oldest segment first
             out.append(segments[k].take(at[chosen[which[chosen] == k]]))
