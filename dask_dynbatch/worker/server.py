@@ -243,7 +243,8 @@ class ModelServer:
         if self.closed:
             raise ModelSuperseded(self.name, None)
         self.stats.shipments += 1
-        if shipment.shared and self.loaded.stages_on_device:
+        if shipment.shared and self.loaded.stages_on_device and not self.loaded.spec.structured:
+            # (structured rows are gathered and padded on the host first: the slot is never copied from)
             shipment.pinned = self._pin_slot(shipment)
         self.queue.push(shipment.parts())
         self._pump()
@@ -539,7 +540,10 @@ class ModelServer:
             o.cold = o.cold or cold
         hidden = next((why for why, flag in (
             ("cold", cold), ("compiling", batch.compiling or self.loaded.compiling), ("new_shape", batch.new_shape),
-            ("new_slot", any(o.new_slot for o in owners)), ("failed", failed == batch.rows),
+            # a new slot costs a batch its mapping's first touch where the batch copies straight out of
+            # it (or pins it); padded and weighed rows are gathered out of it as batches form
+            ("new_slot", any(o.new_slot and (o.pinned or not self.weighed) for o in owners)),
+            ("failed", failed == batch.rows),
         ) if flag), None)
         if hidden is None:
             # a weighed batch rarely meets its budget exactly: one stopped by it is full all the same
