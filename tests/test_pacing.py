@@ -202,3 +202,29 @@ def test_a_load_step_after_small_batches_keeps_partial_batches_small(seed):
     assert p99_low < 0.05 and p99 < 0.1 and largest < 400
     (_, _), (p99_old, largest_old) = simulate_open_loop(OneAveragePerRow(), phases, seed=seed)
     assert p99_old > 2 * p99 and largest_old > 2 * largest  # the scenario shows the old failure
+
+
+def test_a_partial_shipment_for_a_server_of_padded_samples_leaves_while_it_holds_a_few_batches():
+    from types import SimpleNamespace
+
+    from dask_dynbatch.client.dispatcher import PARTIAL_INFLIGHT, TICK_INTERVAL, Dispatcher
+    from dask_dynbatch.protocol import WEIGHED_SHIP_BATCHES
+
+    forecast = BusyForecast()
+    forecast.observe(100, compute_s=0.010, lead_s=0.0)  # 10 ms a batch of 100 rows
+    for _ in range(20):
+        forecast.sent(100, now=0.0)  # busy until 0.2 s
+    dispatcher = SimpleNamespace(queue=SimpleNamespace(oldest_enqueued=lambda: 0.0),
+                                 model=SimpleNamespace(spec=SimpleNamespace(max_delay=0.001)))
+
+    def wait(ship, inflight, now=0.01):
+        slot = SimpleNamespace(inflight=inflight, forecast=forecast, advice=SimpleNamespace(size=100, ship=ship))
+        return Dispatcher._partial_wait(dispatcher, slot, 50, now)
+
+    fixed = forecast.send_at(50)
+    assert wait(None, PARTIAL_INFLIGHT) == TICK_INTERVAL  # fixed-size batches: enough in flight, wait
+    assert wait(None, 1) == pytest.approx(fixed - 0.01)  # just in time for the device
+    # padded samples: shipments are answered late (their rows are spread over many batches); the
+    # forecast alone decides, and the rows leave while the server still holds a few batches' worth
+    assert wait(400, 20) == pytest.approx(fixed - WEIGHED_SHIP_BATCHES * 0.010 - 0.01)
+    assert wait(400, 20, now=0.19) is None

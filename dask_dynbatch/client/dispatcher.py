@@ -302,12 +302,19 @@ class Dispatcher:
         One may wait on the worker behind the running batch once the oldest request waited
         ``max_delay``, and not before it would reach the device as the device frees (just in time:
         it carries every request that arrives meanwhile, and the device does not wait for it)."""
-        if slot.inflight >= PARTIAL_INFLIGHT:
+        if slot.inflight >= PARTIAL_INFLIGHT and slot.advice.ship is None:
+            # (a server of padded or weighed samples forms batches from every shipment it holds:
+            # its shipments are answered late, and the forecast alone says when it would run dry)
             return TICK_INTERVAL
         oldest = self.queue.oldest_enqueued()
         if oldest is not None and now - oldest < self.model.spec.max_delay:
             return oldest + self.model.spec.max_delay - now
         send_at = slot.forecast.send_at(size)
+        if slot.advice.ship is not None:
+            # a server of padded or weighed samples chooses each batch's rows from what it holds:
+            # the rest leaves while it still holds a few batches' worth (just in time, the last
+            # batches before it would run dry would have few rows to choose from)
+            send_at -= protocol.WEIGHED_SHIP_BATCHES * (slot.forecast.device_s(slot.advice.size) or 0.0)
         return send_at - now if now < send_at else None
 
     def workloads(self) -> dict[str, float | None]:
