@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 #: than PARTIAL_AHEAD wait staged, so that rows arriving meanwhile gather into the next batch
 #: rather than into many small ones
 FULL_AHEAD = 2
+#: a padded server's controller settles back at the best size when throughput (real tokens a
+#: second) falls this far below it
+PADDED_TOLERANCE = 0.05
 PARTIAL_AHEAD = 1
 
 
@@ -306,8 +309,11 @@ class ModelServer:
         if self._row_cost is None:  # the first rows tell what a row costs: the controller starts there
             self._row_cost = queue.mean_cost() or 1.0
             spec = self.loaded.spec
+            # padded batches: a larger one pads more, so past the size where the device stops gaining
+            # throughput falls slowly, never by the usual tenth at once; a smaller fall settles it
             self.controller = BatchSizeController(
-                float(spec.latency_target), initial_size=max(1, round(spec.initial_size(self.device) * self._row_cost)))
+                float(spec.latency_target), initial_size=max(1, round(spec.initial_size(self.device) * self._row_cost)),
+                throughput_tolerance=PADDED_TOLERANCE if queue.padded else 0.1)
         if not cap_read:
             self._update_cap()
         size = self.controller.size
