@@ -113,6 +113,13 @@ def test_a_row_of_a_rare_length_is_passed_over_a_few_batches_at_most():
     assert sorted(_lengths(queue.take(budget=1000))) == [10, 400]
 
 
+def test_a_large_budget_chooses_among_more_rows():
+    queue = _queue_of([10] * 20)  # rows of cost 10: a budget of 5,000 holds 500 of them
+    assert queue._lookahead(100) == CostQueue.LOOKAHEAD
+    assert queue._lookahead(5_000) == CostQueue.CHOICES * 500
+    assert queue._lookahead(1e9) == CostQueue.MAX_LOOKAHEAD
+
+
 def test_cost_queue_takes_one_row_over_the_budget_and_honours_max_rows():
     queue = _queue_of([300, 5, 5, 5, 5])
     assert _lengths(queue.take(budget=1000, max_rows=2)) == [5, 5]

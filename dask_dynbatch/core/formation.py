@@ -213,12 +213,17 @@ class CostQueue:
     from each part the rows chosen, gathered into one part (``rows`` needs ``len``, slicing,
     ``lengths()``, ``costs`` and, to gather without a copy per row, ``take``). A batch anchored by
     an ``alone`` part holds rows of that part's shipment only, and other batches none of them.
-    Only the :data:`LOOKAHEAD` oldest rows of a priority are considered, which bounds the work per
+    Only the oldest rows of a priority are considered (:data:`LOOKAHEAD`, or for large budgets
+    :data:`CHOICES` batches' worth, up to :data:`MAX_LOOKAHEAD`), which bounds the work per
     batch. Not thread-safe: the model server touches it from its event loop only.
     """
 
     #: rows of a priority considered for one batch
     LOOKAHEAD = 8192
+    #: batches' worth of rows a batch is chosen from, at most MAX_LOOKAHEAD rows (a large batch
+    #: drawn from few of them spans many lengths: padding)
+    CHOICES = 32
+    MAX_LOOKAHEAD = 32768
     #: batches that may pass the oldest row over before one must hold it
     MAX_PASSES = 4
 
@@ -294,13 +299,18 @@ class CostQueue:
         self._cost = 0.0
         return out
 
-    def _window(self) -> tuple[int, deque[_Segment], list[_Segment], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The highest priority waiting, its segments, and of its first ``LOOKAHEAD`` rows: the
+    def _lookahead(self, budget: float) -> int:
+        rows_per_batch = budget / (self._cost / self._rows) if self._rows and self._cost > 0 else 1.0
+        return int(min(self.MAX_LOOKAHEAD, max(self.LOOKAHEAD, self.CHOICES * rows_per_batch)))
+
+    def _window(self, lookahead: int) -> tuple[int, deque[_Segment], list[_Segment], np.ndarray, np.ndarray,
+                                               np.ndarray, np.ndarray]:
+        """The highest priority waiting, its segments, and of its first ``lookahead`` rows: the
         segments they are in, and per row its segment (index into those), position in it,
         length and cost."""
         priority = max(self._by_priority)
         dq = self._by_priority[priority]
-        segments, counts, room = [], [], self.LOOKAHEAD
+        segments, counts, room = [], [], lookahead
         for seg in dq:
             if room <= 0:
                 break
@@ -320,7 +330,7 @@ class CostQueue:
         at its budget, not for want of rows."""
         if not self._rows:
             return False
-        *_, window, window_costs = self._window()
+        *_, window, window_costs = self._window(self._lookahead(budget))
         if self.padded:
             n, longest = len(lengths), max(lengths, default=0.0)
             return bool(((n + 1) * np.maximum(longest, window) <= budget).any())
@@ -340,7 +350,7 @@ class CostQueue:
         the parts' rows)."""
         if not self._rows:
             return [], [], []
-        priority, dq, segments, which, at, lengths, costs = self._window()
+        priority, dq, segments, which, at, lengths, costs = self._window(self._lookahead(budget))
         limit = max(1, max_rows) if max_rows is not None else len(lengths)
         head = segments[0].part
         # an ``alone`` part (a client's suspects) shares its batch with rows of its shipment only
