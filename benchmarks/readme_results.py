@@ -634,7 +634,11 @@ def gpu_text_section() -> str:
     pooled = r.get("dynbatch_pooled")
     if pooled:
         text += (f"; the pooled output alone {pooled['throughput']:,.0f} (**{r['pooled_ratio_to_sorted']:.2f}x**, "
-                 f"target 0.9: {met(r['pooled_ratio_to_sorted'] >= 0.9)})")
+                 f"target 0.9: {met(r['pooled_ratio_to_sorted'] >= 0.9)}), padding {pooled['padding_waste']:.1%}")
+        timeline = pooled.get("timeline")
+        if timeline:
+            text += (f", the GPU busy {timeline['busy_share']:.0%} of its timed pass in batches of a median "
+                     f"{timeline['median_tokens']:,.0f} tokens")
     pressure = r.get("pressure") or {}
     if "dynbatch" in pressure:
         dp = pressure["dynbatch"]
@@ -644,6 +648,17 @@ def gpu_text_section() -> str:
         text += (f". Under the memory-pressure neighbour: dask-dynbatch {dp['failed']:,} of {dp['requests']:,} failed; "
                  f"fixed pad-to-max batches of {rows}")
     return text + ".\n"
+
+
+def padding_sim_section() -> str:
+    """Padding of the server's batches by budget, without a device (``padding_sim.json``)."""
+    r = load_result("padding_sim")
+    if r is None:
+        return ""
+    parts = "; ".join(f"{int(b):,} tokens: {v['default']['padding']:.1%} (8,192-row window {v['fixed_window']['padding']:.1%}, "
+                      f"sorted loop {v['sorted']['padding']:.1%})" for b, v in r["budgets"].items())
+    return (f"**Padding by batch budget** (`padding_sim.json`, `python benchmarks/padding_sim.py`; {stamp(r['machine'])}): "
+            f"the GPU text case's {r['requests']:,} lengths queued at once and taken batch by batch: {parts}.\n")
 
 
 def gpu_collection_section() -> str:
@@ -737,6 +752,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 {gpu_check_section()}
 {gpu_compiled_section()}
 {gpu_text_section()}
+{padding_sim_section()}
 {gpu_collection_section()}
 {multi_model_section()}
 {gpu_section(g, p)}
