@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_stamp, save  # noqa: E402
+from common import machine_stamp, save  # noqa: E402
 from gpu_text_case import make_requests  # noqa: E402
 
 from dask_dynbatch.core.formation import CostQueue, Part  # noqa: E402

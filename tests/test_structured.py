@@ -120,6 +120,113 @@ def test_a_large_budget_chooses_among_more_rows():
     assert queue._lookahead(1e9) == CostQueue.MAX_LOOKAHEAD
 
 
+def test_higher_priority_batches_between_do_not_reset_how_often_the_oldest_row_was_passed_over():
+    queue = _queue_of([500] + [10] * 20)
+    for i in range(3 * CostQueue.MAX_PASSES):
+        if i % 2 == 0:  # a trickle of urgent rows: batches of their own, between the others
+            queue.push([Part(f"urgent{i}", 0, TreeRows.stack(("leaf",), [[np.zeros(10, dtype=np.int8)]], [True]), 1)])
+        queue.push([Part(f"more{i}", 0, TreeRows.stack(("leaf",), [[np.zeros(10, dtype=np.int8)]] * 10, [True]), 0)])
+        if 500 in _lengths(queue.take(budget=100)):
+            break
+    else:
+        raise AssertionError("the row of a rare length never ran")
+    assert i < 2 * (CostQueue.MAX_PASSES + 1)
+
+
+def _gathered_delivery(seed: int) -> None:
+    """Random shipments (rows that failed on arrival, priority runs, suspects, several arrays) through
+    the queue and both ways of delivering a batch's outputs: every row's output reaches its own
+    message position, cut to its own length, once."""
+    import random
+
+    from dask_dynbatch.core.formation import DeviceBatch
+    from dask_dynbatch.core.rows import split_rows
+    from dask_dynbatch.worker.server import DeviceResult, ModelServer, Shipment
+
+    class Server:
+        _deliver = ModelServer._deliver
+        _deliver_grouped = ModelServer._deliver_grouped
+        weighed = True
+        _fixed_outputs: set = set()
+
+    rng = random.Random(seed)
+    queue, server, shipments, truth = CostQueue(padded=True), Server(), [], {}
+    for k in range(rng.randint(1, 4)):
+        n = rng.randint(1, 25)
+        failed = set(rng.sample(range(n), rng.randint(0, n // 3)))
+        runs = [i for i in range(n) if i not in failed]
+        if not runs:
+            continue
+        lengths = {i: rng.randint(1, 30) for i in runs}
+        samples = [[np.full(lengths[i], k * 1000 + i, dtype=np.int64)] for i in runs]
+        cut = rng.randint(0, len(runs))
+        arrays = [TreeRows.stack(("x",), part, [True]) for part in (samples[:cut], samples[cut:]) if part]
+        priorities = [(0, 0), (rng.randint(1, n - 1), 1)] if n > 2 and rng.random() < 0.5 else [(0, 0)]
+        shipment = Shipment(f"c{k}", n, arrays, index=runs if failed else None, errors={i: ValueError() for i in failed},
+                            priorities=priorities, isolate=rng.random() < 0.2)
+        shipments.append(shipment)
+        truth.update({(k, i): lengths[i] for i in runs})
+        queue.push(shipment.parts())
+    while len(queue):
+        parts, lengths_, _ = queue.take_weighed(rng.choice([10, 60, 200, 1000]), rng.choice([None, 4]))
+        batch = DeviceBatch(parts, 0.0, 100, length=int(max(lengths_)), real=int(sum(lengths_)), cost=1.0)
+        out = TreeRows.concat([p.rows for p in parts]).padded([-1])[0][0][:, :, None].copy()  # each row's id
+        mode = rng.choice(["grouped", "pieces", "errors"])
+        if mode == "grouped":
+            server._deliver_grouped(batch, out)
+            continue
+        n = batch.rows
+        cuts = sorted({0, n, rng.randint(0, n), rng.randint(0, n)})  # as an out-of-memory split gives
+        pieces = [(a, b, out[a:b]) for a, b in zip(cuts, cuts[1:]) if a < b]
+        errors = {}
+        if mode == "errors" and n > 1:  # one row failed alone, as poison bisection gives
+            bad = rng.randrange(n)
+            errors[bad] = RuntimeError("bad")
+            pieces = [p for a, b, o in pieces
+                      for p in ((a, min(b, bad), o[: min(b, bad) - a]), (max(a, bad + 1), b, o[max(a, bad + 1) - a :]))
+                      if p[0] < p[1]]
+        for part, start in zip(batch.parts, batch.starts):
+            server._deliver(part, start, DeviceResult(pieces, errors, 0.0), batch.length)
+    seen = set()
+    for shipment in shipments:
+        owner = int(shipment.client[1:])
+        for rows, piece in shipment.pieces:
+            for row, value in zip(rows, split_rows(piece, len(rows))):
+                key = (owner, row)
+                assert key in truth and key not in seen
+                seen.add(key)
+                value = np.asarray(value)
+                assert value.shape[0] == truth[key] and (value == owner * 1000 + row).all()
+        for row, error in shipment.errors.items():
+            if isinstance(error, RuntimeError):
+                assert (owner, row) not in seen
+                seen.add((owner, row))
+    assert seen == set(truth)
+
+
+def test_gathered_rows_reach_their_own_requests_cut_to_their_own_lengths():
+    async def all_seeds():  # (a Shipment's future needs a running loop)
+        for seed in range(150):
+            _gathered_delivery(seed)
+
+    asyncio.run(all_seeds())
+
+
+def test_a_weighed_shipment_is_charged_its_rows_share_of_a_batch_by_their_costs():
+    from dask_dynbatch.core.formation import DeviceBatch
+    from dask_dynbatch.worker.server import ModelServer
+
+    def rows(costs):
+        return TreeRows(("leaf",), [np.zeros((len(costs), 2))], np.array(costs, dtype=np.float64))
+
+    cheap, dear = object(), object()
+    batch = DeviceBatch([Part(cheap, 0, rows([1.0, 1.0])), Part(dear, 0, rows([6.0]))], 0.0, 8, cost=8.0)
+    assert ModelServer._share(None, batch, cheap, 2) == pytest.approx(0.25)
+    assert ModelServer._share(None, batch, dear, 1) == pytest.approx(0.75)
+    padded = DeviceBatch([Part(cheap, 0, rows([1.0, 1.0])), Part(dear, 0, rows([6.0]))], 0.0, 8, cost=18.0, length=6)
+    assert ModelServer._share(None, padded, dear, 1) == pytest.approx(1 / 3)  # padded alike: by rows
+
+
 def test_cost_queue_takes_one_row_over_the_budget_and_honours_max_rows():
     queue = _queue_of([300, 5, 5, 5, 5])
     assert _lengths(queue.take(budget=1000, max_rows=2)) == [5, 5]

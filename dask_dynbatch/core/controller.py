@@ -316,8 +316,8 @@ class BatchSizeController:
         return self._phases.phase
 
     def throughput_at(self, size: int) -> float | None:
-        """Average throughput (samples/s) of recent batches of about ``size`` rows (its size bin),
-        None if unknown."""
+        """Average throughput (samples/s, or the ``work`` batches were observed with a second) of
+        recent batches of about ``size`` (its size bin), None if unknown."""
         return self._table.throughput_at(size)
 
     def observe(self, size: int, latency: float, service_time: float, proposed: int | None = None,
@@ -331,8 +331,8 @@ class BatchSizeController:
         latency : float
             Seconds its requests experienced: batch formation wait + round trip.
         service_time : float
-            Seconds the worker was busy with it; ``size / service_time`` is its throughput.  A value
-            <= 0 or not finite is ignored for throughput.
+            Seconds the worker was busy with it; ``size / service_time`` (or ``work / service_time``)
+            is its throughput.  A value <= 0 or not finite is ignored for throughput.
         proposed : int, optional
             The proposal in force when the batch was formed (default: the current one).  With
             several batches in flight, results arrive for batches formed under earlier proposals:

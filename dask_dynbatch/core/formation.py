@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import numpy as np
+
+from .tree import TreeRows
 
 
 @dataclass(eq=False)
@@ -186,7 +189,7 @@ def _part_of(part: Part, ids: np.ndarray) -> Part:
         return Part(part.owner, part.offset + first, part.rows[first : first + n], part.priority, part.arrived,
                     part.alone)
     rows = part.rows
-    taken = rows.take(ids) if hasattr(rows, "take") else _concat_rows([rows[i : i + 1] for i in ids.tolist()])
+    taken = rows.take(ids) if isinstance(rows, TreeRows) else _concat_rows([rows[i : i + 1] for i in ids.tolist()])
     owner_ids = part.ids[ids] if part.ids is not None else ids + part.offset
     return Part(part.owner, part.offset, taken, part.priority, part.arrived, part.alone, owner_ids)
 
@@ -203,8 +206,8 @@ class CostQueue:
     A batch holds rows of the highest priority waiting. A weighed batch takes them oldest first
     while their costs fit the budget. A padded batch is a run of the rows sorted by length that fits
     the budget at its longest row and wastes least; it holds one of the oldest rows (as many as
-    a batch at the median length holds), and after :data:`MAX_PASSES` batches that passed the
-    oldest row over, that row itself (so no row starves: one of a rare length waits a little for
+    a batch at the median length holds), and after :data:`MAX_PASSES` batches of its priority that
+    passed the oldest row over, that row itself (so no row starves: one of a rare length waits a little for
     rows like it). A padded batch costs its rows times its longest row (what the device holds); a
     weighed one the sum of its rows' costs. Lengths are the traffic's own: no buckets are fixed in
     advance, and a batch of similar lengths wastes little padding.
@@ -226,14 +229,17 @@ class CostQueue:
     MAX_LOOKAHEAD = 32768
     #: batches that may pass the oldest row over before one must hold it
     MAX_PASSES = 4
+    #: parts a batch is chosen from, at most (shipments of a row or two each would otherwise cost
+    #: a Python step per row again)
+    MAX_SEGMENTS = 1024
 
     def __init__(self, padded: bool) -> None:
         self.padded = padded
         self._by_priority: dict[int, deque[_Segment]] = {}
         self._rows = 0
         self._cost = 0.0
-        self._head: tuple[int, int] | None = None  # the oldest row the last batch passed over
-        self._passes = 0  # batches in a row that passed it over
+        # per priority: its oldest row (segment, row) when batches passed it over, and how many did
+        self._passed: dict[int, tuple[_Segment, int, int]] = {}
 
     def __len__(self) -> int:
         return self._rows
@@ -274,7 +280,7 @@ class CostQueue:
         anchors = np.concatenate([[0], np.cumsum(order < oldest)])  # anchors among the first i rows in length order
         prefix = np.concatenate([[0.0], np.cumsum(ordered)])
         ends = np.arange(len(order))
-        rows = np.minimum(limit, np.maximum(1, budget // ordered[ends])).astype(np.int64)
+        rows = np.minimum(limit, np.maximum(1, budget // np.maximum(ordered[ends], 1.0))).astype(np.int64)
         starts = np.maximum(0, ends - rows + 1)
         ok = anchors[ends + 1] > anchors[starts]  # the run holds an anchor
         ends, starts = ends[ok], starts[ok]
@@ -295,6 +301,7 @@ class CostQueue:
         out = [_part_of(seg.part, seg.idx) for priority in sorted(self._by_priority, reverse=True)
                for seg in self._by_priority[priority] if len(seg.idx)]
         self._by_priority.clear()
+        self._passed.clear()
         self._rows = 0
         self._cost = 0.0
         return out
@@ -311,15 +318,17 @@ class CostQueue:
         priority = max(self._by_priority)
         dq = self._by_priority[priority]
         segments, counts, room = [], [], lookahead
-        for seg in dq:
+        for seg in islice(dq, self.MAX_SEGMENTS):
             if room <= 0:
                 break
             k = min(len(seg.idx), room)
             segments.append(seg)
             counts.append(k)
             room -= k
-        which = np.repeat(np.arange(len(segments)), counts)
-        at = np.concatenate([np.arange(k) for k in counts])
+        sizes = np.asarray(counts, dtype=np.int64)
+        which = np.repeat(np.arange(len(segments)), sizes)
+        starts = np.cumsum(sizes) - sizes
+        at = np.arange(int(sizes.sum())) - np.repeat(starts, sizes)
         lengths = np.concatenate([seg.lengths[:k] for seg, k in zip(segments, counts)])
         costs = np.concatenate([seg.costs[:k] for seg, k in zip(segments, counts)])
         return priority, dq, segments, which, at, lengths, costs
@@ -358,20 +367,27 @@ class CostQueue:
         eligible = np.flatnonzero(allowed[which])
         # a batch holds the oldest row, or one of the oldest few and the oldest is passed over: at most
         # MAX_PASSES times (a row of a rare length waits a little for rows like it, not for ever)
-        head_row = (id(segments[0]), int(segments[0].idx[0]))
-        passes = self._passes if head_row == self._head else 0
+        first, row = segments[0], int(segments[0].idx[0])
+        passed = self._passed.get(priority)
+        passes = passed[2] if passed is not None and passed[0] is first and passed[1] == row else 0
         chosen = np.sort(eligible[self._choose(lengths[eligible], costs[eligible], budget, limit,
                                                anchored=passes >= self.MAX_PASSES)])
-        self._head, self._passes = (None, 0) if chosen[0] == 0 else (head_row, passes + 1)
+        if chosen[0] == 0:
+            self._passed.pop(priority, None)
+        else:
+            self._passed[priority] = (first, row, passes + 1)
         out: list[Part] = []
-        for k in np.unique(which[chosen]).tolist():  # each segment's chosen rows as one part, oldest segment first
+        touched = np.unique(which[chosen]).tolist()
+        for k in touched:  # each segment's chosen rows as one part, oldest segment first
             out.append(segments[k].take(at[chosen[which[chosen] == k]]))
-        while dq and not len(dq[0].idx):
-            dq.popleft()
-        if any(not len(seg.idx) for seg in dq):
-            self._by_priority[priority] = dq = deque(seg for seg in dq if len(seg.idx))
+        if any(not len(segments[k].idx) for k in touched):  # (only the window's segments can have emptied)
+            kept = [seg for seg in segments if len(seg.idx)]
+            for _ in range(len(segments)):
+                dq.popleft()
+            dq.extendleft(reversed(kept))
         if not dq:
             del self._by_priority[priority]
+            self._passed.pop(priority, None)
         taken_costs = costs[chosen]
         self._rows -= len(chosen)
         self._cost -= float(taken_costs.sum())

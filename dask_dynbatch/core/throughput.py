@@ -84,7 +84,7 @@ class ThroughputTable:
             self.noise = min(_MAX_NOISE, _MAD_TO_SD * statistics.median(self._deviations))
 
     def throughput_at(self, size: int) -> float | None:
-        """Average throughput of the bin of ``size`` (samples/s), None if unknown."""
+        """Average throughput of the bin of ``size`` (samples/s, or work/s), None if unknown."""
         found = self._bins.get(size)
         return None if found is None else found.get("throughput")
 

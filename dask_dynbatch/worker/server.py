@@ -217,6 +217,7 @@ class ModelServer:
         self.weighed = spec.structured
         self.queue: PartQueue | CostQueue = CostQueue(padded=spec.pad_value is not None) if self.weighed else PartQueue()
         self._row_cost: float | None = None  # mean cost of a row lately (weighed only)
+        self._row_real: float | None = None  # mean real length of a padded row lately
         self._fixed_outputs: set[str] = set()  # padded samples: outputs seen not to follow the padded length
         self.stats = ServerStats()
         self.clock = clock or ExecutionClock(spec.execution_timeout)
@@ -271,7 +272,8 @@ class ModelServer:
             per_row = self._row_cost
             size = max(1, round(size / per_row))
             cap = None if cap is None else max(1, int(cap // per_row))
-            throughput = None if throughput is None else throughput / per_row
+            # the controller counts a padded batch's real tokens a second: rows by their real length
+            throughput = None if throughput is None else throughput / (self._row_real or per_row)
             # rows of several batches per shipment (clients keep many in flight: the queue here holds
             # lengths to choose from)
             ship = size * WEIGHED_SHIP_BATCHES
@@ -334,6 +336,9 @@ class ModelServer:
                             cost=cost, length=longest, real=int(sum(lengths)) if queue.padded else None,
                             at_budget=at_budget)
         self._row_cost = 0.8 * self._row_cost + 0.2 * (cost / max(1, batch.rows))
+        if batch.real is not None:
+            real = batch.real / max(1, batch.rows)
+            self._row_real = real if self._row_real is None else 0.8 * self._row_real + 0.2 * real
         self._launch(batch)
 
     def _launch(self, batch: DeviceBatch) -> None:
@@ -393,7 +398,7 @@ class ModelServer:
     def _arrays(self, batch: DeviceBatch) -> tuple[list[Any], bool, bool]:
         arrays = [part.rows for part in batch.parts]
         owners = [part.owner for part in batch.parts]
-        shared = any(o.shared for o in owners)
+        shared = any(p.owner.shared and p.ids is None for p in batch.parts)  # (gathered parts are copies)
         pinned = len(owners) == 1 and owners[0].pinned
         return arrays, shared, pinned
 
@@ -450,14 +455,27 @@ class ModelServer:
             own = sum(len(p) for p in batch.parts if p.owner is owner)
             owner.records.append(DeviceBatchRecord(rows=batch.rows, own=own, sources=len({o.client for o in owners}),
                                                    **record))
-            # its rows' share of the device (every row of a batch costs the same: padded ones are
-            # padded alike): a shipment whose rows ran in many batches is not charged all of them
-            owner.compute_s += result.compute_s * own / max(1, batch.rows)
+            # its rows' share of the device: a shipment whose rows ran in many batches is not
+            # charged all of them
+            owner.compute_s += result.compute_s * self._share(batch, owner, own)
             owner.stage_s += result.stage_s
             owner.wait_s += result.wait_s
         for owner in owners:
             owner.settle(sum(len(p) for p in batch.parts if p.owner is owner))
         self._pump(cap_read=True)
+
+    def _share(self, batch: DeviceBatch, owner: Shipment, own: int) -> float:
+        """The part of ``batch`` that ``owner``'s ``own`` rows are: by rows (padded rows are all
+        padded alike), or by their costs for weighed samples of unequal costs."""
+        if batch.cost and batch.length is None:
+            total = 0.0
+            for part in batch.parts:
+                costs = getattr(part.rows, "costs", None) if part.owner is owner else 0.0
+                if costs is None:
+                    return own / max(1, batch.rows)
+                total += float(np.sum(costs))
+            return total / batch.cost
+        return own / max(1, batch.rows)
 
     def _deliver_grouped(self, batch: DeviceBatch, outputs: Any) -> None:
         """A weighed batch that ran whole, without failures: each shipment's rows of it as one
@@ -547,15 +565,16 @@ class ModelServer:
         hidden = next((why for why, flag in (
             ("cold", cold), ("compiling", batch.compiling or self.loaded.compiling), ("new_shape", batch.new_shape),
             # a new slot costs a batch its mapping's first touch where the batch copies straight out of
-            # it (or pins it); padded and weighed rows are gathered out of it as batches form
-            ("new_slot", any(o.new_slot and (o.pinned or not self.weighed) for o in owners)),
+            # it (a part that is a view of it) or pins it; gathered rows were copied as the batch formed
+            ("new_slot", any(o.new_slot and (o.pinned or any(p.ids is None for p in batch.parts if p.owner is o))
+                             for o in owners)),
             ("failed", failed == batch.rows),
         ) if flag), None)
         if hidden is None:
             # a weighed batch rarely meets its budget exactly: one stopped by it is full all the same
             self.controller.observe(int(batch.units), latency, service_s, proposed=batch.proposed,
                                     full=batch.at_budget if batch.cost is not None else None,
-                                    work=batch.real)  # padded samples: real tokens, not padded ones
+                                    work=batch.real or None)  # padded samples: real tokens, not padded ones
             decision, reason = self.controller.decision, self.controller.reason
         else:
             # a batch whose time says little about its size: the model was loaded for it, a bucket
