@@ -105,6 +105,39 @@ def test_shape_warmup_runs_beside_serving_not_before_the_first_batch(monkeypatch
     assert sorted(b[0] for b in batches[1:] if len(b) == 2) == [1, 2, 8, 16]  # 4 ran as a batch
 
 
+def test_a_gpu_batch_result_waits_for_its_outputs_and_is_timed_by_the_gpu():
+    """On CUDA the device thread hands back outputs still being copied (``PendingHost``) and two
+    timing events; the server's copy-out thread resolves them: host NumPy outputs, ``compute_s``
+    the GPU's time, and every row failed if the device reports an error meanwhile."""
+    torch = pytest.importorskip("torch")
+    from dask_dynbatch.worker.model import PendingHost
+    from dask_dynbatch.worker.server import DeviceResult
+
+    class Event:  # a CUDA event's part the result uses
+        def __init__(self, at, fails=False):
+            self.at, self.fails, self.waited = at, fails, False
+
+        def synchronize(self):
+            if self.fails:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            self.waited = True
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1e3
+
+    done = Event(0.0)
+    outputs = {"logits": torch.arange(6.0).reshape(3, 2), "ids": [torch.ones(2), torch.zeros(1)]}
+    result = DeviceResult([(0, 3, PendingHost(outputs, done))], {}, 0.001, timer=(Event(1.0), Event(1.25)))
+    assert result.pending and not DeviceResult([(0, 3, np.zeros(3))], {}, 0.1).pending
+    resolved = result.resolved(3)
+    assert done.waited and not resolved.pending and resolved.compute_s == pytest.approx(0.25)
+    (a, b, host), = resolved.pieces
+    assert (a, b) == (0, 3) and isinstance(host["logits"], np.ndarray) and host["logits"].tolist()[2] == [4.0, 5.0]
+    assert isinstance(host["ids"], list) and host["ids"][1].tolist() == [0.0]
+    failed = DeviceResult([(0, 2, PendingHost(outputs, Event(0.0, fails=True)))], {}, 0.001).resolved(2)
+    assert failed.pieces == [] and sorted(failed.errors) == [0, 1] and "illegal memory" in str(failed.errors[0])
+
+
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)])
 async def test_results_correct_and_in_order(c, s, a, b):
     await c.register_plugin(ddb.DynBatchPlugin())

@@ -85,6 +85,44 @@ def to_numpy(value: Any) -> Any:
     return np.asarray(value)
 
 
+class PendingHost:
+    """Outputs on their way to page-locked host memory: the copies were issued on a side stream
+    behind the batch's kernels, and :meth:`result` waits for them (in a thread of its own, so
+    that the device thread launches the next batch meanwhile)."""
+
+    __slots__ = ("outputs", "done")
+
+    def __init__(self, outputs: Any, done: Any):
+        self.outputs = outputs  # the same structure, torch leaves page-locked CPU tensors
+        self.done = done  # a CUDA event recorded after the copies
+
+    def result(self) -> Any:
+        self.done.synchronize()  # releases the GIL while it waits
+        return to_numpy(self.outputs)
+
+
+def _copy_out(value: Any, stream: Any) -> tuple[Any, bool]:
+    """``value`` with every CUDA tensor replaced by a page-locked host tensor it is copied into
+    on ``stream`` (issued, not waited for); and whether anything else is on a device (a CuPy
+    array, say), which the caller must wait for as before."""
+    import torch
+
+    if isinstance(value, dict):
+        items = [(k, _copy_out(v, stream)) for k, v in value.items()]
+        return {k: v for k, (v, _) in items}, any(other for _, (_, other) in items)
+    if isinstance(value, (tuple, list)):
+        pairs = [_copy_out(v, stream) for v in value]
+        return type(value)(v for v, _ in pairs), any(other for _, other in pairs)
+    if isinstance(value, torch.Tensor):
+        if not value.is_cuda:
+            return value, False
+        value.record_stream(stream)  # its memory is not reused before the copy is done
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        host.copy_(value, non_blocking=True)
+        return host, False
+    return value, type(value).__module__.startswith("cupy")
+
+
 def _to_cupy(leaf: Any) -> Any:
     try:
         import cupy
@@ -179,6 +217,7 @@ class LoadedModel:
         self.is_torch = _is_torch_module(self.model)
         self._torch_device: Any = None  # torch models: their device, and on CUDA a side stream to stage on
         self._copy_stream: Any = None
+        self._out_stream: Any = None  # where outputs are copied to the host (CUDA)
         self._pinned = PinnedBuffer()  # where batches bound for a GPU are joined
         self._pad_values: dict[tuple, list[Any]] = {}  # per sample tree: each leaf's pad value
         if self.is_torch:
@@ -240,6 +279,7 @@ class LoadedModel:
         self.model = self.model.to(self.device).eval()
         self._torch_device = torch.device(self.device)
         self._copy_stream = torch.cuda.Stream(self._torch_device) if self._torch_device.type == "cuda" else None
+        self._out_stream = torch.cuda.Stream(self._torch_device) if self._torch_device.type == "cuda" else None
 
     @property
     def stages_on_device(self) -> bool:
@@ -482,17 +522,40 @@ class LoadedModel:
         return outputs
 
     def _to_host(self, outputs: Any) -> Any:
-        """``outputs`` as host NumPy arrays. On CUDA the device thread first waits for the batch's
-        stream to finish, then copies: a copy to pageable host memory issued behind kernels still
-        running blocks inside the driver until they end, and while it does the transfer thread's
-        copy of the next batch (another stream, page-locked memory) could not start either, so the
-        next batch would reach the GPU only after this one ended."""
+        """``outputs`` as host NumPy arrays, or on CUDA a :class:`PendingHost` of them: torch
+        outputs are copied into page-locked memory on a side stream once the batch's kernels are
+        done, and the device thread goes on to launch the next batch, which computes while they
+        copy (waiting here instead left the GPU idle for every batch's copy). Other device
+        outputs (CuPy) are waited for, then copied: a copy to pageable host memory issued behind
+        kernels still running blocks inside the driver until they end, and the transfer thread's
+        copy of the next batch could not start meanwhile."""
         device = self._torch_device
         if device is not None and device.type == "cuda":
             import torch
 
-            torch.cuda.current_stream(device).synchronize()  # releases the GIL while it waits
+            compute = torch.cuda.current_stream(device)
+            stream = self._out_stream
+            stream.wait_stream(compute)
+            with torch.cuda.stream(stream):
+                copied, other = _copy_out(outputs, stream)
+                done = torch.cuda.Event()
+                done.record(stream)
+            if not other:
+                return PendingHost(copied, done)
+            compute.synchronize()  # releases the GIL while it waits
+            done.synchronize()
+            return to_numpy(copied)
         return to_numpy(outputs)
+
+    def gpu_timer(self) -> tuple[Any, Any] | None:
+        """Two CUDA events to record before and after a batch on the device's current stream, which
+        time it on the GPU (the device thread no longer waits for its end); None off CUDA."""
+        device = self._torch_device
+        if device is None or device.type != "cuda":
+            return None
+        import torch
+
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def _eager(self, batch: Any) -> Any:
         if self.is_torch and self.spec.predict is None:

@@ -73,6 +73,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         # the next shipments; GPU batches are staged in a transfer thread meanwhile
         self.device_threads: dict[str, DeviceThread] = {}
         self.stager = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-stage")
+        # waits for a GPU batch's outputs to reach host memory while the device thread goes on
+        self.copier = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-copy-out")
         self.shm = ShmAttachments()  # shared-memory slots of clients on this host
         self._pin_slots = bool(dask.config.get("dynbatch.transport.page-lock", True))
         self.gpu_count = visible_gpu_count()
@@ -110,7 +112,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         for op in (protocol.RUN, protocol.UNLOAD, protocol.BENCHMARK, protocol.SERVER_STATE):
             worker.handlers.pop(op, None)
         worker.extensions.pop(protocol.PLUGIN_NAME, None)
-        for executor in (*self.device_threads.values(), self.stager):
+        for executor in (*self.device_threads.values(), self.stager, self.copier):
             executor.shutdown(wait=False, cancel_futures=True)
         # dynbatch_shm_drop stays: the scheduler asks every worker to drop a leaving client's
         # slots, also one that is closing; with the mappings closed here it drops nothing
@@ -256,7 +258,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.loads[(name, version)] += 1
         server = ModelServer(loaded, sizer, self._device_thread(device), self.stager,
                              call_as_worker=functools.partial(call_as_worker, self.worker), pin_slot=self._pin_slot,
-                             on_retired=self._drop, clock=execution_clock(spec))
+                             on_retired=self._drop, clock=execution_clock(spec), copier=self.copier)
         self.servers[(name, version)] = server
         logger.info("dynbatch: loaded model %r version %d on %s in %.2fs", name, version, device, loaded.load_seconds)
         for (other, v), old in list(self.servers.items()):

@@ -44,7 +44,7 @@ from ..core.tree import follows_length, learn_fixed, trim_output_row
 from ..core.watchdog import ExecutionClock
 from ..protocol import WEIGHED_SHIP_BATCHES, Advice, DeviceBatchRecord, ModelSuperseded
 from .executor import run_device_batch
-from .model import LoadedModel
+from .model import LoadedModel, PendingHost
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,26 @@ class DeviceResult:
     compute_s: float
     stage_s: float = 0.0
     wait_s: float = 0.0
+    timer: tuple[Any, Any] | None = None  # CUDA events around the batch: its GPU time, once it is done
+
+    @property
+    def pending(self) -> bool:
+        """Whether its outputs are still on their way to host memory (a GPU batch)."""
+        return self.timer is not None or any(isinstance(p[2], PendingHost) for p in self.pieces)
+
+    def resolved(self, rows: int) -> DeviceResult:
+        """This result once its outputs are in host memory (blocks), with ``compute_s`` the GPU's
+        time for it; if waiting fails (an error on the device), every row of the batch (``rows``)
+        fails with that error."""
+        try:
+            pieces = [(a, b, out.result() if isinstance(out, PendingHost) else out) for a, b, out in self.pieces]
+            compute_s = self.compute_s
+            if self.timer is not None:
+                self.timer[1].synchronize()
+                compute_s = self.timer[0].elapsed_time(self.timer[1]) / 1e3
+        except Exception as exc:
+            return DeviceResult([], {row: exc for row in range(rows)}, self.compute_s, self.stage_s, self.wait_s)
+        return DeviceResult(pieces, self.errors, compute_s, self.stage_s, self.wait_s)
 
 
 @dataclass
@@ -200,7 +220,7 @@ class ModelServer:
                  call_as_worker: Callable[..., Any] = lambda fn, *args, **kwargs: fn(*args, **kwargs),
                  pin_slot: Callable[[Shipment], bool] = lambda shipment: False,
                  on_retired: Callable[[ModelServer], None] = lambda server: None,
-                 clock: ExecutionClock | None = None):
+                 clock: ExecutionClock | None = None, copier: Executor | None = None):
         spec = loaded.spec
         self.loaded = loaded
         self.name = spec.name
@@ -225,6 +245,7 @@ class ModelServer:
         self.closed = False
         self._device_thread = device_thread
         self._stager = stager
+        self._copier = copier  # (None: the event loop's default executor)
         self._call_as_worker = call_as_worker
         self._pin_slot = pin_slot
         self._on_retired = on_retired
@@ -370,6 +391,8 @@ class ModelServer:
             else:
                 result = await self._loop.run_in_executor(self._device_thread, self._execute, batch, None,
                                                           (0.0, time.perf_counter()))
+            if result.pending:  # the device thread went on; the outputs reach host memory here
+                result = await self._loop.run_in_executor(self._copier, result.resolved, batch.rows)
         except Exception as exc:  # the batch could not run at all
             if self.closed:  # the worker closes: nothing ran, the clients send the rows elsewhere
                 if batch in self._formed:
@@ -420,10 +443,15 @@ class ModelServer:
         if staged is None:
             arrays, shared, _ = self._arrays(batch)
             staged = self.loaded.stage(arrays, shared)
+        timer = self.loaded.gpu_timer()
+        if timer is not None:
+            timer[0].record()
         pieces, errors = self._call_as_worker(run_device_batch, self.loaded, self.sizer, staged,
                                               full=batch.full, on_oom=self._count_oom)
+        if timer is not None:
+            timer[1].record()
         stage_s, ready_at = staging  # ready: staged, or handed to the device thread
-        return DeviceResult(pieces, errors, time.perf_counter() - started, stage_s, started - ready_at)
+        return DeviceResult(pieces, errors, time.perf_counter() - started, stage_s, started - ready_at, timer)
 
     def _count_oom(self, rows: int) -> None:
         self.stats.ooms += 1  # (an int increment: safe from the device thread)
