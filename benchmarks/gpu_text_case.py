@@ -161,8 +161,38 @@ def build_smoke_pooled(device: str = "cpu"):
     return build_encoder(device, "smoke", per_token=False)
 
 
+def run_alone(samples: list, size: str, per_token: bool) -> list[dict]:
+    """In the worker: each sample through the encoder alone (a batch of one, nothing padded)."""
+    import torch
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    model = build_encoder(device, size, per_token)
+    outs = []
+    with torch.inference_mode():
+        for sample in samples:
+            ids = torch.from_numpy(sample["input_ids"])[None].to(device)
+            mask = torch.from_numpy(sample["attention_mask"])[None].to(device)
+            outs.append({k: v[0].float().cpu().numpy() for k, v in model(input_ids=ids, attention_mask=mask).items()})
+    return outs
+
+
+def verify(client, batcher, samples: list, n: int, size: str, per_token: bool) -> dict:
+    """The served outputs of the first ``n`` samples against each run alone: the largest
+    difference, and how many requests differ by more than 0.1 anywhere (fp16 batches differ from
+    a batch of one by far less; a row that read another's input differs by far more)."""
+    served = [f.result() for f in batcher.map(samples[:n])]
+    alone = client.submit(run_alone, samples[:n], size, per_token, pure=False).result()
+    worst, bad = 0.0, 0
+    for got, want in zip(served, alone):
+        diff = max(float(np.max(np.abs(np.asarray(got[k], dtype=np.float32) - want[k]))) for k in want)
+        worst = max(worst, diff)
+        bad += diff > 0.1
+    print("verify", n, "max diff", round(worst, 4), "over 0.1:", bad, flush=True)
+    return {"requests": n, "max_abs_diff": worst, "over_0.1": bad}
+
+
 def dynbatch_passes(client, name: str, load, samples: list, passes: int = 3, timeline: bool = False,
-                    profile: Path | None = None) -> dict:
+                    profile: Path | None = None, check: int = 0, size: str = "full", per_token: bool = True) -> dict:
     """``Batcher.map`` of every sample and all its results, ``passes`` times (the last one timed);
     ``timeline``: the GPU's busy share in the timed pass; ``profile``: then py-spy (when installed)
     of the worker over two more passes, as ``<profile>_gil.raw`` (threads holding the GIL) and
@@ -185,6 +215,8 @@ def dynbatch_passes(client, name: str, load, samples: list, passes: int = 3, tim
             print(name, "timeline", {k: v for k, v in extra["timeline"].items() if k != "batches_detail"}, flush=True)
         if profile is not None:
             extra["profile_rates"] = profile_passes(client, batcher, samples, profile)
+        if check:
+            extra["verify"] = verify(client, batcher, samples, check, size, per_token)
         worker = next(iter(batcher.stats()["workers"].values()))
         history = batcher.history()
     columns = ("size", "device_batch", "controller_size", "latency", "compute_s", "round_trip_s", "worker_s", "stack_s")
@@ -307,6 +339,7 @@ def main() -> None:
     parser.add_argument("--padmax-batch", default="128,256,512", help="rows of the fixed pad-to-max batches, each size counted")
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes, for a CPU")
     parser.add_argument("--skip-pressure", action="store_true")
+    parser.add_argument("--verify", type=int, default=0, help="then compare this many requests' outputs with each run alone")
     parser.add_argument("--timeline", action="store_true", help="the GPU's busy share and gaps in each timed pass (CUDA events)")
     parser.add_argument("--profile", action="store_true", help="py-spy of the worker over extra passes of the pooled variant")
     parser.add_argument("--switch-interval", type=float, default=None,
@@ -339,11 +372,13 @@ def main() -> None:
             table = client.submit(sorted_loop, requests, budgets[-1:], size, 1.0, pure=False).result()
             result["sorted_timeline"] = next(iter(client.run(timeline_summary).values()))
             client.run(timeline_switch, False)
-        result["dynbatch"] = dynbatch_passes(client, "text-encoder", load, samples, timeline=args.timeline)
+        result["dynbatch"] = dynbatch_passes(client, "text-encoder", load, samples, timeline=args.timeline,
+                                             check=args.verify, size=size)
         save("gpu_text_case" if not args.smoke else "gpu_text_case_smoke", result, out)
         pooled = build_smoke_pooled if args.smoke else build_full_pooled
         result["dynbatch_pooled"] = dynbatch_passes(client, "text-encoder-pooled", pooled, samples, timeline=args.timeline,
-                                                    profile=out / "gpu_text_worker" if args.profile else None)
+                                                    profile=out / "gpu_text_worker" if args.profile else None,
+                                                    check=args.verify, size=size, per_token=False)
         if args.switch_interval is not None:
             before = next(iter(client.run(sys.getswitchinterval).values()))
             client.run(sys.setswitchinterval, args.switch_interval)

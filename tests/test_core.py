@@ -127,15 +127,20 @@ def test_a_gpu_batch_result_waits_for_its_outputs_and_is_timed_by_the_gpu():
 
     done = Event(0.0)
     outputs = {"logits": torch.arange(6.0).reshape(3, 2), "ids": [torch.ones(2), torch.zeros(1)]}
-    result = DeviceResult([(0, 3, PendingHost(outputs, done))], {}, 0.001, timer=(Event(1.0), Event(1.25)))
+    staged = object()  # the batch's input on the device: kept until the batch is done with it
+    result = DeviceResult([(0, 3, PendingHost(outputs, done))], {}, 0.001, timer=(Event(1.0), Event(1.25)),
+                          staged=staged)
     assert result.pending and not DeviceResult([(0, 3, np.zeros(3))], {}, 0.1).pending
     resolved = result.resolved(3)
+    assert result.staged is None and resolved.staged is None
     assert done.waited and not resolved.pending and resolved.compute_s == pytest.approx(0.25)
     (a, b, host), = resolved.pieces
     assert (a, b) == (0, 3) and isinstance(host["logits"], np.ndarray) and host["logits"].tolist()[2] == [4.0, 5.0]
     assert isinstance(host["ids"], list) and host["ids"][1].tolist() == [0.0]
-    failed = DeviceResult([(0, 2, PendingHost(outputs, Event(0.0, fails=True)))], {}, 0.001).resolved(2)
-    assert failed.pieces == [] and sorted(failed.errors) == [0, 1] and "illegal memory" in str(failed.errors[0])
+    poison = ValueError("this row alone")
+    failed = DeviceResult([(0, 2, PendingHost(outputs, Event(0.0, fails=True)))], {2: poison}, 0.001).resolved(3)
+    assert failed.pieces == [] and sorted(failed.errors) == [0, 1, 2] and "illegal memory" in str(failed.errors[0])
+    assert failed.errors[2] is poison  # a row that failed alone keeps its own error
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1), ("127.0.0.1", 1)])

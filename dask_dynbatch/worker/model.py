@@ -1,5 +1,6 @@
 """A model loaded on one worker device: which device, how it is loaded and called (eager or
-compiled, padded to its rung), and its outputs brought back to host NumPy arrays.
+compiled, padded to its rung), and its outputs brought back to host NumPy arrays (on CUDA while the
+next batch computes).
 
 GPU libraries are imported only when a model needs them.
 """
@@ -116,6 +117,7 @@ def _copy_out(value: Any, stream: Any) -> tuple[Any, bool]:
     if isinstance(value, torch.Tensor):
         if not value.is_cuda:
             return value, False
+        value = value.detach()  # (an autograd graph would keep the batch's activations alive)
         value.record_stream(stream)  # its memory is not reused before the copy is done
         host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
         host.copy_(value, non_blocking=True)
@@ -438,7 +440,8 @@ class LoadedModel:
 
     def __call__(self, batch: Any, full: bool = True, pad: bool = True) -> Any:
         """Run one stacked batch (host array or device tensor, or a structured
-        :class:`~dask_dynbatch.core.tree.Batch`); returns host NumPy outputs. ``full``: the batch
+        :class:`~dask_dynbatch.core.tree.Batch`); returns host NumPy outputs, or on CUDA a
+        :class:`PendingHost` of them (see :meth:`_to_host`). ``full``: the batch
         is as large as the server's size (not the short tail of a backlog); ``pad=False``: run it
         as it is, not padded to its bucket (it would not fit the device's memory padded)."""
         self.calls += 1
@@ -472,7 +475,9 @@ class LoadedModel:
                 # recompiles in this thread while every batch waits
                 padded = self._grow(batch, bucket)
                 with torch.inference_mode(), dynamo_tolerates_nested_tracing():
-                    result = self._to_host(self._fit(self.forward(compiled, padded), batch, bucket))
+                    # waited for: a graph replayed from CUDA graphs writes its outputs where the
+                    # next replay writes its own, before a copy behind it would be done
+                    result = self._to_host(self._fit(self.forward(compiled, padded), batch, bucket), wait=True)
             except Exception as exc:
                 if is_oom_error(exc):
                     raise
@@ -521,14 +526,14 @@ class LoadedModel:
             outputs = cut_length(outputs, bucket[1], batch.length, self._fixed_outputs)
         return outputs
 
-    def _to_host(self, outputs: Any) -> Any:
+    def _to_host(self, outputs: Any, wait: bool = False) -> Any:
         """``outputs`` as host NumPy arrays, or on CUDA a :class:`PendingHost` of them: torch
         outputs are copied into page-locked memory on a side stream once the batch's kernels are
         done, and the device thread goes on to launch the next batch, which computes while they
         copy (waiting here instead left the GPU idle for every batch's copy). Other device
         outputs (CuPy) are waited for, then copied: a copy to pageable host memory issued behind
         kernels still running blocks inside the driver until they end, and the transfer thread's
-        copy of the next batch could not start meanwhile."""
+        copy of the next batch could not start meanwhile. ``wait``: host arrays in any case."""
         device = self._torch_device
         if device is not None and device.type == "cuda":
             import torch
@@ -540,7 +545,7 @@ class LoadedModel:
                 copied, other = _copy_out(outputs, stream)
                 done = torch.cuda.Event()
                 done.record(stream)
-            if not other:
+            if not other and not wait:
                 return PendingHost(copied, done)
             compute.synchronize()  # releases the GIL while it waits
             done.synchronize()

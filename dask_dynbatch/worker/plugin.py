@@ -73,8 +73,9 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         # the next shipments; GPU batches are staged in a transfer thread meanwhile
         self.device_threads: dict[str, DeviceThread] = {}
         self.stager = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-stage")
-        # waits for a GPU batch's outputs to reach host memory while the device thread goes on
-        self.copier = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-copy-out")
+        # waits for a GPU batch's outputs to reach host memory while the device thread goes on (a
+        # daemon thread: a hung GPU holds it, and it must not hold up a restart)
+        self.copier = DeviceThread("dynbatch-copy-out")
         self.shm = ShmAttachments()  # shared-memory slots of clients on this host
         self._pin_slots = bool(dask.config.get("dynbatch.transport.page-lock", True))
         self.gpu_count = visible_gpu_count()

@@ -138,6 +138,9 @@ class DeviceResult:
     stage_s: float = 0.0
     wait_s: float = 0.0
     timer: tuple[Any, Any] | None = None  # CUDA events around the batch: its GPU time, once it is done
+    # the batch's input on the device, kept until the batch is done with it: it was allocated on the
+    # transfer thread's stream, which would hand its memory to the next batch's copy at once
+    staged: Any = None
 
     @property
     def pending(self) -> bool:
@@ -154,8 +157,13 @@ class DeviceResult:
             if self.timer is not None:
                 self.timer[1].synchronize()
                 compute_s = self.timer[0].elapsed_time(self.timer[1]) / 1e3
-        except Exception as exc:
-            return DeviceResult([], {row: exc for row in range(rows)}, self.compute_s, self.stage_s, self.wait_s)
+        except Exception as exc:  # rows that failed alone keep their own errors
+            logger.warning("dynbatch: outputs of a device batch of %d rows could not be brought back: %r", rows, exc)
+            errors: dict[int, BaseException] = {row: exc for row in range(rows)}
+            errors.update(self.errors)
+            return DeviceResult([], errors, self.compute_s, self.stage_s, self.wait_s)
+        finally:
+            self.staged = None
         return DeviceResult(pieces, self.errors, compute_s, self.stage_s, self.wait_s)
 
 
@@ -393,6 +401,14 @@ class ModelServer:
                                                           (0.0, time.perf_counter()))
             if result.pending:  # the device thread went on; the outputs reach host memory here
                 result = await self._loop.run_in_executor(self._copier, result.resolved, batch.rows)
+        except asyncio.CancelledError:  # the worker closes: the copy-out thread dropped the call
+            if not self.closed:
+                raise
+            if batch in self._formed:
+                self._formed.remove(batch)
+            for part in batch.parts:
+                self._hand_back(part)
+            return
         except Exception as exc:  # the batch could not run at all
             if self.closed:  # the worker closes: nothing ran, the clients send the rows elsewhere
                 if batch in self._formed:
@@ -451,7 +467,8 @@ class ModelServer:
         if timer is not None:
             timer[1].record()
         stage_s, ready_at = staging  # ready: staged, or handed to the device thread
-        return DeviceResult(pieces, errors, time.perf_counter() - started, stage_s, started - ready_at, timer)
+        return DeviceResult(pieces, errors, time.perf_counter() - started, stage_s, started - ready_at, timer,
+                            staged if timer is not None else None)
 
     def _count_oom(self, rows: int) -> None:
         self.stats.ooms += 1  # (an int increment: safe from the device thread)
