@@ -404,6 +404,8 @@ class ModelServer:
         except asyncio.CancelledError:  # the worker closes: the copy-out thread dropped the call
             if not self.closed:
                 raise
+            if batch.abandoned:  # (evacuated: its rows were handed back already)
+                return
             if batch in self._formed:
                 self._formed.remove(batch)
             for part in batch.parts:
@@ -411,6 +413,8 @@ class ModelServer:
             return
         except Exception as exc:  # the batch could not run at all
             if self.closed:  # the worker closes: nothing ran, the clients send the rows elsewhere
+                if batch.abandoned:  # (evacuated: its rows were handed back already)
+                    return
                 if batch in self._formed:
                     self._formed.remove(batch)
                 for part in batch.parts:
