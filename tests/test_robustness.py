@@ -616,3 +616,41 @@ def test_a_request_is_its_own_future_and_lets_go_of_its_sample():
     batch, expired = queue.pop(10, now=0.0)
     assert batch == [queued] and not expired and queued.sample is not None
     assert not queued.cancel()  # taken for a shipment: it runs
+
+
+def test_a_restarted_worker_whose_nanny_brings_none_back_is_started_through_its_nanny(monkeypatch):
+    """A restarted worker was seen to stay down (its nanny logged no new process): the scheduler
+    plugin asks that nanny to start one when no new worker of it registers in time, and leaves a
+    nanny that brought one back alone."""
+    from types import SimpleNamespace
+
+    from dask_dynbatch.scheduler import plugin as scheduler_plugin
+
+    monkeypatch.setattr(scheduler_plugin, "RESTART_GRACE", 0.5)
+    asked: list[str] = []
+
+    class Nanny:
+        def __init__(self, address):
+            self.address = address
+
+        async def instantiate(self):
+            asked.append(self.address)
+            return "running"
+
+    async def scenario(comes_back: bool) -> None:
+        workers = {"tcp://w-old": SimpleNamespace(nanny="tcp://nanny")}
+        scheduler = SimpleNamespace(workers=workers, rpc=Nanny)
+        plugin = SimpleNamespace(scheduler=scheduler)
+
+        async def new_worker():
+            await asyncio.sleep(0.1)
+            del workers["tcp://w-old"]
+            if comes_back:
+                workers["tcp://w-new"] = SimpleNamespace(nanny="tcp://nanny")
+
+        await asyncio.gather(new_worker(), scheduler_plugin.DynBatchPlugin._ensure_back(plugin, "tcp://w-old", "tcp://nanny"))
+
+    asyncio.run(scenario(comes_back=True))
+    assert asked == []
+    asyncio.run(scenario(comes_back=False))
+    assert asked == ["tcp://nanny"]
