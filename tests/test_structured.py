@@ -146,6 +146,7 @@ def _gathered_delivery(seed: int) -> None:
     class Server:
         _deliver = ModelServer._deliver
         _deliver_grouped = ModelServer._deliver_grouped
+        _cut_back = ModelServer._cut_back
         weighed = True
         _fixed_outputs: set = set()
 
@@ -490,7 +491,7 @@ def test_rows_one_by_one_and_joined_again_are_the_rows():
     rng = np.random.default_rng(4)
     samples = [[rng.integers(0, 9, n), np.float32(n), rng.integers(0, 9, (n, 2))] for n in (3, 0, 5, 1)]
     rows = TreeRows.stack(("tuple", (("leaf",), ("leaf",), ("leaf",))), samples, [True, False, True], costs=[3, 1, 5, 2])
-    singles = rows.singles()
+    singles = [rows.take(np.array([i])) for i in range(len(rows))]
     assert len(singles) == 4
     for i, one in enumerate(singles):
         want = rows[i : i + 1]
@@ -498,10 +499,12 @@ def test_rows_one_by_one_and_joined_again_are_the_rows():
         for a, b in zip(one.row(0), want.row(0)):
             np.testing.assert_array_equal(a, b)
     joined = TreeRows.concat([singles[2], singles[0], singles[1], singles[3]])  # any order
-    assert joined.lengths().tolist() == [5, 3, 0, 1]
-    for i, src in enumerate((2, 0, 1, 3)):
-        for a, b in zip(joined.row(i), rows.row(src)):
-            np.testing.assert_array_equal(a, b)
+    taken = rows.take(np.array([2, 0, 1, 3]))  # the same rows gathered at once
+    for got in (joined, taken):
+        assert got.lengths().tolist() == [5, 3, 0, 1] and got.costs.tolist() == [5, 3, 1, 2]
+        for i, src in enumerate((2, 0, 1, 3)):
+            for a, b in zip(got.row(i), rows.row(src)):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_a_shipments_rows_of_a_batch_travel_as_one_piece_and_are_cut_per_row_on_arrival():

@@ -154,8 +154,3 @@ def slice_rows(outputs: Any, start: int, stop: int, n: int) -> Any:
         return TrimmedRows(slice_rows(outputs.outputs, start, stop, n), outputs.length, outputs.owns[start:stop],
                            outputs.fixed)
     return _select(outputs, slice(start, stop), n)
-    rows = len(outputs) if getattr(outputs, "ndim", 1) > 0 and hasattr(outputs, "__len__") else None
-    if rows != n:
-        got = f"{rows} rows" if rows is not None else f"a {type(outputs).__name__} without rows"
-        raise ValueError(f"the model returned {got} for a batch of {n}: outputs must keep the batch dimension")
-    return outputs[start:stop]

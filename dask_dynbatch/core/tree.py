@@ -277,21 +277,6 @@ class TreeRows:
     def nbytes(self) -> int:
         return sum(leaf.nbytes for leaf in self.leaves)
 
-    def singles(self) -> list[TreeRows]:
-        """Each row as rows of its own (views), in one pass: what ``self[i : i + 1]`` for every
-        ``i`` gives, at a fraction of its cost (the model server queues padded rows one by one)."""
-        n = len(self)
-        columns: list[list[Any]] = []
-        for leaf in self.leaves:
-            if isinstance(leaf, Ragged):
-                o, v = leaf.offsets.tolist(), leaf.values
-                columns.append([Ragged(v[o[i] : o[i + 1]], np.array((0, o[i + 1] - o[i]), dtype=np.int64)) for i in range(n)])
-            else:
-                columns.append([leaf[i : i + 1] for i in range(n)])
-        costs = self.costs
-        return [TreeRows(self.tree, [column[i] for column in columns], None if costs is None else costs[i : i + 1])
-                for i in range(n)]
-
     def take(self, index: np.ndarray) -> TreeRows:
         """Rows ``index`` in that order (copied), as :meth:`concat` of their single rows would give."""
         index = np.asarray(index, dtype=np.int64)

@@ -404,21 +404,11 @@ class ModelServer:
         except asyncio.CancelledError:  # the worker closes: the copy-out thread dropped the call
             if not self.closed:
                 raise
-            if batch.abandoned:  # (evacuated: its rows were handed back already)
-                return
-            if batch in self._formed:
-                self._formed.remove(batch)
-            for part in batch.parts:
-                self._hand_back(part)
+            self._give_back(batch)
             return
         except Exception as exc:  # the batch could not run at all
             if self.closed:  # the worker closes: nothing ran, the clients send the rows elsewhere
-                if batch.abandoned:  # (evacuated: its rows were handed back already)
-                    return
-                if batch in self._formed:
-                    self._formed.remove(batch)
-                for part in batch.parts:
-                    self._hand_back(part)
+                self._give_back(batch)
                 return
             logger.warning("dynbatch: device batch of %d rows of model %r failed: %r", batch.rows, self.name, exc)
             result = DeviceResult([], {row: exc for row in range(batch.rows)}, 0.0)
@@ -432,6 +422,16 @@ class ModelServer:
                 shipment = part.owner
                 shipment.errors.update((row, exc) for row in shipment.positions(part))
                 shipment.settle(len(part))
+
+    def _give_back(self, batch: DeviceBatch) -> None:
+        """The worker closes under ``batch``: its rows go back to their clients as unrun (unless an
+        evacuation handed them back already)."""
+        if batch.abandoned:
+            return
+        if batch in self._formed:
+            self._formed.remove(batch)
+        for part in batch.parts:
+            self._hand_back(part)
 
     @staticmethod
     def _hand_back(part: Part) -> None:
@@ -526,6 +526,15 @@ class ModelServer:
             return total / batch.cost
         return own / max(1, batch.rows)
 
+    def _cut_back(self, piece: Any, length: int, owns: list[int]) -> Any:
+        """Outputs of rows padded to ``length``, cut back to each row's own length (``owns``): here
+        for a single row, on the client for several (:class:`TrimmedRows`: one piece to serialise)."""
+        if len(owns) == 1:
+            return trim_output_row(piece, length, owns[0], self._fixed_outputs)
+        if min(owns) < length and follows_length(piece, length, self._fixed_outputs):
+            return TrimmedRows(piece, length, owns, frozenset(self._fixed_outputs))
+        return piece
+
     def _deliver_grouped(self, batch: DeviceBatch, outputs: Any) -> None:
         """A weighed batch that ran whole, without failures: each shipment's rows of it as one
         piece (its rows one by one are many small pieces, each cut, serialised and sent on its
@@ -542,9 +551,8 @@ class ModelServer:
         try:
             for shipment, index, positions, owns in groups.values():
                 piece = take_rows(outputs, index, batch.rows)
-                length = batch.length
-                if length is not None and min(owns) < length and follows_length(piece, length, self._fixed_outputs):
-                    piece = TrimmedRows(piece, length, owns, frozenset(self._fixed_outputs))
+                if batch.length is not None:
+                    piece = self._cut_back(piece, batch.length, owns)
                 pieces.append((shipment, positions, piece))
         except Exception:  # outputs that cannot be gathered by row: part by part, each with its own error
             for part, start in zip(batch.parts, batch.starts):
@@ -569,12 +577,7 @@ class ModelServer:
                 shipment.errors.update((r, exc) for r in rows)
                 continue
             if owns is not None and length is not None:
-                mine = owns[lo - start : hi - start]
-                if len(mine) == 1:
-                    piece = trim_output_row(piece, length, mine[0], self._fixed_outputs)
-                elif min(mine) < length and follows_length(piece, length, self._fixed_outputs):
-                    # rows of several lengths (a part the queue gathered): each cut back on the client
-                    piece = TrimmedRows(piece, length, mine, frozenset(self._fixed_outputs))
+                piece = self._cut_back(piece, length, owns[lo - start : hi - start])
             shipment.pieces.append((rows, piece))
         for row, exc in result.errors.items():
             if start <= row < stop:
