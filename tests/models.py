@@ -1,6 +1,6 @@
 """Models several test modules use (module level, so in-process workers unpickle them by
 reference): a gated model, whose batches wait until the test opens ``GATE`` (it holds shipments in
-flight on purpose), and a poisoned one."""
+flight on purpose), and a poisoned one; and :func:`worker_addresses`, the cluster's workers in one look."""
 
 from __future__ import annotations
 
@@ -28,3 +28,10 @@ def build_poisoned(device="cpu"):
         return batch * 2 + 1
 
     return model
+
+
+def worker_addresses(client) -> set[str]:
+    """The scheduler's workers now, in one look. ``client.scheduler_info()`` returns the client's
+    cached view, which the client's periodic refresh may replace by one listing no workers between
+    the update and the read."""
+    return client.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.workers))

@@ -14,6 +14,7 @@ import dask.bag as db
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
+from models import worker_addresses
 
 import dask_dynbatch as ddb
 from dask_dynbatch.examples import build_affine
@@ -153,7 +154,7 @@ def test_a_worker_killed_while_computing(client):
     with ddb.Batcher(client, ddb.ModelSpec("coll-kill", load=build_affine, max_batch_size=256)) as batcher:
         predictions = batcher.predict(x)
         future = client.compute(predictions)
-        workers = list(client.scheduler_info()["workers"])
+        workers = sorted(worker_addresses(client))
         victim = client.run(os.getpid, workers=[workers[0]])[workers[0]]
 
         def kill_when_started():

@@ -14,6 +14,7 @@ import itertools
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
+from models import worker_addresses
 
 import dask_dynbatch as ddb
 from dask_dynbatch.client.samples import is_structured
@@ -61,7 +62,7 @@ def random_samples(dtype: str, shape: tuple[int, ...], n: int, seed: int) -> lis
 
 def assert_cluster_serving(client) -> None:
     """Nothing crashed: every worker is still there and a plain request still gets its answer."""
-    assert len(client.scheduler_info()["workers"]) == N_WORKERS
+    assert len(worker_addresses(client)) == N_WORKERS
     with new_batcher(client) as batcher:
         assert batcher.submit(np.arange(3.0)).result(timeout=WAIT).tolist() == [1.0, 3.0, 5.0]
 

@@ -28,9 +28,6 @@ from ..protocol import ModelSuperseded, Registration, WorkerView, error_reply
 from ..worker.plugin import DynBatchWorkerPlugin
 from .registry import ModelRegistry
 
-#: seconds a restarted worker's nanny has to bring a new worker process before it is asked again
-RESTART_GRACE = 10.0
-
 if TYPE_CHECKING:
     from distributed import Scheduler
     from distributed.scheduler import WorkerState
@@ -254,36 +251,12 @@ class DynBatchPlugin(SchedulerPlugin):
         scheduler = self.scheduler
         if scheduler is None:
             return
-        state = scheduler.workers.get(worker)
-        nanny = state.nanny if state is not None else None
         try:
             result = await scheduler.restart_workers([worker], wait_for_workers=False, on_error="return",
                                                      stimulus_id=f"dynbatch-stuck-{time.time()}")
             logger.info("dynbatch: restart of %s: %s", worker, result.get(worker))
         except Exception:  # the worker may be gone already; nothing else can free its device
             logger.exception("dynbatch: restarting worker %s failed", worker)
-        if nanny is not None:
-            await self._ensure_back(worker, nanny)
-
-    async def _ensure_back(self, worker: str, nanny: str) -> None:
-        """The nanny starts a new worker process once the old one is killed, but not always (one
-        of two workers restarted a second apart was seen to stay down, no new process logged): after
-        :data:`RESTART_GRACE` seconds without a new worker of that nanny, ask it to start one
-        (``instantiate`` starts a process only where none runs)."""
-        scheduler = self.scheduler
-        if scheduler is None:
-            return
-        deadline = time.monotonic() + RESTART_GRACE
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.25)
-            if any(ws.nanny == nanny and address != worker for address, ws in scheduler.workers.items()):
-                return
-        try:
-            status = await scheduler.rpc(nanny).instantiate()
-            logger.warning("dynbatch: worker %s had not come back %.0f s after its restart; its nanny %s was "
-                           "asked to start one (%s)", worker, RESTART_GRACE, nanny, status)
-        except Exception:  # the nanny is gone too: the cluster manager decides
-            logger.exception("dynbatch: the nanny %s of restarted worker %s could not start a new one", nanny, worker)
 
     def report(self, batcher: str, stats: dict[str, Any], client: str | None = None) -> None:
         """Handler: a Batcher's counts and latencies, for the dashboard and ``/metrics``."""
