@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import dask
 import dask.array as da
@@ -14,7 +15,7 @@ import dask.bag as db
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
-from models import worker_addresses
+from models import build_gated, worker_addresses
 
 import dask_dynbatch as ddb
 from dask_dynbatch.examples import build_affine
@@ -232,3 +233,36 @@ def test_a_task_logs_at_most_a_hundred_failed_rows_and_counts_them_all(client):
     (msg,) = [m for _, m in client.get_events(ROW_ERRORS) if m["source"] == "model 'coll-many-errors'"]
     assert msg["failed"] == 150
 
+
+
+@pytest.mark.timeout(120)
+def test_tasks_queue_only_what_the_servers_take_next(gate):
+    """With the device held (a gated model), a long array's tasks stop sending once the worker's
+    Batcher holds what the servers take next (its shipment size times ``max_inflight``): a few
+    tasks in flight, not every block's (each seceded task waits in a thread of its own)."""
+    from dask_dynbatch.client import dask_collections
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.register_plugin(ddb.DynBatchPlugin())
+        spec = ddb.ModelSpec("coll-gated", load=build_gated, max_batch_size=8, initial_batch_size=8, max_inflight=1)
+        with ddb.Batcher(client, spec) as batcher:
+            gate.set()  # the first row runs from the client, for the output's shape
+            lazy = batcher.predict(da.ones((640, 4), chunks=(4, 4)))  # 160 blocks of 4 rows
+            gate.clear()
+            future = client.compute(lazy.sum())
+            (worker,) = cluster.workers.values()
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline:  # until a shipment is held at the gate and rows queue behind it
+                fed = [b for (_, name), b in dask_collections._batchers.items() if name == "coll-gated"]
+                if fed and len(fed[0]._queue) and any(s.inflight for s in fed[0]._dispatcher.slots.values()):
+                    break
+                time.sleep(0.05)
+            (fed,) = fed
+            time.sleep(1.0)  # room for more tasks to send, were they not held back
+            ahead = fed._dispatcher.rows_ahead()
+            assert ahead == 8  # one shipment of 8 rows
+            assert len(fed._queue) < ahead + 4  # what the servers take next, and one block
+            assert len(worker.state.long_running) <= 5, len(worker.state.long_running)  # of 160 blocks
+            gate.set()
+            assert float(future.result(timeout=WAIT)) == 640 * 4 * 3.0

@@ -471,6 +471,14 @@ class Batcher:
         self._dispatcher.wake()
         self._transport.close()
 
+    def _wait_for_backlog_room(self) -> None:
+        """Wait until fewer rows wait in this Batcher's queue than its workers take next
+        (:meth:`Dispatcher.rows_ahead`), or it closes: a feeder that sends more ahead of that (a
+        collection's tasks) holds memory, and a thread per task, for nothing."""
+        room = self._ledger.room
+        with room:
+            room.wait_for(lambda: self._closed or len(self._queue) < max(1, self._dispatcher.rows_ahead()))
+
     def _abandon(self, reason: str) -> None:
         """The client is gone: nothing can be sent or received any more. Resolve every future."""
         if self._closed and not self._dispatcher.inflight:

@@ -5,10 +5,12 @@ the input, Bag -> Bag, DataFrame/Series -> DataFrame or Series with the index ke
 tasks takes one block or partition on the worker that holds it and sends the rows, as requests of
 that worker's own Batcher of the model (:func:`worker_batcher`, one per worker process and model),
 to the model servers: rows of every block, from every worker, meet in the same device batches, and
-no row passes through the client. A task waits for room under the worker's budget of bytes in
-flight (``dynbatch.collections.bytes-in-flight``; a block larger than it goes alone) holding its
-worker thread, then leaves the thread to the next task (``secede``) while its rows run: rows of
-several blocks are in flight at once, and their bytes stay under the budget (back-pressure: a
+no row passes through the client. A task waits, holding its worker thread, until the model's
+queue in this process holds fewer rows than the model servers take next (their advised shipment
+sizes times ``max_inflight``) and its rows fit under the worker's budget of bytes in flight
+(``dynbatch.collections.bytes-in-flight``; a block larger than it goes alone), then leaves the
+thread to the next task (``secede``) while its rows run: rows of several blocks are in flight at
+once, as many as keep the servers fed, and their bytes stay under the budget (back-pressure: a
 collection of any length runs in bounded memory).
 
 A row that fails fails its task, with an error naming the row's position, unless
@@ -97,7 +99,7 @@ class ModelRows:
         from .bulk import predict
 
         batcher = worker_batcher(self.name)
-        with _room(block.nbytes):
+        with _room(block.nbytes, batcher):
             try:
                 return predict(batcher, block, priority=self.priority, timeout=self.timeout)
             except Exception:  # a row failed: the rows again, one by one, find which
@@ -106,7 +108,7 @@ class ModelRows:
     def rows(self, values: list[Any]) -> list[tuple[bool, Any]]:
         """Per row ``(True, output)`` or ``(False, error)``, in order."""
         batcher = worker_batcher(self.name)
-        with _room(sum(_nbytes(v) for v in values)):
+        with _room(sum(_nbytes(v) for v in values), batcher):
             futures = batcher.map(values, priority=self.priority, timeout=self.timeout)
             concurrent.futures.wait(futures)
         return [(False, f.exception()) if f.exception() is not None else (True, f.result()) for f in futures]
@@ -156,16 +158,21 @@ def log_row_errors(label: str, failed: list[dict[str, str]]) -> None:
 
 
 class _room:
-    """Wait for room under the worker's bytes-in-flight budget, then leave the worker thread to
-    the next task while the rows run (``secede``; ``rejoin`` after)."""
+    """Wait until the model's queue in this process runs short of what its workers take next and
+    the rows fit under the worker's bytes-in-flight budget, then leave the worker thread to the next
+    task while the rows run (``secede``; ``rejoin`` after)."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, batcher: Batcher):
         self.nbytes = nbytes
+        self.batcher = batcher
 
     def __enter__(self) -> None:
         import dask.config
         from distributed import secede
 
+        # every seceded task waits in a thread of its own, and the worker's profiler walks each of
+        # them on its event loop every 10 ms: tasks beyond what keeps the servers fed cost time
+        self.batcher._wait_for_backlog_room()
         _in_flight.acquire(self.nbytes, int(dask.config.get("dynbatch.collections.bytes-in-flight", 256 * 2**20)))
         secede()
 

@@ -209,6 +209,12 @@ class Dispatcher:
                 logger.exception("dynbatch: dispatcher error for model %r", self.model.name)
                 timeout = TICK_INTERVAL
 
+    def rows_ahead(self) -> int:
+        """Rows the live workers take next: per worker, ``max_inflight`` shipments of the size its
+        server advises. Called from other threads (a collection's tasks): reads only."""
+        per_worker = self.model.spec.max_inflight
+        return sum(per_worker * max(1, s.advice.ship or s.advice.size) for s in list(self.slots.values()) if s.alive)
+
     def dispatch(self, now: float) -> float:
         """Form and send as many shipments as workers have room for; seconds until the next try."""
         live = [s for s in self.slots.values() if s.alive and now >= s.lost_until]
