@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -552,11 +553,22 @@ def collection_section() -> str:
     ray = f"Ray Data `map_batches` (actor pool of 1, batches of 512) {t['ray_data']:,.0f}" if "ray_data" in t else (
         "Ray Data not run")
     ratios = "; ".join(f"`{k}` {v:.2f}x the best `map_blocks` ({r['best_map_blocks']}, target 1.1: {met(v >= 1.1)}) and "
-                       f"{r['ratio_to_client_map'][k]:.2f}x `client_map` (target 0.9: {met(r['ratio_to_client_map'][k] >= 0.9)})"
+                       f"{r['ratio_to_client_map'][k]:.3f}x `client_map` (target 0.9: {met(r['ratio_to_client_map'][k] >= 0.9)})"
                        for k, v in r["ratio_to_map_blocks"].items())
+    clocks = r.get("worker_seconds")
+    profiler = "" if not clocks else (
+        " The worker's statistical profiler, on its event loop, per pass (median): "
+        + ", ".join(f"{k} {1e3 * statistics.median(c['profile_s'] for c in v):.0f} ms" for k, v in clocks.items()
+                    if k.startswith("predict")) + "; the worker's CPU per pass: "
+        + ", ".join(f"{k} {statistics.median(c['cpu_s'] for c in v):.1f} s" for k, v in clocks.items()
+                    if k.startswith("predict") or k == "client_map") + ".")
+    before = load_result("earlier/collection_case_4e69aac")
+    earlier = "" if before is None else (
+        " The run before (`earlier/collection_case_4e69aac.json`, each task sending while the bytes budget allowed): "
+        + ", ".join(f"`{k}` {v:.2f}x `client_map`" for k, v in before["ratio_to_client_map"].items()) + ".")
     return (f"**Dask collections** (`collection_case.json`, `python benchmarks/collection_case.py`; {stamp(m)}): {r['images']:,} CNN images in a dask array "
             f"persisted on one worker (1 thread), images/s, medians of the rounds: "
-            + ", ".join(f"{k} {v:,.0f}" for k, v in t.items() if k != "ray_data") + f"; {ray}. {ratios}.\n")
+            + ", ".join(f"{k} {v:,.0f}" for k, v in t.items() if k != "ray_data") + f"; {ray}. {ratios}.{profiler}{earlier}\n")
 
 
 def gpu_check_section() -> str:

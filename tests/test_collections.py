@@ -252,17 +252,50 @@ def test_tasks_queue_only_what_the_servers_take_next(gate):
             gate.clear()
             future = client.compute(lazy.sum())
             (worker,) = cluster.workers.values()
+            fed = None
             deadline = time.monotonic() + WAIT
-            while time.monotonic() < deadline:  # until a shipment is held at the gate and rows queue behind it
-                fed = [b for (_, name), b in dask_collections._batchers.items() if name == "coll-gated"]
-                if fed and len(fed[0]._queue) and any(s.inflight for s in fed[0]._dispatcher.slots.values()):
-                    break
+            while fed is None or not (len(fed._queue) and any(s.inflight for s in fed._dispatcher.slots.values())):
+                # until a shipment is held at the gate and rows queue behind it
+                assert time.monotonic() < deadline, "no shipment reached the gated model"
                 time.sleep(0.05)
-            (fed,) = fed
+                fed = next((b for (_, name), b in dask_collections._batchers.items() if name == "coll-gated"), None)
             time.sleep(1.0)  # room for more tasks to send, were they not held back
             ahead = fed._dispatcher.rows_ahead()
-            assert ahead == 8  # one shipment of 8 rows
-            assert len(fed._queue) < ahead + 4  # what the servers take next, and one block
-            assert len(worker.state.long_running) <= 5, len(worker.state.long_running)  # of 160 blocks
+            assert 1 <= ahead <= 8  # one shipment in flight, of at most max_batch_size rows
+            # what the servers take next, and a block or two whose task checked the queue before the
+            # previous task's rows were in it
+            assert len(fed._queue) < ahead + 3 * 4, (len(fed._queue), ahead)
+            assert len(worker.state.long_running) <= 8, len(worker.state.long_running)  # of 160 blocks
             gate.set()
             assert float(future.result(timeout=WAIT)) == 640 * 4 * 3.0
+
+
+def test_a_task_waits_for_the_queue_to_run_short_until_its_deadline():
+    """``Batcher._wait_for_backlog_room``: it returns once the queue holds fewer rows than the
+    workers take next, when no worker is known, when the Batcher closes, and at the deadline."""
+    from types import SimpleNamespace
+
+    from dask_dynbatch.client.batcher import Batcher
+
+    room = threading.Condition()
+    fake = SimpleNamespace(_ledger=SimpleNamespace(room=room), _queue=[0] * 10, _closed=False,
+                           _dispatcher=SimpleNamespace(rows_ahead=lambda: 8))
+    started = time.monotonic()
+    Batcher._wait_for_backlog_room(fake, deadline=started + 0.2)  # 10 queued, 8 taken next: until the deadline
+    assert time.monotonic() - started >= 0.2
+    fake._dispatcher.rows_ahead = lambda: 0  # no worker known: nothing to pace by
+    Batcher._wait_for_backlog_room(fake)
+    fake._dispatcher.rows_ahead = lambda: 8
+
+    def drain():
+        with room:
+            fake._queue = [0] * 7
+            room.notify_all()
+
+    timer = threading.Timer(0.1, drain)
+    timer.start()
+    Batcher._wait_for_backlog_room(fake)  # no deadline: returns when the queue ran short
+    assert len(fake._queue) == 7
+    timer.join()
+    fake._queue, fake._closed = [0] * 10, True
+    Batcher._wait_for_backlog_room(fake)  # closed: nothing waits for it

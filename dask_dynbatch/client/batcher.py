@@ -52,6 +52,9 @@ MAP_CHUNK = 1024
 #: map() sleeps this long between chunks (from another thread than the event loop's), so that the
 #: event loop and the stacking threads get the GIL and the first shipments leave meanwhile
 MAP_YIELD_S = 0.0005
+#: seconds between checks of a collection task waiting for the queue to run short, besides the
+#: dispatcher's notices
+BACKLOG_RECHECK = 0.05
 
 
 def _sync_or_async(client: Client, make: Callable[[], Awaitable[T]]) -> T | Awaitable[T]:
@@ -471,13 +474,24 @@ class Batcher:
         self._dispatcher.wake()
         self._transport.close()
 
-    def _wait_for_backlog_room(self) -> None:
+    def _wait_for_backlog_room(self, deadline: float | None = None) -> None:
         """Wait until fewer rows wait in this Batcher's queue than its workers take next
-        (:meth:`Dispatcher.rows_ahead`), or it closes: a feeder that sends more ahead of that (a
-        collection's tasks) holds memory, and a thread per task, for nothing."""
+        (:meth:`Dispatcher.rows_ahead`), it closes, no worker is known (nothing to pace by), or
+        the monotonic ``deadline`` passes: a feeder that sends more ahead of that (a collection's
+        tasks) holds memory, and a thread per task, for nothing."""
+
+        def room_now() -> bool:
+            ahead = self._dispatcher.rows_ahead()
+            return self._closed or ahead == 0 or len(self._queue) < ahead
+
         room = self._ledger.room
         with room:
-            room.wait_for(lambda: self._closed or len(self._queue) < max(1, self._dispatcher.rows_ahead()))
+            while not room_now():
+                left = BACKLOG_RECHECK if deadline is None else min(BACKLOG_RECHECK, deadline - time.monotonic())
+                if left <= 0:
+                    return
+                # dispatch passes notify; the timeout only bounds the delay of a change that does not
+                room.wait(left)
 
     def _abandon(self, reason: str) -> None:
         """The client is gone: nothing can be sent or received any more. Resolve every future."""

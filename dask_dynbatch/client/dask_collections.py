@@ -6,12 +6,14 @@ tasks takes one block or partition on the worker that holds it and sends the row
 that worker's own Batcher of the model (:func:`worker_batcher`, one per worker process and model),
 to the model servers: rows of every block, from every worker, meet in the same device batches, and
 no row passes through the client. A task waits, holding its worker thread, until the model's
-queue in this process holds fewer rows than the model servers take next (their advised shipment
-sizes times ``max_inflight``) and its rows fit under the worker's budget of bytes in flight
-(``dynbatch.collections.bytes-in-flight``; a block larger than it goes alone), then leaves the
-thread to the next task (``secede``) while its rows run: rows of several blocks are in flight at
-once, as many as keep the servers fed, and their bytes stay under the budget (back-pressure: a
-collection of any length runs in bounded memory).
+queue in this process holds fewer rows than the model servers take next
+(:meth:`~dask_dynbatch.client.dispatcher.Dispatcher.rows_ahead`; not while no server is known, nor
+past the rows' ``timeout``, which counts this wait) and its rows fit under the worker's budget of
+bytes in flight (``dynbatch.collections.bytes-in-flight``; a block larger than it goes alone), then
+leaves the thread to the next task (``secede``) while its rows run: rows of several blocks are in
+flight at once, about as many as keep the servers fed (a block per worker thread more at most), and
+their bytes stay under the budget (back-pressure: a collection of any length runs in bounded
+memory).
 
 A row that fails fails its task, with an error naming the row's position, unless
 ``on_error="missing"``: its output is then missing (NaN in arrays and frames, None in bags), and
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +40,9 @@ if TYPE_CHECKING:
 ON_ERROR = ("raise", "missing")
 #: the Dask event topic of rows that failed under ``on_error="missing"`` (``client.get_events``)
 ROW_ERRORS = "dynbatch-row-errors"
+
+#: the least timeout rows get after their task waited for room (a request's timeout must be positive)
+MIN_TIMEOUT_S = 0.001
 
 _batchers: dict[tuple[str, str], Batcher] = {}
 _batchers_lock = threading.Lock()
@@ -99,17 +105,17 @@ class ModelRows:
         from .bulk import predict
 
         batcher = worker_batcher(self.name)
-        with _room(block.nbytes, batcher):
+        with _room(block.nbytes, batcher, self.timeout) as timeout:
             try:
-                return predict(batcher, block, priority=self.priority, timeout=self.timeout)
+                return predict(batcher, block, priority=self.priority, timeout=timeout)
             except Exception:  # a row failed: the rows again, one by one, find which
                 return None
 
     def rows(self, values: list[Any]) -> list[tuple[bool, Any]]:
         """Per row ``(True, output)`` or ``(False, error)``, in order."""
         batcher = worker_batcher(self.name)
-        with _room(sum(_nbytes(v) for v in values), batcher):
-            futures = batcher.map(values, priority=self.priority, timeout=self.timeout)
+        with _room(sum(_nbytes(v) for v in values), batcher, self.timeout) as timeout:
+            futures = batcher.map(values, priority=self.priority, timeout=timeout)
             concurrent.futures.wait(futures)
         return [(False, f.exception()) if f.exception() is not None else (True, f.result()) for f in futures]
 
@@ -162,19 +168,24 @@ class _room:
     the rows fit under the worker's bytes-in-flight budget, then leave the worker thread to the next
     task while the rows run (``secede``; ``rejoin`` after)."""
 
-    def __init__(self, nbytes: int, batcher: Batcher):
+    def __init__(self, nbytes: int, batcher: Batcher, timeout: float | None):
         self.nbytes = nbytes
         self.batcher = batcher
+        self.timeout = timeout
+        self.started = time.monotonic()
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> float | None:
+        """The rows' timeout, less the time spent waiting here (the wait is part of their queueing)."""
         import dask.config
         from distributed import secede
 
+        deadline = None if self.timeout is None else self.started + self.timeout
         # every seceded task waits in a thread of its own, and the worker's profiler walks each of
         # them on its event loop every 10 ms: tasks beyond what keeps the servers fed cost time
-        self.batcher._wait_for_backlog_room()
+        self.batcher._wait_for_backlog_room(deadline)
         _in_flight.acquire(self.nbytes, int(dask.config.get("dynbatch.collections.bytes-in-flight", 256 * 2**20)))
         secede()
+        return None if deadline is None else max(MIN_TIMEOUT_S, deadline - time.monotonic())
 
     def __exit__(self, *exc: Any) -> None:
         from distributed import rejoin

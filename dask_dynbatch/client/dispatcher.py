@@ -210,10 +210,16 @@ class Dispatcher:
                 timeout = TICK_INTERVAL
 
     def rows_ahead(self) -> int:
-        """Rows the live workers take next: per worker, ``max_inflight`` shipments of the size its
-        server advises. Called from other threads (a collection's tasks): reads only."""
-        per_worker = self.model.spec.max_inflight
-        return sum(per_worker * max(1, s.advice.ship or s.advice.size) for s in list(self.slots.values()) if s.alive)
+        """Rows the live workers take next: per worker, the shipments it may have in flight, of the
+        size its server advises (within its memory cap). 0 while no worker is known. Called from
+        other threads (a collection's tasks): reads only."""
+        total = 0
+        for slot in list(self.slots.values()):
+            if slot.alive:
+                load = self._load(slot, None)
+                rows = load.batch_size if load.cap is None else max(1, min(load.batch_size, load.cap))
+                total += self._inflight_limit(slot) * rows
+        return total
 
     def dispatch(self, now: float) -> float:
         """Form and send as many shipments as workers have room for; seconds until the next try."""
