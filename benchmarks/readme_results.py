@@ -562,10 +562,13 @@ def collection_section() -> str:
                     if k.startswith("predict")) + "; the worker's CPU per pass: "
         + ", ".join(f"{k} {statistics.median(c['cpu_s'] for c in v):.1f} s" for k, v in clocks.items()
                     if k.startswith("predict") or k == "client_map") + ".")
-    before = load_result("earlier/collection_case_4e69aac")
-    earlier = "" if before is None else (
-        " The run before (`earlier/collection_case_4e69aac.json`, each task sending while the bytes budget allowed): "
-        + ", ".join(f"`{k}` {v:.2f}x `client_map`" for k, v in before["ratio_to_client_map"].items()) + ".")
+    earlier = ""
+    for name, what in (("collection_case_fb69501", "the first with tasks waiting for the queue to run short"),
+                       ("collection_case_4e69aac", "each task sending while the bytes budget allowed")):
+        before = load_result(f"earlier/{name}")
+        if before is not None:
+            earlier += (f" `earlier/{name}.json` ({before['machine']['date']}, {what}): "
+                        + ", ".join(f"`{k}` {v:.3f}x `client_map`" for k, v in before["ratio_to_client_map"].items()) + ".")
     return (f"**Dask collections** (`collection_case.json`, `python benchmarks/collection_case.py`; {stamp(m)}): {r['images']:,} CNN images in a dask array "
             f"persisted on one worker (1 thread), images/s, medians of the rounds: "
             + ", ".join(f"{k} {v:,.0f}" for k, v in t.items() if k != "ray_data") + f"; {ray}. {ratios}.{profiler}{earlier}\n")
