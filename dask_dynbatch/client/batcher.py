@@ -234,7 +234,8 @@ class Batcher:
         through the model servers from the worker that holds the block, never through the client,
         in dynamic batches across blocks. A row that fails fails the computation with an error
         naming its position, or, with ``on_error="missing"``, its output is missing (NaN; None in
-        a Bag) and :meth:`row_errors` lists it.
+        a Bag) and :meth:`row_errors` lists it. There ``timeout`` counts from when a block's task
+        starts, its wait for the model's queue to run short included.
 
         Examples
         --------
