@@ -33,7 +33,7 @@ import numpy as np
 from .. import protocol
 from ..core.blocks import ShipmentRows, count_rows
 from ..core.pacing import BusyForecast
-from ..core.placement import WorkerLoad, fill_unknown_throughputs, plan, workload
+from ..core.placement import WorkerLoad, batch_limit, fill_unknown_throughputs, plan, workload
 from ..core.quarantine import MAX_DEATHS, Quarantine
 from ..core.requests import Request, RequestQueue
 from ..core.rows import split_rows
@@ -213,13 +213,8 @@ class Dispatcher:
         """Rows the live workers take next: per worker, the shipments it may have in flight, of the
         size its server advises (within its memory cap). 0 while no worker is known. Called from
         other threads (a collection's tasks): reads only."""
-        total = 0
-        for slot in list(self.slots.values()):
-            if slot.alive:
-                load = self._load(slot, None)
-                rows = load.batch_size if load.cap is None else max(1, min(load.batch_size, load.cap))
-                total += self._inflight_limit(slot) * rows
-        return total
+        return sum(self._inflight_limit(slot) * max(1, batch_limit(self._load(slot, None)))
+                   for slot in list(self.slots.values()) if slot.alive)
 
     def dispatch(self, now: float) -> float:
         """Form and send as many shipments as workers have room for; seconds until the next try."""
