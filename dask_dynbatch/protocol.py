@@ -185,7 +185,9 @@ class ShipmentReply(_Message):
     ``compute_s`` on the device (its rows' share of each device batch they ran in), ``stage_s`` copying in, ``wait_s`` for the device thread,
     ``worker_s`` from arrival to reply. ``unrun``: rows the worker did not run because it is
     closing or restarting (the client sends them elsewhere). ``stuck``: rows of a device batch that
-    ran past ``stuck_limit`` seconds (the worker restarts; the client retries them in halves)."""
+    ran past ``stuck_limit`` seconds (the worker restarts; the client retries them in halves).
+    ``reply_file``: the pieces' outputs were written to shared memory (``shm.read_reply``), and each
+    piece's own is None."""
 
     pieces: list[tuple[list[int], Any]]
     errors: list[tuple[int, Any]]
@@ -202,6 +204,7 @@ class ShipmentReply(_Message):
     unrun: list[int] = field(default_factory=list)
     stuck: list[int] = field(default_factory=list)
     stuck_limit: float | None = None
+    reply_file: dict[str, Any] | None = None
 
 
 @dataclass

@@ -23,7 +23,14 @@ How a slot lives (nothing leaks, whatever dies):
 - A worker that cannot open the name (another host, another container, no ``/dev/shm``) says so
   in its reply, and the client sends that batch, and every later one to that worker, over the comm.
 
-Off with ``dynbatch.transport.shared-memory: false``; batches smaller than
+Replies come back the same way when they are large (per-token features of a text model are
+megabytes a shipment, where the comm's copies cap the rate): the worker writes a reply's arrays
+into a file of its own (``dynbatch-r-<pid>-<random>``, :class:`ReplyFiles`) and sends its name;
+the client maps it, unlinks it at once and reads the arrays in place (:func:`read_reply`). A
+reply file whose client never came for it (a client that died with the reply on its way) is
+unlinked by the worker after :data:`REPLY_TTL` seconds, or when the worker closes.
+
+Off with ``dynbatch.transport.shared-memory: false``; batches and replies smaller than
 ``dynbatch.transport.shared-memory-min-bytes`` always travel over the comm.
 """
 
@@ -32,11 +39,14 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import pickle
 import re
 import threading
+import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +64,13 @@ except (AttributeError, ValueError, OSError):
     _IOV_MAX = 16
 #: names a worker accepts: ours, nothing with a path in it
 _NAME = re.compile(r"^dynbatch-[0-9]+-[0-9a-f]{16}$")
+#: names of reply files a client accepts
+_REPLY_NAME = re.compile(r"^dynbatch-r-[0-9]+-[0-9a-f]{16}$")
+#: seconds a reply file waits for its client before the worker unlinks it (a client reads it as
+#: soon as the reply arrives; one that has not in this long is gone)
+REPLY_TTL = 60.0
+#: where each array of a reply file starts (a multiple of this many bytes)
+ALIGN = 64
 
 
 class ShmUnavailable(Exception):
@@ -227,6 +244,146 @@ class ShmRing:
             return names
 
 
+class ReplyUnavailable(Exception):
+    """The client could not read a reply file (another user, or it was gone): nothing of that
+    reply reached the client."""
+
+
+class ReplyFiles:
+    """Large replies written into shared memory for a client on the same host (worker side).
+
+    :meth:`write` pickles an object with its arrays out of band (pickle protocol 5), writes the
+    arrays into a new file, 64-byte aligned, and returns what the client needs to read it back
+    (:func:`read_reply`); the file is the client's to unlink from then on. ``clock``: for tests."""
+
+    def __init__(self, directory: str = SHM_DIR, ttl: float = REPLY_TTL, clock: Callable[[], float] = time.monotonic):
+        self.directory = directory
+        self.ttl = float(ttl)
+        self._clock = clock
+        self._pending: deque[tuple[float, str]] = deque()  # (written at, path): unlinked after ttl
+        self._lock = threading.Lock()
+        self.written = 0
+        self.bytes = 0
+
+    def write(self, obj: object, min_bytes: int = 0) -> dict | None:
+        """Write ``obj``'s arrays to a new reply file; returns ``{"name", "size", "head", "buffers"}``
+        (``buffers``: each array's offset and length), or None when its arrays hold fewer than
+        ``min_bytes`` or no file could be made (the reply goes over the comm)."""
+        self.sweep()
+        buffers: list[pickle.PickleBuffer] = []
+        try:
+            head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+            raws = [b.raw() for b in buffers]
+        except (BufferError, pickle.PicklingError, TypeError, AttributeError):
+            return None  # (a non-contiguous buffer, or nothing pickle can take out of band)
+        total = sum(r.nbytes for r in raws)
+        if not raws or total < min_bytes:
+            return None
+        layout: list[tuple[int, int]] = []
+        iov: list[bytes | memoryview] = []
+        end = 0
+        for raw in raws:
+            start = -(-end // ALIGN) * ALIGN
+            if start > end:
+                iov.append(bytes(start - end))
+            layout.append((start, raw.nbytes))
+            iov.append(raw)
+            end = start + raw.nbytes
+        name = f"{PREFIX}r-{os.getpid()}-{uuid.uuid4().hex[:16]}"
+        path = os.path.join(self.directory, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            return None
+        try:
+            # (no fallocate: a write allocates the pages without zeroing them first, and a full tmpfs
+            # fails it with ENOSPC; the client maps only what was written, so it never meets a hole)
+            _pwrite_all(fd, iov)
+        except OSError as exc:
+            _unlink(path)
+            logger.info("dynbatch: no shared-memory reply file of %d bytes (%s); the reply travels over the comm",
+                        end, exc)
+            return None
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._pending.append((self._clock(), path))
+            self.written += 1
+            self.bytes += end
+        return {"name": name, "size": end, "head": head, "buffers": layout}
+
+    def sweep(self) -> int:
+        """Unlink reply files older than ``ttl`` (their clients unlinked them long ago, or are
+        gone); returns how many were still there."""
+        cutoff = self._clock() - self.ttl
+        removed = 0
+        while True:
+            with self._lock:
+                if not self._pending or self._pending[0][0] > cutoff:
+                    return removed
+                _, path = self._pending.popleft()
+            removed += _unlink(path)
+
+    def close(self) -> int:
+        """Unlink every reply file not read yet (the worker closes); returns how many."""
+        with self._lock:
+            paths = [p for _, p in self._pending]
+            self._pending.clear()
+        return sum(_unlink(p) for p in paths)
+
+    def summary(self) -> dict:
+        with self._lock:
+            return {"reply_files": self.written, "reply_bytes": self.bytes}
+
+
+def read_reply(info: dict, directory: str = SHM_DIR) -> Any:
+    """Client side of :class:`ReplyFiles`: map the file, unlink it, and unpickle the reply with its
+    arrays read in place (copy-on-write: they are writable, and live as long as any of them does).
+    Raises :class:`ReplyUnavailable` when the file cannot be read."""
+    name = str(info["name"])
+    if not _REPLY_NAME.match(name):
+        raise ReplyUnavailable(f"not a dask-dynbatch reply file name: {name!r}")
+    path = os.path.join(directory, name)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ReplyUnavailable(f"cannot open {path} ({exc.strerror})") from None
+    try:
+        mm = mmap.mmap(fd, int(info["size"]), access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as exc:
+        raise ReplyUnavailable(f"cannot map {path}: {exc}") from None
+    finally:
+        os.close(fd)
+        _unlink(path)  # the mapping keeps the memory; nothing is left behind
+    whole = memoryview(mm)
+    try:
+        return pickle.loads(info["head"], buffers=[whole[start:start + n] for start, n in info["buffers"]])
+    finally:
+        whole.release()  # the arrays hold their own views: the mapping goes with the last of them
+
+
+def _pwrite_all(fd: int, iov: list) -> None:
+    """Write ``iov`` from the start of ``fd``: one system call per ``_IOV_MAX`` buffers, the GIL
+    released in each."""
+    offset = 0
+    for start in range(0, len(iov), _IOV_MAX):
+        part = [memoryview(b).cast("B") for b in iov[start : start + _IOV_MAX]]
+        want = sum(len(b) for b in part)
+        written = os.pwritev(fd, part, offset)
+        while written < want:  # a short write (not seen on tmpfs): the rest one buffer at a time
+            skip = written
+            for b in part:
+                if skip >= len(b):
+                    skip -= len(b)
+                    continue
+                n = os.pwrite(fd, b[skip:], offset + written)
+                written += n
+                skip = 0
+                if n == 0:
+                    raise OSError("short write to a reply file")
+        offset += want
+
+
 class ShmAttachments:
     """The shared-memory slots a worker has mapped, per client (worker side).
 
@@ -345,8 +502,10 @@ def _close_map(mm: mmap.mmap) -> None:
         pass
 
 
-def _unlink(path: str) -> None:
+def _unlink(path: str) -> bool:
+    """Unlink ``path``; whether it was there."""
     try:
         os.unlink(path)
     except FileNotFoundError:
-        pass
+        return False
+    return True

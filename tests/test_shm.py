@@ -13,8 +13,19 @@ from distributed import Client, LocalCluster
 from distributed.utils_test import gen_cluster
 
 import dask_dynbatch as ddb
-from dask_dynbatch.examples import build_affine
-from dask_dynbatch.shm import SHM_DIR, ShmAttachments, ShmRing, ShmUnavailable, shm_supported
+from dask_dynbatch.core.rows import TrimmedRows
+from dask_dynbatch.examples import build_affine, build_tiny_text_encoder
+from dask_dynbatch.shm import (
+    ALIGN,
+    SHM_DIR,
+    ReplyFiles,
+    ReplyUnavailable,
+    ShmAttachments,
+    ShmRing,
+    ShmUnavailable,
+    read_reply,
+    shm_supported,
+)
 
 pytestmark = pytest.mark.skipif(not shm_supported(), reason="no writable /dev/shm")
 
@@ -368,4 +379,123 @@ async def test_first_batch_through_each_new_slot_is_not_shown_to_the_controller(
     # the pacing forecast learns from the same batches as the controller, and only from them
     assert len(forecast_rows) == observations
     assert all(h["reason"] for h in history)  # every batch says what the controller made of it
+    batcher.close()
+
+
+# -- replies through shared memory ----------------------------------------------------------------
+def test_reply_files_come_back_in_place_and_leave_nothing(tmp_path):
+    files = ReplyFiles(str(tmp_path))
+    big = np.arange(100_000, dtype=np.float32).reshape(1000, 100)
+    reply = [{"hidden": big, "strided": big[:, ::7]},
+             (big[:10], [np.ones(3), np.zeros((2, 2), np.int64)], 5),
+             TrimmedRows({"x": big.reshape(10, 100, 100)}, 100, [5] * 10, frozenset())]
+    info = files.write(reply, min_bytes=1)
+    assert info is not None and os.listdir(tmp_path) == [info["name"]]
+    assert all(start % ALIGN == 0 for start, _ in info["buffers"])
+    back = read_reply(info, str(tmp_path))
+    assert os.listdir(tmp_path) == []  # the client unlinked it: the mapping holds the memory
+    np.testing.assert_array_equal(back[0]["hidden"], big)
+    np.testing.assert_array_equal(back[0]["strided"], big[:, ::7])
+    np.testing.assert_array_equal(back[1][0], big[:10])
+    assert [a.tolist() for a in back[1][1]] == [[1.0, 1.0, 1.0], [[0, 0], [0, 0]]] and back[1][2] == 5
+    assert back[2].owns == [5] * 10 and back[2].split(10)[3]["x"].shape == (5, 100)
+    back[0]["hidden"][0, 0] = -1.0  # writable, and private to the client
+    assert big[0, 0] == 0.0
+    assert files.summary() == {"reply_files": 1, "reply_bytes": info["size"]}
+    with pytest.raises(ReplyUnavailable, match="cannot open"):
+        read_reply(info, str(tmp_path))  # read once only
+    with pytest.raises(ReplyUnavailable, match="not a dask-dynbatch reply file"):
+        read_reply({**info, "name": "../dynbatch-r-1-0123456789abcdef"}, str(tmp_path))
+
+
+def test_small_replies_and_replies_without_room_stay_on_the_comm(tmp_path, monkeypatch):
+    files = ReplyFiles(str(tmp_path))
+    assert files.write([np.ones(100)], min_bytes=1 << 20) is None
+    assert files.write([{"label": "cat"}], min_bytes=0) is None  # nothing out of band
+    from dask_dynbatch import shm as shm_module
+
+    def full(fd, iov):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm_module, "_pwrite_all", full)
+    assert files.write([np.ones(100_000)], min_bytes=1) is None
+    assert os.listdir(tmp_path) == [] and files.summary()["reply_files"] == 0
+
+
+def test_reply_files_nobody_read_are_unlinked_after_their_ttl_and_on_close(tmp_path):
+    now = [0.0]
+    files = ReplyFiles(str(tmp_path), ttl=60.0, clock=lambda: now[0])
+    unread = files.write([np.ones(1000)], min_bytes=1)
+    now[0] = 30.0
+    read = files.write([np.ones(1000)], min_bytes=1)
+    read_reply(read, str(tmp_path))
+    assert files.sweep() == 0 and os.listdir(tmp_path) == [unread["name"]]
+    now[0] = 61.0
+    assert files.sweep() == 1 and os.listdir(tmp_path) == []
+    now[0] = 100.0  # the read one's turn: already gone
+    assert files.sweep() == 0
+    files.write([np.ones(1000)], min_bytes=1)
+    assert files.close() == 1 and os.listdir(tmp_path) == []
+
+
+def text_samples(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for length in rng.integers(5, 60, n):
+        ids = rng.integers(1, 1000, int(length))
+        out.append({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return out
+
+
+def our_reply_files() -> list[str]:
+    return [f for f in os.listdir(SHM_DIR) if f.startswith(f"dynbatch-r-{os.getpid()}-")]
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_large_replies_come_back_through_shared_memory(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    xs = text_samples(300)
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("text-reply-shm", load=build_tiny_text_encoder, pad_value=0))
+    out = await asyncio.gather(*batcher.map(xs))
+    replies = a.extensions["dynbatch"].replies
+    written = replies.summary()["reply_files"]
+    assert written >= 1  # per-token features of a shipment: far over 64 KiB
+    assert not our_reply_files()
+    with dask.config.set({"dynbatch.transport.shared-memory": False}):
+        over_comm = await ddb.Batcher(c, ddb.ModelSpec("text-reply-comm", load=build_tiny_text_encoder, pad_value=0))
+    expected = await asyncio.gather(*over_comm.map(xs))
+    assert replies.summary()["reply_files"] == written
+    for got, want, x in zip(out, expected, xs):
+        assert got["last_hidden_state"].shape == (len(x["input_ids"]), 64)
+        np.testing.assert_allclose(got["last_hidden_state"], want["last_hidden_state"], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got["pooler_output"], want["pooler_output"], rtol=1e-4, atol=1e-4)
+    batcher.close()
+    over_comm.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_a_client_that_cannot_read_replies_gets_them_again_over_the_comm(c, s, a, monkeypatch):
+    from dask_dynbatch.client import transport
+
+    refused = []
+
+    def refuse(info, directory=SHM_DIR):
+        refused.append(info["name"])
+        raise ReplyUnavailable("as if another user wrote it")
+
+    monkeypatch.setattr(transport, "read_reply", refuse)
+    await c.register_plugin(ddb.DynBatchPlugin())
+    xs = text_samples(200, seed=1)
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("text-reply-refused", load=build_tiny_text_encoder, pad_value=0))
+    out = await asyncio.gather(*batcher.map(xs))
+    assert [o["last_hidden_state"].shape[0] for o in out] == [len(x["input_ids"]) for x in xs]
+    stats = batcher.stats()
+    assert stats["delivered"] == 200 and stats["failed"] == 0
+    (worker,) = stats["workers"].values()
+    assert worker["replies"] == "comm"
+    replies = a.extensions["dynbatch"].replies
+    # only shipments sent before the first refusal came back asked for files (each was run again)
+    assert 1 <= len(refused) == replies.summary()["reply_files"]
+    assert replies.close() == len(refused)  # left to the worker, which unlinks them
+    assert not our_reply_files()
     batcher.close()

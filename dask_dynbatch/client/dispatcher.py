@@ -83,6 +83,7 @@ class WorkerSlot:
         self.samples = 0
         self.compile: dict[str, Any] | None = None  # the worker's compile state (compiled models)
         self.shm = shm  # shared-memory slots for this worker (same host), see shm.py
+        self.reply_files = True  # large replies come back through shared memory too (while shm is set)
         self.forecast = BusyForecast()  # when its device frees: paces partial shipments
         self.isolating = False  # runs a group of suspects: nothing else is sent to it meanwhile
 
@@ -107,6 +108,7 @@ class WorkerSlot:
             "forecast": self.forecast.state(),
             "compile": self.compile,
             "transport": "shared-memory" if self.shm is not None else "comm",
+            "replies": "shared-memory" if self.shm is not None and self.reply_files else "comm",
             "padding_waste": advice.padding_waste,
         }
 

@@ -30,7 +30,7 @@ from ..core.requests import Request
 from ..core.rows import join_in_chunks, rows_between, stack_in_chunks
 from ..core.tree import Structure, TreeRows
 from ..protocol import RUN, ShipmentReply, WorkerRestarting, exception_from, raise_if_error, unwrap
-from ..shm import ShmRing, ShmSlot, ShmUnavailable, shm_supported
+from ..shm import ReplyUnavailable, ShmRing, ShmSlot, ShmUnavailable, read_reply, shm_supported
 from .samples import Sample
 
 if TYPE_CHECKING:
@@ -119,6 +119,7 @@ class Transport:
         self.model = model
         self.weighed = weighed  # rows carry their cost (ModelSpec.cost)
         copy_mode()  # a bad dynbatch.transport.shared-memory-copy fails the Batcher, not its shipments
+        self.reply_files = bool(dask.config.get("dynbatch.transport.shared-memory-replies", True))
         self._stackers = concurrent.futures.ThreadPoolExecutor(STACK_THREADS, thread_name_prefix="dynbatch-stack")
 
     def close(self) -> None:
@@ -162,6 +163,8 @@ class Transport:
             ring = slot.shm
             shm_slot = self._slot_for(ring, inline, blocks=layout is not None)
             new_slot = shm_slot is not None and not shm_slot.attached
+            # a worker that maps this client's slots shares its host: large replies come back the same way
+            message["reply_shm"] = ring is not None and slot.reply_files and self.reply_files
             try:
                 if inline and isinstance(inline[0], Sample):
                     rows = await self._stack_tree(inline, shm_slot, signature)
@@ -186,10 +189,16 @@ class Transport:
                     continue  # nothing ran: encode again, for the comm
                 if shm_slot is not None:
                     shm_slot.mark_attached()  # the worker maps it: unlink the name, nothing can leak
+                try:
+                    return self._decode(reply, formed, sent, done, new_slot)
+                except ReplyUnavailable as exc:  # its results never reached us: run it again, over the comm
+                    slot.reply_files = False
+                    logger.info("dynbatch: cannot read worker %s's shared-memory replies (%s); they travel over "
+                                "the comm", slot.address, exc)
+                    continue
             finally:
                 if shm_slot is not None:
                     ring.release(shm_slot)
-            return self._decode(reply, formed, sent, done, new_slot)
 
     def _slot_for(self, ring: ShmRing | None, inline: list[np.ndarray], blocks: bool = False) -> ShmSlot | None:
         if ring is None or not inline:
@@ -309,7 +318,11 @@ class Transport:
 
     def _decode(self, reply: dict[str, Any], formed: float, sent: float, done: float, new_slot: bool) -> Delivery:
         decoded = ShipmentReply.from_msg(reply)
-        pieces = [(rows, unwrap(outputs)) for rows, outputs in decoded.pieces]
+        if decoded.reply_file is not None:
+            outputs = read_reply(decoded.reply_file)
+            pieces = [(rows, out) for (rows, _), out in zip(decoded.pieces, outputs)]
+        else:
+            pieces = [(rows, unwrap(outputs)) for rows, outputs in decoded.pieces]
         errors = [(row, exception_from(err)) for row, err in decoded.errors]
         return Delivery(decoded, pieces, errors, formed, sent, done, new_slot)
 

@@ -30,7 +30,7 @@ from .._compat import call_as_worker
 from ..core.memory import MemorySizer
 from ..core.tree import Structure
 from ..protocol import ModelSuperseded, ShipmentReply, WorkerRestarting, error_reply, raise_if_error, unwrap
-from ..shm import ShmAttachments, ShmUnavailable
+from ..shm import ReplyFiles, ShmAttachments, ShmUnavailable
 from .compile import warm_in_subprocess
 from .intake import assemble_keyed, assemble_keyed_tree, inline_arrays, tree_from_slot
 from .model import LoadedModel, choose_device, visible_gpu_count
@@ -77,6 +77,9 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         # daemon thread: a hung GPU holds it, and it must not hold up a restart)
         self.copier = DeviceThread("dynbatch-copy-out")
         self.shm = ShmAttachments()  # shared-memory slots of clients on this host
+        # large replies to clients on this host go back through shared memory, written off the loop
+        self.replies = ReplyFiles()
+        self.reply_writer = ThreadPoolExecutor(2, thread_name_prefix="dynbatch-reply")
         self._pin_slots = bool(dask.config.get("dynbatch.transport.page-lock", True))
         self.gpu_count = visible_gpu_count()
         self.malloc_tuned = tune_malloc_for_inference() if self.tune_malloc else False
@@ -113,8 +116,9 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         for op in (protocol.RUN, protocol.UNLOAD, protocol.BENCHMARK, protocol.SERVER_STATE):
             worker.handlers.pop(op, None)
         worker.extensions.pop(protocol.PLUGIN_NAME, None)
-        for executor in (*self.device_threads.values(), self.stager, self.copier):
+        for executor in (*self.device_threads.values(), self.stager, self.copier, self.reply_writer):
             executor.shutdown(wait=False, cancel_futures=True)
+        self.replies.close()
         # dynbatch_shm_drop stays: the scheduler asks every worker to drop a leaving client's
         # slots, also one that is closing; with the mappings closed here it drops nothing
         self.shm.close()
@@ -124,7 +128,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                   shm: dict[str, Any] | None = None, keyed: list[tuple[int, Any]] | None = None,
                   signature: tuple[tuple[int, ...], str] | None = None,
                   priorities: list[tuple[int, int]] | None = None, queued_s: float = 0.0,
-                  new_slot: bool = False, shm_drop: list[str] | None = None, isolate: bool = False) -> dict[str, Any]:
+                  new_slot: bool = False, shm_drop: list[str] | None = None, isolate: bool = False,
+                  reply_shm: bool = False) -> dict[str, Any]:
         """Handler ``dynbatch_run``: serve one shipment of ``n`` rows of ``model`` version ``version``.
 
         Rows come inline in ``batch`` (stacked, or a list of stacked chunks), in the shared-memory
@@ -133,7 +138,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         ``signature``. ``priorities``: ``(first row, priority)`` runs; ``queued_s``: how long the
         oldest row waited in the client; ``new_slot``: the slot is used for the first time;
         ``shm_drop``: slots the client retired; ``isolate``: run these rows in device batches of their
-        own (suspects after a worker died). Returns a :class:`~dask_dynbatch.protocol.ShipmentReply`,
+        own (suspects after a worker died); ``reply_shm``: the client is on this host and reads
+        large replies from shared memory. Returns a :class:`~dask_dynbatch.protocol.ShipmentReply`,
         or an error reply: the slot cannot be mapped (nothing ran), the version was replaced, the
         worker restarts (nothing ran), the model failed to load, an input was lost."""
         if self.watchdog.restarting is not None:
@@ -141,12 +147,12 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.watchdog.active_runs += 1
         try:
             return await self._serve(model, version, client, n, batch, shm, keyed, signature, priorities, queued_s,
-                                     new_slot, shm_drop, isolate)
+                                     new_slot, shm_drop, isolate, reply_shm)
         finally:
             self.watchdog.active_runs -= 1
 
     async def _serve(self, model, version, client, n, batch, shm, keyed, signature, priorities, queued_s, new_slot,
-                     shm_drop, isolate) -> dict[str, Any]:
+                     shm_drop, isolate, reply_shm) -> dict[str, Any]:
         received = time.perf_counter()
         if shm_drop:
             self.shm.drop(client, shm_drop)
@@ -175,8 +181,17 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             logger.warning("dynbatch: shipment of %d rows of model %r failed: %r", n, model, exc)
             return error_reply(exc)
         loaded = server.loaded
+        reply_file = None
+        if reply_shm and shipment.pieces:
+            try:
+                reply_file = await asyncio.get_running_loop().run_in_executor(
+                    self.reply_writer, self.replies.write, [outputs for _, outputs in shipment.pieces],
+                    int(dask.config.get("dynbatch.transport.shared-memory-min-bytes", 65536)))
+            except Exception as exc:  # (the worker closes, its writer is shut down): the comm carries it
+                logger.debug("dynbatch: reply not written to shared memory: %r", exc)
         return ShipmentReply(
-            pieces=[(rows, to_serialize(outputs)) for rows, outputs in shipment.pieces],
+            pieces=[(rows, None if reply_file is not None else to_serialize(outputs)) for rows, outputs in shipment.pieces],
+            reply_file=reply_file,
             errors=[(row, error_reply(exc)) for row, exc in sorted(shipment.errors.items())],
             batches=[record.to_msg() for record in shipment.records],
             advice=server.advice().to_msg(),
@@ -335,6 +350,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
 
     def _poll_memory(self) -> None:
         """Re-plan event: free memory moved by more than the threshold -> push new advice at once."""
+        self.replies.sweep()  # (reply files no client came for: unlinked here also while none are written)
         changed = False
         for sizer in self.sizers.values():
             try:
@@ -353,7 +369,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             "memory_budget": self.budget,
             "benchmark": (self.benchmark or {}).get("best_throughput"),
             "devices": {d: device_telemetry(sizer.source) for d, sizer in self.sizers.items()},
-            "shared_memory": self.shm.summary(),
+            "shared_memory": {**self.shm.summary(), **self.replies.summary()},
             "servers": self.server_states(),
             "restarting": self.watchdog.restarting,
         }
