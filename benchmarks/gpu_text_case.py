@@ -11,6 +11,8 @@ log-normal lengths (median ~80, at most 512). One LocalCluster worker process wi
 ``dynbatch_pooled``  the same with the pooled output alone (what a sentence-embedding service
                  returns): the per-token outputs of ``dynbatch`` travel to the client, about
                  150 KB a request, which the in-worker loop below never moves
+``dynbatch_shm_replies``  (``--shm-replies``) ``dynbatch`` again with its replies through shared
+                 memory (``dynbatch.transport.shared-memory-replies``)
 ``sorted_<t>``   in the worker: every request's ids already on the GPU, sorted by length, cut into
                  batches of at most ``t`` tokens (rows times their longest), padded, run; the best
                  of several ``t``
@@ -32,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -192,14 +195,17 @@ def verify(client, batcher, samples: list, n: int, size: str, per_token: bool) -
 
 
 def dynbatch_passes(client, name: str, load, samples: list, passes: int = 3, timeline: bool = False,
-                    profile: Path | None = None, check: int = 0, size: str = "full", per_token: bool = True) -> dict:
+                    profile: Path | None = None, check: int = 0, size: str = "full", per_token: bool = True,
+                    shm_replies: bool = False) -> dict:
     """``Batcher.map`` of every sample and all its results, ``passes`` times (the last one timed);
     ``timeline``: the GPU's busy share in the timed pass; ``profile``: then py-spy (when installed)
     of the worker over two more passes, as ``<profile>_gil.raw`` (threads holding the GIL) and
     ``<profile>_threads.raw`` (every thread, idle ones too)."""
     n = len(samples)
     extra: dict = {}
-    with ddb.Batcher(client, ddb.ModelSpec(name, load=load, pad_value=0)) as batcher:
+    with dask.config.set({"dynbatch.transport.shared-memory-replies": shm_replies}):
+        batcher = ddb.Batcher(client, ddb.ModelSpec(name, load=load, pad_value=0))
+    with batcher:
         rates = []
         for i in range(passes):
             if timeline and i == passes - 1:
@@ -344,6 +350,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy of the worker over extra passes of the pooled variant")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="then the pooled variant again with the worker's sys.setswitchinterval at this many seconds")
+    parser.add_argument("--shm-replies", action="store_true",
+                        help="then the per-token variant again with its replies through shared memory")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     from distributed import Client, LocalCluster
@@ -375,6 +383,11 @@ def main() -> None:
         result["dynbatch"] = dynbatch_passes(client, "text-encoder", load, samples, timeline=args.timeline,
                                              check=args.verify, size=size)
         save("gpu_text_case" if not args.smoke else "gpu_text_case_smoke", result, out)
+        if args.shm_replies:
+            result["dynbatch_shm_replies"] = dynbatch_passes(client, "text-encoder-shm-replies", load, samples,
+                                                             timeline=args.timeline, check=args.verify, size=size,
+                                                             shm_replies=True)
+            save("gpu_text_case" if not args.smoke else "gpu_text_case_smoke", result, out)
         pooled = build_smoke_pooled if args.smoke else build_full_pooled
         result["dynbatch_pooled"] = dynbatch_passes(client, "text-encoder-pooled", pooled, samples, timeline=args.timeline,
                                                     profile=out / "gpu_text_worker" if args.profile else None,
@@ -389,12 +402,16 @@ def main() -> None:
     result["best_sorted_budget"] = int(best)
     result["ratio_to_sorted"] = result["dynbatch"]["throughput"] / result["sorted"][best]["throughput"]
     result["pooled_ratio_to_sorted"] = result["dynbatch_pooled"]["throughput"] / result["sorted"][best]["throughput"]
+    if "dynbatch_shm_replies" in result:
+        result["shm_replies_ratio_to_sorted"] = (result["dynbatch_shm_replies"]["throughput"]
+                                                 / result["sorted"][best]["throughput"])
     result["targets"] = {"ratio_to_sorted": 0.9, "padding_waste": 0.15}
     save("gpu_text_case" if not args.smoke else "gpu_text_case_smoke", result, out)
     if not args.skip_pressure:
         result["pressure"] = pressure(args, requests, samples, load, size, out)
         save("gpu_text_case" if not args.smoke else "gpu_text_case_smoke", result, out)
-    print(json.dumps({k: result[k] for k in ("ratio_to_sorted", "pooled_ratio_to_sorted", "best_sorted_budget")}),
+    print(json.dumps({k: result[k] for k in ("ratio_to_sorted", "pooled_ratio_to_sorted", "shm_replies_ratio_to_sorted",
+                                             "best_sorted_budget") if k in result}),
           "padding", result["dynbatch"]["padding_waste"], flush=True)
 
 

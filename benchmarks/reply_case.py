@@ -8,10 +8,11 @@ their pooled row. Requests of log-normal lengths (median 80, 4 to 512 tokens), o
 contender in the same cluster, rounds interleaved:
 
 ``pooled``        the pooled row alone (1.5 KB a request): what the path carries without large replies
-``tokens_comm``   per-token outputs, replies over the Dask comm (``shared-memory-replies: false``)
-``tokens_shm``    per-token outputs, replies through shared memory (the default)
+``tokens_comm``   per-token outputs, replies over the Dask comm (the default)
+``tokens_shm``    per-token outputs, replies through shared memory (``shared-memory-replies: true``)
 
-``ideal`` is the rate of the model's own sleep with no padding at all.
+``ideal`` is the rate of the model's own sleep with no padding at all; ``cpu_s``: per pass, the
+CPU seconds of the client process (client and scheduler) and of the worker process.
 
     python benchmarks/reply_case.py            # about 2 minutes on a 2-core machine
 """
@@ -19,6 +20,7 @@ contender in the same cluster, rounds interleaved:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +57,13 @@ def build_tokens(device: str = "cpu"):
 
 def build_pooled(device: str = "cpu"):
     return _build(False)
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def make_samples(n: int, seed: int = 0) -> tuple[list[dict], np.ndarray]:
@@ -98,7 +107,8 @@ def main() -> None:
     n = len(samples)
     result: dict = {"machine": machine_stamp(), "requests": n, "tokens": int(lengths.sum()),
                     "per_token_gb": float(lengths.sum()) * WIDTH * 2 / 1e9,
-                    "ideal": n / (float(lengths.sum()) * US_PER_TOKEN * 1e-6), "contenders": {}, "worker": {}}
+                    "ideal": n / (float(lengths.sum()) * US_PER_TOKEN * 1e-6), "contenders": {}, "cpu_s": {},
+                    "worker": {}}
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         client.register_plugin(ddb.DynBatchPlugin())
@@ -108,14 +118,18 @@ def main() -> None:
             with dask.config.set({"dynbatch.transport.shared-memory-replies": replies}):
                 batchers[name] = ddb.Batcher(client, ddb.ModelSpec(f"reply-{name}", load=load, pad_value=0))
             [f.result() for f in batchers[name].map(samples)]  # load, and let the controller grow
+        (worker_pid,) = client.run(os.getpid).values()
         for r in range(args.rounds):
             for name, batcher in batchers.items():
+                cpu = (cpu_seconds(os.getpid()), cpu_seconds(worker_pid))
                 started = time.perf_counter()
                 out = [f.result() for f in batcher.map(samples)]
                 rate = n / (time.perf_counter() - started)
                 del out
+                used = (cpu_seconds(os.getpid()) - cpu[0], cpu_seconds(worker_pid) - cpu[1])
                 result["contenders"].setdefault(name, []).append(rate)
-                print(r, name, round(rate), flush=True)
+                result["cpu_s"].setdefault(name, []).append({"client": used[0], "worker": used[1]})
+                print(r, name, round(rate), "CPU s client/worker", round(used[0], 2), round(used[1], 2), flush=True)
         for name, batcher in batchers.items():
             (worker,) = batcher.stats()["workers"].values()
             result["worker"][name] = {"replies": worker["replies"], "padding_waste": worker["padding_waste"]}

@@ -23,8 +23,9 @@ How a slot lives (nothing leaks, whatever dies):
 - A worker that cannot open the name (another host, another container, no ``/dev/shm``) says so
   in its reply, and the client sends that batch, and every later one to that worker, over the comm.
 
-Replies come back the same way when they are large (per-token features of a text model are
-megabytes a shipment, where the comm's copies cap the rate): the worker writes a reply's arrays
+Replies can come back the same way when they are large (per-token features of a text model are
+megabytes a shipment, which the client's event loop otherwise reads from a socket;
+``dynbatch.transport.shared-memory-replies``, off by default): the worker writes a reply's arrays
 into a file of its own (``dynbatch-r-<pid>-<random>``, :class:`ReplyFiles`) and sends its name;
 the client maps it, unlinks it at once and reads the arrays in place (:func:`read_reply`). A
 reply file whose client never came for it (a client that died with the reply on its way) is

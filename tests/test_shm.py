@@ -455,14 +455,15 @@ def our_reply_files() -> list[str]:
 async def test_large_replies_come_back_through_shared_memory(c, s, a):
     await c.register_plugin(ddb.DynBatchPlugin())
     xs = text_samples(300)
-    batcher = await ddb.Batcher(c, ddb.ModelSpec("text-reply-shm", load=build_tiny_text_encoder, pad_value=0))
+    with dask.config.set({"dynbatch.transport.shared-memory-replies": True}):
+        batcher = await ddb.Batcher(c, ddb.ModelSpec("text-reply-shm", load=build_tiny_text_encoder, pad_value=0))
     out = await asyncio.gather(*batcher.map(xs))
     replies = a.extensions["dynbatch"].replies
     written = replies.summary()["reply_files"]
     assert written >= 1  # per-token features of a shipment: far over 64 KiB
     assert not our_reply_files()
-    with dask.config.set({"dynbatch.transport.shared-memory": False}):
-        over_comm = await ddb.Batcher(c, ddb.ModelSpec("text-reply-comm", load=build_tiny_text_encoder, pad_value=0))
+    # (the default: replies over the comm)
+    over_comm = await ddb.Batcher(c, ddb.ModelSpec("text-reply-comm", load=build_tiny_text_encoder, pad_value=0))
     expected = await asyncio.gather(*over_comm.map(xs))
     assert replies.summary()["reply_files"] == written
     for got, want, x in zip(out, expected, xs):
@@ -486,7 +487,8 @@ async def test_a_client_that_cannot_read_replies_gets_them_again_over_the_comm(c
     monkeypatch.setattr(transport, "read_reply", refuse)
     await c.register_plugin(ddb.DynBatchPlugin())
     xs = text_samples(200, seed=1)
-    batcher = await ddb.Batcher(c, ddb.ModelSpec("text-reply-refused", load=build_tiny_text_encoder, pad_value=0))
+    with dask.config.set({"dynbatch.transport.shared-memory-replies": True}):
+        batcher = await ddb.Batcher(c, ddb.ModelSpec("text-reply-refused", load=build_tiny_text_encoder, pad_value=0))
     out = await asyncio.gather(*batcher.map(xs))
     assert [o["last_hidden_state"].shape[0] for o in out] == [len(x["input_ids"]) for x in xs]
     stats = batcher.stats()

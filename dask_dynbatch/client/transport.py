@@ -119,7 +119,7 @@ class Transport:
         self.model = model
         self.weighed = weighed  # rows carry their cost (ModelSpec.cost)
         copy_mode()  # a bad dynbatch.transport.shared-memory-copy fails the Batcher, not its shipments
-        self.reply_files = bool(dask.config.get("dynbatch.transport.shared-memory-replies", True))
+        self.reply_files = bool(dask.config.get("dynbatch.transport.shared-memory-replies", False))
         self._stackers = concurrent.futures.ThreadPoolExecutor(STACK_THREADS, thread_name_prefix="dynbatch-stack")
 
     def close(self) -> None:
