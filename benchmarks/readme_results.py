@@ -722,6 +722,29 @@ def multi_model_section() -> str:
             f"{met(bool(tg.get('p99_met')))}. ![multi-model](results/multi_model_case.png)\n")
 
 
+def reply_section() -> str:
+    """Per-token outputs back to a same-host client, comm or shared memory (``reply_case.json``)."""
+    r = load_result("reply_case")
+    if r is None:
+        return ""
+    m, c, cpu = r["machine"], r["contenders"], r["cpu_s"]
+
+    def rates(name: str) -> str:
+        return ", ".join(f"{v:,.0f}" for v in c[name])
+
+    def worker_cpu(name: str) -> str:
+        return ", ".join(f"{x['worker']:.1f}" for x in cpu[name])
+
+    return (f"**Large replies** (`reply_case.json` + `.png`, `python benchmarks/reply_case.py`; {m.get('cpu')}, "
+            f"{m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}): a padded stand-in model (0.7 us a token) "
+            f"returning per-token features of width 768 in fp16, {r['requests']:,} requests, "
+            f"{r['per_token_gb']:.1f} GB of them a pass; requests/s per round: pooled row alone {rates('pooled')}; "
+            f"per-token over the comm {rates('tokens_comm')}; per-token through shared memory "
+            f"{rates('tokens_shm')} ({r['ratios']['tokens_shm_vs_comm']:.2f}x the comm, worker CPU seconds a pass "
+            f"{worker_cpu('tokens_shm')} against {worker_cpu('tokens_comm')}). Shared-memory replies stay off by "
+            f"default. ![replies](results/reply_case.png)\n")
+
+
 def first_result_section() -> str:
     """Time to the first result and the front end through predict() (``first_result*.json``)."""
     parts = []
@@ -757,6 +780,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 {first_result_section()}
 {text_section()}
 {text_compiled_section()}
+{reply_section()}
 {collection_section()}
 {sharing_section()}
 {growth_section()}

@@ -466,6 +466,7 @@ async def test_large_replies_come_back_through_shared_memory(c, s, a):
     over_comm = await ddb.Batcher(c, ddb.ModelSpec("text-reply-comm", load=build_tiny_text_encoder, pad_value=0))
     expected = await asyncio.gather(*over_comm.map(xs))
     assert replies.summary()["reply_files"] == written
+    assert [next(iter(b.stats()["workers"].values()))["replies"] for b in (batcher, over_comm)] == ["shared-memory", "comm"]
     for got, want, x in zip(out, expected, xs):
         assert got["last_hidden_state"].shape == (len(x["input_ids"]), 64)
         np.testing.assert_allclose(got["last_hidden_state"], want["last_hidden_state"], rtol=1e-4, atol=1e-4)

@@ -71,7 +71,7 @@ DEADLINE_SLACK = 1024
 class WorkerSlot:
     """What a dispatcher knows of one worker for its model."""
 
-    def __init__(self, view: WorkerView, initial_size: int, shm: ShmRing | None):
+    def __init__(self, view: WorkerView, initial_size: int, shm: ShmRing | None, reply_files: bool = False):
         self.address = view.address
         self.view = view
         self.advice = Advice(size=initial_size)  # the worker's model server's, from its replies
@@ -83,7 +83,9 @@ class WorkerSlot:
         self.samples = 0
         self.compile: dict[str, Any] | None = None  # the worker's compile state (compiled models)
         self.shm = shm  # shared-memory slots for this worker (same host), see shm.py
-        self.reply_files = True  # large replies come back through shared memory too (while shm is set)
+        # large replies come back through shared memory too (while shm is set; off once the client
+        # could not read one)
+        self.reply_files = reply_files
         self.forecast = BusyForecast()  # when its device frees: paces partial shipments
         self.isolating = False  # runs a group of suspects: nothing else is sent to it meanwhile
 
@@ -554,7 +556,8 @@ class Dispatcher:
             slot = self.slots.get(address)
             if slot is None:
                 ring = ShmRing(keep=self._inflight_limit(None) + 1) if shm_wanted(address) else None
-                self.slots[address] = WorkerSlot(view, spec.initial_size(view.device), ring)
+                self.slots[address] = WorkerSlot(view, spec.initial_size(view.device), ring,
+                                                 reply_files=self.transport.reply_files)
             else:
                 slot.view = view
                 slot.alive = now >= slot.lost_until

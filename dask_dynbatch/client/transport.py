@@ -119,6 +119,7 @@ class Transport:
         self.model = model
         self.weighed = weighed  # rows carry their cost (ModelSpec.cost)
         copy_mode()  # a bad dynbatch.transport.shared-memory-copy fails the Batcher, not its shipments
+        # (read once: a Batcher made inside dask.config.set keeps it for every worker it meets)
         self.reply_files = bool(dask.config.get("dynbatch.transport.shared-memory-replies", False))
         self._stackers = concurrent.futures.ThreadPoolExecutor(STACK_THREADS, thread_name_prefix="dynbatch-stack")
 
@@ -164,7 +165,7 @@ class Transport:
             shm_slot = self._slot_for(ring, inline, blocks=layout is not None)
             new_slot = shm_slot is not None and not shm_slot.attached
             # a worker that maps this client's slots shares its host: large replies come back the same way
-            message["reply_shm"] = ring is not None and slot.reply_files and self.reply_files
+            message["reply_shm"] = ring is not None and slot.reply_files
             try:
                 if inline and isinstance(inline[0], Sample):
                     rows = await self._stack_tree(inline, shm_slot, signature)
