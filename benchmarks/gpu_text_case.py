@@ -38,7 +38,7 @@ import dask
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_stamp, save  # noqa: E402
+from common import RESULTS, machine_stamp, save, server_state  # noqa: E402
 
 import dask_dynbatch as ddb  # noqa: E402
 
@@ -225,6 +225,11 @@ def dynbatch_passes(client, name: str, load, samples: list, passes: int = 3, tim
             extra["verify"] = verify(client, batcher, samples, check, size, per_token)
         worker = next(iter(batcher.stats()["workers"].values()))
         history = batcher.history()
+        # the server's own controller: its throughput per size (real tokens a second) and best size
+        (server,) = server_state(client, name).values()
+        control = server["controller"]
+        extra["server_controller"] = {k: control.get(k) for k in ("size", "best_size", "best_throughput", "throughput",
+                                                                   "throughput_noise", "phase", "reason")}
     columns = ("size", "device_batch", "controller_size", "latency", "compute_s", "round_trip_s", "worker_s", "stack_s")
     return {"throughput": rates[-1], "untimed": rates[:-1], "padding_waste": worker["padding_waste"],
             "controller": worker["controller"],

@@ -646,6 +646,19 @@ def gpu_text_section() -> str:
             f"per-token outputs back to the client {d['throughput']:,.0f} (**{r['ratio_to_sorted']:.2f}x**, target 0.9: "
             f"{met(r['ratio_to_sorted'] >= 0.9)}), padding {d['padding_waste']:.1%} (target 15 %: "
             f"{met(d['padding_waste'] <= 0.15)})")
+    if d.get("timeline"):
+        text += f", the GPU busy {d['timeline']['busy_share']:.0%} of its timed pass"
+    shm = r.get("dynbatch_shm_replies")
+    if shm:
+        text += (f"; the same with replies through shared memory {shm['throughput']:,.0f} "
+                 f"({r['shm_replies_ratio_to_sorted']:.2f}x; untimed passes "
+                 + ", ".join(f"{x:,.0f}" for x in shm["untimed"]) + ")")
+        if shm.get("timeline"):
+            text += f", the GPU busy {shm['timeline']['busy_share']:.0%}"
+    checks = [v["verify"] for v in (d, shm, r.get("dynbatch_pooled")) if v and v.get("verify")]
+    if checks:
+        text += (f"; {sum(c['requests'] for c in checks):,} outputs compared with each request run alone: largest "
+                 f"difference {max(c['max_abs_diff'] for c in checks):.4f} (fp16), {sum(c['over_0.1'] for c in checks)} over 0.1")
     pooled = r.get("dynbatch_pooled")
     if pooled:
         text += (f"; the pooled output alone {pooled['throughput']:,.0f} (**{r['pooled_ratio_to_sorted']:.2f}x**, "
