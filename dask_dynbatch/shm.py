@@ -278,7 +278,7 @@ class ReplyFiles:
         except (BufferError, pickle.PicklingError, TypeError, AttributeError):
             return None  # (a non-contiguous buffer, or nothing pickle can take out of band)
         total = sum(r.nbytes for r in raws)
-        if not raws or total < min_bytes:
+        if not total or total < min_bytes:
             return None
         layout: list[tuple[int, int]] = []
         iov: list[bytes | memoryview] = []
@@ -371,17 +371,17 @@ def _pwrite_all(fd: int, iov: list) -> None:
         part = [memoryview(b).cast("B") for b in iov[start : start + _IOV_MAX]]
         want = sum(len(b) for b in part)
         written = os.pwritev(fd, part, offset)
-        while written < want:  # a short write (not seen on tmpfs): the rest one buffer at a time
+        while written < want:  # a short write (not seen on tmpfs): the rest of its buffer, then on
             skip = written
             for b in part:
                 if skip >= len(b):
                     skip -= len(b)
                     continue
                 n = os.pwrite(fd, b[skip:], offset + written)
-                written += n
-                skip = 0
                 if n == 0:
                     raise OSError("short write to a reply file")
+                written += n
+                break
         offset += want
 
 

@@ -422,6 +422,26 @@ def test_small_replies_and_replies_without_room_stay_on_the_comm(tmp_path, monke
     assert os.listdir(tmp_path) == [] and files.summary()["reply_files"] == 0
 
 
+def test_reply_files_survive_short_writes(tmp_path, monkeypatch):
+    from dask_dynbatch import shm as shm_module
+
+    real_pwrite = os.pwrite
+
+    def first_buffer_only(fd, buffers, offset):  # a short write: only the first buffer lands
+        return real_pwrite(fd, buffers[0], offset)
+
+    def one_byte_less(fd, data, offset):
+        return real_pwrite(fd, data[: max(1, len(data) - 1)], offset)
+
+    monkeypatch.setattr(shm_module.os, "pwritev", first_buffer_only)
+    monkeypatch.setattr(shm_module.os, "pwrite", one_byte_less)
+    files = ReplyFiles(str(tmp_path))
+    arrays = [np.arange(1000, dtype=np.int64), np.arange(777, dtype=np.uint8), np.arange(50, dtype=np.float32)]
+    back = read_reply(files.write(arrays, min_bytes=1), str(tmp_path))
+    for got, want in zip(back, arrays):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_reply_files_nobody_read_are_unlinked_after_their_ttl_and_on_close(tmp_path):
     now = [0.0]
     files = ReplyFiles(str(tmp_path), ttl=60.0, clock=lambda: now[0])

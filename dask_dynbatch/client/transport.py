@@ -165,7 +165,10 @@ class Transport:
             shm_slot = self._slot_for(ring, inline, blocks=layout is not None)
             new_slot = shm_slot is not None and not shm_slot.attached
             # a worker that maps this client's slots shares its host: large replies come back the same way
-            message["reply_shm"] = ring is not None and slot.reply_files
+            if ring is not None and slot.reply_files:
+                message["reply_shm"] = True
+            else:
+                message.pop("reply_shm", None)
             try:
                 if inline and isinstance(inline[0], Sample):
                     rows = await self._stack_tree(inline, shm_slot, signature)

@@ -77,7 +77,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         # daemon thread: a hung GPU holds it, and it must not hold up a restart)
         self.copier = DeviceThread("dynbatch-copy-out")
         self.shm = ShmAttachments()  # shared-memory slots of clients on this host
-        # large replies to clients on this host go back through shared memory, written off the loop
+        # large replies to clients on this host that ask for it go back through shared memory,
+        # written off the event loop
         self.replies = ReplyFiles()
         self.reply_writer = ThreadPoolExecutor(2, thread_name_prefix="dynbatch-reply")
         self._pin_slots = bool(dask.config.get("dynbatch.transport.page-lock", True))
