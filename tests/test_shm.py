@@ -473,6 +473,7 @@ def our_reply_files() -> list[str]:
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_large_replies_come_back_through_shared_memory(c, s, a):
+    pytest.importorskip("torch")  # (the tiny text encoder)
     await c.register_plugin(ddb.DynBatchPlugin())
     xs = text_samples(300)
     with dask.config.set({"dynbatch.transport.shared-memory-replies": True}):
@@ -497,6 +498,7 @@ async def test_large_replies_come_back_through_shared_memory(c, s, a):
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_a_client_that_cannot_read_replies_gets_them_again_over_the_comm(c, s, a, monkeypatch):
+    pytest.importorskip("torch")  # (the tiny text encoder)
     from dask_dynbatch.client import transport
 
     refused = []
