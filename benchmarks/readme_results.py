@@ -632,6 +632,12 @@ def cpu_budget_section() -> str:
             f"{raw} images/s (means of the rounds); closed loops of {r['requests']:,} images, means of 3 passes: {runs}.\n")
 
 
+def busy(t: dict) -> str:
+    """The GPU's busy share between a timed pass's first and last forward, and how much of the pass that span was."""
+    return (f"the GPU busy {t['busy_share']:.0%} from its first batch to its last ({t['span_s']:.2f} s of the "
+            f"{t['pass_s']:.2f} s pass)")
+
+
 def gpu_text_section() -> str:
     """Variable-length text on a GPU against sorted-bucket loops (``gpu_text_case.json``)."""
     r = load_result("gpu_text_case")
@@ -647,14 +653,14 @@ def gpu_text_section() -> str:
             f"{met(r['ratio_to_sorted'] >= 0.9)}), padding {d['padding_waste']:.1%} (target 15 %: "
             f"{met(d['padding_waste'] <= 0.15)})")
     if d.get("timeline"):
-        text += f", the GPU busy {d['timeline']['busy_share']:.0%} of its timed pass"
+        text += ", " + busy(d["timeline"])
     shm = r.get("dynbatch_shm_replies")
     if shm:
         text += (f"; the same with replies through shared memory {shm['throughput']:,.0f} "
                  f"({r['shm_replies_ratio_to_sorted']:.2f}x; untimed passes "
                  + ", ".join(f"{x:,.0f}" for x in shm["untimed"]) + ")")
         if shm.get("timeline"):
-            text += f", the GPU busy {shm['timeline']['busy_share']:.0%}"
+            text += ", " + busy(shm["timeline"])
     checks = [v["verify"] for v in (d, shm, r.get("dynbatch_pooled")) if v and v.get("verify")]
     if checks:
         text += (f"; {sum(c['requests'] for c in checks):,} outputs compared with each request run alone: largest "
@@ -665,8 +671,7 @@ def gpu_text_section() -> str:
                  f"target 0.9: {met(r['pooled_ratio_to_sorted'] >= 0.9)}), padding {pooled['padding_waste']:.1%}")
         timeline = pooled.get("timeline")
         if timeline:
-            text += (f", the GPU busy {timeline['busy_share']:.0%} of its timed pass in batches of a median "
-                     f"{timeline['median_tokens']:,.0f} tokens")
+            text += f", {busy(timeline)}, in batches of a median {timeline['median_tokens']:,.0f} tokens"
     pressure = r.get("pressure") or {}
     if "dynbatch" in pressure:
         dp = pressure["dynbatch"]
