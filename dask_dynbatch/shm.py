@@ -29,7 +29,11 @@ megabytes a shipment, which the client's event loop otherwise reads from a socke
 into a file of its own (``dynbatch-r-<pid>-<random>``, :class:`ReplyFiles`) and sends its name;
 the client maps it, unlinks it at once and reads the arrays in place (:func:`read_reply`). A
 reply file whose client never came for it (a client that died with the reply on its way) is
-unlinked by the worker after :data:`REPLY_TTL` seconds, or when the worker closes.
+unlinked by the worker after :data:`REPLY_TTL` seconds, or when the worker closes (one written
+just before its worker was killed stays until the host restarts, unlike the slots above). The
+client asks for them only from a worker that has mapped one of its slots (same host). All the
+outputs of one reply share one mapping: a request's result kept alive keeps its shipment's memory
+(in ``/dev/shm``) alive too.
 
 Off with ``dynbatch.transport.shared-memory: false``; batches and replies smaller than
 ``dynbatch.transport.shared-memory-min-bytes`` always travel over the comm.
@@ -42,6 +46,7 @@ import mmap
 import os
 import pickle
 import re
+import stat
 import threading
 import time
 import uuid
@@ -176,6 +181,8 @@ class ShmRing:
         self._lock = threading.Lock()
         self._no_room_at: int | None = None  # smallest size creation failed for
         self.closed = False
+        # the worker has mapped one of these slots: it shares this host (its reply files are readable)
+        self.proven = False
 
     def acquire(self, nbytes: int) -> ShmSlot | None:
         with self._lock:
@@ -265,6 +272,7 @@ class ReplyFiles:
         self._lock = threading.Lock()
         self.written = 0
         self.bytes = 0
+        self.closed = False
 
     def write(self, obj: object, min_bytes: int = 0) -> dict | None:
         """Write ``obj``'s arrays to a new reply file; returns ``{"name", "size", "head", "buffers"}``
@@ -305,9 +313,15 @@ class ReplyFiles:
             logger.info("dynbatch: no shared-memory reply file of %d bytes (%s); the reply travels over the comm",
                         end, exc)
             return None
+        except BaseException:
+            _unlink(path)
+            raise
         finally:
             os.close(fd)
         with self._lock:
+            if self.closed:  # the worker closed while this was written: nobody would unlink it
+                _unlink(path)
+                return None
             self._pending.append((self._clock(), path))
             self.written += 1
             self.bytes += end
@@ -326,8 +340,10 @@ class ReplyFiles:
             removed += _unlink(path)
 
     def close(self) -> int:
-        """Unlink every reply file not read yet (the worker closes); returns how many."""
+        """Unlink every reply file not read yet (the worker closes); returns how many. A write
+        that finishes later unlinks its own file."""
         with self._lock:
+            self.closed = True
             paths = [p for _, p in self._pending]
             self._pending.clear()
         return sum(_unlink(p) for p in paths)
@@ -339,23 +355,32 @@ class ReplyFiles:
 
 def read_reply(info: dict, directory: str = SHM_DIR) -> Any:
     """Client side of :class:`ReplyFiles`: map the file, unlink it, and unpickle the reply with its
-    arrays read in place (copy-on-write: they are writable, and live as long as any of them does).
-    Raises :class:`ReplyUnavailable` when the file cannot be read."""
-    name = str(info["name"])
-    if not _REPLY_NAME.match(name):
+    arrays read in place (copy-on-write: writable where they were writable on the worker; they
+    live as long as any of them does, all of one reply together). Raises :class:`ReplyUnavailable`
+    when the file cannot be read."""
+    try:
+        name, size = str(info["name"]), int(info["size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReplyUnavailable(f"not a reply file description: {exc!r}") from None
+    if not _REPLY_NAME.fullmatch(name):
         raise ReplyUnavailable(f"not a dask-dynbatch reply file name: {name!r}")
     path = os.path.join(directory, name)
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # (not a link, and nothing that could block the event loop: a regular file only)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise ReplyUnavailable(f"cannot open {path} ({exc.strerror})") from None
     try:
-        mm = mmap.mmap(fd, int(info["size"]), access=mmap.ACCESS_COPY)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ReplyUnavailable(f"{path} is not a regular file")
+        mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as exc:
         raise ReplyUnavailable(f"cannot map {path}: {exc}") from None
     finally:
         os.close(fd)
-        _unlink(path)  # the mapping keeps the memory; nothing is left behind
+        try:
+            _unlink(path)  # the mapping keeps the memory; nothing is left behind
+        except OSError:
+            pass
     whole = memoryview(mm)
     try:
         return pickle.loads(info["head"], buffers=[whole[start:start + n] for start, n in info["buffers"]])

@@ -476,9 +476,11 @@ async def test_large_replies_come_back_through_shared_memory(c, s, a):
     pytest.importorskip("torch")  # (the tiny text encoder)
     await c.register_plugin(ddb.DynBatchPlugin())
     xs = text_samples(300)
-    with dask.config.set({"dynbatch.transport.shared-memory-replies": True}):
+    # (small shipments of ids: slots from 1 KiB, so that the worker maps one and shows it shares the host)
+    with dask.config.set({"dynbatch.transport.shared-memory-replies": True,
+                          "dynbatch.transport.shared-memory-min-bytes": 1024}):
         batcher = await ddb.Batcher(c, ddb.ModelSpec("text-reply-shm", load=build_tiny_text_encoder, pad_value=0))
-    out = await asyncio.gather(*batcher.map(xs))
+        out = await asyncio.gather(*batcher.map(xs))
     replies = a.extensions["dynbatch"].replies
     written = replies.summary()["reply_files"]
     assert written >= 1  # per-token features of a shipment: far over 64 KiB
@@ -510,9 +512,10 @@ async def test_a_client_that_cannot_read_replies_gets_them_again_over_the_comm(c
     monkeypatch.setattr(transport, "read_reply", refuse)
     await c.register_plugin(ddb.DynBatchPlugin())
     xs = text_samples(200, seed=1)
-    with dask.config.set({"dynbatch.transport.shared-memory-replies": True}):
+    with dask.config.set({"dynbatch.transport.shared-memory-replies": True,
+                          "dynbatch.transport.shared-memory-min-bytes": 1024}):
         batcher = await ddb.Batcher(c, ddb.ModelSpec("text-reply-refused", load=build_tiny_text_encoder, pad_value=0))
-    out = await asyncio.gather(*batcher.map(xs))
+        out = await asyncio.gather(*batcher.map(xs))
     assert [o["last_hidden_state"].shape[0] for o in out] == [len(x["input_ids"]) for x in xs]
     stats = batcher.stats()
     assert stats["delivered"] == 200 and stats["failed"] == 0
@@ -524,3 +527,27 @@ async def test_a_client_that_cannot_read_replies_gets_them_again_over_the_comm(c
     assert replies.close() == len(refused)  # left to the worker, which unlinks them
     assert not our_reply_files()
     batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_no_reply_files_from_a_worker_that_never_mapped_a_slot(c, s, a, tmp_path_factory):
+    pytest.importorskip("torch")  # (the tiny text encoder: small inputs, which never use a slot, large outputs)
+    await c.register_plugin(ddb.DynBatchPlugin())
+    plugin = a.extensions["dynbatch"]
+    plugin.replies.directory = str(tmp_path_factory.mktemp("elsewhere"))  # files the client could not read
+    xs = text_samples(200, seed=2)
+    with dask.config.set({"dynbatch.transport.shared-memory-replies": True}):
+        batcher = await ddb.Batcher(c, ddb.ModelSpec("text-reply-far", load=build_tiny_text_encoder, pad_value=0))
+        out = await asyncio.gather(*batcher.map(xs))
+    assert [o["last_hidden_state"].shape[0] for o in out] == [len(x["input_ids"]) for x in xs]
+    assert plugin.replies.summary()["reply_files"] == 0  # never asked for: nothing ran twice
+    assert sum(w["samples"] for w in batcher.stats()["workers"].values()) == 200
+    batcher.close()
+
+
+def test_a_reply_written_after_close_unlinks_itself(tmp_path):
+    files = ReplyFiles(str(tmp_path))
+    files.write([np.ones(1000)], min_bytes=1)
+    assert files.close() == 1
+    assert files.write([np.ones(1000)], min_bytes=1) is None  # (a write still running at teardown)
+    assert os.listdir(tmp_path) == []

@@ -165,7 +165,7 @@ class Transport:
             shm_slot = self._slot_for(ring, inline, blocks=layout is not None)
             new_slot = shm_slot is not None and not shm_slot.attached
             # a worker that maps this client's slots shares its host: large replies come back the same way
-            if ring is not None and slot.reply_files:
+            if ring is not None and ring.proven and slot.reply_files:
                 message["reply_shm"] = True
             else:
                 message.pop("reply_shm", None)
@@ -191,8 +191,9 @@ class Transport:
                     self._on_shm_error(slot, ring, shm_slot, exc)
                     shm_slot = None
                     continue  # nothing ran: encode again, for the comm
-                if shm_slot is not None:
+                if shm_slot is not None and ring is not None:  # (a slot comes from the ring)
                     shm_slot.mark_attached()  # the worker maps it: unlink the name, nothing can leak
+                    ring.proven = True
                 try:
                     return self._decode(reply, formed, sent, done, new_slot)
                 except ReplyUnavailable as exc:  # its results never reached us: run it again, over the comm

@@ -184,10 +184,16 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         loaded = server.loaded
         reply_file = None
         if reply_shm and shipment.pieces:
+            written = None
             try:
-                reply_file = await asyncio.get_running_loop().run_in_executor(
-                    self.reply_writer, self.replies.write, [outputs for _, outputs in shipment.pieces],
-                    int(dask.config.get("dynbatch.transport.shared-memory-min-bytes", 65536)))
+                written = self.reply_writer.submit(self.replies.write, [outputs for _, outputs in shipment.pieces],
+                                                   int(dask.config.get("dynbatch.transport.shared-memory-min-bytes",
+                                                                       65536)))
+                reply_file = await asyncio.wrap_future(written)
+            except asyncio.CancelledError:
+                if written is None or not written.cancelled():
+                    raise  # the handler itself is cancelled
+                # (a write cancelled as the worker closes: the comm carries the reply)
             except Exception as exc:  # (the worker closes, its writer is shut down): the comm carries it
                 logger.debug("dynbatch: reply not written to shared memory: %r", exc)
         return ShipmentReply(
@@ -351,7 +357,10 @@ class DynBatchWorkerPlugin(WorkerPlugin):
 
     def _poll_memory(self) -> None:
         """Re-plan event: free memory moved by more than the threshold -> push new advice at once."""
-        self.replies.sweep()  # (reply files no client came for: unlinked here also while none are written)
+        try:  # (reply files no client came for: unlinked here also while none are written)
+            self.replies.sweep()
+        except OSError:
+            logger.debug("dynbatch: reply files not swept", exc_info=True)
         changed = False
         for sizer in self.sizers.values():
             try:
