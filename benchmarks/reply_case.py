@@ -88,7 +88,9 @@ def plot(result: dict, path: Path) -> None:
         ax.plot([i] * len(result["contenders"][k]), result["contenders"][k], "k.", ms=4)
     ax.axhline(result["ideal"], color="k", ls="--", lw=1, label="ideal (the model's sleep, no padding)")
     ax.set_ylabel("requests/s")
-    ax.set_title(f"{result['requests']:,} text requests, {result['per_token_gb']:.1f} GB of per-token outputs a pass")
+    m = result["machine"]
+    ax.set_title(f"{result['requests']:,} text requests, {result['per_token_gb']:.1f} GB of per-token outputs a pass\n"
+                 f"{m.get('cpu')}, {m['cpu_count']} cores, {m['date']}, commit {m.get('commit')}", fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
