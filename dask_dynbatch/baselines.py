@@ -29,14 +29,21 @@ def default_device() -> str:
     return "cuda:0" if visible_gpu_count() else "cpu"
 
 
+def _on_host(outputs: Any) -> Any:
+    """Host arrays: a CUDA batch's outputs come back on their way to host memory (``PendingHost``)."""
+    from .worker.model import PendingHost
+
+    return outputs.result() if isinstance(outputs, PendingHost) else outputs
+
+
 def predict_one(load: Callable[..., Any], sample: np.ndarray, device: str | None = None) -> np.ndarray:
     """One Dask task per request."""
-    return _model(load, device or default_device())(sample[None])[0]
+    return _on_host(_model(load, device or default_device())(sample[None]))[0]
 
 
 def predict_chunk(load: Callable[..., Any], chunk: np.ndarray, device: str | None = None) -> np.ndarray:
     """One Dask task per hand-made chunk of requests."""
-    return _model(load, device or default_device())(chunk)
+    return _on_host(_model(load, device or default_device())(chunk))
 
 
 def raw_loop(load: Callable[..., Any], sample: np.ndarray, batch_sizes: list[int], seconds: float = 2.0,

@@ -1,9 +1,11 @@
-"""The opt-in reference benchmark (dask_dynbatch.worker.reference): tables, the timing loop, the device run."""
+"""The opt-in reference benchmark (dask_dynbatch.worker.reference): tables, the timing loop, the device run;
+the plain-Dask baselines the benchmarks compare against."""
 
 from __future__ import annotations
 
 import builtins
 
+import numpy as np
 import pytest
 
 from dask_dynbatch.worker.reference import (
@@ -222,3 +224,17 @@ def test_rerun_benchmark_on_request_from_a_client():
         assert s.extensions["dynbatch"].worker_view(a.address).benchmark == table.get("best_throughput")
 
     check()
+
+
+def test_baselines_wait_for_outputs_on_their_way_to_the_host(monkeypatch):
+    """On CUDA a batch's outputs come back as a PendingHost; the plain-Dask baselines return arrays."""
+    from dask_dynbatch import baselines
+    from dask_dynbatch.worker.model import PendingHost
+
+    class Done:
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(baselines, "_model", lambda load, device: (lambda batch: PendingHost(np.ones((len(batch), 2)), Done())))
+    assert baselines.predict_chunk(None, np.zeros((3, 4)), "cuda:0").shape == (3, 2)
+    assert baselines.predict_one(None, np.zeros(4), "cuda:0").shape == (2,)
