@@ -83,11 +83,16 @@ class WorkerSlot:
         self.samples = 0
         self.compile: dict[str, Any] | None = None  # the worker's compile state (compiled models)
         self.shm = shm  # shared-memory slots for this worker (same host), see shm.py
-        # large replies come back through shared memory too (while shm is set; off once the client
-        # could not read one)
+        # large replies may come back through shared memory too (off once the client could not read one)
         self.reply_files = reply_files
         self.forecast = BusyForecast()  # when its device frees: paces partial shipments
         self.isolating = False  # runs a group of suspects: nothing else is sent to it meanwhile
+
+    @property
+    def asks_for_reply_files(self) -> bool:
+        """Whether shipments ask for large replies through shared memory: wanted, and the worker
+        has mapped one of this client's slots (so it shares this host)."""
+        return self.reply_files and self.shm is not None and self.shm.proven
 
     def close_shm(self) -> list[str]:
         """Stop sending through shared memory; returns the slot names the worker still maps."""
@@ -110,7 +115,7 @@ class WorkerSlot:
             "forecast": self.forecast.state(),
             "compile": self.compile,
             "transport": "shared-memory" if self.shm is not None else "comm",
-            "replies": "shared-memory" if self.shm is not None and self.reply_files else "comm",
+            "replies": "shared-memory" if self.asks_for_reply_files else "comm",
             "padding_waste": advice.padding_waste,
         }
 

@@ -164,8 +164,7 @@ class Transport:
             ring = slot.shm
             shm_slot = self._slot_for(ring, inline, blocks=layout is not None)
             new_slot = shm_slot is not None and not shm_slot.attached
-            # a worker that maps this client's slots shares its host: large replies come back the same way
-            if ring is not None and ring.proven and slot.reply_files:
+            if slot.asks_for_reply_files:
                 message["reply_shm"] = True
             else:
                 message.pop("reply_shm", None)
