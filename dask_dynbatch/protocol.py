@@ -31,6 +31,7 @@ PLUGIN_NAME = "dynbatch"
 
 # worker handlers
 RUN = "dynbatch_run"
+COLLECT = "dynbatch_collect"
 UNLOAD = "dynbatch_unload"
 SHM_DROP = "dynbatch_shm_drop"
 BENCHMARK = "dynbatch_benchmark"
@@ -83,6 +84,20 @@ class WorkerRestarting(Exception):
 
     def __reduce__(self):
         return (type(self), (self.address,))
+
+
+class PartsLost(Exception):
+    """The worker no longer holds a shipment answered in parts (it was dropped unclaimed, or the
+    worker restarted at the same address): the rows whose results did not come back go back to the
+    queue."""
+
+    def __init__(self, address: str, token: int):
+        self.address = address
+        self.token = token
+        super().__init__(f"worker {address} holds no shipment answered in parts with token {token}")
+
+    def __reduce__(self):
+        return (type(self), (self.address, self.token))
 
 
 def unwrap(value: Any) -> Any:
@@ -187,7 +202,9 @@ class ShipmentReply(_Message):
     closing or restarting (the client sends them elsewhere). ``stuck``: rows of a device batch that
     ran past ``stuck_limit`` seconds (the worker restarts; the client retries them in halves).
     ``reply_file``: the pieces' outputs were written to shared memory (``shm.read_reply``), and each
-    piece's own is None."""
+    piece's own is None. ``more``: this is a part (asked for with ``parts``), with the results
+    gathered so far and nothing else; the client calls ``dynbatch_collect`` with this token for the
+    next one, until one comes without it."""
 
     pieces: list[tuple[list[int], Any]]
     errors: list[tuple[int, Any]]
@@ -205,6 +222,7 @@ class ShipmentReply(_Message):
     stuck: list[int] = field(default_factory=list)
     stuck_limit: float | None = None
     reply_file: dict[str, Any] | None = None
+    more: int | None = None
 
 
 @dataclass

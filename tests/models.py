@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 GATE = threading.Event()
 
 
@@ -35,3 +37,16 @@ def worker_addresses(client) -> set[str]:
     cached view, which the client's periodic refresh may replace by one listing no workers between
     the update and the read."""
     return client.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.workers))
+
+
+def build_gated_encoder(device="cpu"):
+    """A dict model of padded token ids (per-token features and a pooled sum); a batch holding a
+    row whose first token is 999 waits for the shared gate."""
+
+    def model(input_ids, attention_mask):
+        if (input_ids[:, 0] == 999).any() and not GATE.wait(30):
+            raise TimeoutError("test gate never opened")
+        hidden = input_ids[..., None] * np.arange(1.0, 4.0) + attention_mask[..., None]
+        return {"last_hidden_state": hidden, "pooler_output": (hidden * attention_mask[..., None]).sum(axis=1)}
+
+    return model

@@ -514,7 +514,9 @@ class Batcher:
         ``timed_out_running`` after their shipment left), ``requeued`` (sent again after their
         worker died, closed or restarted), ``stuck`` (requests in device batches declared stuck),
         ``isolated`` (requests re-sent in groups of suspects), ``quarantined`` (of ``failed``: a
-        request that made its worker die or hang alone). ``quarantine``: suspects waiting now."""
+        request that made its worker die or hang alone), ``answered_early`` (of ``delivered``: results
+        that came back before the rest of their shipment had run, in a part of its reply).
+        ``quarantine``: suspects waiting now."""
         counts = self._ledger.counts()
         counts["cancelled"] += self._queue.cancelled
         dispatcher = self._dispatcher

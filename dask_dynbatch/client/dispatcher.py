@@ -16,6 +16,7 @@ whose device batch was stuck, are retried in ever smaller groups that run alone
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
@@ -38,7 +39,7 @@ from ..core.quarantine import MAX_DEATHS, Quarantine
 from ..core.requests import Request, RequestQueue
 from ..core.rows import split_rows
 from ..errors import BatcherClosedError, ExecutionTimeoutError, RequestTimeoutError, WorkerCrashError
-from ..protocol import WEIGHED_INFLIGHT, Advice, HistoryRecord, ModelSuperseded, WorkerView
+from ..protocol import WEIGHED_INFLIGHT, Advice, HistoryRecord, ModelSuperseded, PartsLost, WorkerView
 from ..shm import ShmRing
 from . import feedback
 from .ledger import Ledger
@@ -375,23 +376,37 @@ class Dispatcher:
                     layout: ShipmentRows | None, inputs: list[tuple[Any, Any]]) -> None:
         """Send one shipment of ``rows`` rows and deliver its results (``isolate``: a group of
         suspects; ``layout``: where each request's rows start, when some are block parts). Whatever
-        happens, every request of it is resolved or back in the queue when this returns."""
+        happens, every request of it is resolved or back in the queue when this returns.
+
+        A server of padded or weighed samples runs a shipment's rows over several device batches,
+        choosing them by cost from every shipment it holds: it answers in parts, each request's
+        result as its batch finishes, instead of the whole shipment once its last row ran (which
+        kept results back until the end of a long backlog)."""
+        answered: set[int] = set()  # rows whose results came in a part
+        on_part = None
+        if layout is None and not isolate and slot.advice.ship is not None:
+            on_part = functools.partial(self._deliver_part, reqs, answered)
         try:
             delivery = await self.transport.send(slot, reqs, version=self.model.version, formed=formed,
                                                  signature=self.model.signature, isolate=isolate, layout=layout,
-                                                 inputs=inputs)
+                                                 inputs=inputs, on_part=on_part)
         except WorkerLost as exc:
-            self._worker_lost(slot, reqs, exc.cause, sent=exc.sent, isolated=isolate)
+            self._worker_lost(slot, _left(reqs, answered), exc.cause, sent=exc.sent, isolated=isolate)
         except ModelSuperseded:  # nothing ran: the same requests go to the new version
             self._requeue(reqs, isolate)
             self._model_changed = True
+        except PartsLost as exc:  # the rest of a reply in parts is gone: its rows run again
+            left = _left(reqs, answered)
+            logger.info("dynbatch: %s; %d rows are sent again", exc, len(left))
+            self._requeue(left, isolate)
+            self.ledger.count("requeued", len(left))
         except Exception as exc:  # the shipment could not run (model failed to load, inputs lost, ...)
             logger.warning("dynbatch: shipment of %d for model %r failed: %r", rows, self.model.name, exc)
             self.ledger.fail(reqs, exc)
         else:
             try:
                 if layout is None:
-                    self._deliver(slot, reqs, delivery, isolate)
+                    self._deliver(slot, reqs, delivery, isolate, answered)
                 else:
                     self._deliver_rows(slot, layout, delivery, isolate)
             except Exception as exc:  # outputs that cannot be split per request, ...
@@ -407,8 +422,31 @@ class Dispatcher:
             slot.forecast.replied(rows, time.monotonic())
             self._set_wake()
 
-    def _deliver(self, slot: WorkerSlot, reqs: list[Request], delivery: Delivery, isolated: bool = False) -> None:
-        ran = reqs
+    def _deliver_part(self, reqs: list[Request], answered: set[int], delivery: Delivery) -> None:
+        """One part of a reply in parts: its rows' results and errors (``answered`` collects their rows)."""
+        if delivery.lost:
+            self._requeue([reqs[row] for row in delivery.lost], False)
+            self.ledger.count("requeued", len(delivery.lost))
+        answered.update(delivery.lost)
+        for row, exc in delivery.errors:
+            self.ledger.fail([reqs[row]], exc)
+            answered.add(row)
+        delivered = 0
+        ran = []
+        for rows, outputs in delivery.pieces:
+            for row, value in zip(rows, split_rows(outputs, len(rows))):
+                req = reqs[row]
+                ran.append(req)
+                answered.add(row)
+                delivered += self.ledger.deliver(req, _to_torch(value) if req.as_torch else value)
+        self.ledger.latency(ran, delivery.done)
+        self.ledger.count("delivered", delivered)
+        self.ledger.count("answered_early", delivered)
+
+    def _deliver(self, slot: WorkerSlot, reqs: list[Request], delivery: Delivery, isolated: bool = False,
+                 answered: set[int] | None = None) -> None:
+        """The (last) reply to a shipment of one row per request (``answered``: rows whose results
+        came in earlier parts)."""
         reply = delivery.reply
         if reply.stuck:  # the worker restarts: these ran in a stuck device batch, and are suspects
             self.ledger.count("stuck", len(reply.stuck))
@@ -417,12 +455,19 @@ class Dispatcher:
         if reply.unrun:  # the worker closes or restarts: those rows go elsewhere, no attempt used
             self._worker_lost(slot, [reqs[row] for row in reply.unrun],
                               RuntimeError("the worker is closing or restarting"), sent=False, isolated=isolated)
-        if reply.stuck or reply.unrun:
-            skip = set(reply.stuck) | set(reply.unrun)
-            ran = [r for i, r in enumerate(reqs) if i not in skip]
-            if not ran:
-                return
-        self.ledger.latency(ran, delivery.done)
+        skip = set(reply.stuck) | set(reply.unrun)
+        # every row that ran, for what the reply teaches; results of the last part's rows only here
+        ran = [r for i, r in enumerate(reqs) if i not in skip] if skip else reqs
+        if answered or delivery.lost:
+            skip |= answered or set()
+            if delivery.lost:
+                self._requeue([reqs[row] for row in delivery.lost], isolated)
+                self.ledger.count("requeued", len(delivery.lost))
+                skip |= set(delivery.lost)
+        if not ran:
+            return
+        last = [r for i, r in enumerate(reqs) if i not in skip] if skip else reqs
+        self.ledger.latency(last, delivery.done)
         for row, exc in delivery.errors:
             self.ledger.fail([reqs[row]], exc)
         delivered = 0
@@ -641,6 +686,11 @@ class Dispatcher:
         if spec.device == "cuda":
             needs.append("a CUDA device")
         return "a worker needs " + ", ".join(needs)
+
+
+def _left(reqs: list[Request], answered: set[int]) -> list[Request]:
+    """The requests of a shipment whose results did not come in a part of its reply."""
+    return [r for i, r in enumerate(reqs) if i not in answered] if answered else reqs
 
 
 def closed_error(model: str, detail: str) -> BatcherClosedError:

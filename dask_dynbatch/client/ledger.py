@@ -23,9 +23,10 @@ from ..core.requests import Request
 #: ``timed_out_running``: of ``timed_out``, those whose deadline passed while their shipment ran;
 #: ``quarantined``: of ``failed``, those that made their worker die or hang alone in their batch
 #: (``WorkerCrashError``, ``ExecutionTimeoutError``); ``isolated``: requests re-sent in groups of
-#: suspects after a worker died or restarted under them; ``stuck``: requests of stuck device batches
+#: suspects after a worker died or restarted under them; ``stuck``: requests of stuck device batches;
+#: ``answered_early``: of ``delivered``, those whose result came in a part of their shipment's reply
 COUNTS = ("submitted", "delivered", "failed", "cancelled", "timed_out", "requeued", "timed_out_running",
-          "quarantined", "isolated", "stuck")
+          "quarantined", "isolated", "stuck", "answered_early")
 
 
 class Ledger:

@@ -17,7 +17,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import dask.config
@@ -29,7 +30,7 @@ from ..core.blocks import ShipmentRows
 from ..core.requests import Request
 from ..core.rows import join_in_chunks, rows_between, stack_in_chunks
 from ..core.tree import Structure, TreeRows
-from ..protocol import RUN, ShipmentReply, WorkerRestarting, exception_from, raise_if_error, unwrap
+from ..protocol import COLLECT, RUN, ShipmentReply, WorkerRestarting, exception_from, raise_if_error, unwrap
 from ..shm import ReplyUnavailable, ShmRing, ShmSlot, ShmUnavailable, read_reply, shm_supported
 from .samples import Sample
 
@@ -93,7 +94,9 @@ class WorkerLost(Exception):
 
 @dataclass
 class Delivery:
-    """A shipment's reply, decoded: outputs per row range, exceptions per row, the rest as sent."""
+    """A shipment's reply (or a part of it), decoded: outputs per row range, exceptions per row, the
+    rest as sent. ``lost``: rows whose results were in a shared-memory reply this client could not
+    read (they go back to the queue)."""
 
     reply: ShipmentReply
     pieces: list[tuple[list[int], Any]]
@@ -102,6 +105,7 @@ class Delivery:
     sent: float
     done: float
     new_slot: bool
+    lost: list[int] = field(default_factory=list)
 
 
 def shm_wanted(address: str) -> bool:
@@ -128,16 +132,20 @@ class Transport:
 
     async def send(self, slot: WorkerSlot, reqs: list[Request], *, version: int, formed: float,
                    signature: tuple[tuple[int, ...], np.dtype] | Structure | None, isolate: bool = False,
-                   inputs: list[tuple[Any, Any]], layout: ShipmentRows | None = None) -> Delivery:
+                   inputs: list[tuple[Any, Any]], layout: ShipmentRows | None = None,
+                   on_part: Callable[[Delivery], None] | None = None) -> Delivery:
         """Send ``reqs`` to ``slot``'s worker as one shipment of ``version``; the decoded reply.
         ``isolate``: the worker runs them in device batches of their own. ``layout``: where each
         request's rows start, when some are block parts (else each request is one row).
         ``inputs``: each request's ``(sample, dask_future)`` as they were when it left the queue (a
-        request finished meanwhile, by its deadline, has let go of its own).
+        request finished meanwhile, by its deadline, has let go of its own). ``on_part``: the
+        worker answers in parts as the rows' device batches finish, each given to ``on_part``
+        before the next is collected; the last one is returned.
 
         Raises :class:`WorkerLost` (the requests go back to the queue; also when the worker
         answers that it is restarting), the worker's error for a shipment that could not run at
-        all, or :class:`~dask_dynbatch.protocol.ModelSuperseded`."""
+        all, :class:`~dask_dynbatch.protocol.ModelSuperseded`, or (after a part)
+        :class:`~dask_dynbatch.protocol.PartsLost`."""
         if layout is None:
             inline = [sample for sample, future in inputs if future is None]
             firsts: list[int] | range = range(len(reqs))
@@ -154,6 +162,8 @@ class Transport:
             message["priorities"] = priorities
         if isolate:
             message["isolate"] = True
+        if on_part is not None:
+            message["parts"] = True
         if keyed:
             message["keyed"] = keyed
             if isinstance(signature, Structure):
@@ -180,7 +190,7 @@ class Transport:
                     if dropped:
                         message["shm_drop"] = dropped
                 sent = time.monotonic()
-                reply = await self._call(slot.address, **message, **rows, new_slot=new_slot)
+                reply = await self._call(slot.address, RUN, **message, **rows, new_slot=new_slot)
                 done = time.monotonic()
                 try:
                     raise_if_error(reply)
@@ -194,12 +204,14 @@ class Transport:
                     shm_slot.mark_attached()  # the worker maps it: unlink the name, nothing can leak
                     ring.proven = True
                 try:
-                    return self._decode(reply, formed, sent, done, new_slot)
-                except ReplyUnavailable as exc:  # its results never reached us: run it again, over the comm
-                    slot.reply_files = False
-                    logger.info("dynbatch: cannot read worker %s's shared-memory replies (%s); they travel over "
-                                "the comm", slot.address, exc)
+                    delivery = self._decode(reply, formed, sent, done, new_slot, slot, whole=True)
+                except ReplyUnavailable:  # its results never reached us: run it again, over the comm
                     continue
+                while delivery.reply.more is not None:  # (the input slot stays the worker's meanwhile)
+                    assert on_part is not None
+                    on_part(delivery)
+                    delivery = await self._collect(slot, delivery.reply.more, formed, sent, new_slot)
+                return delivery
             finally:
                 if shm_slot is not None:
                     ring.release(shm_slot)
@@ -301,8 +313,14 @@ class Transport:
             _join_into(blocks, view)
         return {"shm": {"name": shm_slot.name, "shape": shape, "dtype": blocks[0].dtype.str}}
 
-    async def _call(self, address: str, **message: Any) -> Any:
-        """One ``dynbatch_run`` over the client's connection pool. Connecting and sending are two
+    async def _collect(self, slot: WorkerSlot, token: int, formed: float, sent: float, new_slot: bool) -> Delivery:
+        """The next part of a reply in parts (``token``: the last part's ``more``)."""
+        reply = await self._call(slot.address, COLLECT, token=token, reply_shm=slot.asks_for_reply_files)
+        raise_if_error(reply)
+        return self._decode(reply, formed, sent, time.monotonic(), new_slot, slot, whole=False)
+
+    async def _call(self, address: str, op: str, **message: Any) -> Any:
+        """One ``op`` (``dynbatch_run``, ``dynbatch_collect``) over the client's connection pool. Connecting and sending are two
         steps here (the public ``client.rpc(address).op()`` does both in one) so that a worker that
         cannot be reached costs its requests no attempt: nothing was sent."""
         pool = self.client.rpc
@@ -311,7 +329,7 @@ class Transport:
         except OSError as exc:
             raise WorkerLost(exc, sent=False) from exc
         try:
-            reply = await send_recv_on(pool, comm, RUN, **message)
+            reply = await send_recv_on(pool, comm, op, **message)
         except OSError as exc:  # the worker died or is unreachable: re-run elsewhere
             raise WorkerLost(exc, sent=True) from exc
         finally:
@@ -320,15 +338,30 @@ class Transport:
             raise WorkerLost(RuntimeError(f"the worker answered {reply!r}: it is closing"), sent=False)
         return reply
 
-    def _decode(self, reply: dict[str, Any], formed: float, sent: float, done: float, new_slot: bool) -> Delivery:
+    def _decode(self, reply: dict[str, Any], formed: float, sent: float, done: float, new_slot: bool,
+                slot: WorkerSlot, whole: bool) -> Delivery:
+        """The reply decoded. A shared-memory reply that cannot be read turns the worker's replies
+        to the comm; then ``whole`` (the first reply, with every row's result) raises
+        :class:`ReplyUnavailable` (the caller sends the shipment again), while a part, or the last
+        of several, reports its rows ``lost``."""
         decoded = ShipmentReply.from_msg(reply)
+        lost: list[int] = []
         if decoded.reply_file is not None:
-            outputs = read_reply(decoded.reply_file)
+            try:
+                outputs = read_reply(decoded.reply_file)
+            except ReplyUnavailable as exc:
+                slot.reply_files = False
+                logger.info("dynbatch: cannot read worker %s's shared-memory replies (%s); they travel over "
+                            "the comm", slot.address, exc)
+                if whole and decoded.more is None:
+                    raise
+                lost = [row for rows, _ in decoded.pieces for row in rows]
+                outputs = []
             pieces = [(rows, out) for (rows, _), out in zip(decoded.pieces, outputs)]
         else:
             pieces = [(rows, unwrap(outputs)) for rows, outputs in decoded.pieces]
         errors = [(row, exception_from(err)) for row, err in decoded.errors]
-        return Delivery(decoded, pieces, errors, formed, sent, done, new_slot)
+        return Delivery(decoded, pieces, errors, formed, sent, done, new_slot, lost)
 
     def _on_shm_error(self, slot: WorkerSlot, ring: ShmRing, shm_slot: ShmSlot, error: BaseException) -> None:
         """The worker could not map a slot. One it had mapped before is stale (the worker restarted

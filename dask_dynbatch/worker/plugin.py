@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import pickle
 import threading
@@ -29,7 +30,7 @@ from .. import protocol
 from .._compat import call_as_worker
 from ..core.memory import MemorySizer
 from ..core.tree import Structure
-from ..protocol import ModelSuperseded, ShipmentReply, WorkerRestarting, error_reply, raise_if_error, unwrap
+from ..protocol import ModelSuperseded, PartsLost, ShipmentReply, WorkerRestarting, error_reply, raise_if_error, unwrap
 from ..shm import ReplyFiles, ShmAttachments, ShmUnavailable
 from .compile import warm_in_subprocess
 from .intake import assemble_keyed, assemble_keyed_tree, inline_arrays, tree_from_slot
@@ -46,6 +47,20 @@ logger = logging.getLogger(__name__)
 
 #: how often the worker reads free device memory to detect changes (seconds)
 MEMORY_POLL_INTERVAL = 0.1
+#: seconds a shipment answered in parts waits, once every row ran, for its client to collect the
+#: last part before it is dropped (the client is gone)
+PARTS_TTL = 60.0
+
+
+class _Parts:
+    """A shipment answered in parts, between the client's calls."""
+
+    def __init__(self, server: ModelServer, shipment: Shipment, received: float):
+        self.server = server
+        self.shipment = shipment
+        self.received = received
+        self.touched = time.monotonic()
+
 
 
 class DynBatchWorkerPlugin(WorkerPlugin):
@@ -81,6 +96,10 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         # written off the event loop
         self.replies = ReplyFiles()
         self.reply_writer = ThreadPoolExecutor(2, thread_name_prefix="dynbatch-reply")
+        # shipments answered in parts (padded or weighed rows run over several device batches): the
+        # client collects each part as its rows' batches finish
+        self.parts: dict[int, _Parts] = {}
+        self._part_tokens = itertools.count(1)
         self._pin_slots = bool(dask.config.get("dynbatch.transport.page-lock", True))
         self.gpu_count = visible_gpu_count()
         self.malloc_tuned = tune_malloc_for_inference() if self.tune_malloc else False
@@ -99,6 +118,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self._watch.start()
         worker.handlers.update({
             protocol.RUN: self.run,
+            protocol.COLLECT: self.collect,
             protocol.UNLOAD: self.unload,
             protocol.SHM_DROP: self.drop_shm,
             protocol.BENCHMARK: self.rerun_benchmark,
@@ -114,7 +134,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self._watch.stop()
         for server in self.servers.values():
             server.close()
-        for op in (protocol.RUN, protocol.UNLOAD, protocol.BENCHMARK, protocol.SERVER_STATE):
+        for op in (protocol.RUN, protocol.COLLECT, protocol.UNLOAD, protocol.BENCHMARK, protocol.SERVER_STATE):
             worker.handlers.pop(op, None)
         worker.extensions.pop(protocol.PLUGIN_NAME, None)
         for executor in (*self.device_threads.values(), self.stager, self.copier, self.reply_writer):
@@ -130,7 +150,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
                   signature: tuple[tuple[int, ...], str] | None = None,
                   priorities: list[tuple[int, int]] | None = None, queued_s: float = 0.0,
                   new_slot: bool = False, shm_drop: list[str] | None = None, isolate: bool = False,
-                  reply_shm: bool = False) -> dict[str, Any]:
+                  reply_shm: bool = False, parts: bool = False) -> dict[str, Any]:
         """Handler ``dynbatch_run``: serve one shipment of ``n`` rows of ``model`` version ``version``.
 
         Rows come inline in ``batch`` (stacked, or a list of stacked chunks), in the shared-memory
@@ -140,7 +160,9 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         oldest row waited in the client; ``new_slot``: the slot is used for the first time;
         ``shm_drop``: slots the client retired; ``isolate``: run these rows in device batches of their
         own (suspects after a worker died); ``reply_shm``: the client is on this host and reads
-        large replies from shared memory. Returns a :class:`~dask_dynbatch.protocol.ShipmentReply`,
+        large replies from shared memory; ``parts``: answer with the first rows that have results
+        and let the client collect the rest (``dynbatch_collect``), rather than once every row has.
+        Returns a :class:`~dask_dynbatch.protocol.ShipmentReply`,
         or an error reply: the slot cannot be mapped (nothing ran), the version was replaced, the
         worker restarts (nothing ran), the model failed to load, an input was lost."""
         if self.watchdog.restarting is not None:
@@ -148,12 +170,12 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.watchdog.active_runs += 1
         try:
             return await self._serve(model, version, client, n, batch, shm, keyed, signature, priorities, queued_s,
-                                     new_slot, shm_drop, isolate, reply_shm)
+                                     new_slot, shm_drop, isolate, reply_shm, parts)
         finally:
             self.watchdog.active_runs -= 1
 
     async def _serve(self, model, version, client, n, batch, shm, keyed, signature, priorities, queued_s, new_slot,
-                     shm_drop, isolate, reply_shm) -> dict[str, Any]:
+                     shm_drop, isolate, reply_shm, parts) -> dict[str, Any]:
         received = time.perf_counter()
         if shm_drop:
             self.shm.drop(client, shm_drop)
@@ -173,7 +195,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             if self.watchdog.restarting is not None:  # a batch got stuck while this one was taken in
                 raise WorkerRestarting(self.worker.address)
             try:
-                await server.serve(shipment)
+                server.start(shipment)
+                await (shipment.news() if parts else shipment.done)
             finally:
                 server.check_retired()
         except (ShmUnavailable, ModelSuperseded, WorkerRestarting) as exc:  # expected: the client re-sends
@@ -181,29 +204,50 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         except Exception as exc:  # the shipment could not run at all
             logger.warning("dynbatch: shipment of %d rows of model %r failed: %r", n, model, exc)
             return error_reply(exc)
+        return await self._reply(server, shipment, reply_shm, received)
+
+    async def collect(self, token: int, reply_shm: bool = False) -> dict[str, Any]:
+        """Handler ``dynbatch_collect``: the next part of the reply to a shipment answered in parts
+        (``token``: its reply's ``more``), once some of its rows have results not sent yet, or its
+        last part once every row has. ``reply_shm`` as for ``dynbatch_run``. An error reply
+        :class:`~dask_dynbatch.protocol.PartsLost`: the worker no longer holds the shipment."""
+        entry = self.parts.get(token)
+        if entry is None:
+            return error_reply(PartsLost(self.worker.address, token))
+        await entry.shipment.news()
+        return await self._reply(entry.server, entry.shipment, reply_shm, entry.received, token)
+
+    async def _reply(self, server: ModelServer, shipment: Shipment, reply_shm: bool, received: float,
+                     token: int | None = None) -> dict[str, Any]:
+        """The reply to ``shipment`` with the results not sent yet: the last one (every row has its
+        result: timings, device batches, rows stuck or not run), or a part (``more``: the token the
+        client collects the next part with)."""
+        final = shipment.done.done()
+        pieces, errors = shipment.take()
+        if not final and token is None:  # the first part: the shipment waits here for the next calls
+            token = next(self._part_tokens)
+            self.parts[token] = _Parts(server, shipment, received)
+            self.watchdog.active_runs += 1  # a restart waits for the stuck rows' reply to go out
+        elif final and token is not None and self.parts.pop(token, None) is not None:
+            self.watchdog.active_runs -= 1
+        entry = self.parts.get(token) if token is not None else None
+        if entry is not None:
+            entry.touched = time.monotonic()
         loaded = server.loaded
-        reply_file = None
-        if reply_shm and shipment.pieces:
-            written = None
-            try:
-                written = self.reply_writer.submit(self.replies.write, [outputs for _, outputs in shipment.pieces],
-                                                   int(dask.config.get("dynbatch.transport.shared-memory-min-bytes",
-                                                                       65536)))
-                reply_file = await asyncio.wrap_future(written)
-            except asyncio.CancelledError:
-                if written is None or not written.cancelled():
-                    raise  # the handler itself is cancelled
-                # (a write cancelled as the worker closes: the comm carries the reply)
-            except Exception as exc:  # (the worker closes, its writer is shut down): the comm carries it
-                logger.debug("dynbatch: reply not written to shared memory: %r", exc)
+        reply_file = await self._write_reply(pieces) if reply_shm and pieces else None
+        common: dict[str, Any] = {
+            "pieces": [(rows, None if reply_file is not None else to_serialize(outputs)) for rows, outputs in pieces],
+            "reply_file": reply_file,
+            "errors": [(row, error_reply(exc)) for row, exc in sorted(errors.items())],
+            "advice": server.advice().to_msg(),
+            "version": server.version,
+            "device": server.device,
+        }
+        if not final:
+            return ShipmentReply(**common, batches=[], more=token).to_msg()
         return ShipmentReply(
-            pieces=[(rows, None if reply_file is not None else to_serialize(outputs)) for rows, outputs in shipment.pieces],
-            reply_file=reply_file,
-            errors=[(row, error_reply(exc)) for row, exc in sorted(shipment.errors.items())],
+            **common,
             batches=[record.to_msg() for record in shipment.records],
-            advice=server.advice().to_msg(),
-            version=server.version,
-            device=server.device,
             compute_s=shipment.compute_s,
             stage_s=shipment.stage_s,
             wait_s=shipment.wait_s,
@@ -214,6 +258,29 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             stuck=sorted(shipment.stuck),
             stuck_limit=shipment.stuck_limit,
         ).to_msg()
+
+    async def _write_reply(self, pieces: list[tuple[list[int], Any]]) -> dict[str, Any] | None:
+        """Write the pieces' outputs to a shared-memory reply file; None: the comm carries them."""
+        written = None
+        try:
+            written = self.reply_writer.submit(self.replies.write, [outputs for _, outputs in pieces],
+                                               int(dask.config.get("dynbatch.transport.shared-memory-min-bytes",
+                                                                   65536)))
+            return await asyncio.wrap_future(written)
+        except asyncio.CancelledError:
+            if written is None or not written.cancelled():
+                raise  # the handler itself is cancelled
+            return None  # (a write cancelled as the worker closes: the comm carries the reply)
+        except Exception as exc:  # (the worker closes, its writer is shut down): the comm carries it
+            logger.debug("dynbatch: reply not written to shared memory: %r", exc)
+            return None
+
+    def _expire_parts(self, now: float) -> None:
+        """Drop shipments answered in parts whose last part nobody collected (their client is gone)."""
+        for token, entry in list(self.parts.items()):
+            if entry.shipment.done.done() and now - entry.touched > PARTS_TTL:
+                del self.parts[token]
+                self.watchdog.active_runs -= 1
 
     async def _shipment(self, client, n, arrays, keyed, signature, priorities, queued_s, new_slot, slot, isolate):
         index = errors = None
@@ -357,6 +424,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
 
     def _poll_memory(self) -> None:
         """Re-plan event: free memory moved by more than the threshold -> push new advice at once."""
+        self._expire_parts(time.monotonic())
         try:  # (reply files no client came for: unlinked here also while none are written)
             self.replies.sweep()
         except OSError:

@@ -96,6 +96,7 @@ class Shipment:
         self.compute_s = self.stage_s = self.wait_s = 0.0
         self.cold = False
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._news: asyncio.Future | None = None  # a waiter for the next results (replies in parts)
         if not self.pending:
             self.done.set_result(None)
 
@@ -126,6 +127,20 @@ class Shipment:
         self.pending -= count
         if self.pending <= 0 and not self.done.done():
             self.done.set_result(None)
+        if self._news is not None and not self._news.done():
+            self._news.set_result(None)
+
+    async def news(self) -> None:
+        """Return once some rows have results not taken yet (:meth:`take`), or every row has."""
+        while not (self.pieces or self.errors or self.done.done()):
+            self._news = asyncio.get_running_loop().create_future()
+            await self._news
+
+    def take(self) -> tuple[list[tuple[list[int], Any]], dict[int, BaseException]]:
+        """The results and errors gathered since the last take (a reply in parts sends each once)."""
+        pieces, errors = self.pieces, self.errors
+        self.pieces, self.errors = [], {}
+        return pieces, errors
 
 
 @dataclass
@@ -273,6 +288,11 @@ class ModelServer:
     # -- serving ----------------------------------------------------------------------------------
     async def serve(self, shipment: Shipment) -> None:
         """Queue a shipment's rows and return once every one of them has its result (or error)."""
+        self.start(shipment)
+        await shipment.done
+
+    def start(self, shipment: Shipment) -> None:
+        """Queue a shipment's rows (its ``done`` resolves once every one has its result or error)."""
         if self.closed:
             raise ModelSuperseded(self.name, None)
         self.stats.shipments += 1
@@ -281,7 +301,6 @@ class ModelServer:
             shipment.pinned = self._pin_slot(shipment)
         self.queue.push(shipment.parts())
         self._pump()
-        await shipment.done
 
     @property
     def idle(self) -> bool:

@@ -1,0 +1,144 @@
+"""Replies in parts: a model server of padded samples runs a shipment's rows over several device
+batches, and each request's result goes back as its batch finishes, not once the shipment's last
+row ran."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import dask
+import numpy as np
+from distributed.utils_test import gen_cluster
+from models import build_gated_encoder
+
+import dask_dynbatch as ddb
+from dask_dynbatch.protocol import COLLECT, PartsLost, exception_from
+from dask_dynbatch.worker.plugin import PARTS_TTL, _Parts
+
+
+def _sample(ids: np.ndarray) -> dict:
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def _expected(ids: np.ndarray) -> np.ndarray:
+    return ids[:, None] * np.arange(1.0, 4.0) + 1.0
+
+
+async def _rows_before_the_gated_one(c, a, gate, name: str) -> tuple[ddb.Batcher, list, list[np.ndarray]]:
+    """A padded Batcher that has learnt its server forms batches by cost (so that it asks for
+    parts), and one shipment of six rows in batches of at most two: five short rows, then a long
+    one whose batch waits for ``gate``."""
+    await c.register_plugin(ddb.DynBatchPlugin())
+    batcher = await ddb.Batcher(c, ddb.ModelSpec(name, load=build_gated_encoder, pad_value=0, max_batch_size=2))
+    await asyncio.gather(*batcher.map([_sample(np.arange(1, 5)) for _ in range(4)]))
+    (slot,) = batcher._dispatcher.slots.values()
+    assert slot.advice.ship is not None  # (what makes the client ask for parts)
+    ids = [np.arange(1, 5) + 10 * i for i in range(5)] + [np.r_[999, np.arange(1, 12)]]
+    return batcher, batcher.map([_sample(i) for i in ids]), ids
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=60)
+async def test_rows_come_back_as_their_batches_finish(c, s, a, gate):
+    batcher, futures, ids = await _rows_before_the_gated_one(c, a, gate, "parts")
+    # the first four rows ran in batches of their own: their results come while the long row's
+    # batch still waits (answered only at the shipment's end, they would wait for the gate)
+    first = await asyncio.wait_for(asyncio.gather(*futures[:4]), 30)
+    assert not futures[5].done()
+    assert batcher.stats()["answered_early"] >= 4
+    gate.set()
+    out = first + await asyncio.gather(*futures[4:])
+    for got, i in zip(out, ids):
+        np.testing.assert_allclose(got["last_hidden_state"], _expected(i))
+        np.testing.assert_allclose(got["pooler_output"], _expected(i).sum(axis=0))
+    stats = batcher.stats()
+    assert stats["delivered"] == 10 and stats["failed"] == 0 and stats.get("requeued", 0) == 0
+    assert sum(w["samples"] for w in stats["workers"].values()) == 10  # every row ran once
+    plugin = a.extensions["dynbatch"]
+    assert plugin.parts == {} and plugin.watchdog.active_runs == 0  # the last part was collected
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=60)
+async def test_parts_through_shared_memory_replies(c, s, a, gate):
+    with dask.config.set({"dynbatch.transport.shared-memory-replies": True,
+                          "dynbatch.transport.shared-memory-min-bytes": 1}):
+        batcher, futures, ids = await _rows_before_the_gated_one(c, a, gate, "parts-shm")
+        written = a.extensions["dynbatch"].replies.summary()["reply_files"]
+        await asyncio.wait_for(asyncio.gather(*futures[:4]), 30)
+        gate.set()
+        out = await asyncio.gather(*futures)
+    for got, i in zip(out, ids):
+        np.testing.assert_allclose(got["last_hidden_state"], _expected(i))
+    (worker,) = batcher.stats()["workers"].values()
+    assert worker["replies"] == "shared-memory" and batcher.stats()["answered_early"] >= 4
+    assert a.extensions["dynbatch"].replies.summary()["reply_files"] >= written + 2  # a part, and the rest
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=60)
+async def test_rows_of_a_shipment_the_worker_dropped_are_sent_again(c, s, a, gate):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    asked = asyncio.Event()
+    release = asyncio.Event()
+    batcher = await ddb.Batcher(c, ddb.ModelSpec("parts-lost", load=build_gated_encoder, pad_value=0,
+                                                 max_batch_size=2))
+    transport = batcher._dispatcher.transport
+    collect = transport._collect
+
+    async def held(*args, **kwargs):  # the client's next call for a part waits until the test says
+        asked.set()
+        await release.wait()
+        return await collect(*args, **kwargs)
+
+    await asyncio.gather(*batcher.map([_sample(np.arange(1, 5)) for _ in range(4)]))
+    transport._collect = held
+    ids = [np.arange(1, 5) + 10 * i for i in range(5)] + [np.r_[999, np.arange(1, 12)]]
+    futures = batcher.map([_sample(i) for i in ids])
+    await asyncio.wait_for(asked.wait(), 30)  # a first part came; the call for the next waits
+    plugin = a.extensions["dynbatch"]
+    (token,) = plugin.parts
+    # as if the worker had dropped it: that call learns so (PartsLost) and the client sends the rows
+    # without results again; the old shipment runs on here, unclaimed
+    del plugin.parts[token]
+    plugin.watchdog.active_runs -= 1
+    answered = batcher.stats()["answered_early"]
+    assert 1 <= answered < 6
+    gate.set()
+    release.set()
+    out = await asyncio.wait_for(asyncio.gather(*futures), 30)
+    for got, i in zip(out, ids):
+        np.testing.assert_allclose(got["last_hidden_state"], _expected(i))
+    stats = batcher.stats()
+    assert stats["delivered"] == 10 and stats["failed"] == 0 and stats["requeued"] == 6 - answered
+    batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_collect_of_an_unknown_shipment_is_an_error_the_client_knows(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    reply = await a.handlers[COLLECT](token=12345)
+    error = exception_from(reply)
+    assert isinstance(error, PartsLost) and error.token == 12345 and a.address in str(error)
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_a_shipment_whose_client_never_collects_is_dropped(c, s, a):
+    await c.register_plugin(ddb.DynBatchPlugin())
+    plugin = a.extensions["dynbatch"]
+
+    class Done:  # a shipment whose rows all ran
+        done = asyncio.get_running_loop().create_future()
+
+    Done.done.set_result(None)
+    running = type("Running", (), {"done": asyncio.get_running_loop().create_future()})
+    plugin.parts.update({1: _Parts(None, Done, 0.0), 2: _Parts(None, running, 0.0)})  # type: ignore[arg-type]
+    plugin.watchdog.active_runs += 2
+    now = time.monotonic()
+    plugin._expire_parts(now + PARTS_TTL / 2)
+    assert set(plugin.parts) == {1, 2}  # not yet
+    plugin._expire_parts(now + PARTS_TTL + 1)
+    assert set(plugin.parts) == {2}  # still running: its client may yet come
+    assert plugin.watchdog.active_runs == 1
+    del plugin.parts[2]
+    plugin.watchdog.active_runs -= 1
