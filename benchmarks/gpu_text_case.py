@@ -223,7 +223,10 @@ def dynbatch_passes(client, name: str, load, samples: list, passes: int = 3, tim
             extra["profile_rates"] = profile_passes(client, batcher, samples, profile)
         if check:
             extra["verify"] = verify(client, batcher, samples, check, size, per_token)
-        worker = next(iter(batcher.stats()["workers"].values()))
+        stats = batcher.stats()
+        worker = next(iter(stats["workers"].values()))
+        # results that came back in a part of their shipment's reply, before the rest of it ran
+        extra["answered_early"] = stats.get("answered_early", 0) / max(1, stats["delivered"])
         history = batcher.history()
         # the server's own controller: its throughput per size (real tokens a second) and best size
         (server,) = server_state(client, name).values()

@@ -31,7 +31,11 @@ in throughput can show; at a load every contender keeps up with, all serve the s
                     5 ms (dask-dynbatch's default ``max_delay``), padded up to a power of two (shapes
                     warmed in the sweep). The sizes are those a careful user picks from the sweep: the
                     best throughput whose three batches fit the limit together (the burst, the worst
-                    mix), then checked by running all three at once and lowered until nothing fails.
+                    mix), then checked by a rehearsal of the run (its three phases at the rates these
+                    sizes would get, pipeline jobs and their crops included, ``--verify-seconds`` each,
+                    then every model's queue filled at once: full batches of all three together)
+                    through this same server, and lowered until no batch fails; checked again the same
+                    way right before its run (what the contenders before it left allocated counts).
 ``static_average``  the same, sized for the average mix: the memory of the three models' batches, each
                     weighted by the share of the time its model is busy at the average mix, fits the
                     limit (the memory in use fits on average, not when all three run at once);
@@ -43,8 +47,11 @@ arrival schedule replayed by a feeder thread there): their best case. Reported p
 and p50/p99 latency per model and for the pipeline jobs, failed and unfinished requests; over time:
 dask-dynbatch's device batches and memory caps per model (``Batcher.history()``, ``stats()``), the
 GPU memory the worker process holds; targets: 0 failed for dask-dynbatch, total throughput >= 1.2x
-the best safe static, each model's p99 within 2x its latency target in phases dask-dynbatch keeps up
-with. JSON via ``common.save`` after each contender, and a PNG.
+the best static contender that failed nothing in the run (``targets.throughput_baseline``; a static
+contender whose requests failed was not safe, whatever its check said: ``static_safe_was_safe``, and
+the ratio is then no valid test of the target: ``throughput_valid``),
+each model's p99 within 2x its latency target in phases dask-dynbatch keeps up with. JSON via
+``common.save`` after each contender, and a PNG.
 
     python benchmarks/multi_model_case.py --out $OUT                   # on the GPU machine (~6 minutes)
     python benchmarks/multi_model_case.py --smoke --out /tmp/multi     # on a CPU: tiny models, the code paths only
@@ -332,14 +339,23 @@ def _batch(name: str, rows: int) -> np.ndarray:
     return np.ascontiguousarray(pool[np.arange(rows) % len(pool)])
 
 
-def _own_stream():
-    """A CUDA stream of the calling thread's own (as a serving instance has): its copies and
-    kernels do not wait for the other models' threads; on a CPU, nothing."""
+def _own_stream(name: str):
+    """Model ``name``'s CUDA stream (as a serving instance has one): its copies and kernels do not
+    wait for the other models' threads; on a CPU, nothing. One stream per model for the whole
+    process, reused by every check and run: cuBLAS keeps a workspace per (handle, stream) that
+    ``torch.cuda.empty_cache()`` does not free, so a new stream per run can leave memory allocated
+    behind each time (likely part of why the recorded GPU run had 611 MiB allocated when the limit
+    was set and the check ran, and about 990 MiB at rest when ``no_batching`` ran)."""
     import contextlib
 
     import torch
 
-    return torch.cuda.stream(torch.cuda.Stream()) if torch.cuda.is_available() else contextlib.nullcontext()
+    if not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    streams = _WORKER.setdefault("streams", {})
+    if name not in streams:
+        streams[name] = torch.cuda.Stream()
+    return torch.cuda.stream(streams[name])
 
 
 def _to_device(host: np.ndarray, device: str) -> Any:
@@ -426,53 +442,6 @@ class _Ledger:
             self.used -= nbytes
 
 
-def verify_static(sizes: dict[str, int], seconds: float, ledger_bytes: int | None) -> dict:
-    """All three models at once, each running full batches of its static size back to back for
-    ``seconds``: out-of-memory failures per model (a careful user's check of the worst mix)."""
-    import torch
-
-    from dask_dynbatch.core.oom import is_oom_error
-
-    device = _WORKER["device"]
-    ledger = _Ledger(ledger_bytes) if ledger_bytes else None
-    failures = {name: 0 for name in MODELS}
-    batches = {name: 0 for name in MODELS}
-    errors: list[str] = []
-    stop = time.perf_counter() + seconds
-
-    def loop(name: str) -> None:
-        with _own_stream():
-            run(name)
-
-    def run(name: str) -> None:
-        model = _WORKER["models"][name]
-        host = _batch(name, sizes[name])
-        while time.perf_counter() < stop:
-            held = 0
-            try:
-                held = ledger.hold(name, sizes[name]) if ledger else 0
-                with torch.inference_mode():
-                    _to_host(model(_to_device(host, device)))
-                batches[name] += 1
-            except Exception as exc:
-                if not is_oom_error(exc):
-                    errors.append(f"{name}: {exc!r}"[:300])
-                    return
-                failures[name] += 1
-                time.sleep(0.001)  # then try again, as a serving loop would
-            finally:
-                if ledger and held:
-                    ledger.give_back(held)
-
-    threads = [threading.Thread(target=loop, args=(name,)) for name in MODELS]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    free_cache()
-    return {"failures": failures, "batches": batches, "errors": errors}
-
-
 class _Item:
     __slots__ = ("index", "x", "role", "since")
 
@@ -515,7 +484,7 @@ class StaticServer:
 
     def serve(self, name: str) -> None:
         try:
-            with _own_stream():
+            with _own_stream(name):
                 self._serve(name)
         except Exception:  # the thread's requests stay unfinished; say why
             with self.lock:
@@ -622,6 +591,28 @@ def serve_static(sizes: dict[str, int], arrival: np.ndarray, kind: np.ndarray, p
     free_cache()
     return {"wall0": wall0, "done": server.done, "ok": server.ok, "batches": server.batches,
             "errors": server.errors[:20], "feeder_late": lateness(late)}
+
+
+def check_static(sizes: dict[str, int], arrival: np.ndarray, kind: np.ndarray, pool_index: np.ndarray,
+                 drain_s: float, ledger_bytes: int | None) -> dict:
+    """A careful user's check of fixed sizes: a rehearsal of the run at ``sizes`` (``serve_static``
+    on a schedule of the run's phases and rates, pipeline jobs and their crops included, so that
+    the three models' batches, full and padded partial ones, run together as they will), from the
+    state the run starts in (the allocator's cache emptied first). Out-of-memory failures per model
+    (batches and requests), batches run, errors, and this process's memory before it."""
+    free_cache()
+    before = memory_now()
+    run = serve_static(sizes, arrival, kind, pool_index, drain_s, ledger_bytes)
+    failed_batches = {name: 0 for name in MODELS}
+    ran = {name: 0 for name in MODELS}
+    for _t, name, _rows, _padded, ok in run["batches"]:
+        ran[name] += 1
+        failed_batches[name] += not ok
+    failed_requests = {kind_name: int((~run["ok"] & ~np.isnan(run["done"]) & (kind == k)).sum())
+                       for k, kind_name in enumerate(KINDS)}
+    return {"failures": failed_batches, "failed_requests": failed_requests, "batches": ran,
+            "requests": len(arrival), "unfinished": int(np.isnan(run["done"]).sum()),
+            "errors": run["errors"], "feeder_late": run["feeder_late"], "memory_before": before}
 
 
 def lateness(late: np.ndarray) -> dict:
@@ -885,10 +876,22 @@ def thin(rows: list, most: int) -> list:
 
 
 def targets(result: dict) -> dict:
-    """The targets and whether this run met them."""
-    dyn = result["contenders"].get("dynbatch", {}).get("summary")
-    safe = result["contenders"].get("static_safe", {}).get("summary")
-    out: dict[str, Any] = {"dynbatch_failed": 0, "throughput_vs_best_safe_static": 1.2, "p99_within_x_target": 2.0}
+    """The targets and whether this run met them. The throughput ratio is against the best static
+    contender that failed no request in the run (``throughput_baseline`` names it): sizes that
+    failed were not safe, whatever their check said (``static_safe_was_safe``; the ratio against
+    them is kept apart as ``throughput_ratio_vs_failing_static_safe``). Only ``static_safe`` as the
+    baseline tests the target (``throughput_valid``); against another, ``throughput_met`` is False
+    when even that ratio misses 1.2, else None."""
+    summaries = {key: c["summary"] for key, c in result["contenders"].items() if c.get("summary")}
+    dyn = summaries.get("dynbatch")
+    static = {key: v for key, v in summaries.items() if key != "dynbatch"}
+    clean = {key: v for key, v in static.items() if v["failed"] == 0}
+    out: dict[str, Any] = {"dynbatch_failed": 0, "throughput_vs_best_safe_static": 1.2, "p99_within_x_target": 2.0,
+                           "failed": {key: v["failed"] for key, v in summaries.items()},
+                           "unfinished": {key: v["unfinished"] for key, v in summaries.items()}}
+    if "static_safe" in static:
+        out["static_safe_failed"] = static["static_safe"]["failed"]
+        out["static_safe_was_safe"] = static["static_safe"]["failed"] == 0
     if dyn:
         out["dynbatch_failed_met"] = dyn["failed"] == 0
         late = []
@@ -902,10 +905,25 @@ def targets(result: dict) -> dict:
         out["p99_late"] = late
         out["p99_met"] = not late
         out["phases_kept_up"] = [p["phase"] for p in dyn["phases"] if p["kept_up"]]
-    if dyn and safe:
-        out["throughput_ratio"] = dyn["served_per_s"] / max(safe["served_per_s"], 1e-9)
-        out["work_ratio"] = dyn["work_per_s"] / max(safe["work_per_s"], 1e-9)
-        out["throughput_met"] = out["throughput_ratio"] >= 1.2
+    if dyn and clean:
+        best = max(clean, key=lambda key: clean[key]["served_per_s"])
+        out["throughput_baseline"] = best
+        out["throughput_ratio"] = dyn["served_per_s"] / max(clean[best]["served_per_s"], 1e-9)
+        out["work_ratio"] = dyn["work_per_s"] / max(clean[best]["work_per_s"], 1e-9)
+        # only the sweep's safe sizes are the target's baseline; against a lesser static contender
+        # the ratio overstates dask-dynbatch's lead: it can show the target missed, never met
+        out["throughput_valid"] = best == "static_safe"
+        met = out["throughput_ratio"] >= 1.2
+        out["throughput_met"] = met if out["throughput_valid"] else (False if not met else None)
+        if not out["throughput_valid"]:
+            out["throughput_note"] = (f"static_safe failed {out.get('static_safe_failed')} requests, so its sizes were "
+                                      f"not safe: the ratio is against {best}, the best static contender that failed "
+                                      "none, and is not a valid test of the target")
+    elif dyn and static:
+        out["throughput_baseline"] = None  # every static contender failed requests: no safe one to compare with
+        out["throughput_valid"] = False
+    if dyn and static.get("static_safe", {}).get("failed"):
+        out["throughput_ratio_vs_failing_static_safe"] = dyn["served_per_s"] / max(static["static_safe"]["served_per_s"], 1e-9)
     return out
 
 
@@ -1000,7 +1018,8 @@ def main() -> None:
     parser.add_argument("--drain", type=float, default=None, help="seconds allowed after the last arrival (default 8; smoke 2)")
     parser.add_argument("--warmup", type=float, default=None, help="dask-dynbatch's untimed burst first (default 8 s; smoke 2)")
     parser.add_argument("--sweep-seconds", type=float, default=None, help="per model and size (default 0.25; smoke 0.03)")
-    parser.add_argument("--verify-seconds", type=float, default=None, help="the safe sizes' check (default 3; smoke 0.5)")
+    parser.add_argument("--verify-seconds", type=float, default=None,
+                        help="each phase of the static sizes' rehearsal, and its worst-mix flood (default 4; smoke 1)")
     parser.add_argument("--pressure", type=float, default=0.6,
                         help="the limit's room over what the three models need together where their throughput levels off")
     parser.add_argument("--budget-gib", type=float, default=None, help="the worker's GPU memory limit instead")
@@ -1012,8 +1031,8 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     size = "smoke" if args.smoke else "full"
-    defaults = {"phase_seconds": 3.0, "drain": 2.0, "warmup": 2.0, "sweep_seconds": 0.03, "verify_seconds": 0.5} \
-        if args.smoke else {"phase_seconds": 20.0, "drain": 8.0, "warmup": 8.0, "sweep_seconds": 0.25, "verify_seconds": 3.0}
+    defaults = {"phase_seconds": 3.0, "drain": 2.0, "warmup": 2.0, "sweep_seconds": 0.03, "verify_seconds": 1.0} \
+        if args.smoke else {"phase_seconds": 20.0, "drain": 8.0, "warmup": 8.0, "sweep_seconds": 0.25, "verify_seconds": 4.0}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -1067,26 +1086,59 @@ def main() -> None:
         progress(f"limit {limit / 2**30:.2f} GiB (room for static batches {room / 2**30:.2f} GiB{'' if cuda else ', emulated'});",
                  "throughput levels off at", result["level_rows"])
 
-        safe = choose_static(table, room)
-        checks = []
-        for _ in range(6):  # a careful user runs the worst mix and lowers the largest batch until it holds
-            check = worker_call(client, verify_static, safe, args.verify_seconds, ledger)
-            checks.append({"sizes": dict(safe), **check})
-            if not any(check["failures"].values()):
-                break
-            heaviest = max(MODELS, key=lambda m: row_at(table, m, safe[m])["peak_bytes"] if safe[m] > 1 else -1)
-            ladder = [r["rows"] for r in table[heaviest]]
-            safe[heaviest] = ladder[max(0, ladder.index(safe[heaviest]) - 1)]
+        max_rate = 250.0 if args.smoke else None
+
+        def rehearse(sizes: dict[str, int], rates_cost: dict[str, float] | None = None) -> dict:
+            """The run's three phases at ``sizes``, ``--verify-seconds`` each (another seed than the
+            run's: a user does not know the arrivals to come), at the rates the run would offer with
+            them (from ``rates_cost``, default their own costs), then every model's queue filled at
+            once with full batches for ``--verify-seconds`` of it alone: the three models' full
+            batches run together (the worst mix), however seldom the arrivals before gave them;
+            through the static server."""
+            rates_here = phase_rates(rates_cost or request_cost(table, sizes, crops_per_job), args.load, max_rate)
+            plan = make_schedule(rates_here, args.verify_seconds, args.seed + 2)
+            flood = {m: sizes[m] * math.ceil(args.verify_seconds / row_at(table, m, sizes[m])["batch_s"]) for m in MODELS}
+            order = np.argsort(np.concatenate([np.arange(n) / n for n in flood.values()]), kind="stable")  # interleaved
+            kinds = np.concatenate([np.full(n, k, dtype=np.int8) for k, n in enumerate(flood.values())])[order]
+            pool = np.concatenate([np.arange(n) % POOL["segmenter" if m == "segmenter" else "classifier"]
+                                   for m, n in flood.items()])[order]
+            arrival = np.concatenate([plan["arrival"], np.full(len(kinds), len(PHASES) * args.verify_seconds)])
+            check = worker_call(client, check_static, sizes, arrival, np.concatenate([plan["kind"], kinds]),
+                                np.concatenate([plan["pool_index"], pool]), 3 * args.verify_seconds, ledger)
+            return {**check, "flood": flood}
+
+        def settle(sizes: dict[str, int], rates_cost: dict[str, float] | None = None) -> tuple[dict, list, bool]:
+            """A careful user's sizes: rehearse, and while any batch fails lower the batch that needs
+            the most memory one step, up to 6 rehearsals. Returns the sizes, the rehearsals, and
+            whether the last one ran without a failure."""
+            sizes, checks = dict(sizes), []
+            for attempt in range(6):
+                check = rehearse(sizes, rates_cost)
+                checks.append({"sizes": dict(sizes), **check})
+                progress("check", sizes, "failed batches", check["failures"], "of", check["batches"],
+                         "errors", check["errors"][:2])
+                if not any(check["failures"].values()):
+                    return sizes, checks, True
+                if attempt == 5 or all(sizes[m] == 1 for m in MODELS):
+                    break
+                heaviest = max(MODELS, key=lambda m: row_at(table, m, sizes[m])["peak_bytes"] if sizes[m] > 1 else -1)
+                ladder = [r["rows"] for r in table[heaviest]]
+                sizes[heaviest] = ladder[max(0, ladder.index(sizes[heaviest]) - 1)]
+            return sizes, checks, False
+
+        safe, checks, held = settle(choose_static(table, room))
         cost = request_cost(table, safe, crops_per_job)
         busy = average_busy(cost, crops_per_job)
         average = choose_static(table, room, busy)
-        # the same check of the average-mix sizes, for the record: they are not lowered
-        average_check = worker_call(client, verify_static, average, args.verify_seconds, ledger)
-        result.update(static_checks=checks, average_busy=busy, average_check={"sizes": average, **average_check})
-        progress("static sizes: safe", safe, "average mix", average, "(busy shares", busy, ") checks", checks,
-                 "average sizes at the worst mix", average_check)
+        # the same rehearsal of the average-mix sizes at the run's rates, for the record: not lowered
+        average_check = rehearse(average, cost)
+        result.update(static_checks=checks, static_safe_checked=held, average_busy=busy,
+                      average_check={"sizes": average, **average_check})
+        progress("static sizes: safe", safe, "(held in the check)" if held else "(STILL FAILED in the check)",
+                 "average mix", average, "(busy shares", busy, ") average sizes' failed batches",
+                 average_check["failures"])
 
-        rates = phase_rates(cost, args.load, 250.0 if args.smoke else None)
+        rates = phase_rates(cost, args.load, max_rate)
         schedule = make_schedule(rates, args.phase_seconds, args.seed)
         result.update(cost_s=cost, rates=[{k: round(v, 2) for k, v in r.items()} for r in rates],
                       requests=len(schedule["arrival"]))
@@ -1108,6 +1160,15 @@ def main() -> None:
             progress("contender", key)
             entry: dict[str, Any] = {}
             try:
+                if key == "static_safe":
+                    # checked again from the state this run starts in (after the contenders before
+                    # it), at the run's own rates: what stays allocated between runs is not freed by
+                    # emptying the cache, and the first check ran before any contender
+                    rechecked, entry["recheck"], entry["checked_safe"] = settle(safe, cost)
+                    if rechecked != safe:
+                        entry["lowered_from"] = dict(safe)
+                        sizes_of[key] = rechecked
+                entry["memory_at_start"] = next(iter(client.run(memory_now).values()))
                 if key == "dynbatch":
                     with Monitor(batchers) as monitor:
                         run = run_dynbatch(batchers, pipe, schedule, images, args.drain)
@@ -1132,6 +1193,7 @@ def main() -> None:
                     wall0 = run["wall0"]
                     entry["batch_rows"] = batch_rows([(b[0], b[1], b[2], None) for b in run["batches"] if b[4]],
                                                      args.phase_seconds)
+                    entry["failed_batches"] = {m: sum(1 for b in run["batches"] if b[1] == m and not b[4]) for m in MODELS}
                     entry["batches"] = thin(run["batches"], 2000)
                 end = wall0 + len(PHASES) * args.phase_seconds + args.drain + 25
                 entry["memory"] = [(s[0] - wall0, *s[1:]) for s in
