@@ -87,17 +87,19 @@ class WorkerRestarting(Exception):
 
 
 class PartsLost(Exception):
-    """The worker no longer holds a shipment answered in parts (it was dropped unclaimed, or the
-    worker restarted at the same address): the rows whose results did not come back go back to the
-    queue."""
+    """The worker holds no shipment answered in parts by that token for that client: it was dropped
+    unclaimed (the rows without results go back to the queue), or ``restarted``: the token is of an
+    earlier process at the same address, which died (the rows ran there, and are suspects)."""
 
-    def __init__(self, address: str, token: int):
+    def __init__(self, address: str, token: str, restarted: bool = False):
         self.address = address
         self.token = token
-        super().__init__(f"worker {address} holds no shipment answered in parts with token {token}")
+        self.restarted = restarted
+        why = "it restarted since" if restarted else "dropped or never held"
+        super().__init__(f"worker {address} holds no shipment answered in parts with token {token} ({why})")
 
     def __reduce__(self):
-        return (type(self), (self.address, self.token))
+        return (type(self), (self.address, self.token, self.restarted))
 
 
 def unwrap(value: Any) -> Any:
@@ -222,7 +224,7 @@ class ShipmentReply(_Message):
     stuck: list[int] = field(default_factory=list)
     stuck_limit: float | None = None
     reply_file: dict[str, Any] | None = None
-    more: int | None = None
+    more: str | None = None
 
 
 @dataclass

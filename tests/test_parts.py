@@ -115,11 +115,23 @@ async def test_rows_of_a_shipment_the_worker_dropped_are_sent_again(c, s, a, gat
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
-async def test_collect_of_an_unknown_shipment_is_an_error_the_client_knows(c, s, a):
+async def test_a_call_for_a_part_the_worker_does_not_hold_is_answered_parts_lost(c, s, a):
     await c.register_plugin(ddb.DynBatchPlugin())
-    reply = await a.handlers[COLLECT](token=12345)
-    error = exception_from(reply)
-    assert isinstance(error, PartsLost) and error.token == 12345 and a.address in str(error)
+    plugin = a.extensions["dynbatch"]
+
+    async def collect(token: str, client: str) -> PartsLost:
+        error = exception_from(await a.handlers[COLLECT](token=token, client=client))
+        assert isinstance(error, PartsLost) and error.token == token and a.address in str(error)
+        return error
+
+    assert not (await collect(f"{plugin._part_prefix}12345", c.id)).restarted  # dropped, or never given
+    # a token of an earlier process at this address: that one died with the shipment (its rows ran)
+    assert (await collect("0123456789ab-1", c.id)).restarted
+    running = type("Running", (), {"done": asyncio.get_running_loop().create_future(), "client": "someone-else"})
+    token = f"{plugin._part_prefix}7"
+    plugin.parts[token] = _Parts(None, running, 0.0)  # type: ignore[arg-type]
+    assert not (await collect(token, c.id)).restarted  # another client's shipment: not ours to collect
+    del plugin.parts[token]
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
@@ -132,13 +144,13 @@ async def test_a_shipment_whose_client_never_collects_is_dropped(c, s, a):
 
     Done.done.set_result(None)
     running = type("Running", (), {"done": asyncio.get_running_loop().create_future()})
-    plugin.parts.update({1: _Parts(None, Done, 0.0), 2: _Parts(None, running, 0.0)})  # type: ignore[arg-type]
+    plugin.parts.update({"t-1": _Parts(None, Done, 0.0), "t-2": _Parts(None, running, 0.0)})  # type: ignore[arg-type]
     plugin.watchdog.active_runs += 2
     now = time.monotonic()
     plugin._expire_parts(now + PARTS_TTL / 2)
-    assert set(plugin.parts) == {1, 2}  # not yet
+    assert set(plugin.parts) == {"t-1", "t-2"}  # not yet
     plugin._expire_parts(now + PARTS_TTL + 1)
-    assert set(plugin.parts) == {2}  # still running: its client may yet come
+    assert set(plugin.parts) == {"t-2"}  # still running: its client may yet come
     assert plugin.watchdog.active_runs == 1
-    del plugin.parts[2]
+    del plugin.parts["t-2"]
     plugin.watchdog.active_runs -= 1

@@ -395,11 +395,14 @@ class Dispatcher:
         except ModelSuperseded:  # nothing ran: the same requests go to the new version
             self._requeue(reqs, isolate)
             self._model_changed = True
-        except PartsLost as exc:  # the rest of a reply in parts is gone: its rows run again
+        except PartsLost as exc:
             left = _left(reqs, answered)
-            logger.info("dynbatch: %s; %d rows are sent again", exc, len(left))
-            self._requeue(left, isolate)
-            self.ledger.count("requeued", len(left))
+            if exc.restarted:  # the worker died and came back at its address: its rows ran, and may be why
+                self._worker_lost(slot, left, exc, sent=True, isolated=isolate)
+            else:  # the rest of a reply in parts is gone: its rows run again
+                logger.info("dynbatch: %s; %d rows are sent again", exc, len(left))
+                self._requeue(left, isolate)
+                self.ledger.count("requeued", len(left))
         except Exception as exc:  # the shipment could not run (model failed to load, inputs lost, ...)
             logger.warning("dynbatch: shipment of %d for model %r failed: %r", rows, self.model.name, exc)
             self.ledger.fail(reqs, exc)
@@ -432,13 +435,17 @@ class Dispatcher:
             self.ledger.fail([reqs[row]], exc)
             answered.add(row)
         delivered = 0
-        ran = []
+        ran: list[Request] = []
         for rows, outputs in delivery.pieces:
-            for row, value in zip(rows, split_rows(outputs, len(rows))):
-                req = reqs[row]
-                ran.append(req)
-                answered.add(row)
-                delivered += self.ledger.deliver(req, _to_torch(value) if req.as_torch else value)
+            answered.update(rows)
+            ran.extend(reqs[row] for row in rows)
+            try:
+                values = split_rows(outputs, len(rows))
+                for row, value in zip(rows, values):
+                    req = reqs[row]
+                    delivered += self.ledger.deliver(req, _to_torch(value) if req.as_torch else value)
+            except Exception as exc:  # outputs that cannot be split per request fail their rows, not the rest
+                self.ledger.fail([reqs[row] for row in rows], exc)
         self.ledger.latency(ran, delivery.done)
         self.ledger.count("delivered", delivered)
         self.ledger.count("answered_early", delivered)
@@ -458,6 +465,15 @@ class Dispatcher:
         skip = set(reply.stuck) | set(reply.unrun)
         # every row that ran, for what the reply teaches; results of the last part's rows only here
         ran = [r for i, r in enumerate(reqs) if i not in skip] if skip else reqs
+        if answered:  # a reply in parts: every row must have had its answer in one of them
+            covered = answered | skip | set(delivery.lost) | {row for row, _ in delivery.errors}
+            covered.update(row for rows, _ in delivery.pieces for row in rows)
+            missing = [r for i, r in enumerate(reqs) if i not in covered]
+            if missing:  # (never seen; a part lost on the way must not leave its requests waiting)
+                logger.warning("dynbatch: %d rows of a reply in parts from %s came without results; they are "
+                               "sent again", len(missing), slot.address)
+                self._requeue(missing, isolated)
+                self.ledger.count("requeued", len(missing))
         if answered or delivery.lost:
             skip |= answered or set()
             if delivery.lost:
@@ -551,6 +567,9 @@ class Dispatcher:
         self.ledger.count("requeued", rows - count_rows(failed)[0])
 
     def _requeue(self, reqs: list[Request], isolated: bool) -> None:
+        if self.closed:  # nothing reads the queue any more
+            self.ledger.fail(reqs, closed_error(self.model.name, "the request was to run again after the close"))
+            return
         if isolated:
             self.quarantine.put_back(reqs)
         else:

@@ -208,7 +208,8 @@ class Transport:
                 except ReplyUnavailable:  # its results never reached us: run it again, over the comm
                     continue
                 while delivery.reply.more is not None:  # (the input slot stays the worker's meanwhile)
-                    assert on_part is not None
+                    if on_part is None:
+                        raise RuntimeError("the worker answered in parts a shipment sent without asking for them")
                     on_part(delivery)
                     delivery = await self._collect(slot, delivery.reply.more, formed, sent, new_slot)
                 return delivery
@@ -313,9 +314,13 @@ class Transport:
             _join_into(blocks, view)
         return {"shm": {"name": shm_slot.name, "shape": shape, "dtype": blocks[0].dtype.str}}
 
-    async def _collect(self, slot: WorkerSlot, token: int, formed: float, sent: float, new_slot: bool) -> Delivery:
+    async def _collect(self, slot: WorkerSlot, token: str, formed: float, sent: float, new_slot: bool) -> Delivery:
         """The next part of a reply in parts (``token``: the last part's ``more``)."""
-        reply = await self._call(slot.address, COLLECT, token=token, reply_shm=slot.asks_for_reply_files)
+        try:
+            reply = await self._call(slot.address, COLLECT, token=token, client=self.client.id,
+                                     reply_shm=slot.asks_for_reply_files)
+        except WorkerLost as exc:  # (also one not reached: the shipment was sent, and ran there)
+            raise WorkerLost(exc.cause, sent=True) from exc
         raise_if_error(reply)
         return self._decode(reply, formed, sent, time.monotonic(), new_slot, slot, whole=False)
 

@@ -17,6 +17,7 @@ import logging
 import pickle
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -98,7 +99,10 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.reply_writer = ThreadPoolExecutor(2, thread_name_prefix="dynbatch-reply")
         # shipments answered in parts (padded or weighed rows run over several device batches): the
         # client collects each part as its rows' batches finish
-        self.parts: dict[int, _Parts] = {}
+        self.parts: dict[str, _Parts] = {}
+        # tokens of this process only: a client asking a worker that restarted at the same address
+        # must not collect another shipment's rows
+        self._part_prefix = f"{uuid.uuid4().hex[:12]}-"
         self._part_tokens = itertools.count(1)
         self._pin_slots = bool(dask.config.get("dynbatch.transport.page-lock", True))
         self.gpu_count = visible_gpu_count()
@@ -206,26 +210,32 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             return error_reply(exc)
         return await self._reply(server, shipment, reply_shm, received)
 
-    async def collect(self, token: int, reply_shm: bool = False) -> dict[str, Any]:
-        """Handler ``dynbatch_collect``: the next part of the reply to a shipment answered in parts
-        (``token``: its reply's ``more``), once some of its rows have results not sent yet, or its
-        last part once every row has. ``reply_shm`` as for ``dynbatch_run``. An error reply
-        :class:`~dask_dynbatch.protocol.PartsLost`: the worker no longer holds the shipment."""
+    async def collect(self, token: str, client: str, reply_shm: bool = False) -> dict[str, Any]:
+        """Handler ``dynbatch_collect``: the next part of the reply to ``client``'s shipment answered
+        in parts (``token``: its reply's ``more``), once some of its rows have results not sent yet,
+        or its last part once every row has. ``reply_shm`` as for ``dynbatch_run``. An error reply
+        :class:`~dask_dynbatch.protocol.PartsLost`: this process does not hold that shipment (or a
+        process before it at this address gave the token)."""
         entry = self.parts.get(token)
-        if entry is None:
-            return error_reply(PartsLost(self.worker.address, token))
-        await entry.shipment.news()
-        return await self._reply(entry.server, entry.shipment, reply_shm, entry.received, token)
+        if entry is None or entry.shipment.client != client:
+            restarted = not token.startswith(self._part_prefix)
+            return error_reply(PartsLost(self.worker.address, token, restarted=restarted))
+        self.watchdog.active_runs += 1  # (until its reply is out, as for dynbatch_run)
+        try:
+            await entry.shipment.news()
+            return await self._reply(entry.server, entry.shipment, reply_shm, entry.received, token)
+        finally:
+            self.watchdog.active_runs -= 1
 
     async def _reply(self, server: ModelServer, shipment: Shipment, reply_shm: bool, received: float,
-                     token: int | None = None) -> dict[str, Any]:
+                     token: str | None = None) -> dict[str, Any]:
         """The reply to ``shipment`` with the results not sent yet: the last one (every row has its
         result: timings, device batches, rows stuck or not run), or a part (``more``: the token the
         client collects the next part with)."""
         final = shipment.done.done()
         pieces, errors = shipment.take()
         if not final and token is None:  # the first part: the shipment waits here for the next calls
-            token = next(self._part_tokens)
+            token = f"{self._part_prefix}{next(self._part_tokens)}"
             self.parts[token] = _Parts(server, shipment, received)
             self.watchdog.active_runs += 1  # a restart waits for the stuck rows' reply to go out
         elif final and token is not None and self.parts.pop(token, None) is not None:

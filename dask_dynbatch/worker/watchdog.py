@@ -60,8 +60,9 @@ def execution_clock(spec: ModelSpec) -> ExecutionClock:
 class Watchdog:
     """Finds a stuck batch among ``servers()`` and restarts the worker (see the module docstring).
 
-    ``active_runs`` counts the shipments the worker is serving (the plugin's ``run`` handler), so
-    that the restart waits until their replies are out."""
+    ``active_runs`` counts the shipments the worker is serving (the plugin's ``run`` and
+    ``collect`` handlers, and shipments answered in parts until their last part), so that the
+    restart waits until their replies are out."""
 
     def __init__(self, worker: Worker, servers: Callable[[], Iterable[ModelServer]]):
         self.worker = worker
