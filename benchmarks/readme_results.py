@@ -654,6 +654,8 @@ def gpu_text_section() -> str:
             f"{met(d['padding_waste'] <= 0.15)})")
     if d.get("timeline"):
         text += ", " + busy(d["timeline"])
+    if d.get("answered_early") is not None:
+        text += f", {d['answered_early']:.0%} of results answered in a part before the rest of their shipment ran"
     shm = r.get("dynbatch_shm_replies")
     if shm:
         text += (f"; the same with replies through shared memory {shm['throughput']:,.0f} "
