@@ -154,3 +154,15 @@ async def test_a_shipment_whose_client_never_collects_is_dropped(c, s, a):
     assert plugin.watchdog.active_runs == 1
     del plugin.parts["t-2"]
     plugin.watchdog.active_runs -= 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=60)
+async def test_replies_in_parts_can_be_switched_off(c, s, a, gate):
+    with dask.config.set({"dynbatch.transport.replies-in-parts": False}):
+        batcher, futures, ids = await _rows_before_the_gated_one(c, a, gate, "parts-off")
+    gate.set()
+    out = await asyncio.wait_for(asyncio.gather(*futures), 30)
+    for got, i in zip(out, ids):
+        np.testing.assert_allclose(got["last_hidden_state"], _expected(i))
+    assert batcher.stats()["answered_early"] == 0  # every shipment answered once its last row ran
+    batcher.close()

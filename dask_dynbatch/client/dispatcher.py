@@ -384,7 +384,7 @@ class Dispatcher:
         kept results back until the end of a long backlog)."""
         answered: set[int] = set()  # rows whose results came in a part
         on_part = None
-        if layout is None and not isolate and slot.advice.ship is not None:
+        if layout is None and not isolate and slot.advice.ship is not None and self.transport.parts:
             on_part = functools.partial(self._deliver_part, reqs, answered)
         try:
             delivery = await self.transport.send(slot, reqs, version=self.model.version, formed=formed,

@@ -125,6 +125,7 @@ class Transport:
         copy_mode()  # a bad dynbatch.transport.shared-memory-copy fails the Batcher, not its shipments
         # (read once: a Batcher made inside dask.config.set keeps it for every worker it meets)
         self.reply_files = bool(dask.config.get("dynbatch.transport.shared-memory-replies", False))
+        self.parts = bool(dask.config.get("dynbatch.transport.replies-in-parts", True))
         self._stackers = concurrent.futures.ThreadPoolExecutor(STACK_THREADS, thread_name_prefix="dynbatch-stack")
 
     def close(self) -> None:
