@@ -13,6 +13,8 @@ log-normal lengths (median ~80, at most 512). One LocalCluster worker process wi
                  150 KB a request, which the in-worker loop below never moves
 ``dynbatch_shm_replies``  (``--shm-replies``) ``dynbatch`` again with its replies through shared
                  memory (``dynbatch.transport.shared-memory-replies``)
+``dynbatch_whole_replies``  (``--whole-replies``) ``dynbatch`` again with each shipment answered once
+                 its last row ran (``dynbatch.transport.replies-in-parts`` off)
 ``sorted_<t>``   in the worker: every request's ids already on the GPU, sorted by length, cut into
                  batches of at most ``t`` tokens (rows times their longest), padded, run; the best
                  of several ``t``
@@ -196,14 +198,15 @@ def verify(client, batcher, samples: list, n: int, size: str, per_token: bool) -
 
 def dynbatch_passes(client, name: str, load, samples: list, passes: int = 3, timeline: bool = False,
                     profile: Path | None = None, check: int = 0, size: str = "full", per_token: bool = True,
-                    shm_replies: bool = False) -> dict:
+                    shm_replies: bool = False, parts: bool = True) -> dict:
     """``Batcher.map`` of every sample and all its results, ``passes`` times (the last one timed);
     ``timeline``: the GPU's busy share in the timed pass; ``profile``: then py-spy (when installed)
     of the worker over two more passes, as ``<profile>_gil.raw`` (threads holding the GIL) and
     ``<profile>_threads.raw`` (every thread, idle ones too)."""
     n = len(samples)
     extra: dict = {}
-    with dask.config.set({"dynbatch.transport.shared-memory-replies": shm_replies}):
+    with dask.config.set({"dynbatch.transport.shared-memory-replies": shm_replies,
+                          "dynbatch.transport.replies-in-parts": parts}):
         batcher = ddb.Batcher(client, ddb.ModelSpec(name, load=load, pad_value=0))
     with batcher:
         rates = []
@@ -360,6 +363,8 @@ def main() -> None:
                         help="then the pooled variant again with the worker's sys.setswitchinterval at this many seconds")
     parser.add_argument("--shm-replies", action="store_true",
                         help="then the per-token variant again with its replies through shared memory")
+    parser.add_argument("--whole-replies", action="store_true",
+                        help="then the per-token variant again with dynbatch.transport.replies-in-parts off")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     from distributed import Client, LocalCluster
@@ -396,6 +401,10 @@ def main() -> None:
                                                              timeline=args.timeline, check=args.verify, size=size,
                                                              shm_replies=True)
             save("gpu_text_case" if not args.smoke else "gpu_text_case_smoke", result, out)
+        if args.whole_replies:
+            result["dynbatch_whole_replies"] = dynbatch_passes(client, "text-encoder-whole-replies", load, samples,
+                                                               timeline=args.timeline, size=size, parts=False)
+            save("gpu_text_case" if not args.smoke else "gpu_text_case_smoke", result, out)
         pooled = build_smoke_pooled if args.smoke else build_full_pooled
         result["dynbatch_pooled"] = dynbatch_passes(client, "text-encoder-pooled", pooled, samples, timeline=args.timeline,
                                                     profile=out / "gpu_text_worker" if args.profile else None,
@@ -410,6 +419,9 @@ def main() -> None:
     result["best_sorted_budget"] = int(best)
     result["ratio_to_sorted"] = result["dynbatch"]["throughput"] / result["sorted"][best]["throughput"]
     result["pooled_ratio_to_sorted"] = result["dynbatch_pooled"]["throughput"] / result["sorted"][best]["throughput"]
+    if "dynbatch_whole_replies" in result:
+        result["whole_replies_ratio_to_sorted"] = (result["dynbatch_whole_replies"]["throughput"]
+                                                   / result["sorted"][best]["throughput"])
     if "dynbatch_shm_replies" in result:
         result["shm_replies_ratio_to_sorted"] = (result["dynbatch_shm_replies"]["throughput"]
                                                  / result["sorted"][best]["throughput"])
@@ -419,7 +431,7 @@ def main() -> None:
         result["pressure"] = pressure(args, requests, samples, load, size, out)
         save("gpu_text_case" if not args.smoke else "gpu_text_case_smoke", result, out)
     print(json.dumps({k: result[k] for k in ("ratio_to_sorted", "pooled_ratio_to_sorted", "shm_replies_ratio_to_sorted",
-                                             "best_sorted_budget") if k in result}),
+                                             "whole_replies_ratio_to_sorted", "best_sorted_budget") if k in result}),
           "padding", result["dynbatch"]["padding_waste"], flush=True)
 
 

@@ -656,6 +656,12 @@ def gpu_text_section() -> str:
         text += ", " + busy(d["timeline"])
     if d.get("answered_early") is not None:
         text += f", {d['answered_early']:.0%} of results answered in a part before the rest of their shipment ran"
+    whole = r.get("dynbatch_whole_replies")
+    if whole:
+        text += (f"; with `replies-in-parts` off (each shipment answered once its last row ran) "
+                 f"{whole['throughput']:,.0f} ({r['whole_replies_ratio_to_sorted']:.2f}x)")
+        if whole.get("timeline"):
+            text += ", " + busy(whole["timeline"])
     shm = r.get("dynbatch_shm_replies")
     if shm:
         text += (f"; the same with replies through shared memory {shm['throughput']:,.0f} "
