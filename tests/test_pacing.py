@@ -102,6 +102,21 @@ def test_a_later_reply_does_not_push_the_forecast_out():
     assert f.state()["in_flight"] == 1 and f.busy_until == pytest.approx(0.002)
 
 
+def test_a_reply_in_parts_shrinks_its_batch_and_pulls_the_end_in():
+    f = BusyForecast()
+    f.observe(100, compute_s=0.010, lead_s=0.0)
+    f.observe(400, compute_s=0.025, lead_s=0.0)  # 5 ms + 50 us a row
+    f.sent(400, now=1.0)
+    assert f.busy_until == pytest.approx(1.025)
+    f.shrink(400, 100, now=1.005)  # 300 of its rows came back: the 100 left take 10 ms from now
+    assert f.busy_until == pytest.approx(1.015) and f.state()["in_flight"] == 1
+    f.shrink(100, 0, now=1.012)  # the last ones: nothing in flight, free now
+    assert f.busy_until == pytest.approx(1.012) and f.state()["in_flight"] == 0
+    f.sent(100, now=2.0)
+    f.shrink(250, 10, now=2.001)  # not a batch in flight: nothing changes
+    assert f.busy_until == pytest.approx(2.010) and f.state()["in_flight"] == 1
+
+
 def test_observations_without_a_time_are_ignored():
     f = BusyForecast()
     f.observe(100, compute_s=0.010, lead_s=0.004)

@@ -385,7 +385,7 @@ class Dispatcher:
         answered: set[int] = set()  # rows whose results came in a part
         on_part = None
         if layout is None and not isolate and slot.advice.ship is not None and self.transport.parts:
-            on_part = functools.partial(self._deliver_part, reqs, answered)
+            on_part = functools.partial(self._deliver_part, slot, reqs, answered)
         try:
             delivery = await self.transport.send(slot, reqs, version=self.model.version, formed=formed,
                                                  signature=self.model.signature, isolate=isolate, layout=layout,
@@ -419,14 +419,29 @@ class Dispatcher:
         finally:
             self.inflight.pop(id(reqs), None)
             slot.inflight -= 1
-            slot.inflight_rows -= rows
+            outstanding = rows - len(answered)  # (the rows answered in parts left the count as they came)
+            slot.inflight_rows -= outstanding
             if isolate:
                 slot.isolating = False
-            slot.forecast.replied(rows, time.monotonic())
+            slot.forecast.replied(outstanding, time.monotonic())
             self._set_wake()
 
-    def _deliver_part(self, reqs: list[Request], answered: set[int], delivery: Delivery) -> None:
-        """One part of a reply in parts: its rows' results and errors (``answered`` collects their rows)."""
+    def _deliver_part(self, slot: WorkerSlot, reqs: list[Request], answered: set[int], delivery: Delivery) -> None:
+        """One part of a reply in parts: its rows' results and errors (``answered`` collects their
+        rows); the rows left in flight, and the forecast of the worker's device, shrink by them."""
+        before = len(answered)
+        try:
+            self._deliver_answers(reqs, answered, delivery)
+        finally:
+            done = len(answered) - before
+            if done:
+                in_flight = len(reqs) - before
+                slot.inflight_rows -= done
+                slot.forecast.shrink(in_flight, in_flight - done, delivery.done)
+                slot.advice = Advice.from_msg(delivery.reply.advice)
+                self._set_wake()
+
+    def _deliver_answers(self, reqs: list[Request], answered: set[int], delivery: Delivery) -> None:
         if delivery.lost:
             self._requeue([reqs[row] for row in delivery.lost], False)
             self.ledger.count("requeued", len(delivery.lost))

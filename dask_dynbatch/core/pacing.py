@@ -87,10 +87,23 @@ class BusyForecast:
             self._inflight.remove(rows)
         except ValueError:
             pass
+        self._pull_in(now)
+
+    def _pull_in(self, now: float) -> None:
         if not self._inflight:
             self.busy_until = now  # nothing left: the device is free
         else:
             self.busy_until = min(self.busy_until, now + self._device_total(self._inflight))
+
+    def shrink(self, rows: int, left: int, now: float) -> None:
+        """Of a batch of ``rows`` sent, all but ``left`` came back at ``now`` (a reply in parts)."""
+        try:
+            self._inflight.remove(rows)
+        except ValueError:
+            return
+        if left > 0:
+            self._inflight.append(left)
+        self._pull_in(now)
 
     def send_at(self, rows: int) -> float:
         """The moment from which a partial batch of ``rows`` formed then reaches the device as it
