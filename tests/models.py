@@ -50,3 +50,15 @@ def build_gated_encoder(device="cpu"):
         return {"last_hidden_state": hidden, "pooler_output": (hidden * attention_mask[..., None]).sum(axis=1)}
 
     return model
+
+
+def build_slow_encoder(device="cpu"):
+    """A dict model of padded token ids that takes 2 ms a batch (per-token features and a pooled sum)."""
+    import time
+
+    def model(input_ids, attention_mask):
+        time.sleep(0.002)
+        hidden = input_ids[..., None] * np.arange(1.0, 4.0) + attention_mask[..., None]
+        return {"last_hidden_state": hidden, "pooler_output": (hidden * attention_mask[..., None]).sum(axis=1)}
+
+    return model

@@ -5,12 +5,18 @@ row ran."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import threading
 import time
+from collections import Counter
 
 import dask
 import numpy as np
+import pytest
+from distributed import Client, LocalCluster
 from distributed.utils_test import gen_cluster
-from models import build_gated_encoder
+from models import build_gated_encoder, build_slow_encoder
 
 import dask_dynbatch as ddb
 from dask_dynbatch.protocol import COLLECT, PartsLost, exception_from
@@ -166,3 +172,43 @@ async def test_replies_in_parts_can_be_switched_off(c, s, a, gate):
         np.testing.assert_allclose(got["last_hidden_state"], _expected(i))
     assert batcher.stats()["answered_early"] == 0  # every shipment answered once its last row ran
     batcher.close()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_its_replies_come_in_parts_loses_no_request():
+    """SIGKILL one of two worker processes while padded requests come back in parts: the rows
+    without results run again elsewhere, each request resolved exactly once."""
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, 50, int(n)) for n in rng.integers(4, 40, 3_000)]
+    with dask.config.set({"dynbatch.benchmark.on-start": False}), LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(ddb.DynBatchPlugin())
+        batcher = ddb.Batcher(client, ddb.ModelSpec("parts-kill", load=build_slow_encoder, pad_value=0))
+        [f.result(timeout=60) for f in batcher.map([_sample(i) for i in ids[:200]])]  # loaded on both, advice known
+        pids = client.run(os.getpid)
+        victim = sorted(pids)[0]
+        deliveries: Counter[int] = Counter()
+        lock = threading.Lock()
+        killed = threading.Event()
+
+        def on_done(future, i):
+            with lock:
+                deliveries[i] += 1
+                total = sum(deliveries.values())
+            if total == 500 and not killed.is_set():
+                killed.set()
+                os.kill(pids[victim], signal.SIGKILL)
+
+        futures = batcher.map([_sample(i) for i in ids])
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda f, i=i: on_done(f, i))
+        out = [f.result(timeout=120) for f in futures]
+        assert killed.is_set()
+        for got, i in zip(out, ids):
+            np.testing.assert_allclose(got["last_hidden_state"], _expected(i))
+        assert len(deliveries) == len(ids) and set(deliveries.values()) == {1}
+        stats = batcher.stats()
+        assert stats["delivered"] == len(ids) + 200 and stats["failed"] == 0 and stats["answered_early"] > 0
+        assert stats["requeued"] > 0  # the kill did hit shipments in flight: their rows ran elsewhere
+        batcher.close()
