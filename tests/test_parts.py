@@ -212,3 +212,48 @@ def test_a_worker_killed_while_its_replies_come_in_parts_loses_no_request():
         assert stats["delivered"] == len(ids) + 200 and stats["failed"] == 0 and stats["answered_early"] > 0
         assert stats["requeued"] > 0  # the kill did hit shipments in flight: their rows ran elsewhere
         batcher.close()
+
+
+HANG = 777  # a request whose first token is this makes the model hang
+
+
+def build_fragile_encoder(device="cpu"):
+    """A dict model of padded token ids that hangs on a request whose first token is HANG."""
+
+    def model(input_ids, attention_mask):
+        if (input_ids[:, 0] == HANG).any():
+            time.sleep(120)
+        return {"last_hidden_state": input_ids[..., None] * np.arange(1.0, 4.0) + attention_mask[..., None]}
+
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_stuck_batch_in_a_shipment_answered_in_parts_fails_its_culprit_alone():
+    """One worker; the watchdog declares the batch that hangs stuck and restarts the worker: rows
+    answered in parts before it stay delivered, the stuck batch's rows are retried in halves until
+    the one that hangs is alone and fails, every other request is delivered exactly once."""
+    with dask.config.set({"dynbatch.benchmark.on-start": False}), LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        client.register_plugin(ddb.DynBatchPlugin())
+        spec = ddb.ModelSpec("parts-fragile", load=build_fragile_encoder, pad_value=0, max_batch_size=4,
+                             latency_target="10s", execution_timeout="1s")
+        batcher = ddb.Batcher(client, spec)
+        [f.result(timeout=60) for f in batcher.map([_sample(np.arange(1, 5)) for _ in range(8)])]
+        ids = [np.arange(1, 5) + 10 * i for i in range(20)] + [np.r_[HANG, np.arange(1, 12)]]
+        counts: Counter[int] = Counter()
+        futures = batcher.map([_sample(i) for i in ids])
+        for k, f in enumerate(futures):
+            f.add_done_callback(lambda f, k=k: counts.update([k]))
+        with pytest.raises(ddb.ExecutionTimeoutError, match="the last time alone in its batch"):
+            futures[-1].result(timeout=150)
+        out = [f.result(timeout=60) for f in futures[:-1]]
+        for got, i in zip(out, ids):
+            np.testing.assert_allclose(got["last_hidden_state"], _expected(i))
+        assert len(counts) == len(ids) and set(counts.values()) == {1}
+        stats = batcher.stats()
+        assert stats["delivered"] == 8 + 20 and stats["failed"] == stats["quarantined"] == 1
+        assert stats["answered_early"] > 0 and stats["stuck"] > 0
+        batcher.close()
