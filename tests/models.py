@@ -1,14 +1,48 @@
 """Models several test modules use (module level, so in-process workers unpickle them by
 reference): a gated model, whose batches wait until the test opens ``GATE`` (it holds shipments in
-flight on purpose), and a poisoned one; and :func:`worker_addresses`, the cluster's workers in one look."""
+flight on purpose), and a poisoned one; :func:`worker_addresses`, the cluster's workers in one look;
+and :class:`Deliveries`, how often each future resolved."""
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
 GATE = threading.Event()
+
+
+class Deliveries:
+    """Counts how often each future resolves (exactly once, or the test fails); ``then`` runs once,
+    from the callback that brings the count of resolutions to ``at`` (a worker killed mid-run)."""
+
+    def __init__(self, at: int | None = None, then: Callable[[], None] | None = None):
+        self.counts: Counter[int] = Counter()
+        self.watched: list = []
+        self.lock = threading.Lock()
+        self.at, self.then = at, then
+        self.fired = threading.Event()
+
+    def watch(self, futures):
+        start = len(self.watched)
+        self.watched.extend(futures)
+        for i, f in enumerate(futures, start):
+            f.add_done_callback(lambda f, i=i: self._done(i))
+        return futures
+
+    def exactly_once(self) -> bool:
+        return len(self.counts) == len(self.watched) and set(self.counts.values()) == {1}
+
+    def _done(self, i):
+        with self.lock:
+            self.counts[i] += 1
+            fire = self.then is not None and sum(self.counts.values()) == self.at and not self.fired.is_set()
+            if fire:
+                self.fired.set()
+        if fire:
+            self.then()
 
 
 def build_gated(device="cpu"):

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
-from collections import Counter
 
 import dask
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from distributed.utils_test import gen_cluster
-from models import GATE, build_gated, worker_addresses
+from models import GATE, Deliveries, build_gated, worker_addresses
 
 import dask_dynbatch as ddb
 from dask_dynbatch.core.formation import Part, PartQueue
@@ -54,29 +52,6 @@ def samples(n: int, width: int = 4) -> np.ndarray:
     xs = np.zeros((n, width))
     xs[:, 0] = np.arange(n)
     return xs
-
-
-class Deliveries:
-    """Counts how often each future resolves (exactly once, or the test fails)."""
-
-    def __init__(self):
-        self.counts = Counter()
-        self.watched = []
-        self.lock = threading.Lock()
-
-    def watch(self, futures):
-        start = len(self.watched)
-        self.watched.extend(futures)
-        for i, f in enumerate(futures, start):
-            f.add_done_callback(lambda f, i=i: self._done(i))
-        return futures
-
-    def exactly_once(self) -> bool:
-        return len(self.counts) == len(self.watched) and set(self.counts.values()) == {1}
-
-    def _done(self, i):
-        with self.lock:
-            self.counts[i] += 1
 
 
 # -- the quarantine -----------------------------------------------------------------------------

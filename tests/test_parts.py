@@ -7,16 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
-from collections import Counter
 
 import dask
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 from distributed.utils_test import gen_cluster
-from models import build_gated_encoder, build_slow_encoder
+from models import Deliveries, build_gated_encoder, build_slow_encoder
 
 import dask_dynbatch as ddb
 from dask_dynbatch.protocol import COLLECT, PartsLost, exception_from
@@ -188,26 +186,13 @@ def test_a_worker_killed_while_its_replies_come_in_parts_loses_no_request():
         [f.result(timeout=60) for f in batcher.map([_sample(i) for i in ids[:200]])]  # loaded on both, advice known
         pids = client.run(os.getpid)
         victim = sorted(pids)[0]
-        deliveries: Counter[int] = Counter()
-        lock = threading.Lock()
-        killed = threading.Event()
-
-        def on_done(future, i):
-            with lock:
-                deliveries[i] += 1
-                total = sum(deliveries.values())
-            if total == 500 and not killed.is_set():
-                killed.set()
-                os.kill(pids[victim], signal.SIGKILL)
-
-        futures = batcher.map([_sample(i) for i in ids])
-        for i, f in enumerate(futures):
-            f.add_done_callback(lambda f, i=i: on_done(f, i))
+        deliveries = Deliveries(at=500, then=lambda: os.kill(pids[victim], signal.SIGKILL))
+        futures = deliveries.watch(batcher.map([_sample(i) for i in ids]))
         out = [f.result(timeout=120) for f in futures]
-        assert killed.is_set()
+        assert deliveries.fired.is_set()
         for got, i in zip(out, ids):
             np.testing.assert_allclose(got["last_hidden_state"], _expected(i))
-        assert len(deliveries) == len(ids) and set(deliveries.values()) == {1}
+        assert len(deliveries.counts) == len(ids) and deliveries.exactly_once()
         stats = batcher.stats()
         assert stats["delivered"] == len(ids) + 200 and stats["failed"] == 0 and stats["answered_early"] > 0
         assert stats["requeued"] > 0  # the kill did hit shipments in flight: their rows ran elsewhere
@@ -243,16 +228,14 @@ def test_a_stuck_batch_in_a_shipment_answered_in_parts_fails_its_culprit_alone()
         batcher = ddb.Batcher(client, spec)
         [f.result(timeout=60) for f in batcher.map([_sample(np.arange(1, 5)) for _ in range(8)])]
         ids = [np.arange(1, 5) + 10 * i for i in range(20)] + [np.r_[HANG, np.arange(1, 12)]]
-        counts: Counter[int] = Counter()
-        futures = batcher.map([_sample(i) for i in ids])
-        for k, f in enumerate(futures):
-            f.add_done_callback(lambda f, k=k: counts.update([k]))
+        deliveries = Deliveries()
+        futures = deliveries.watch(batcher.map([_sample(i) for i in ids]))
         with pytest.raises(ddb.ExecutionTimeoutError, match="the last time alone in its batch"):
             futures[-1].result(timeout=150)
         out = [f.result(timeout=60) for f in futures[:-1]]
         for got, i in zip(out, ids):
             np.testing.assert_allclose(got["last_hidden_state"], _expected(i))
-        assert len(counts) == len(ids) and set(counts.values()) == {1}
+        assert len(deliveries.counts) == len(ids) and deliveries.exactly_once()
         stats = batcher.stats()
         assert stats["delivered"] == 8 + 20 and stats["failed"] == stats["quarantined"] == 1
         assert stats["answered_early"] > 0 and stats["stuck"] > 0

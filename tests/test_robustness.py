@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster, Worker
 from distributed.utils_test import gen_cluster
-from models import build_gated
+from models import Deliveries, build_gated
 
 import dask_dynbatch as ddb
 from dask_dynbatch.core.requests import Request, RequestFuture, RequestQueue
@@ -119,26 +119,14 @@ def test_worker_killed_mid_run_every_request_delivered_exactly_once():
             assert batcher.submit(xs[0]).result(timeout=WAIT)[0] == 1.0  # model loaded, signature learned
             pids = client.run(os.getpid)
             victim = sorted(pids)[0]
-            deliveries = Counter()
-            lock = threading.Lock()
-            killed = threading.Event()
-
-            def on_done(future, i):
-                with lock:
-                    deliveries[i] += 1
-                    total = sum(deliveries.values())
-                if total == 1_000 and not killed.is_set():  # mid-run, batches in flight on both workers
-                    killed.set()
-                    os.kill(pids[victim], signal.SIGKILL)
-
-            futures = batcher.map(list(xs))
-            for i, f in enumerate(futures):
-                f.add_done_callback(lambda f, i=i: on_done(f, i))
+            # mid-run, batches in flight on both workers
+            deliveries = Deliveries(at=1_000, then=lambda: os.kill(pids[victim], signal.SIGKILL))
+            futures = deliveries.watch(batcher.map(list(xs)))
             results = np.stack([f.result(timeout=WAIT) for f in futures])
 
-            assert killed.is_set()
+            assert deliveries.fired.is_set()
             np.testing.assert_array_equal(results, 2 * xs + 1)  # each request got its own value
-            assert len(deliveries) == n and set(deliveries.values()) == {1}  # exactly once
+            assert len(deliveries.counts) == n and deliveries.exactly_once()
             stats = batcher.stats()
             assert stats["delivered"] == n + 1 and stats["failed"] == 0
             assert stats["requeued"] > 0  # the kill did hit batches in flight: they ran elsewhere
