@@ -33,13 +33,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine_stamp, save, throughput_bars  # noqa: E402
+from gpu_text_case import make_requests  # noqa: E402  (the GPU case's lengths)
 
 import dask_dynbatch as ddb  # noqa: E402
 
 SECONDS_PER_TOKEN = 0.6e-6
 SECONDS_PER_BATCH = 0.5e-3
 BUDGET = 65_536
-MAX_LENGTH = 512
 
 _LOG: list[tuple[float, float, int, int, int]] = []  # (start, end, rows, length, real tokens), in the worker
 
@@ -61,12 +61,6 @@ def take_log(clear: bool = False) -> list:
     if clear:
         _LOG.clear()
     return out
-
-
-def make_requests(n: int, median: int = 80, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(np.exp(rng.normal(np.log(median), 0.7, n)), 4, MAX_LENGTH).astype(int)
-    return [rng.integers(1, 1000, int(length)) for length in lengths]
 
 
 def sorted_loop(requests: list[np.ndarray], width: int) -> float:
@@ -116,7 +110,7 @@ def main() -> None:
     import text_standin as standin  # (by module: the workers import it, and its log is theirs)
     from distributed import Client, LocalCluster
 
-    requests = make_requests(args.requests)
+    requests = make_requests(args.requests, 80)
     samples = [{"input_ids": r, "attention_mask": np.ones_like(r)} for r in requests]
     n = len(samples)
     result: dict = {"machine": machine_stamp(), "requests": n, "width": args.width,

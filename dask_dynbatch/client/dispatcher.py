@@ -441,10 +441,14 @@ class Dispatcher:
                 slot.advice = Advice.from_msg(delivery.reply.advice)
                 self._set_wake()
 
+    def _requeue_lost(self, reqs: list[Request], lost: list[int], isolated: bool) -> None:
+        """Rows whose results were in a shared-memory reply this client could not read run again."""
+        if lost:
+            self._requeue([reqs[row] for row in lost], isolated)
+            self.ledger.count("requeued", len(lost))
+
     def _deliver_answers(self, reqs: list[Request], answered: set[int], delivery: Delivery) -> None:
-        if delivery.lost:
-            self._requeue([reqs[row] for row in delivery.lost], False)
-            self.ledger.count("requeued", len(delivery.lost))
+        self._requeue_lost(reqs, delivery.lost, False)
         answered.update(delivery.lost)
         for row, exc in delivery.errors:
             self.ledger.fail([reqs[row]], exc)
@@ -480,8 +484,9 @@ class Dispatcher:
         skip = set(reply.stuck) | set(reply.unrun)
         # every row that ran, for what the reply teaches; results of the last part's rows only here
         ran = [r for i, r in enumerate(reqs) if i not in skip] if skip else reqs
+        elsewhere = skip | (answered or set()) | set(delivery.lost)  # rows whose fate is not in this reply
         if answered:  # a reply in parts: every row must have had its answer in one of them
-            covered = answered | skip | set(delivery.lost) | {row for row, _ in delivery.errors}
+            covered = elsewhere | {row for row, _ in delivery.errors}
             covered.update(row for rows, _ in delivery.pieces for row in rows)
             missing = [r for i, r in enumerate(reqs) if i not in covered]
             if missing:  # (never seen; a part lost on the way must not leave its requests waiting)
@@ -489,15 +494,10 @@ class Dispatcher:
                                "sent again", len(missing), slot.address)
                 self._requeue(missing, isolated)
                 self.ledger.count("requeued", len(missing))
-        if answered or delivery.lost:
-            skip |= answered or set()
-            if delivery.lost:
-                self._requeue([reqs[row] for row in delivery.lost], isolated)
-                self.ledger.count("requeued", len(delivery.lost))
-                skip |= set(delivery.lost)
+        self._requeue_lost(reqs, delivery.lost, isolated)
         if not ran:
             return
-        last = [r for i, r in enumerate(reqs) if i not in skip] if skip else reqs
+        last = [r for i, r in enumerate(reqs) if i not in elsewhere] if elsewhere else reqs
         self.ledger.latency(last, delivery.done)
         for row, exc in delivery.errors:
             self.ledger.fail([reqs[row]], exc)
