@@ -228,7 +228,7 @@ def test_worker_rows_come_from_the_newest_server_and_add_up_the_clients():
     def report(client, inflight, workload, throughput=100.0, closed=False):
         slot = {"inflight_samples": inflight, "workload": workload, "throughput": throughput,
                 "controller": {"size": 999}}  # a client's copy of the advice: not what the page shows
-        return {"model": "m", "client": client, "submitted": 10, "delivered": 8, "queued": 2,
+        return {"model": "m", "client": client, "submitted": 10, "delivered": 8, "answered_early": 3, "queued": 2,
                 "latency_p95": 0.01 * inflight, "closed": closed, "workers": {"tcp://w": slot}}
 
     state = {
@@ -243,6 +243,7 @@ def test_worker_rows_come_from_the_newest_server_and_add_up_the_clients():
     }
     (summary,) = model_summaries(state).values()
     assert summary["submitted"] == 40 and summary["queued"] == 8 and summary["batchers"] == 4
+    assert summary["answered_early"] == 12
     assert summary["latency_p95"] == pytest.approx(0.06)  # the worst batcher's
     worker = summary["workers"]["tcp://w"]
     assert (worker["version"], worker["batch_size"], worker["samples"]) == (2, 32, 5)
@@ -286,6 +287,7 @@ async def test_metrics_endpoint_counts_the_work_done(c, s, a, b):
     assert metrics[("dask_dynbatch_queue_depth", model)] == 0
     for series in ("requests_timed_out_running", "requests_quarantined", "requests_isolated", "stuck_batches"):
         assert metrics[(f"dask_dynbatch_{series}_total", model)] == 0  # nothing hung or crashed
+    assert metrics[("dask_dynbatch_requests_answered_early_total", model)] == 0  # one-shot replies
     assert metrics[("dask_dynbatch_batchers", model)] == 1
     assert metrics[("dask_dynbatch_latency_seconds", (("model", "identity"), ("quantile", "0.95")))] > 0
     batches = sum(v for (name, _), v in metrics.items() if name == "dask_dynbatch_worker_batches_total")

@@ -60,7 +60,19 @@ async def test_rows_come_back_as_their_batches_finish(c, s, a, gate):
     assert sum(w["samples"] for w in stats["workers"].values()) == 10  # every row ran once
     plugin = a.extensions["dynbatch"]
     assert plugin.parts == {} and plugin.watchdog.active_runs == 0  # the last part was collected
+    # the dashboard page and /metrics count them too, once the Batcher has reported
+    deadline = time.monotonic() + 30
+    while (early := _shown(s, "parts").get("answered_early", 0)) != stats["answered_early"]:
+        assert time.monotonic() < deadline, f"the scheduler shows {early} answered early"
+        await asyncio.sleep(0.05)
     batcher.close()
+
+
+def _shown(scheduler, model: str) -> dict:
+    """What the scheduler shows of ``model`` (the dashboard page's and /metrics' source)."""
+    from dask_dynbatch.scheduler.summary import model_summaries
+
+    return model_summaries(scheduler.extensions["dynbatch"].state()).get(model, {})
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], timeout=60)

@@ -558,10 +558,12 @@ class Summary(DashboardComponent):
             )
         else:
             version = f" v{summary['version']}" if summary["version"] is not None else ""
+            # results that came in a part of their shipment's reply (padded or weighed samples)
+            early = f" ({summary['answered_early']:,} answered early)" if summary["answered_early"] else ""
             text = (
                 f"<b>{model}</b>{version}: {summary['batchers']} batcher(s) &middot; "
                 f"submitted {summary['submitted']:,} &middot; "
-                f"served {summary['delivered']:,} &middot; failed {summary['failed']:,} &middot; "
+                f"served {summary['delivered']:,}{early} &middot; failed {summary['failed']:,} &middot; "
                 f"timed out {summary['timed_out']:,} ({summary['timed_out_running']:,} while running) &middot; "
                 f"stuck batches {summary['stuck_batches']:,} &middot; quarantined {summary['quarantined']:,} "
                 f"&middot; queued {summary['queued']:,} &middot; "

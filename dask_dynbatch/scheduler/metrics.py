@@ -22,6 +22,9 @@ name                                        type      labels and meaning
                                                       their worker die or hang alone in a batch
 ``dask_dynbatch_requests_isolated_total``   counter   ``model``: requests re-sent in groups of
                                                       suspects after a worker died or hung
+``dask_dynbatch_requests_answered_early_total`` counter ``model``: of ``served``, requests
+                                                      whose result came in a part of their
+                                                      shipment's reply (replies in parts)
 ``dask_dynbatch_stuck_batches_total``       counter   ``model``: device batches the watchdog
                                                       declared stuck (each restarted its worker)
 ``dask_dynbatch_queue_depth``               gauge     ``model``: requests waiting in the batchers
@@ -133,12 +136,16 @@ class DynBatchMetricCollector(PrometheusCollector):
                               "Requests that failed for making their worker die or hang alone in a batch", ["model"])
         isolated = counter("requests_isolated", "Requests re-sent in groups of suspects after a worker died or hung",
                            ["model"])
+        answered_early = counter("requests_answered_early",
+                                 "Served requests whose result came before the last device batch of their shipment",
+                                 ["model"])
         stuck = counter("stuck_batches", "Device batches declared stuck by the watchdog (each restarted its worker)",
                         ["model"])
         for name, summary in models.items():
             timed_out_running.add_metric([name], summary["timed_out_running"])
             quarantined.add_metric([name], summary["quarantined"])
             isolated.add_metric([name], summary["isolated"])
+            answered_early.add_metric([name], summary["answered_early"])
             stuck.add_metric([name], summary["stuck_batches"])
             submitted.add_metric([name], summary["submitted"])
             for count, outcome in OUTCOMES.items():
@@ -153,7 +160,7 @@ class DynBatchMetricCollector(PrometheusCollector):
             if summary["version"] is not None:
                 version.add_metric([name], summary["version"])
         yield from (submitted, requests, queue, latency, target, batchers, version, timed_out_running, quarantined,
-                    isolated, stuck)
+                    isolated, answered_early, stuck)
 
         per_worker = ["model", "worker"]
         batch_size = gauge("batch_size", "Rows the worker's model server puts in a device batch now", per_worker)

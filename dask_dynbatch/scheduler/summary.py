@@ -15,6 +15,9 @@ from typing import Any
 OUTCOMES = {"delivered": "served", "failed": "failed", "cancelled": "cancelled", "timed_out": "timed_out"}
 #: Batcher counts of requests caught up in hangs and crashes (see ``Batcher.stats``)
 CONTAINMENT = ("timed_out_running", "stuck", "isolated", "quarantined")
+#: Batcher counts of how requests were answered: ``answered_early`` (of ``delivered``, results that
+#: came in a part of their shipment's reply, before its last device batch finished)
+ANSWERED = ("answered_early",)
 #: Batcher latency percentiles and their Prometheus ``quantile`` label
 QUANTILES = {"latency_p50": "0.5", "latency_p95": "0.95", "latency_p99": "0.99"}
 
@@ -31,8 +34,8 @@ def model_summaries(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     -------
     dict
         ``{model: {"version", "batchers", "submitted", "delivered", "failed", "cancelled",
-        "timed_out", "timed_out_running", "stuck", "isolated", "quarantined", "stuck_batches",
-        "queued", "latency_p50", "latency_p95", "latency_p99", "latency_target",
+        "timed_out", "timed_out_running", "stuck", "isolated", "quarantined", "answered_early",
+        "stuck_batches", "queued", "latency_p50", "latency_p95", "latency_p99", "latency_target",
         "workers"}}``, every model that the registry, a Batcher or a worker's server knows.
         ``version`` is the registry's (None once the registry dropped the model). Counts and
         ``queued`` add up over the model's Batchers (``stuck_batches``: device batches the workers'
@@ -54,7 +57,7 @@ def model_summaries(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "version": (models.get(name) or {}).get("version"),
             "batchers": len(theirs),
             **{count: sum(int(r.get(count) or 0) for r in theirs)
-               for count in ("submitted", *OUTCOMES, *CONTAINMENT, "queued")},
+               for count in ("submitted", *OUTCOMES, *CONTAINMENT, *ANSWERED, "queued")},
             "stuck_batches": int((state.get("stuck_batches") or {}).get(name, 0)),
         }
         for quantile in QUANTILES:
