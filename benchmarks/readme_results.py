@@ -563,7 +563,9 @@ def collection_section() -> str:
         + ", ".join(f"{k} {statistics.median(c['cpu_s'] for c in v):.1f} s" for k, v in clocks.items()
                     if k.startswith("predict") or k == "client_map") + ".")
     earlier = ""
-    for name, what in (("collection_case_fb69501", "the first with tasks waiting for the queue to run short"),
+    for name, what in (("collection_case_33ae29a", "after the review's fixes of the wait, before replies in parts; "
+                        "Ray Data beside it"),
+                       ("collection_case_fb69501", "the first with tasks waiting for the queue to run short"),
                        ("collection_case_4e69aac", "each task sending while the bytes budget allowed")):
         before = load_result(f"earlier/{name}")
         if before is not None:
