@@ -29,8 +29,10 @@ megabytes a shipment, which the client's event loop otherwise reads from a socke
 into a file of its own (``dynbatch-r-<pid>-<random>``, :class:`ReplyFiles`) and sends its name;
 the client maps it, unlinks it at once and reads the arrays in place (:func:`read_reply`). A
 reply file whose client never came for it (a client that died with the reply on its way) is
-unlinked by the worker after :data:`REPLY_TTL` seconds, or when the worker closes (one written
-just before its worker was killed stays until the host restarts, unlike the slots above). The
+unlinked by the worker after :data:`REPLY_TTL` seconds, or when the worker closes. One written
+just before its worker was killed, and a slot whose client was killed before a worker mapped it,
+are unlinked by the next worker on the host that looks (each does every :data:`REPLY_TTL`
+seconds, :func:`sweep_orphans`) once they are that old and their creator's process is gone. The
 client asks for them only from a worker that has mapped one of its slots (same host). All the
 outputs of one reply share one mapping: a request's result kept alive keeps its shipment's memory
 (in ``/dev/shm``) alive too.
@@ -72,6 +74,8 @@ except (AttributeError, ValueError, OSError):
 _NAME = re.compile(r"^dynbatch-[0-9]+-[0-9a-f]{16}$")
 #: names of reply files a client accepts
 _REPLY_NAME = re.compile(r"^dynbatch-r-[0-9]+-[0-9a-f]{16}$")
+#: any file of ours, with the process id of its creator
+_OWNED = re.compile(r"^dynbatch-(?:r-)?([0-9]+)-[0-9a-f]{16}$")
 #: seconds a reply file waits for its client before the worker unlinks it (a client reads it as
 #: soon as the reply arrives; one that has not in this long is gone)
 REPLY_TTL = 60.0
@@ -269,6 +273,7 @@ class ReplyFiles:
         self.ttl = float(ttl)
         self._clock = clock
         self._pending: deque[tuple[float, str]] = deque()  # (written at, path): unlinked after ttl
+        self._next_orphans = clock()  # when to look for files of dead processes (see sweep_orphans)
         self._lock = threading.Lock()
         self.written = 0
         self.bytes = 0
@@ -329,8 +334,13 @@ class ReplyFiles:
 
     def sweep(self) -> int:
         """Unlink reply files older than ``ttl`` (their clients unlinked them long ago, or are
-        gone); returns how many were still there."""
-        cutoff = self._clock() - self.ttl
+        gone); returns how many were still there. Every ``ttl`` seconds (and at the first call)
+        also the files that processes killed on this host left behind (:func:`sweep_orphans`)."""
+        now = self._clock()
+        if now >= self._next_orphans:
+            self._next_orphans = now + self.ttl
+            sweep_orphans(self.directory, self.ttl)
+        cutoff = now - self.ttl
         removed = 0
         while True:
             with self._lock:
@@ -351,6 +361,50 @@ class ReplyFiles:
     def summary(self) -> dict:
         with self._lock:
             return {"reply_files": self.written, "reply_bytes": self.bytes}
+
+
+def sweep_orphans(directory: str = SHM_DIR, min_age: float = REPLY_TTL, now: float | None = None) -> int:
+    """Unlink the files of this package in ``directory`` whose creating process is gone and that
+    were last written at least ``min_age`` seconds before ``now`` (wall clock): reply files of a
+    worker killed before its client read them, slots of a client killed before a worker mapped
+    them. Returns how many. A file in use is younger: a reply is read, and a slot mapped and
+    unlinked, within its shipment's round trip; the age also spares the files of a process of
+    another PID namespace that shares ``/dev/shm`` (it looks gone from here)."""
+    now = time.time() if now is None else now
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        match = _OWNED.match(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.stat(path).st_mtime < min_age:
+                continue
+            removed += _unlink(path)
+        except OSError:  # another user's (in a sticky /dev/shm)
+            continue
+    if removed:
+        logger.info("dynbatch: unlinked %d shared-memory files of processes that are gone", removed)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (of any user)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    except OSError:  # cannot tell: keep its files
+        return True
+    return True
 
 
 def read_reply(info: dict, directory: str = SHM_DIR) -> Any:

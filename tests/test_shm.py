@@ -25,6 +25,7 @@ from dask_dynbatch.shm import (
     ShmUnavailable,
     read_reply,
     shm_supported,
+    sweep_orphans,
 )
 
 pytestmark = pytest.mark.skipif(not shm_supported(), reason="no writable /dev/shm")
@@ -551,3 +552,44 @@ def test_a_reply_written_after_close_unlinks_itself(tmp_path):
     assert files.close() == 1
     assert files.write([np.ones(1000)], min_bytes=1) is None  # (a write still running at teardown)
     assert os.listdir(tmp_path) == []
+
+
+def test_files_of_processes_that_are_gone_are_unlinked_once_old(tmp_path):
+    """A reply file written just before its worker was killed, or a slot of a client killed before a
+    worker mapped it, is unlinked by the next worker's sweep; files of live processes and young files
+    are kept."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    now = time.time()
+
+    def make(name: str, age: float) -> str:
+        path = tmp_path / name
+        path.write_bytes(b"x")
+        os.utime(path, (now - age, now - age))
+        return name
+
+    orphans = {make(f"dynbatch-r-{gone.pid}-{'a' * 16}", 120), make(f"dynbatch-{gone.pid}-{'b' * 16}", 120)}
+    kept = {
+        make(f"dynbatch-r-{gone.pid}-{'c' * 16}", 5),  # young: its client may be reading it now
+        make(f"dynbatch-r-{os.getpid()}-{'d' * 16}", 120),  # this process's
+        make(f"dynbatch-{os.getppid()}-{'e' * 16}", 120),  # a live process's
+        make(f"other-{gone.pid}-{'f' * 16}", 120),  # not ours
+    }
+    assert sweep_orphans(str(tmp_path), min_age=60.0, now=now) == 2
+    assert set(os.listdir(tmp_path)) == kept and not orphans & set(os.listdir(tmp_path))
+    # a worker's reply files look at the start and then every ttl
+    clock = [0.0]
+    files = ReplyFiles(str(tmp_path), ttl=60.0, clock=lambda: clock[0])
+    make(f"dynbatch-r-{gone.pid}-{'9' * 16}", 120)
+    files.sweep()
+    assert set(os.listdir(tmp_path)) == kept
+    make(f"dynbatch-r-{gone.pid}-{'8' * 16}", 120)
+    clock[0] = 30.0
+    files.sweep()
+    assert f"dynbatch-r-{gone.pid}-{'8' * 16}" in os.listdir(tmp_path)  # not looked for yet
+    clock[0] = 61.0
+    files.sweep()
+    assert set(os.listdir(tmp_path)) == kept
