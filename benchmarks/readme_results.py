@@ -91,7 +91,8 @@ round, figures the means; images/s; noisy from run to run on this machine, so re
 def previous_cpu_runs() -> str:
     """The same ratios from runs kept in earlier/ (see its README for what each ran)."""
     lines = []
-    for name, what in (("cpu_case_run21_a20ab76", "the rebuild, recorded before this one"),
+    for name, what in (("cpu_case_run22_3ff66c0", "the front end's garbage work, recorded before this one"),
+                       ("cpu_case_run21_a20ab76", "the rebuild"),
                        ("cpu_case_previous_62afcda", "the code before the rebuild, run right after run21"),
                        ("cpu_case_run20_a20ab76", "the rebuild, run just before run21"),
                        ("cpu_case_run19_7b6f4c0", "the last recorded run before the rebuild"),
