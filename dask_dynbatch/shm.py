@@ -8,14 +8,15 @@ and dtype over the comm; the worker maps the slot once and copies the batch out 
 memory and on to the GPU, or into a private array on a CPU). Triton's "system shared memory" and
 Ray's object store do the same for clients on the same host.
 
-How a slot lives (nothing leaks, whatever dies):
+How a slot lives (nothing is left behind once a worker has mapped it, whatever dies):
 
 - The client creates a file ``/dev/shm/dynbatch-<pid>-<random>`` and reserves its space with
   ``posix_fallocate`` (a tmpfs that is full would otherwise kill the writer with SIGBUS); no room
   means the batch goes over the comm as before.
 - The worker maps the file by name on the first batch that uses it, and keeps the mapping.
 - Once a reply shows that the worker has it mapped, the client unlinks the file: from then on the
-  memory lives exactly as long as the two mappings, so a client or worker that dies frees it.
+  memory lives exactly as long as the two mappings, so a client or worker that dies frees it (a
+  client killed between making a slot and that reply leaves the file until the host restarts).
 - A slot is reused for the next batch to the same worker once the reply to its batch arrived (the
   worker copied the batch out before replying). A slot too small for a larger batch is retired:
   the client closes it and tells the worker to drop its mapping with the next batch
@@ -29,10 +30,9 @@ megabytes a shipment, which the client's event loop otherwise reads from a socke
 into a file of its own (``dynbatch-r-<pid>-<random>``, :class:`ReplyFiles`) and sends its name;
 the client maps it, unlinks it at once and reads the arrays in place (:func:`read_reply`). A
 reply file whose client never came for it (a client that died with the reply on its way) is
-unlinked by the worker after :data:`REPLY_TTL` seconds, or when the worker closes. One written
-just before its worker was killed, and a slot whose client was killed before a worker mapped it,
-are unlinked by the next worker on the host that looks (each does every :data:`REPLY_TTL`
-seconds, :func:`sweep_orphans`) once they are that old and their creator's process is gone. The
+unlinked by the worker after :data:`REPLY_TTL` seconds, or when the worker closes; one written
+just before its worker was killed, by any worker of the host once it is that old and its writer
+is gone (each worker looks every :data:`REPLY_TTL` seconds, :func:`sweep_orphans`). The
 client asks for them only from a worker that has mapped one of its slots (same host). All the
 outputs of one reply share one mapping: a request's result kept alive keeps its shipment's memory
 (in ``/dev/shm``) alive too.
@@ -74,8 +74,8 @@ except (AttributeError, ValueError, OSError):
 _NAME = re.compile(r"^dynbatch-[0-9]+-[0-9a-f]{16}$")
 #: names of reply files a client accepts
 _REPLY_NAME = re.compile(r"^dynbatch-r-[0-9]+-[0-9a-f]{16}$")
-#: any file of ours, with the process id of its creator
-_OWNED = re.compile(r"^dynbatch-(?:r-)?([0-9]+)-[0-9a-f]{16}$")
+#: a reply file, with the process id of the worker that wrote it
+_REPLY_OWNER = re.compile(r"^dynbatch-r-([0-9]{1,10})-[0-9a-f]{16}$")
 #: seconds a reply file waits for its client before the worker unlinks it (a client reads it as
 #: soon as the reply arrives; one that has not in this long is gone)
 REPLY_TTL = 60.0
@@ -335,11 +335,14 @@ class ReplyFiles:
     def sweep(self) -> int:
         """Unlink reply files older than ``ttl`` (their clients unlinked them long ago, or are
         gone); returns how many were still there. Every ``ttl`` seconds (and at the first call)
-        also the files that processes killed on this host left behind (:func:`sweep_orphans`)."""
+        also the reply files that workers killed on this host left behind (:func:`sweep_orphans`)."""
         now = self._clock()
         if now >= self._next_orphans:
             self._next_orphans = now + self.ttl
-            sweep_orphans(self.directory, self.ttl)
+            try:
+                sweep_orphans(self.directory, self.ttl)
+            except Exception:  # housekeeping: never in the way of a reply
+                logger.debug("dynbatch: files of processes that are gone not swept", exc_info=True)
         cutoff = now - self.ttl
         removed = 0
         while True:
@@ -364,12 +367,13 @@ class ReplyFiles:
 
 
 def sweep_orphans(directory: str = SHM_DIR, min_age: float = REPLY_TTL, now: float | None = None) -> int:
-    """Unlink the files of this package in ``directory`` whose creating process is gone and that
-    were last written at least ``min_age`` seconds before ``now`` (wall clock): reply files of a
-    worker killed before its client read them, slots of a client killed before a worker mapped
-    them. Returns how many. A file in use is younger: a reply is read, and a slot mapped and
-    unlinked, within its shipment's round trip; the age also spares the files of a process of
-    another PID namespace that shares ``/dev/shm`` (it looks gone from here)."""
+    """Unlink the reply files in ``directory`` whose worker process is gone and that were last
+    written at least ``min_age`` seconds before ``now`` (wall clock): replies of a worker killed
+    before its client read them. Returns how many. A reply file is read within its shipment's
+    round trip, and its own worker unlinks it after :data:`REPLY_TTL`: one this old is nobody's,
+    also when its worker is alive in another PID namespace that shares ``/dev/shm`` (and looks
+    gone from here). Client slots are left alone: an idle client keeps a slot a worker has not
+    mapped yet, for as long as it likes."""
     now = time.time() if now is None else now
     try:
         names = os.listdir(directory)
@@ -377,7 +381,7 @@ def sweep_orphans(directory: str = SHM_DIR, min_age: float = REPLY_TTL, now: flo
         return 0
     removed = 0
     for name in names:
-        match = _OWNED.match(name)
+        match = _REPLY_OWNER.match(name)
         if match is None or _alive(int(match.group(1))):
             continue
         path = os.path.join(directory, name)
@@ -402,7 +406,7 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's
         return True
-    except OSError:  # cannot tell: keep its files
+    except (OSError, OverflowError, ValueError):  # cannot tell (a number no process has): keep its files
         return True
     return True
 

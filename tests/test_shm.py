@@ -554,15 +554,15 @@ def test_a_reply_written_after_close_unlinks_itself(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_files_of_processes_that_are_gone_are_unlinked_once_old(tmp_path):
-    """A reply file written just before its worker was killed, or a slot of a client killed before a
-    worker mapped it, is unlinked by the next worker's sweep; files of live processes and young files
-    are kept."""
+def test_reply_files_of_workers_that_are_gone_are_unlinked_once_old(tmp_path):
+    """A reply file written just before its worker was killed is unlinked by another worker's sweep;
+    reply files of live processes, young ones, client slots and names that are not ours are kept."""
     import subprocess
     import sys
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     now = time.time()
 
     def make(name: str, age: float) -> str:
@@ -571,25 +571,32 @@ def test_files_of_processes_that_are_gone_are_unlinked_once_old(tmp_path):
         os.utime(path, (now - age, now - age))
         return name
 
-    orphans = {make(f"dynbatch-r-{gone.pid}-{'a' * 16}", 120), make(f"dynbatch-{gone.pid}-{'b' * 16}", 120)}
-    kept = {
-        make(f"dynbatch-r-{gone.pid}-{'c' * 16}", 5),  # young: its client may be reading it now
-        make(f"dynbatch-r-{os.getpid()}-{'d' * 16}", 120),  # this process's
-        make(f"dynbatch-{os.getppid()}-{'e' * 16}", 120),  # a live process's
-        make(f"other-{gone.pid}-{'f' * 16}", 120),  # not ours
-    }
-    assert sweep_orphans(str(tmp_path), min_age=60.0, now=now) == 2
-    assert set(os.listdir(tmp_path)) == kept and not orphans & set(os.listdir(tmp_path))
-    # a worker's reply files look at the start and then every ttl
-    clock = [0.0]
-    files = ReplyFiles(str(tmp_path), ttl=60.0, clock=lambda: clock[0])
-    make(f"dynbatch-r-{gone.pid}-{'9' * 16}", 120)
-    files.sweep()
-    assert set(os.listdir(tmp_path)) == kept
-    make(f"dynbatch-r-{gone.pid}-{'8' * 16}", 120)
-    clock[0] = 30.0
-    files.sweep()
-    assert f"dynbatch-r-{gone.pid}-{'8' * 16}" in os.listdir(tmp_path)  # not looked for yet
-    clock[0] = 61.0
-    files.sweep()
-    assert set(os.listdir(tmp_path)) == kept
+    try:
+        orphan = make(f"dynbatch-r-{gone.pid}-{'a' * 16}", 120)
+        kept = {
+            make(f"dynbatch-r-{gone.pid}-{'c' * 16}", 5),  # young: its client may be reading it now
+            make(f"dynbatch-r-{os.getpid()}-{'d' * 16}", 120),  # this process's
+            make(f"dynbatch-r-{alive.pid}-{'e' * 16}", 120),  # a live process's
+            make(f"dynbatch-{gone.pid}-{'b' * 16}", 120),  # a client's slot: an idle client may still use it
+            make(f"dynbatch-r-{'9' * 20}-{'f' * 16}", 120),  # not a process number: not ours
+            make(f"dynbatch-r-{'9' * 10}-{'f' * 16}", 120),  # too large for a process number: kept
+            make(f"other-r-{gone.pid}-{'f' * 16}", 120),  # not ours
+        }
+        assert sweep_orphans(str(tmp_path), min_age=60.0, now=now) == 1
+        assert set(os.listdir(tmp_path)) == kept and orphan not in os.listdir(tmp_path)
+        # a worker's reply files look at the first sweep and then every ttl
+        clock = [0.0]
+        files = ReplyFiles(str(tmp_path), ttl=60.0, clock=lambda: clock[0])
+        make(f"dynbatch-r-{gone.pid}-{'9' * 16}", 120)
+        files.sweep()
+        assert set(os.listdir(tmp_path)) == kept
+        later = make(f"dynbatch-r-{gone.pid}-{'8' * 16}", 120)
+        clock[0] = 30.0
+        files.sweep()
+        assert later in os.listdir(tmp_path)  # not looked for yet
+        clock[0] = 61.0
+        files.sweep()
+        assert set(os.listdir(tmp_path)) == kept
+    finally:
+        alive.kill()
+        alive.wait()
