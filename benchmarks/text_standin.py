@@ -12,8 +12,9 @@ GIL, as a GPU kernel leaves the host free) and returns per-token outputs of widt
              last row ran
 
 Each dask-dynbatch contender has its own Batcher (one untimed pass first). Per timed pass: the
-model's busy share of the pass, the gaps between its batches and the padding, from the batches'
-own start and end times in the worker.
+model's busy share of the pass, the gaps between its batches and the padding (also split by when
+its batches started: the pass's first fifth, its last tenth, between), from the batches' own
+start and end times in the worker.
 
     python benchmarks/text_standin.py          # writes benchmarks/results/text_standin.{json,png}
     python benchmarks/text_standin.py --requests 3000 --rounds 1 --out /tmp/standin   # smoke test
@@ -94,9 +95,17 @@ def timeline(log: list, seconds: float) -> dict:
     gaps = [log[i][0] - log[i - 1][1] for i in range(1, len(log))]
     padded = sum(rows * length for _, _, rows, length, _ in log)
     real = sum(entry[4] for entry in log)
-    return {"pass_s": seconds, "span_s": log[-1][1] - log[0][0], "busy_s": busy, "busy_share": busy / seconds,
+    # where the padding is: batches that started in the pass's first fifth (formed while its
+    # shipments still arrive), in its last tenth (the rows left over) and between
+    span, first = log[-1][1] - log[0][0], log[0][0]
+    waste = {"first_fifth": 0, "middle": 0, "last_tenth": 0}
+    for start, _, rows, length, used in log:
+        at = (start - first) / span if span > 0 else 0.0
+        waste["first_fifth" if at < 0.2 else "last_tenth" if at >= 0.9 else "middle"] += rows * length - used
+    return {"pass_s": seconds, "span_s": span, "busy_s": busy, "busy_share": busy / seconds,
             "batches": len(log), "gap_s_over_5ms": sum(g for g in gaps if g > 0.005),
-            "largest_gap_s": max(gaps, default=0.0), "padding": padded / real - 1}
+            "largest_gap_s": max(gaps, default=0.0), "padding": padded / real - 1,
+            "padding_by_part": {k: v / real for k, v in waste.items()}}
 
 
 def main() -> None:
