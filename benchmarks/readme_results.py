@@ -694,6 +694,31 @@ def gpu_text_section() -> str:
     return text + ".\n"
 
 
+def standin_section() -> str:
+    """The GPU text case's traffic on a CPU stand-in, with and without replies in parts (``text_standin.json``)."""
+    r = load_result("text_standin")
+    if r is None:
+        return ""
+    m, t = r["machine"], r["throughput"]
+
+    def passes(name: str) -> str:
+        out = []
+        for line in r["timelines"][name]:
+            parts = line.get("padding_by_part")
+            split = "" if not parts else (f" ({parts['first_fifth']:.0%} in the first fifth, {parts['middle']:.0%} between, "
+                                          f"{parts['last_tenth']:.0%} in the last tenth)")
+            out.append(f"{line['batches']} batches, busy {line['busy_share']:.0%}, padding {line['padding']:.0%}{split}")
+        return "; ".join(out)
+
+    return (f"**Text traffic on a CPU stand-in** (`text_standin.json`, `python benchmarks/text_standin.py`; {stamp(m)}): "
+            f"the GPU text case's {r['requests']:,} lengths through a padded model that sleeps "
+            f"{r['model']['seconds_per_token'] * 1e6:.1f} us a padded token and {r['model']['seconds_per_batch'] * 1e3:.1f} ms a "
+            f"batch, per-token outputs of width {r['width']}; requests/s (medians): sorted loop in the worker {t['sorted']:,.0f}, "
+            f"dask-dynbatch with replies in parts {t['parts']:,.0f} (**{r['ratio_to_sorted']['parts']:.2f}x**), whole replies "
+            f"{t['whole']:,.0f} ({r['ratio_to_sorted']['whole']:.2f}x). Per pass, replies in parts: {passes('parts')}. "
+            f"Whole replies: {passes('whole')}.\n")
+
+
 def padding_sim_section() -> str:
     """Padding of the server's batches by budget, without a device (``padding_sim.json``)."""
     r = load_result("padding_sim")
@@ -843,6 +868,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 {gpu_check_section()}
 {gpu_compiled_section()}
 {gpu_text_section()}
+{standin_section()}
 {padding_sim_section()}
 {gpu_collection_section()}
 {multi_model_section()}
