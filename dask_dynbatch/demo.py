@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"plain Dask, one task per request: {plain_rate:10,.0f} requests/s", flush=True)
         print(f"dask-dynbatch:                     {rate:10,.0f} requests/s  ({rate / plain_rate:.1f}x)", flush=True)
         print(f"latency p50 {stats['latency_p50'] * 1e3:.1f} ms, p95 {stats['latency_p95'] * 1e3:.1f} ms (under a closed-loop backlog)")
+        print("per worker (the warm-up's rows included):")
         for address, w in stats["workers"].items():
             c = w["controller"]
             print(f"  {address}: {w['samples']} samples in {w['batches']} batches, batch size now {c['size']} ({c['reason']})")

@@ -61,9 +61,11 @@ class ModelSpec:
         ``device`` (``def build(device="cpu")`` gets ``"cuda:0"`` on a GPU worker). Returns a ``torch.nn.Module`` or a callable on batched arrays
         (NumPy on CPU workers, CuPy on GPU workers when CuPy is installed).
     predict
-        ``predict(model, batch) -> outputs`` with ``batch`` the stacked NumPy array. Default for a torch
-        module: forward pass under ``torch.inference_mode`` on the worker's device; for a callable:
-        ``model(batch)``.
+        ``predict(model, batch) -> outputs`` with ``batch`` the stacked NumPy array (or, for
+        structured samples, the structure of stacked leaves). Default for a torch module: forward
+        pass under ``torch.inference_mode`` on the worker's device; for a callable: ``model(batch)``.
+        Either way a structured batch is spread: ``model(**batch)`` for a dict, ``model(*batch)``
+        for a tuple or list.
     latency_target
         Latency a request should see, seconds or a string such as ``"50ms"``.
     max_batch_size

@@ -183,6 +183,33 @@ def test_one_thread_and_a_small_budget_do_not_deadlock():
                 assert float(batcher.predict(x).sum().compute()) == 3_000 * 8 * 3.0
 
 
+def test_closing_the_cluster_after_predict_logs_no_critical_error():
+    """The workers' own clients (their tasks' Batchers listen to the scheduler's dynbatch events)
+    close with their workers; events published meanwhile (a worker removed, a model unloaded) go
+    to the clients still connected only, instead of making the scheduler log a CRITICAL error."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(logging.CRITICAL)
+    scheduler_log = logging.getLogger("distributed.scheduler")
+    scheduler_log.addHandler(keep)
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            client.register_plugin(ddb.DynBatchPlugin())
+            with ddb.Batcher(client, ddb.ModelSpec("coll-close", load=build_affine)) as batcher:
+                x = da.ones((2_000, 4), chunks=(500, 4))
+                assert float(batcher.predict(x).sum().compute()) == 2_000 * 4 * 3.0
+    finally:
+        scheduler_log.removeHandler(keep)
+    assert [r.getMessage()[:200] for r in records] == []
+
+
 def test_predict_refuses_other_collections(client):
     with ddb.Batcher(client, ddb.ModelSpec("coll-affine-other", load=build_affine)) as batcher:
         with pytest.raises(TypeError, match="dask Array, Bag, DataFrame or Series"):

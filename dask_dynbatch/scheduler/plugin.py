@@ -23,6 +23,7 @@ from distributed import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from .. import protocol
+from .._compat import clients_gone
 from ..errors import ModelConflictError, UnknownModelError
 from ..protocol import ModelSuperseded, Registration, WorkerView, error_reply
 from ..worker.plugin import DynBatchWorkerPlugin
@@ -130,7 +131,7 @@ class DynBatchPlugin(SchedulerPlugin):
         self.workers.pop(worker, None)
         self.ready.discard(worker)
         self.restarting.discard(worker)
-        scheduler.log_event(protocol.CLUSTER_TOPIC, {"action": "remove", "worker": worker})
+        announce(scheduler, protocol.CLUSTER_TOPIC, {"action": "remove", "worker": worker})
 
     def heartbeat(self, ws: WorkerState, data: dict[str, Any]) -> None:
         """The worker half's heartbeat data (scheduler extension hook)."""
@@ -148,7 +149,7 @@ class DynBatchPlugin(SchedulerPlugin):
         if unused:
             logger.info("dynbatch: no client left for models %s; unloading them from the workers", unused)
             for name in unused:
-                scheduler.log_event(protocol.MODEL_TOPIC, {"name": name, "version": None})
+                announce(scheduler, protocol.MODEL_TOPIC, {"name": name, "version": None})
             self._in_background(self._on_workers(protocol.UNLOAD, names=unused))
         if had_batchers:
             # its shared-memory slots (same-host batches) are mapped on the workers it used
@@ -186,7 +187,8 @@ class DynBatchPlugin(SchedulerPlugin):
             return error_reply(exc)
         if not attached and entry.version > 1:
             logger.info("dynbatch: model %r replaced by version %d", name, entry.version)
-            self.scheduler.log_event(protocol.MODEL_TOPIC, {"name": name, "version": entry.version})
+            if self.scheduler is not None:  # (a handler: it runs only while the plugin is started)
+                announce(self.scheduler, protocol.MODEL_TOPIC, {"name": name, "version": entry.version})
             self._in_background(self._on_workers(protocol.UNLOAD, names=[name], below=entry.version))
         return Registration(entry.version, self.workers_for(name), attached).to_msg()
 
@@ -244,7 +246,7 @@ class DynBatchPlugin(SchedulerPlugin):
         self.restarts.append(event)
         logger.warning("dynbatch: restarting worker %s: a batch of %d rows of model %r ran %.1f s (limit %.1f s)",
                        worker, rows, model, seconds, limit)
-        self.scheduler.log_event(protocol.CLUSTER_TOPIC, {"action": "restarting", **event})
+        announce(self.scheduler, protocol.CLUSTER_TOPIC, {"action": "restarting", **event})
         self._in_background(self._restart(worker))
 
     async def _restart(self, worker: str) -> None:
@@ -276,3 +278,12 @@ class DynBatchPlugin(SchedulerPlugin):
             workers[address] = {**self.worker_view(address).to_msg(), **self.workers.get(address, {})}
         return {"models": self.registry.state(), "workers": workers, "batchers": dict(self.batchers),
                 "stuck_batches": dict(self.stuck_batches), "restarts": list(self.restarts)}
+
+
+def announce(scheduler: Scheduler, topic: str, msg: dict[str, Any]) -> None:
+    """Publish ``msg`` to the clients listening to ``topic``, except those whose connection has
+    closed: a worker's own client (its tasks' Batchers listen too) closes with its worker, and the
+    scheduler would log a CRITICAL error for each event sent to it before it removes the client."""
+    for client in clients_gone(scheduler):
+        scheduler.unsubscribe_topic(topic, client)
+    scheduler.log_event(topic, msg)
