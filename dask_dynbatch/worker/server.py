@@ -286,11 +286,6 @@ class ModelServer:
         return f"<ModelServer {self.name!r} v{self.version} on {self.device}: {len(self.queue)} rows waiting>"
 
     # -- serving ----------------------------------------------------------------------------------
-    async def serve(self, shipment: Shipment) -> None:
-        """Queue a shipment's rows and return once every one of them has its result (or error)."""
-        self.start(shipment)
-        await shipment.done
-
     def start(self, shipment: Shipment) -> None:
         """Queue a shipment's rows (its ``done`` resolves once every one has its result or error)."""
         if self.closed:
