@@ -72,10 +72,8 @@ except (AttributeError, ValueError, OSError):
     _IOV_MAX = 16
 #: names a worker accepts: ours, nothing with a path in it
 _NAME = re.compile(r"^dynbatch-[0-9]+-[0-9a-f]{16}$")
-#: names of reply files a client accepts
-_REPLY_NAME = re.compile(r"^dynbatch-r-[0-9]+-[0-9a-f]{16}$")
-#: a reply file, with the process id of the worker that wrote it
-_REPLY_OWNER = re.compile(r"^dynbatch-r-([0-9]{1,10})-[0-9a-f]{16}$")
+#: names of reply files a client accepts (the group: the process id of the worker that wrote it)
+_REPLY_NAME = re.compile(r"^dynbatch-r-([0-9]+)-[0-9a-f]{16}$")
 #: seconds a reply file waits for its client before the worker unlinks it (a client reads it as
 #: soon as the reply arrives; one that has not in this long is gone)
 REPLY_TTL = 60.0
@@ -381,7 +379,7 @@ def sweep_orphans(directory: str = SHM_DIR, min_age: float = REPLY_TTL, now: flo
         return 0
     removed = 0
     for name in names:
-        match = _REPLY_OWNER.match(name)
+        match = _REPLY_NAME.match(name)
         if match is None or _alive(int(match.group(1))):
             continue
         path = os.path.join(directory, name)

@@ -578,8 +578,8 @@ def test_reply_files_of_workers_that_are_gone_are_unlinked_once_old(tmp_path):
             make(f"dynbatch-r-{os.getpid()}-{'d' * 16}", 120),  # this process's
             make(f"dynbatch-r-{alive.pid}-{'e' * 16}", 120),  # a live process's
             make(f"dynbatch-{gone.pid}-{'b' * 16}", 120),  # a client's slot: an idle client may still use it
-            make(f"dynbatch-r-{'9' * 20}-{'f' * 16}", 120),  # not a process number: not ours
-            make(f"dynbatch-r-{'9' * 10}-{'f' * 16}", 120),  # too large for a process number: kept
+            make(f"dynbatch-r-{'9' * 20}-{'f' * 16}", 120),  # too large for a process number: kept
+            make(f"dynbatch-r-{'9' * 10}-{'f' * 16}", 120),  # (the same, below 2**63)
             make(f"other-r-{gone.pid}-{'f' * 16}", 120),  # not ours
         }
         assert sweep_orphans(str(tmp_path), min_age=60.0, now=now) == 1
