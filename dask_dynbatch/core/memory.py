@@ -210,7 +210,7 @@ class MemorySizer:
     module docstring).
 
     ``safety_margin``: fraction of the device capacity kept free, at most ``safety_margin_max``
-    bytes (10 % of an H200 is 14 GiB: with a neighbour holding the rest, a pure fraction would
+    bytes (10 % of a 140 GiB card is 14 GiB: with a neighbour holding the rest, a pure fraction would
     leave a model no room at all). ``budget``: an explicit per-device budget of this process, a
     fraction ``0 < b <= 1`` of the capacity or bytes (``> 1``). ``min_change``: fraction of the
     capacity that free memory must move by for :meth:`poll` to report a change.
