@@ -743,3 +743,49 @@ def test_a_probe_that_advanced_resets_patience():
     assert controller.observe(47, 0.06, 0.05) == 52  # 47 is on time: the run goes on
     assert controller.observe(52, 0.11, 0.05) == 47  # late: back to 47, above where the probe began
     assert controller.phase is Phase.HOLD and controller.state()["patience"] == 4
+
+
+# -- several models on one device ------------------------------------------------------------------
+def test_device_turns_count_a_batch_from_the_devices_previous_batch_end():
+    from dask_dynbatch.core.service import DeviceTurns
+
+    turns = DeviceTurns()
+    assert turns.service_time(first_arrival=1.0, done=1.5, compute_s=0.4) == pytest.approx(0.5)  # idle device: from arrival
+    # rows that arrived while another model's batch ran: from that batch's end, not their arrival
+    assert turns.service_time(first_arrival=1.2, done=1.7, compute_s=0.2) == pytest.approx(0.2)
+    # rows that arrived after the device went idle: from their arrival
+    assert turns.service_time(first_arrival=2.0, done=2.1, compute_s=0.05) == pytest.approx(0.1)
+    # never less than the batch's own device time (copies that overlapped the previous batch)
+    assert turns.service_time(first_arrival=1.9, done=2.15, compute_s=0.08) == pytest.approx(0.08)
+
+
+def _flood_models_on_one_device(models: int, batches: int, shared: bool) -> list[int]:
+    """``models`` backlogged models taking turns on one device (4 ms + 50 us a row a batch), each with
+    its own controller; their batch times counted from the device's previous batch end (``shared``)
+    or from their own model's (one DeviceTurns each). Returns each controller's final size."""
+    from dask_dynbatch.core.service import DeviceTurns
+
+    controllers = [BatchSizeController(0.1, initial_size=16, max_size=8192) for _ in range(models)]
+    device = DeviceTurns()
+    turns = [device if shared else DeviceTurns() for _ in range(models)]
+    now = 0.0
+    for k in range(batches):
+        m = k % models
+        size = controllers[m].size
+        compute = 0.004 + 50e-6 * size
+        now += compute
+        service = turns[m].service_time(first_arrival=0.0, done=now, compute_s=compute)  # all rows queued from the start
+        controllers[m].observe(size, service, service)
+    return [c.size for c in controllers]
+
+
+def test_models_sharing_a_device_each_size_as_if_alone():
+    """Three backlogged models on one device: a batch's time does not include the other models'
+    batches before it (they are queueing, as its own model's earlier batches are), so each
+    controller ends where one model alone does; counted from each model's own previous batch,
+    they shrink until three batches together fit the target, some far below the others."""
+    alone = _flood_models_on_one_device(1, 300, shared=True)[0]
+    assert alone > 1000  # 4 ms + 50 us a row within 100 ms: up to 1,920 rows
+    assert _flood_models_on_one_device(3, 900, shared=True) == [alone] * 3
+    separate = _flood_models_on_one_device(3, 900, shared=False)
+    assert sum(separate) < 3 * alone / 2 and min(separate) < alone / 4

@@ -199,6 +199,25 @@ async def test_rows_of_two_clients_share_a_device_batch(c, s, a, gate):
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_models_on_one_device_count_batch_times_from_the_devices_turns(c, s, a):
+    """Two models on one worker's device: their servers time each batch from the device's previous
+    batch end, whichever model ran it (tests/test_control.py shows what that keeps)."""
+    await c.register_plugin(ddb.DynBatchPlugin())
+    doubles = await ddb.Batcher(c, ddb.ModelSpec("double", load=build_double))
+    negates = await ddb.Batcher(c, ddb.ModelSpec("negate", load=build_negate))
+    xs = [np.full(2, float(i)) for i in range(20)]
+    results = await asyncio.wait_for(asyncio.gather(*doubles.map(xs), *negates.map(xs)), WAIT)
+    assert all(np.array_equal(r, x * 2) for r, x in zip(results[:20], xs))
+    assert all(np.array_equal(r, -x) for r, x in zip(results[20:], xs))
+    double, negate = sorted(servers(a), key=lambda server: server.name)
+    assert double.device == negate.device and double.turns is negate.turns
+    assert double.turns is a.extensions["dynbatch"].device_turns[double.device]
+    assert double.turns.last_done is not None
+    for batcher in (doubles, negates):
+        batcher.close()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_replace_swaps_versions_with_nothing_lost(c, s, a, gate):
     await c.register_plugin(ddb.DynBatchPlugin())
     old = await ddb.Batcher(c, ddb.ModelSpec("m", load=build_gated_double, max_batch_size=4, max_inflight=1))

@@ -18,7 +18,7 @@ import pickle
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from tornado.ioloop import PeriodicCallback
 from .. import protocol
 from .._compat import call_as_worker
 from ..core.memory import MemorySizer
+from ..core.service import DeviceTurns
 from ..core.tree import Structure
 from ..protocol import ModelSuperseded, PartsLost, ShipmentReply, WorkerRestarting, error_reply, raise_if_error, unwrap
 from ..shm import ReplyFiles, ShmAttachments, ShmUnavailable
@@ -88,6 +89,9 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         # one thread per device: its batches run one after another while the event loop receives
         # the next shipments; GPU batches are staged in a transfer thread meanwhile
         self.device_threads: dict[str, DeviceThread] = {}
+        # when each device last finished a batch of any of its models: a batch's time on the device
+        # starts there (core/service.py)
+        self.device_turns: defaultdict[str, DeviceTurns] = defaultdict(DeviceTurns)
         self.stager = ThreadPoolExecutor(1, thread_name_prefix="dynbatch-stage")
         # waits for a GPU batch's outputs to reach host memory while the device thread goes on (a
         # daemon thread: a hung GPU holds it, and it must not hold up a restart)
@@ -358,7 +362,8 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         self.loads[(name, version)] += 1
         server = ModelServer(loaded, sizer, self._device_thread(device), self.stager,
                              call_as_worker=functools.partial(call_as_worker, self.worker), pin_slot=self._pin_slot,
-                             on_retired=self._drop, clock=execution_clock(spec), copier=self.copier)
+                             on_retired=self._drop, clock=execution_clock(spec), copier=self.copier,
+                             turns=self.device_turns[device])
         self.servers[(name, version)] = server
         logger.info("dynbatch: loaded model %r version %d on %s in %.2fs", name, version, device, loaded.load_seconds)
         for (other, v), old in list(self.servers.items()):

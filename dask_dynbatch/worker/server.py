@@ -40,6 +40,7 @@ from ..core.controller import BatchSizeController
 from ..core.formation import CostQueue, DeviceBatch, Part, PartQueue
 from ..core.memory import MemorySizer
 from ..core.rows import TrimmedRows, slice_rows, take_rows
+from ..core.service import DeviceTurns
 from ..core.tree import follows_length, learn_fixed, trim_output_row
 from ..core.watchdog import ExecutionClock
 from ..protocol import WEIGHED_SHIP_BATCHES, Advice, DeviceBatchRecord, ModelSuperseded
@@ -237,13 +238,19 @@ class ModelServer:
         Called once a retiring server has nothing left to do (the owner drops it then).
     clock
         When a running batch is stuck (default: from ``ModelSpec.execution_timeout``).
+    copier
+        The copy-out thread of GPU outputs (None: the event loop's default executor).
+    turns
+        When the device last finished a batch (shared by every model on the device; default: this
+        server's own).
     """
 
     def __init__(self, loaded: LoadedModel, sizer: MemorySizer, device_thread: Executor, stager: Executor, *,
                  call_as_worker: Callable[..., Any] = lambda fn, *args, **kwargs: fn(*args, **kwargs),
                  pin_slot: Callable[[Shipment], bool] = lambda shipment: False,
                  on_retired: Callable[[ModelServer], None] = lambda server: None,
-                 clock: ExecutionClock | None = None, copier: Executor | None = None):
+                 clock: ExecutionClock | None = None, copier: Executor | None = None,
+                 turns: DeviceTurns | None = None):
         spec = loaded.spec
         self.loaded = loaded
         self.name = spec.name
@@ -276,7 +283,7 @@ class ModelServer:
         # device batches formed and not finished, in the order the device runs them: the first
         # computes, the ones behind it are staged
         self._formed: deque[DeviceBatch] = deque()
-        self._prev_done: float | None = None
+        self.turns = turns or DeviceTurns()
         self._last_rows: float = 0  # rows (or cost) of the last device batch
         self._cold = True
         self._tasks: set[asyncio.Task] = set()
@@ -601,12 +608,8 @@ class ModelServer:
     def _learn(self, batch: DeviceBatch, result: DeviceResult, done: float) -> dict[str, Any]:
         """Feed the controller and the estimates with one finished batch; returns its record."""
         first_arrival = min(part.arrived for part in batch.parts)
-        # When the previous batch ended after this one's rows arrived, the device was busy
-        # throughout and the time between the two ends is this batch's share; else the device
-        # waited for its rows, and its time is from their arrival on.
-        since = self._prev_done if self._prev_done is not None and first_arrival < self._prev_done else first_arrival
-        service_s = max(result.compute_s, done - since)
-        self._prev_done = done
+        # from the device's previous batch end, whichever model's (see core/service.py)
+        service_s = self.turns.service_time(first_arrival, done, result.compute_s)
         self._last_rows = batch.units
         owners = batch.owners()
         formation_wait = min(max(0.0, *(o.queued_s for o in owners)), self._max_delay)
