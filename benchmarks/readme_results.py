@@ -719,6 +719,31 @@ def standin_section() -> str:
             f"Whole replies: {passes('whole')}.\n")
 
 
+def shared_device_section() -> str:
+    """Three models flooded on one device thread, alone and together (``shared_device_case.json``)."""
+    r = load_result("shared_device_case")
+    if r is None:
+        return ""
+    m, setup = r["machine"], r["setup"]
+
+    def rounds(result: dict) -> str:
+        return "; ".join(f"{x['rows_per_s']:,.0f} rows/s at batches of "
+                         + "/".join(f"{v:,.0f}" for v in x["mean_batch"].values()) for x in result["together"])
+
+    alone = r["alone"]
+    out = (f"**Several models on one device** (`shared_device_case.json`, `python benchmarks/shared_device_case.py`; "
+           f"{stamp(m)}): three models that sleep {setup['overhead_s'] * 1e3:.0f} ms + {setup['per_row_s'] * 1e6:.0f} us a row "
+           f"on one worker, default settings, {setup['rows']:,} rows each. Alone "
+           + ", ".join(f"{v['rows_per_s']:,.0f}" for v in alone.values())
+           + f" rows/s at batches of {np.mean([v['mean_batch'] for v in alone.values()]):,.0f}; all three at once "
+           f"{rounds(r)}: **{r['ratio_together_to_alone']:.2f}x** alone.")
+    before = load_result("earlier/shared_device_case_f96cd16")
+    if before is not None:
+        out += (f" The code before (`earlier/shared_device_case_f96cd16.json`, each model's batch time counted from its "
+                f"own previous batch): {rounds(before)}: {before['ratio_together_to_alone']:.2f}x.")
+    return out + "\n"
+
+
 def padding_sim_section() -> str:
     """Padding of the server's batches by budget, without a device (``padding_sim.json``)."""
     r = load_result("padding_sim")
@@ -870,6 +895,7 @@ by `python benchmarks/readme_results.py`. How to rerun each is above. Earlier ru
 {gpu_text_section()}
 {standin_section()}
 {padding_sim_section()}
+{shared_device_section()}
 {gpu_collection_section()}
 {multi_model_section()}
 {gpu_section(g, p)}
