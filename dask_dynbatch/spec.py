@@ -67,7 +67,10 @@ class ModelSpec:
         Either way a structured batch is spread: ``model(**batch)`` for a dict, ``model(*batch)``
         for a tuple or list.
     latency_target
-        Latency a request should see, seconds or a string such as ``"50ms"``.
+        Latency a request should see once its batch forms, seconds or a string such as ``"50ms"``:
+        the controller keeps each device batch's formation wait plus its own time on the device
+        under it. A request may also wait for the batches ahead of its own on the device (of its
+        model, or of other models on the same device) while the device is busy.
     max_batch_size
         Hard cap on the batch size (optional).
     initial_batch_size

@@ -757,6 +757,9 @@ def test_device_turns_count_a_batch_from_the_devices_previous_batch_end():
     assert turns.service_time(first_arrival=2.0, done=2.1, compute_s=0.05) == pytest.approx(0.1)
     # never less than the batch's own device time (copies that overlapped the previous batch)
     assert turns.service_time(first_arrival=1.9, done=2.15, compute_s=0.08) == pytest.approx(0.08)
+    # something else held the device (a model's load): rows that waited for it were queueing
+    turns.occupied_until(3.0)
+    assert turns.service_time(first_arrival=2.5, done=3.2, compute_s=0.1) == pytest.approx(0.2)
 
 
 def _flood_models_on_one_device(models: int, batches: int, shared: bool) -> list[int]:

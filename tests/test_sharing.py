@@ -199,21 +199,31 @@ async def test_rows_of_two_clients_share_a_device_batch(c, s, a, gate):
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
-async def test_models_on_one_device_count_batch_times_from_the_devices_turns(c, s, a):
-    """Two models on one worker's device: their servers time each batch from the device's previous
-    batch end, whichever model ran it (tests/test_control.py shows what that keeps)."""
+async def test_models_on_one_device_count_batch_times_from_the_devices_turns(c, s, a, gate):
+    """Two models on one worker's device: a batch whose rows waited for the other model's batch
+    counts its time from that batch's end for the controller (tests/test_control.py shows what
+    that keeps), while the model's share of the device, which its advised throughput is scaled
+    by, counts the wait."""
     await c.register_plugin(ddb.DynBatchPlugin())
-    doubles = await ddb.Batcher(c, ddb.ModelSpec("double", load=build_double))
+    gated = await ddb.Batcher(c, ddb.ModelSpec("gated", load=build_gated_double))
     negates = await ddb.Batcher(c, ddb.ModelSpec("negate", load=build_negate))
-    xs = [np.full(2, float(i)) for i in range(20)]
-    results = await asyncio.wait_for(asyncio.gather(*doubles.map(xs), *negates.map(xs)), WAIT)
-    assert all(np.array_equal(r, x * 2) for r, x in zip(results[:20], xs))
-    assert all(np.array_equal(r, -x) for r, x in zip(results[20:], xs))
-    double, negate = sorted(servers(a), key=lambda server: server.name)
-    assert double.device == negate.device and double.turns is negate.turns
-    assert double.turns is a.extensions["dynbatch"].device_turns[double.device]
-    assert double.turns.last_done is not None
-    for batcher in (doubles, negates):
+    await negates.submit(np.ones(2))  # loaded first: a model loads on the device thread
+    blocker = gated.submit(np.zeros(2))  # holds the device until the gate opens
+    await until(lambda: any(server.name == "gated" and server.running() is not None for server in servers(a)))
+    xs = [np.full(2, float(i)) for i in range(4)]
+    waiting = negates.map(xs)  # its rows arrive while the other model's batch runs
+    await until(lambda: any(server.name == "negate" and server.stats.shipments > 1 for server in servers(a)))
+    gate.set()
+    results = await asyncio.wait_for(asyncio.gather(blocker, *waiting), WAIT)
+    assert np.array_equal(results[0], np.zeros(2)) and all(np.array_equal(r, -x) for r, x in zip(results[1:], xs))
+    gated_server, negate = sorted(servers(a), key=lambda server: server.name)
+    assert gated_server.device == negate.device and gated_server.turns is negate.turns
+    assert negate.turns is a.extensions["dynbatch"].device_turns[negate.device]
+    # the second batch of "negate" waited for the gated batch: its share of the device counts
+    # that wait, its own time (from the gated batch's end) does not
+    _, (rows, share_s, turn_s), *_ = negate.stats.recent
+    assert share_s > turn_s and negate.stats.device_share() < 1.0
+    for batcher in (gated, negates):
         batcher.close()
 
 

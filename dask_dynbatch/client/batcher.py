@@ -578,8 +578,9 @@ class Batcher:
         device thread (``wait_s``), staging (``stage_s``: copying in, to the device) and in all
         (``worker_s``); on the client, seconds
         from its oldest request's arrival to the send (``queued_s``), stacking (``stack_s``) and the
-        round trip (``round_trip_s``); the device batch's share of the device (``service_s``, what
-        throughput is measured by); and what the server's batch-size controller made of it
+        round trip (``round_trip_s``); the device batch's own time on the device (``service_s``,
+        from the device's previous batch end, whichever model's, or from its rows' arrival if the
+        device was idle: what throughput is measured by); and what the server's batch-size controller made of it
         (``decision``: ``"grow"``, ``"shrink"``, ``"hold"``, or ``"not shown"`` for a batch whose time
         says little about its size, and ``reason``: the controller's words, or why it was not shown:
         ``"cold"``, ``"compiling"``, ``"new_shape"``, ``"new_slot"``); ``outcome``: ``"served"``, or

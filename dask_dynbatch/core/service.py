@@ -20,6 +20,11 @@ class DeviceTurns:
     def __init__(self) -> None:
         self.last_done: float | None = None
 
+    def occupied_until(self, t: float) -> None:
+        """The device ran something other than a batch (a model's load, a benchmark) until ``t``:
+        rows that waited for it were queueing too."""
+        self.last_done = t if self.last_done is None else max(self.last_done, t)
+
     def service_time(self, first_arrival: float, done: float, compute_s: float) -> float:
         """The time a batch whose first row arrived at ``first_arrival`` and that finished at
         ``done`` (after ``compute_s`` of device time) counts as its own: from the device's previous

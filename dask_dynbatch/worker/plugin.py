@@ -359,6 +359,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
             self._device_thread(device), call_as_worker, self.worker, LoadedModel, spec, device, version,
             self._compile_submit, functools.partial(self._compile_reserve, name, device), warm,
         )
+        self.device_turns[device].occupied_until(time.monotonic())  # the load held the device thread
         self.loads[(name, version)] += 1
         server = ModelServer(loaded, sizer, self._device_thread(device), self.stager,
                              call_as_worker=functools.partial(call_as_worker, self.worker), pin_slot=self._pin_slot,
@@ -490,4 +491,7 @@ class DynBatchWorkerPlugin(WorkerPlugin):
         """Handler ``dynbatch_benchmark``: measure the device with the reference model, in the device
         thread between batches."""
         device = "cuda:0" if self.gpu_count else "cpu"
-        return await asyncio.get_running_loop().run_in_executor(self._device_thread(device), self._run_benchmark)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._device_thread(device), self._run_benchmark)
+        finally:
+            self.device_turns[device].occupied_until(time.monotonic())

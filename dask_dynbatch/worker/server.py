@@ -10,8 +10,10 @@ batches up to two ahead, a partial batch (fewer rows than the size) only one ahe
 arriving while it waits for the device gather, from every client, into the batch after it.
 
 The server owns the batch size: its :class:`~dask_dynbatch.core.controller.BatchSizeController`
-sees every device batch, with the latency its rows saw (the client's formation wait plus the
-batch's share of the device) and its throughput; clients read its :class:`~dask_dynbatch.protocol.Advice`
+sees every device batch, with the latency of its rows (the client's formation wait plus the
+batch's own time on the device, from the device's previous batch end, whichever model ran it) and
+its throughput; clients read its :class:`~dask_dynbatch.protocol.Advice` (the throughput there is
+the model's, within the part of the device it has had lately)
 from replies and from memory events. Threads: the worker's event loop runs the queue and replies;
 a transfer thread stages GPU batches; the device thread (one per device, shared by its models)
 runs them (:func:`~dask_dynbatch.worker.executor.run_device_batch`).
@@ -197,11 +199,18 @@ class ServerStats:
     stuck_batches: int = 0
     padded_elements: int = 0  # padding added to batches of padded samples
     real_elements: int = 0  # and their own elements (along the padded axis)
-    recent: deque = field(default_factory=lambda: deque(maxlen=64))  # (rows, service seconds)
+    # (rows, seconds since this model's previous batch ended, seconds since the device's did)
+    recent: deque = field(default_factory=lambda: deque(maxlen=64))
+
+    def device_share(self) -> float:
+        """The part of this model's recent time on the device that its own batches took (1 while
+        no other model ran between them)."""
+        shares = sum(s for _, s, _ in self.recent)
+        return min(1.0, sum(t for _, _, t in self.recent) / shares) if shares > 0 else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        rows = sum(r for r, _ in self.recent)
-        seconds = sum(s for _, s in self.recent)
+        rows = sum(r for r, _, _ in self.recent)
+        seconds = sum(s for _, s, _ in self.recent)
         return {
             "batches": self.batches,
             "samples": self.rows,
@@ -284,6 +293,7 @@ class ModelServer:
         # computes, the ones behind it are staged
         self._formed: deque[DeviceBatch] = deque()
         self.turns = turns or DeviceTurns()
+        self._own_turns = DeviceTurns()  # this model's batches only
         self._last_rows: float = 0  # rows (or cost) of the last device batch
         self._cold = True
         self._tasks: set[asyncio.Task] = set()
@@ -315,8 +325,11 @@ class ModelServer:
         if refresh:
             self._update_cap()
         c = self.controller
-        # the rate at the size batches actually run at (they are often shorter than the proposal)
+        # the rate at the size batches actually run at (they are often shorter than the proposal),
+        # times the part of the device this model has had lately: other models on the device take
+        # theirs, and placement must not expect their time for this model
         throughput = c.throughput_at(int(self._last_rows)) if self._last_rows else None
+        throughput = None if throughput is None else throughput * self.stats.device_share()
         size, cap, ship = c.size, c.cap, None
         if self.weighed and self._row_cost:  # clients count rows
             per_row = self._row_cost
@@ -608,8 +621,12 @@ class ModelServer:
     def _learn(self, batch: DeviceBatch, result: DeviceResult, done: float) -> dict[str, Any]:
         """Feed the controller and the estimates with one finished batch; returns its record."""
         first_arrival = min(part.arrived for part in batch.parts)
-        # from the device's previous batch end, whichever model's (see core/service.py)
+        # from the device's previous batch end, whichever model's (see core/service.py): for the
+        # controller, whose size must not shrink because other models use the device too
         service_s = self.turns.service_time(first_arrival, done, result.compute_s)
+        # from this model's previous batch end: its share of the device, what clients can expect
+        # of it here while the others keep theirs (the same as service_s for a model alone)
+        share_s = self._own_turns.service_time(first_arrival, done, result.compute_s)
         self._last_rows = batch.units
         owners = batch.owners()
         formation_wait = min(max(0.0, *(o.queued_s for o in owners)), self._max_delay)
@@ -620,7 +637,7 @@ class ModelServer:
         stats.rows += batch.rows - failed
         stats.failed_rows += failed
         stats.compute_seconds += result.compute_s
-        stats.recent.append((batch.rows, service_s))
+        stats.recent.append((batch.rows, share_s, service_s))
         padding = None
         if batch.length is not None and batch.real:
             stats.padded_elements += batch.length * batch.rows - batch.real
