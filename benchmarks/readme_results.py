@@ -737,10 +737,20 @@ def shared_device_section() -> str:
            + ", ".join(f"{v['rows_per_s']:,.0f}" for v in alone.values())
            + f" rows/s at batches of {np.mean([v['mean_batch'] for v in alone.values()]):,.0f}; all three at once "
            f"{rounds(r)}: **{r['ratio_together_to_alone']:.2f}x** alone.")
+    def open_runs(result: dict) -> str:
+        return "; ".join(
+            f"{run['load']:.0%} ({run['rate_per_model']:,.0f}/s each): p50/p99 "
+            + ", ".join(f"{m['p50_ms']:.0f}/{m['p99_ms']:.0f} ms" for m in run["models"].values())
+            + f" at batches of {np.mean([m['mean_batch'] for m in run['models'].values()]):,.0f}"
+            for run in result.get("open", []))
+
+    if r.get("open"):
+        out += f" Poisson arrivals for all three, as fractions of the rate alone: {open_runs(r)} (latency target 100 ms)."
     before = load_result("earlier/shared_device_case_f96cd16")
     if before is not None:
         out += (f" The code before (`earlier/shared_device_case_f96cd16.json`, each model's batch time counted from its "
-                f"own previous batch): {rounds(before)}: {before['ratio_together_to_alone']:.2f}x.")
+                f"own previous batch): {rounds(before)}: {before['ratio_together_to_alone']:.2f}x"
+                + (f"; open loop {open_runs(before)}" if before.get("open") else "") + ".")
     return out + "\n"
 
 

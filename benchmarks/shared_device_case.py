@@ -13,11 +13,17 @@ approaches 20,000 rows/s as batches grow. Default settings (100 ms latency targe
               times; per round the total rows/s (all rows / the last finish) and each model's mean
               device batch (from its model server's counts).
 
+``open``      then Poisson arrivals for all three at once (``common.open_loop``, one thread each, one
+              request per row), at ``--loads`` of the mean rate alone shared equally by the three,
+              ``--open-seconds`` each: per model p50 and p99 latency (the latency target is 100 ms)
+              and its mean device batch. Below saturation a batch's size follows its arrivals, not
+              the target.
+
 The ratio ``together / alone`` (total rows a second of the three models at once against the mean of
 one at a time) is what sharing costs: near 1 when the device stays as busy with three as with one.
 
     python benchmarks/shared_device_case.py     # writes benchmarks/results/shared_device_case.{json,png}
-    python benchmarks/shared_device_case.py --rows 5000 --rounds 1 --passes 1 --out /tmp/shared   # smoke test
+    python benchmarks/shared_device_case.py --rows 5000 --rounds 1 --passes 1 --open-seconds 1 --out /tmp/shared   # smoke test
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_stamp, save, server_state  # noqa: E402
+from common import RESULTS, machine_stamp, open_loop, save, server_state  # noqa: E402
 
 MODELS = ("a", "b", "c")
 OVERHEAD_S, PER_ROW_S = 0.004, 50e-6
@@ -59,6 +65,29 @@ def run_predicts(batchers: dict, x: np.ndarray) -> dict[str, float]:
     for t in threads:
         t.join()
     return done
+
+
+def open_mix(client, batchers: dict, samples: np.ndarray, load: float, alone_rate: float, seconds: float) -> dict:
+    """Poisson arrivals for every model at once, ``load`` x ``alone_rate`` in all, shared equally."""
+    rate = load * alone_rate / len(batchers)
+    before = {name: server_counts(client, name) for name in batchers}
+    out: dict[str, dict] = {}
+
+    def one(k: int, name: str) -> None:
+        out[name] = open_loop(batchers[name], samples, rate, seconds, seed=k)
+
+    threads = [threading.Thread(target=one, args=(k, name)) for k, name in enumerate(batchers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name in batchers:
+        batches, rows = np.subtract(server_counts(client, name), before[name])
+        out[name]["mean_batch"] = float(rows / max(1, batches))
+    print(f"open at {load:.0%} ({rate:,.0f}/s each):",
+          {name: (round(r["p50_ms"], 1), round(r["p99_ms"], 1), round(r["mean_batch"], 1)) for name, r in out.items()},
+          flush=True)
+    return {"load": load, "rate_per_model": rate, "models": out}
 
 
 def measure(args) -> dict:
@@ -93,6 +122,8 @@ def measure(args) -> dict:
             rounds.append({"rows_per_s": total, "mean_batch": mean_batch, "seconds": seconds})
             print(f"together round {k}: {total:,.0f} rows/s, batches {mean_batch}", flush=True)
         controllers = {name: next(iter(server_state(client, name).values()))["controller"]["size"] for name in MODELS}
+        alone_rate = float(np.mean([v["rows_per_s"] for v in alone.values()]))
+        open_runs = [open_mix(client, batchers, x[:1000], load, alone_rate, args.open_seconds) for load in args.loads]
         for b in batchers.values():
             b.close()
     alone_mean = float(np.mean([v["rows_per_s"] for v in alone.values()]))
@@ -104,6 +135,7 @@ def measure(args) -> dict:
         "alone": alone,
         "together": rounds,
         "controller_size_at_end": controllers,
+        "open": open_runs,
         "ratio_together_to_alone": together_mean / alone_mean,
     }
 
@@ -138,6 +170,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=60_000, help="rows of each predict")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--passes", type=int, default=2, help="passes of each model alone (the last one counts)")
+    parser.add_argument("--loads", default="0.5,0.7,0.9", type=lambda v: [float(x) for x in v.split(",")],
+                        help="open-loop rates, fractions of the mean rate alone (empty: none)")
+    parser.add_argument("--open-seconds", type=float, default=5.0)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     result = measure(args)
