@@ -631,8 +631,20 @@ def cpu_budget_section() -> str:
         f"{mean(name, 'client_cpu_s'):.2f}, worker event loop {mean(name, 'worker_loop_thread_cpu_s'):.2f}, device "
         f"thread {mean(name, 'worker_device_thread_cpu_s'):.2f} (wall {mean(name, 'wall_s'):.2f})"
         for name in r["budget"])
-    return (f"**Where the CPU case's cores go** (`cpu_budget.json`, `python benchmarks/cpu_budget.py`; {stamp(m)}): the raw loop's best batch "
-            f"{raw} images/s (means of the rounds); closed loops of {r['requests']:,} images, means of 3 passes: {runs}.\n")
+    out = (f"**Where the CPU case's cores go** (`cpu_budget.json`, `python benchmarks/cpu_budget.py`; {stamp(m)}): the raw loop's best batch "
+           f"{raw} images/s (means of the rounds); closed loops of {r['requests']:,} images, means of 3 passes: {runs}.")
+    inputs = load_result("cpu_budget_inputs")
+    if inputs is not None:
+        rounds = inputs["raw_inputs"]
+        sizes = list(rounds[0]["same"])
+        cells = "; ".join(
+            f"{n} rows: " + ", ".join(f"{kind.replace('_', ' ')} {np.mean([x[kind][n] for x in rounds]):,.0f}"
+                                      for kind in ("same", "fresh_view", "fresh_copy"))
+            for n in sizes)
+        out += (f" The raw loop on the batch it was given, called again and again, against a fresh batch each call "
+                f"(`cpu_budget_inputs.json`, `--sections raw_inputs`; {stamp(inputs['machine'])}; images/s, means of "
+                f"{len(rounds)} rounds): {cells}.")
+    return out + "\n"
 
 
 def busy(t: dict) -> str:
