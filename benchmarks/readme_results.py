@@ -749,11 +749,12 @@ def shared_device_section() -> str:
            + ", ".join(f"{v['rows_per_s']:,.0f}" for v in alone.values())
            + f" rows/s at batches of {np.mean([v['mean_batch'] for v in alone.values()]):,.0f}; all three at once "
            f"{rounds(r)}: **{r['ratio_together_to_alone']:.2f}x** alone.")
+
     def open_runs(result: dict) -> str:
         return "; ".join(
             f"{run['load']:.0%} ({run['rate_per_model']:,.0f}/s each): p50/p99 "
-            + ", ".join(f"{m['p50_ms']:.0f}/{m['p99_ms']:.0f} ms" for m in run["models"].values())
-            + f" at batches of {np.mean([m['mean_batch'] for m in run['models'].values()]):,.0f}"
+            + ", ".join(f"{model['p50_ms']:.0f}/{model['p99_ms']:.0f} ms" for model in run["models"].values())
+            + f" at batches of {np.mean([model['mean_batch'] for model in run['models'].values()]):,.0f}"
             for run in result.get("open", []))
 
     if r.get("open"):

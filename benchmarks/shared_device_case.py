@@ -49,21 +49,26 @@ def server_counts(client, name: str) -> tuple[int, int]:
     return (states[0]["batches"], states[0]["samples"]) if states else (0, 0)
 
 
+def each_at_once(fn, names) -> None:
+    """``fn(k, name)`` for every name, each in its own thread, all at once; returns when all did."""
+    threads = [threading.Thread(target=fn, args=(k, name)) for k, name in enumerate(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def run_predicts(batchers: dict, x: np.ndarray) -> dict[str, float]:
     """``predict(x)`` on every Batcher at once, each from its own thread; seconds each took."""
     done: dict[str, float] = {}
     started = time.perf_counter()
 
-    def one(name: str) -> None:
+    def one(_: int, name: str) -> None:
         out = batchers[name].predict(x)
         assert out.shape == x.shape
         done[name] = time.perf_counter() - started
 
-    threads = [threading.Thread(target=one, args=(name,)) for name in batchers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    each_at_once(one, batchers)
     return done
 
 
@@ -76,11 +81,7 @@ def open_mix(client, batchers: dict, samples: np.ndarray, load: float, alone_rat
     def one(k: int, name: str) -> None:
         out[name] = open_loop(batchers[name], samples, rate, seconds, seed=k)
 
-    threads = [threading.Thread(target=one, args=(k, name)) for k, name in enumerate(batchers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    each_at_once(one, batchers)
     for name in batchers:
         batches, rows = np.subtract(server_counts(client, name), before[name])
         out[name]["mean_batch"] = float(rows / max(1, batches))

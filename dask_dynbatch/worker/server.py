@@ -340,9 +340,10 @@ class ModelServer:
             # rows of several batches per shipment (clients keep many in flight: the queue here holds
             # lengths to choose from)
             ship = size * WEIGHED_SHIP_BATCHES
-        return Advice(size=size, cap=cap, throughput=throughput or self.stats.to_dict()["recent_throughput"],
+        stats = self.stats.to_dict()
+        return Advice(size=size, cap=cap, throughput=throughput or stats["recent_throughput"],
                       memory_used=self.sizer.used_fraction(), decision=c.decision, reason=c.reason,
-                      phase=c.phase.value, padding_waste=self.stats.to_dict()["padding_waste"], ship=ship)
+                      phase=c.phase.value, padding_waste=stats["padding_waste"], ship=ship)
 
     def _update_cap(self) -> None:
         self.controller.set_cap(self.sizer.cap(self.name))
